@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` runs the main job on the embedded default
+# (a local Ray), `make test` runs the test suite. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= demo_out
+PYTEST_ARGS ?=
+
+.PHONY: test demo venv lock clean
+
+venv: $(STAMP)
+
+# Re-installs only when the lock or the package metadata changed.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python -m hipt_ray.demo --out $(DEMO_OUT)
+
+# Regenerates the pinned lock from the top-level requirements (requirements.in).
+lock:
+	rm -rf /tmp/hipt-ray-lock && $(PYTHON) -m venv /tmp/hipt-ray-lock
+	/tmp/hipt-ray-lock/bin/pip install --quiet -r requirements.in
+	/tmp/hipt-ray-lock/bin/pip freeze --exclude-editable | grep -v '^hipt-ray' > requirements.txt
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT)

@@ -1,0 +1,117 @@
+"""``hipt-ray <command>``: argv → config → ray.init → stage.run(cfg) → summary and exit code.
+
+Exit codes: 0 all done; 2 usage or config error (one line, no traceback); 3 finished with some
+slides failed (each recorded with its reason); 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from hipt_ray.config import Config, ConfigError, load_config
+from hipt_ray.slides.manifest import ManifestError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SLIDES_FAILED = 0, 1, 2, 3
+log = logging.getLogger("hipt_ray")
+
+
+def init_ray(cfg: Config) -> None:
+    """Connect to ``ray.address`` / ``RAY_ADDRESS``, or start the embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="extra config file(s), layered over configs/base.yaml")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. tiling.mpp=0.25 storage.cache_max_bytes=1e10")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hipt-ray", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tile = sub.add_parser("tile", help="find tissue and grid 4096² regions of every slide into Lance")
+    tile.add_argument("--slides", required=True,
+                      help="a directory, a glob, an s3:// prefix or a manifest .csv (uri[,slide_id,mpp])")
+    tile.add_argument("--out", required=True, help="output URI (local or s3://)")
+    _common(tile)
+
+    demo = sub.add_parser("make-demo-data", help="write synthetic slides and labels.csv")
+    demo.add_argument("out", help="output directory")
+    demo.add_argument("--n-slides", type=int, default=12)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--n-subtypes", type=int, default=2)
+    return parser
+
+
+def _cmd_tile(args: argparse.Namespace) -> int:
+    values = {"slides": args.slides, "out": args.out}
+    if args.address:
+        values["ray"] = {"address": args.address}
+    cfg = load_config("tile", files=args.config, overrides=args.overrides, values=values)
+    init_ray(cfg)
+    from hipt_ray import tile  # after ray.init: Lance warns about forks made after its import
+
+    summary = tile.run(cfg)
+    for line in summary.lines():
+        print(line)
+    return summary.exit_code
+
+
+def _cmd_make_demo_data(args: argparse.Namespace) -> int:
+    from hipt_ray.slides.synthetic import make_demo_data
+
+    if args.n_slides < 1:
+        raise ConfigError("--n-slides must be at least 1")
+    out = make_demo_data(args.out, n_slides=args.n_slides, seed=args.seed, n_subtypes=args.n_subtypes)
+    print(f"wrote {args.n_slides} slides to {out / 'slides'} and labels to {out / 'labels.csv'}")
+    return EXIT_OK
+
+
+COMMANDS = {"tile": _cmd_tile, "make-demo-data": _cmd_make_demo_data}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed the usage line
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, ManifestError) as exc:
+        print(f"hipt-ray {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"hipt-ray {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def console_main() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

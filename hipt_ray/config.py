@@ -1,0 +1,199 @@
+"""Typed, strict configuration: ``base.yaml`` + a command's YAML + ``key=value`` overrides.
+
+Every section is a frozen pydantic model with ``extra="forbid"``, so a misspelt key is an error
+that names the key instead of a silently ignored setting. Configs cross Ray boundaries as plain
+dicts (``cfg.model_dump(mode="json")``) and are re-validated on the other side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem a person can fix; the CLI prints it on one line, exit code 2."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageConfig(_Section):
+    """Where remote slides are staged for OpenSlide, which only reads local files."""
+
+    cache_dir: str = "~/.cache/hipt-ray/slides"
+    cache_max_bytes: int = Field(default=50 * 2**30, gt=0)
+    # Any S3-compatible endpoint (MinIO, Ceph, moto). None: the standard AWS variables/config.
+    s3_endpoint_url: str | None = None
+    retries: int = Field(default=3, ge=0)
+
+
+class TilingConfig(_Section):
+    """The region grid: ``region_px`` pixels at exactly ``mpp`` µm/px, cut into patches."""
+
+    mpp: float = Field(default=0.5, gt=0)
+    region_px: int = Field(default=4096, gt=0)
+    patch_px: int = Field(default=256, gt=0)
+    overlap: float = Field(default=0.0, ge=0.0, lt=1.0)
+    min_tissue_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+    # A slide MPP outside this range is an error (a broken tag), never a guess.
+    mpp_range: tuple[float, float] = (0.1, 2.0)
+    # Per-slide MPP for slides whose files carry none: {slide_id: mpp}.
+    mpp_overrides: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> TilingConfig:
+        if self.region_px % self.patch_px:
+            raise ValueError(
+                f"region_px ({self.region_px}) must be a multiple of patch_px ({self.patch_px})"
+            )
+        lo, hi = self.mpp_range
+        if not 0 < lo < hi:
+            raise ValueError(f"mpp_range must be (low, high) with 0 < low < high, got {lo, hi}")
+        return self
+
+    @property
+    def stride_px(self) -> int:
+        """Grid step at the target MPP (a region minus the configured overlap)."""
+        return max(self.patch_px, int(round(self.region_px * (1.0 - self.overlap))))
+
+
+class TissueConfig(_Section):
+    """Tissue detection on a low-resolution image of the slide (physical units throughout)."""
+
+    mask_mpp: float = Field(default=8.0, gt=0)
+    # None: Otsu's threshold on HSV saturation, kept within [min_saturation, max_saturation].
+    saturation_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_saturation: float = Field(default=0.05, ge=0.0, le=1.0)
+    max_saturation: float = Field(default=0.15, ge=0.0, le=1.0)
+    blur_um: float = Field(default=40.0, ge=0.0)
+    closing_um: float = Field(default=80.0, ge=0.0)
+    fill_holes: bool = True
+    min_area_um2: float = Field(default=40_000.0, ge=0.0)
+
+
+class QCConfig(_Section):
+    enabled: bool = True
+    thumb_px: int = Field(default=1024, ge=64)
+
+
+class RayConfig(_Section):
+    # None: RAY_ADDRESS if set, else a local Ray started for the command (the embedded default).
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, gt=0)
+    # Slide tasks kept in flight; None: twice the cluster's CPUs.
+    max_in_flight: int | None = Field(default=None, gt=0)
+    # Slides whose results are written to Lance in one commit.
+    write_batch_slides: int = Field(default=32, gt=0)
+
+
+class Config(_Section):
+    slides: str | None = None
+    out: str | None = None
+    storage: StorageConfig = StorageConfig()
+    tiling: TilingConfig = TilingConfig()
+    tissue: TissueConfig = TissueConfig()
+    qc: QCConfig = QCConfig()
+    ray: RayConfig = RayConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def tiling_spec_hash(self) -> str:
+        """Identity of the tiling: two runs with the same hash cut the same regions."""
+        spec = {"tiling": self.tiling.model_dump(mode="json"), "tissue": self.tissue.model_dump(mode="json")}
+        spec["tiling"].pop("mpp_overrides")  # per-slide facts, not part of the grid rule
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``a.b=value`` → ``{"a": {"b": value}}`` with the value parsed as YAML (numbers, lists…)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def _format_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(root)"
+    if err["type"] == "extra_forbidden":
+        section: type[BaseModel] = Config
+        for part in err["loc"][:-1]:
+            field = section.model_fields.get(str(part))
+            if field is None or not isinstance(field.annotation, type):
+                break
+            section = field.annotation
+        known = ", ".join(sorted(section.model_fields))
+        return f"config error: unknown key '{key}' (expected one of: {known})"
+    got = err.get("input")
+    return f"config error: {key}: {err['msg']} (got {got!r})"
+
+
+def load_config(
+    command: str | None = None,
+    *,
+    files: list[str | Path] = (),
+    overrides: list[str] = (),
+    values: dict[str, Any] | None = None,
+) -> Config:
+    """Layer ``configs/base.yaml``, ``configs/<command>.yaml`` (if present), ``files``,
+    ``values`` (from CLI flags) and ``key=value`` overrides, then validate once.
+
+    Raises:
+        ConfigError: a missing file, bad YAML, an unknown key or a value of the wrong kind.
+    """
+    data = _read_yaml(CONFIG_DIR / "base.yaml")
+    if command and (CONFIG_DIR / f"{command}.yaml").is_file():
+        data = _deep_merge(data, _read_yaml(CONFIG_DIR / f"{command}.yaml"))
+    for f in files:
+        data = _deep_merge(data, _read_yaml(Path(f)))
+    if values:
+        data = _deep_merge(data, values)
+    for text in overrides:
+        data = _deep_merge(data, parse_override(text))
+    return validate_config(data)
+
+
+def validate_config(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None

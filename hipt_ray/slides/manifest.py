@@ -1,0 +1,104 @@
+"""Which slides a job works on: a directory, a glob, an ``s3://`` prefix or a manifest CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from hipt_ray.storage import filesystem, is_remote
+
+# Extensions of the single- and multi-file formats OpenSlide 4 reads.
+SLIDE_EXTENSIONS = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
+    ".dcm", ".czi",
+)
+
+
+class ManifestError(ValueError):
+    """The slide source cannot be listed or parsed (a usage error: exit code 2)."""
+
+
+@dataclass(frozen=True)
+class SlideSpec:
+    slide_id: str
+    uri: str
+    mpp: float | None = None  # a per-slide override for files without usable MPP metadata
+
+
+def slide_id_from_uri(uri: str) -> str:
+    name = PurePosixPath(uri.rstrip("/")).name
+    for ext in sorted(SLIDE_EXTENSIONS, key=len, reverse=True):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def _with_protocol(source: str, path: str) -> str:
+    if is_remote(source):
+        return f"{source.split('://', 1)[0]}://{path}"
+    return path
+
+
+def _read_manifest(source: str, endpoint_url: str | None) -> list[SlideSpec]:
+    fs, path = filesystem(source, endpoint_url)
+    with fs.open(path, "rb") as fh:
+        text = fh.read().decode("utf-8-sig")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if not rows or "uri" not in rows[0]:
+        raise ManifestError(f"manifest {source} needs a header with a 'uri' column (optional: slide_id, mpp)")
+    specs = []
+    base = source.rsplit("/", 1)[0]
+    for i, row in enumerate(rows, start=2):
+        uri = (row.get("uri") or "").strip()
+        if not uri:
+            raise ManifestError(f"manifest {source}, line {i}: empty 'uri'")
+        if "://" not in uri and not uri.startswith("/"):
+            uri = f"{base}/{uri}"  # relative to the manifest
+        mpp_text = (row.get("mpp") or "").strip()
+        try:
+            mpp = float(mpp_text) if mpp_text else None
+        except ValueError:
+            raise ManifestError(f"manifest {source}, line {i}: mpp {mpp_text!r} is not a number") from None
+        specs.append(SlideSpec((row.get("slide_id") or "").strip() or slide_id_from_uri(uri), uri, mpp))
+    return specs
+
+
+def list_slides(source: str, *, endpoint_url: str | None = None) -> list[SlideSpec]:
+    """Resolve a slide source to slide specs, sorted by slide id.
+
+    Raises:
+        ManifestError: nothing matched, the listing failed, or two slides share an id.
+    """
+    if source.lower().endswith(".csv"):
+        specs = _read_manifest(source, endpoint_url)
+    else:
+        fs, path = filesystem(source, endpoint_url)
+        try:
+            if re.search(r"[*?\[]", path):
+                paths = fs.glob(path)
+            elif fs.isdir(path):
+                paths = [p for p in fs.find(path) if p.lower().endswith(SLIDE_EXTENSIONS)]
+            elif fs.exists(path):
+                paths = [path]
+            else:
+                raise ManifestError(f"slide source {source} does not exist; pass a directory, a glob, "
+                                    "an s3:// prefix or a manifest .csv")
+        except ManifestError:
+            raise
+        except Exception as exc:
+            raise ManifestError(f"cannot list slides at {source}: {type(exc).__name__}: {exc}") from None
+        specs = [SlideSpec(slide_id_from_uri(p), _with_protocol(source, p)) for p in sorted(paths)]
+    if not specs:
+        raise ManifestError(f"no slides found at {source} (extensions: {', '.join(SLIDE_EXTENSIONS)})")
+    seen: dict[str, str] = {}
+    for spec in specs:
+        if spec.slide_id in seen:
+            raise ManifestError(
+                f"slide id {spec.slide_id!r} is used by both {seen[spec.slide_id]} and {spec.uri}; "
+                "give them distinct slide_id values in a manifest"
+            )
+        seen[spec.slide_id] = spec.uri
+    return sorted(specs, key=lambda s: s.slide_id)

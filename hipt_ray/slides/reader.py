@@ -1,0 +1,197 @@
+"""OpenSlide reader at an exact physical scale.
+
+A region is ``read_w × read_h`` pixels at the target MPP. It is read from the best pyramid level
+(the coarsest level that is still at least as fine as the target), resampled to exactly the
+requested pixels, and transparent pixels (outside the scanned area) are composited on white.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import openslide
+from PIL import Image
+
+# A level whose downsample is within this factor of the wanted one counts as exact
+# (odd level sizes make stored downsamples like 4.0007).
+_LEVEL_TOLERANCE = 1e-3
+
+
+class SlideError(RuntimeError):
+    """A per-slide problem: the slide is recorded as failed with this message; the job goes on."""
+
+
+@dataclass(frozen=True)
+class MPPInfo:
+    mpp: float
+    source: str  # "metadata" | "objective" | "override"
+
+
+def composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """``[H, W, 4]`` uint8 (straight alpha, as openslide-python returns) → ``[H, W, 3]`` on white."""
+    rgb, alpha = rgba[..., :3], rgba[..., 3:]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint16)
+    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+def resolve_mpp(
+    properties: dict[str, str], *, override: float | None, mpp_range: tuple[float, float], name: str
+) -> MPPInfo:
+    """Slide MPP from an explicit override, the MPP tags, or the objective power (10 / power).
+
+    Raises:
+        SlideError: no usable MPP (the message says how to set an override), or an MPP outside
+            ``mpp_range`` (a broken tag is never guessed around).
+    """
+    how_to = (
+        f"set it per slide with an 'mpp' column in a manifest CSV or "
+        f"tiling.mpp_overrides.{name}=<µm per pixel>"
+    )
+    if override is not None:
+        info = MPPInfo(float(override), "override")
+    else:
+        info = None
+        try:
+            mx = float(properties.get(openslide.PROPERTY_NAME_MPP_X, "nan"))
+            my = float(properties.get(openslide.PROPERTY_NAME_MPP_Y, "nan"))
+        except ValueError:
+            mx = my = math.nan
+        if math.isfinite(mx) and math.isfinite(my) and mx > 0 and my > 0:
+            if abs(mx - my) > 0.02 * max(mx, my):
+                raise SlideError(f"{name}: non-square pixels (mpp-x {mx}, mpp-y {my}); {how_to}")
+            info = MPPInfo((mx + my) / 2, "metadata")
+        else:
+            try:
+                power = float(properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER, "nan"))
+            except ValueError:
+                power = math.nan
+            if math.isfinite(power) and power > 0:
+                info = MPPInfo(10.0 / power, "objective")
+        if info is None:
+            raise SlideError(f"{name}: the slide records no MPP and no objective power; {how_to}")
+    lo, hi = mpp_range
+    if not lo <= info.mpp <= hi:
+        raise SlideError(
+            f"{name}: MPP {info.mpp:g} µm/px (from {info.source}) is outside the sane range "
+            f"{lo}–{hi}; if it is really right widen tiling.mpp_range, otherwise {how_to}"
+        )
+    return info
+
+
+class Slide:
+    """An open slide with its resolved MPP. Use as a context manager."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        name: str | None = None,
+        mpp_override: float | None = None,
+        mpp_range: tuple[float, float] = (0.1, 2.0),
+    ) -> None:
+        self.path = path
+        self.name = name or os.path.basename(path)
+        if os.path.exists(path) and os.path.getsize(path) == 0:
+            raise SlideError(f"{self.name}: the file is empty (0 bytes); re-upload the slide")
+        try:
+            self._osr = openslide.OpenSlide(path)
+        except openslide.OpenSlideUnsupportedFormatError:
+            raise SlideError(
+                f"{self.name}: not a slide OpenSlide can read (unsupported or unrecognised format); "
+                "check the file is a whole-slide image and was copied completely"
+            ) from None
+        except openslide.OpenSlideError as exc:
+            raise SlideError(f"{self.name}: the slide file is corrupt or truncated ({exc})") from None
+        self.properties = dict(self._osr.properties)
+        self.mpp_info = resolve_mpp(
+            self.properties, override=mpp_override, mpp_range=mpp_range, name=self.name
+        )
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._osr.close()
+
+    @property
+    def mpp(self) -> float:
+        return self.mpp_info.mpp
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self._osr.dimensions
+
+    @property
+    def vendor(self) -> str:
+        return self.properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown")
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._osr.level_downsamples
+
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level whose downsample does not exceed ``downsample``."""
+        best = 0
+        for level, ds in enumerate(self._osr.level_downsamples):
+            if ds <= downsample * (1 + _LEVEL_TOLERANCE):
+                best = level
+        return best
+
+    def _read(self, level0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        try:
+            img = self._osr.read_region(level0_xy, level, size)
+        except openslide.OpenSlideError as exc:
+            raise SlideError(
+                f"{self.name}: tiles failed to decode at level {level}, {level0_xy} ({exc}); "
+                "the file is corrupt: re-export or re-upload it"
+            ) from None
+        return np.asarray(img)
+
+    def read_region(
+        self, level0_xy: tuple[int, int], size_px: tuple[int, int], mpp: float
+    ) -> tuple[np.ndarray, int]:
+        """``size_px`` (w, h) pixels at ``mpp`` µm/px with top-left corner ``level0_xy``.
+
+        Returns:
+            RGB uint8 ``[h, w, 3]`` on white, and the pyramid level read.
+        """
+        w, h = size_px
+        scale = mpp / self.mpp  # level-0 pixels per output pixel
+        level = self.best_level(scale)
+        level_scale = scale / self._osr.level_downsamples[level]  # level pixels per output pixel
+        lw, lh = max(1, round(w * level_scale)), max(1, round(h * level_scale))
+        rgb = composite_on_white(self._read(level0_xy, level, (lw, lh)))
+        if (lw, lh) == (w, h):
+            return rgb, level
+        img = Image.fromarray(rgb)
+        factor = lw // w
+        if factor > 1 and (lw, lh) == (w * factor, h * factor):
+            img = img.reduce(factor)  # exact integer box average (e.g. 40× slide → 20× region)
+        else:
+            img = img.resize((w, h), Image.Resampling.LANCZOS)
+        return np.asarray(img), level
+
+    def read_lowres(self, mpp: float) -> tuple[np.ndarray, float]:
+        """The whole slide at about ``mpp`` µm/px (for tissue detection and thumbnails).
+
+        Returns:
+            RGB uint8 on white and its exact MPP (width-based).
+        """
+        w0, h0 = self.dimensions
+        scale = max(mpp / self.mpp, 1.0)
+        w, h = max(1, round(w0 / scale)), max(1, round(h0 / scale))
+        level = self.best_level(w0 / w)
+        lw, lh = self._osr.level_dimensions[level]
+        rgb = composite_on_white(self._read((0, 0), level, (lw, lh)))
+        if (lw, lh) != (w, h):
+            rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BOX))
+        return rgb, self.mpp * w0 / w

@@ -1,0 +1,167 @@
+"""URIs (plain paths, ``file://``, ``s3://``) and the bounded local staging cache for slides.
+
+OpenSlide only opens local files, so a slide in object storage is first copied into a cache on
+the node: bounded in bytes, least-recently-used eviction, written atomically (temp file +
+rename), and keyed by URI, size and ETag/mtime so that a changed object is fetched again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+log = logging.getLogger(__name__)
+
+
+class StorageError(RuntimeError):
+    """An object could not be read; the message says which one and what to do about it."""
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    """A local URI as a plain filesystem path (``file://`` stripped, ``~`` expanded)."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return os.path.expanduser(uri)
+
+
+def storage_options(uri: str, endpoint_url: str | None = None) -> dict[str, Any]:
+    """fsspec options for ``uri``; S3 endpoints also come from the standard AWS variables."""
+    if not uri.startswith("s3://"):
+        return {}
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+
+
+def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and the path inside it for ``uri``."""
+    if not is_remote(uri):
+        return fsspec.filesystem("file"), local_path(uri)
+    protocol = uri.split("://", 1)[0]
+    fs = fsspec.filesystem(protocol, **storage_options(uri, endpoint_url))
+    return fs, fs._strip_protocol(uri)
+
+
+def join(base: str, *parts: str) -> str:
+    base = base.rstrip("/")
+    return "/".join([base, *parts]) if is_remote(base) else str(Path(local_path(base), *parts))
+
+
+def describe_error(uri: str, exc: BaseException) -> str:
+    """A message a person can act on for a failed object access."""
+    text = f"{type(exc).__name__}: {exc}"
+    low = text.lower()
+    if isinstance(exc, FileNotFoundError) or "nosuchkey" in low or "not found" in low:
+        if "nosuchbucket" in low or "bucket does not exist" in low:
+            return f"{uri}: the bucket does not exist; check the URI and AWS_ENDPOINT_URL"
+        return f"{uri}: no such file or object; check the path or S3 key"
+    if "nosuchbucket" in low:
+        return f"{uri}: the bucket does not exist; check the URI and AWS_ENDPOINT_URL"
+    if isinstance(exc, PermissionError) or any(
+        s in low for s in ("accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden")
+    ):
+        return (
+            f"{uri}: access denied ({text}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+            "or the bucket policy"
+        )
+    return f"{uri}: {text}"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    uri: str
+    size: int
+    version: str  # ETag for object storage, mtime for local files
+
+
+def stat(uri: str, endpoint_url: str | None = None) -> ObjectInfo:
+    fs, path = filesystem(uri, endpoint_url)
+    info = fs.info(path)
+    if info.get("type") == "directory":
+        raise IsADirectoryError(f"{uri} is a directory, not a slide file")
+    version = info.get("ETag") or info.get("etag") or str(info.get("mtime") or info.get("LastModified") or "")
+    return ObjectInfo(uri=uri, size=int(info.get("size") or 0), version=str(version).strip('"'))
+
+
+class StagingCache:
+    """Local copies of remote slides, at most ``max_bytes`` in all, evicting least recently used.
+
+    Safe for several processes on one node: each download goes to its own temp file and is
+    renamed into place, and a file evicted while another process has it open stays readable
+    (POSIX unlink semantics).
+    """
+
+    def __init__(self, cache_dir: str, max_bytes: int, *, endpoint_url: str | None = None,
+                 retries: int = 3) -> None:
+        self.root = Path(os.path.expanduser(cache_dir))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.endpoint_url = endpoint_url
+        self.retries = retries
+
+    def _key(self, info: ObjectInfo) -> str:
+        digest = hashlib.sha256(f"{info.uri}\0{info.size}\0{info.version}".encode()).hexdigest()[:24]
+        suffix = "".join(Path(info.uri.rsplit("/", 1)[-1]).suffixes)[-16:]
+        return digest + suffix
+
+    def _entries(self) -> list[Path]:
+        return [p for p in self.root.iterdir() if p.is_file() and not p.name.startswith(".tmp")]
+
+    def _evict_for(self, incoming: int) -> None:
+        entries = sorted(self._entries(), key=lambda p: p.stat().st_atime)
+        used = sum(p.stat().st_size for p in entries)
+        while entries and used + incoming > self.max_bytes:
+            victim = entries.pop(0)
+            used -= victim.stat().st_size
+            victim.unlink(missing_ok=True)
+            log.info("staging cache: evicted %s", victim.name)
+
+    def fetch(self, uri: str) -> tuple[str, ObjectInfo]:
+        """A local path holding ``uri``'s current content, and the object's identity.
+
+        Local URIs are returned as they are (no copy).
+        """
+        if not is_remote(uri):
+            return local_path(uri), stat(uri)
+        info = stat(uri, self.endpoint_url)
+        if info.size > self.max_bytes:
+            raise StorageError(
+                f"{uri} is {info.size / 2**30:.2f} GiB, more than the whole staging cache "
+                f"(storage.cache_max_bytes={self.max_bytes}); raise storage.cache_max_bytes"
+            )
+        target = self.root / self._key(info)
+        if target.is_file() and target.stat().st_size == info.size:
+            os.utime(target)  # LRU: a hit counts as a use
+            return str(target), info
+        self._evict_for(info.size)
+        fs, path = filesystem(uri, self.endpoint_url)
+        for attempt in range(self.retries + 1):
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
+            os.close(fd)
+            try:
+                fs.get_file(path, tmp)
+                if os.path.getsize(tmp) != info.size:
+                    raise StorageError(f"{uri}: short read ({os.path.getsize(tmp)} of {info.size} bytes)")
+                os.replace(tmp, target)
+                return str(target), info
+            except (FileNotFoundError, PermissionError):
+                raise
+            except Exception as exc:  # transient network errors are retried
+                if attempt == self.retries:
+                    raise
+                log.warning("retrying %s after %s", uri, exc)
+                time.sleep(min(2.0**attempt * 0.5, 8.0))
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        raise AssertionError("unreachable")

@@ -1,0 +1,155 @@
+"""The Lance tables under an output URI: ``OUT/slides.lance`` and ``OUT/regions.lance``.
+
+Visibility rule: a slide's region rows are committed *before* its status row, and readers only
+trust regions whose slide has a completed status row for the same tiling spec. A job killed
+between the two commits leaves orphan regions that :func:`remove_orphans` deletes on the next
+run, so a rerun never sees a half-written slide.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import lance
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from hipt_ray.storage import is_remote, join
+
+SLIDES = "slides.lance"
+REGIONS = "regions.lance"
+DONE_STATUSES = ("ok", "no_tissue")
+
+SLIDES_SCHEMA = pa.schema([
+    ("slide_id", pa.string()),
+    ("uri", pa.string()),
+    ("size", pa.int64()),
+    ("etag", pa.string()),
+    ("vendor", pa.string()),
+    ("mpp", pa.float64()),  # the slide's level-0 MPP
+    ("mpp_source", pa.string()),  # metadata | objective | override
+    ("width", pa.int64()),  # level-0 pixels
+    ("height", pa.int64()),
+    ("n_regions", pa.int32()),
+    ("status", pa.string()),  # ok | failed | no_tissue
+    ("error", pa.string()),
+    ("spec_hash", pa.string()),  # tiling + tissue settings
+    ("model_id", pa.string()),  # "" until a model has embedded the slide
+    ("qc_uri", pa.string()),
+    ("seconds", pa.float64()),
+    ("time", pa.timestamp("us", tz="UTC")),
+])
+
+REGIONS_SCHEMA = pa.schema([
+    ("slide_id", pa.string()),
+    ("region_index", pa.int32()),
+    ("x", pa.int64()),  # level-0 pixels, top-left corner
+    ("y", pa.int64()),
+    ("level", pa.int32()),  # pyramid level read
+    ("level0_w", pa.int64()),  # level-0 pixels covered
+    ("level0_h", pa.int64()),
+    ("read_w", pa.int32()),  # pixels at the target MPP (multiple of the patch size)
+    ("read_h", pa.int32()),
+    ("valid_w", pa.int32()),  # of which slide content; the rest is white padding
+    ("valid_h", pa.int32()),
+    ("mpp", pa.float64()),  # target MPP of the region pixels
+    ("read_mpp", pa.float64()),  # MPP of the pyramid level read before resampling
+    ("mpp_source", pa.string()),
+    ("tissue_fraction", pa.float32()),
+    ("spec_hash", pa.string()),
+])
+
+
+def lance_storage_options(out: str, endpoint_url: str | None = None) -> dict[str, str] | None:
+    """Lance's object-store options; without an explicit endpoint it reads the AWS variables."""
+    if not is_remote(out):
+        return None
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return None
+    opts = {"aws_endpoint": endpoint}
+    if endpoint.startswith("http://"):
+        opts["allow_http"] = "true"
+    return opts
+
+
+class Store:
+    """Reads and appends the tables under ``out`` (a local path or ``s3://`` URI)."""
+
+    def __init__(self, out: str, *, endpoint_url: str | None = None) -> None:
+        self.out = out
+        self.options = lance_storage_options(out, endpoint_url)
+
+    def uri(self, table: str) -> str:
+        return join(self.out, table)
+
+    def dataset(self, table: str) -> lance.LanceDataset | None:
+        try:
+            return lance.dataset(self.uri(table), storage_options=self.options)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            if "not found" in str(exc).lower() or "does not exist" in str(exc).lower() or isinstance(exc, FileNotFoundError):
+                return None
+            raise
+
+    def read(self, table: str, *, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
+        ds = self.dataset(table)
+        schema = SLIDES_SCHEMA if table == SLIDES else REGIONS_SCHEMA
+        if ds is None:
+            empty = schema.empty_table()
+            return empty.select(columns) if columns else empty
+        return ds.to_table(columns=columns, filter=filter)
+
+    def _append(self, table: str, data: pa.Table) -> None:
+        if data.num_rows == 0:
+            return
+        mode = "append" if self.dataset(table) is not None else "create"
+        lance.write_dataset(data, self.uri(table), mode=mode, storage_options=self.options)
+
+    def append_slides(self, slide_rows: list[dict], region_rows: list[dict]) -> None:
+        """Commit regions, then the slides' status rows (see the module's visibility rule)."""
+        self._append(REGIONS, pa.Table.from_pylist(region_rows, schema=REGIONS_SCHEMA))
+        self._append(SLIDES, pa.Table.from_pylist(slide_rows, schema=SLIDES_SCHEMA))
+
+    def latest_slides(self, spec_hash: str | None = None) -> pa.Table:
+        """The newest status row of each slide (optionally for one tiling spec)."""
+        filt = f"spec_hash = '{spec_hash}'" if spec_hash else None
+        rows = self.read(SLIDES, filter=filt)
+        if rows.num_rows == 0:
+            return rows
+        rows = rows.sort_by([("slide_id", "ascending"), ("time", "descending")])
+        ids = rows.column("slide_id").to_pylist()
+        keep = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
+        return rows.take(keep)
+
+    def completed(self, spec_hash: str) -> dict[str, str]:
+        """slide_id → uri of slides whose latest row for ``spec_hash`` is ok or no_tissue."""
+        latest = self.latest_slides(spec_hash)
+        done = latest.filter(pc.is_in(latest["status"], pa.array(DONE_STATUSES)))
+        return dict(zip(done["slide_id"].to_pylist(), done["uri"].to_pylist()))
+
+    def remove_regions(self, slide_ids: Iterable[str], spec_hash: str) -> None:
+        ids = sorted(set(slide_ids))
+        ds = self.dataset(REGIONS)
+        if not ids or ds is None:
+            return
+        for i in range(0, len(ids), 500):
+            quoted = ", ".join("'" + s.replace("'", "''") + "'" for s in ids[i : i + 500])
+            ds.delete(f"spec_hash = '{spec_hash}' AND slide_id IN ({quoted})")
+
+    def remove_orphans(self, spec_hash: str) -> list[str]:
+        """Delete region rows whose slide has no completed status row (a killed job's leftovers)."""
+        regions = self.read(REGIONS, columns=["slide_id"], filter=f"spec_hash = '{spec_hash}'")
+        present = set(pc.unique(regions["slide_id"]).to_pylist())
+        orphans = sorted(present - set(self.completed(spec_hash)))
+        self.remove_regions(orphans, spec_hash)
+        return orphans
+
+    def regions(self, spec_hash: str, slide_ids: Iterable[str] | None = None) -> pa.Table:
+        """Region rows of completed slides only, sorted by slide and region index."""
+        done = set(self.completed(spec_hash))
+        if slide_ids is not None:
+            done &= set(slide_ids)
+        rows = self.read(REGIONS, filter=f"spec_hash = '{spec_hash}'")
+        rows = rows.filter(pc.is_in(rows["slide_id"], pa.array(sorted(done), pa.string())))
+        return rows.sort_by([("slide_id", "ascending"), ("region_index", "ascending")])

@@ -1,0 +1,119 @@
+"""The ``tile`` stage: every slide → status row, region rows and QC PNG, as Ray tasks.
+
+The driver keeps a bounded number of slide tasks in flight and commits finished slides to Lance
+in batches, so memory does not grow with the number of slides. Slides already completed for
+the same tiling spec are skipped, which makes a rerun after a crash resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import ray
+
+from hipt_ray.config import Config
+from hipt_ray.slides.manifest import SlideSpec, list_slides
+from hipt_ray.slides.tiler import TileResult, make_cache, tile_slide
+from hipt_ray.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TileSummary:
+    total: int = 0
+    skipped: int = 0
+    ok: int = 0
+    failed: int = 0
+    no_tissue: int = 0
+    regions: int = 0
+    seconds: float = 0.0
+    out: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return 3 if self.failed else 0
+
+    def lines(self) -> list[str]:
+        rate = (self.ok + self.failed + self.no_tissue) / self.seconds if self.seconds else 0.0
+        return [
+            f"slides: {self.total} ({self.ok} ok, {self.failed} failed, {self.no_tissue} no tissue, "
+            f"{self.skipped} already done)",
+            f"regions: {self.regions}",
+            f"time: {self.seconds:.1f} s ({rate:.2f} slides/s)",
+            f"outputs: {self.out}/slides.lance, {self.out}/regions.lance, {self.out}/qc/",
+        ]
+
+
+@ray.remote(num_cpus=1, max_retries=1)
+def _tile_task(spec: SlideSpec, cfg_dict: dict, spec_hash: str) -> TileResult:
+    from hipt_ray.config import validate_config
+
+    cfg = validate_config(cfg_dict)
+    return tile_slide(spec, cfg, cache=make_cache(cfg), spec_hash=spec_hash)
+
+
+def _crashed(spec: SlideSpec, spec_hash: str, exc: BaseException) -> TileResult:
+    """A status row for a slide whose task died (e.g. a decoder crash took the worker down)."""
+    from datetime import datetime, timezone
+
+    return TileResult({
+        "slide_id": spec.slide_id, "uri": spec.uri, "status": "failed", "n_regions": 0,
+        "error": f"{spec.uri}: the worker processing this slide died ({type(exc).__name__}); "
+                 "the file may crash the slide decoder: check it opens with OpenSlide",
+        "spec_hash": spec_hash, "model_id": "", "time": datetime.now(timezone.utc),
+    })
+
+
+def run(cfg: Config) -> TileSummary:
+    """Tile every slide of ``cfg.slides`` into the tables under ``cfg.out``."""
+    assert cfg.slides and cfg.out, "tile needs slides and out"
+    t0 = time.perf_counter()
+    store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
+    specs = list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)
+    spec_hash = cfg.tiling_spec_hash()
+    orphans = store.remove_orphans(spec_hash)
+    if orphans:
+        log.info("removed region rows of %d slides left half-written by an earlier run", len(orphans))
+    done = store.completed(spec_hash)
+    todo = [s for s in specs if done.get(s.slide_id) != s.uri]
+    summary = TileSummary(total=len(specs), skipped=len(specs) - len(todo), out=cfg.out)
+    cfg_dict = cfg.to_dict()
+    max_in_flight = cfg.ray.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending: dict[ray.ObjectRef, SlideSpec] = {}
+    buffer: list[TileResult] = []
+    queue = list(reversed(todo))
+
+    def flush() -> None:
+        if buffer:
+            store.append_slides([r.slide for r in buffer], [g for r in buffer for g in r.regions])
+            buffer.clear()
+
+    while queue or pending:
+        while queue and len(pending) < max_in_flight:
+            spec = queue.pop()
+            pending[_tile_task.remote(spec, cfg_dict, spec_hash)] = spec
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            spec = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.RayError) as exc:
+                result = _crashed(spec, spec_hash, exc)
+            status = result.slide["status"]
+            setattr(summary, status, getattr(summary, status) + 1)
+            summary.regions += len(result.regions)
+            if status == "failed":
+                log.warning("failed: %s", result.slide["error"])
+            buffer.append(result)
+            finished = summary.ok + summary.failed + summary.no_tissue
+            log.info("tile: %d/%d slides (%d failed), %d regions", finished, len(todo),
+                     summary.failed, summary.regions)
+            if len(buffer) >= cfg.ray.write_batch_slides:
+                flush()
+    flush()
+    summary.seconds = time.perf_counter() - t0
+    return summary

@@ -1,0 +1,164 @@
+"""Shared fixtures: synthetic slides (good and bad), moto's S3 server, a local Ray instance."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+from hipt_ray.slides import synthetic  # noqa: E402
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- synthetic slides
+
+# name → expected status of `tile` with the default config. Sizes are kept small (a few
+# regions) so that the whole set is written in a few seconds.
+EXPECTED = {
+    "good": "ok",
+    "forty": "ok",
+    "small": "ok",
+    "objective": "ok",
+    "blank": "no_tissue",
+    "notaslide": "failed",
+    "empty": "failed",
+    "truncated": "failed",
+    "corrupt": "failed",
+    "nompp": "failed",
+    "absurd": "failed",
+}
+
+
+@pytest.fixture(scope="session")
+def slide_set(tmp_path_factory) -> dict[str, Path]:
+    """One slide of every kind the tile stage must handle, good and bad."""
+    d = tmp_path_factory.mktemp("slides")
+    paths: dict[str, Path] = {}
+
+    def make(name: str, ext: str = ".tiff", **kw) -> Path:
+        paths[name] = d / f"{name}{ext}"
+        synthetic.make_slide(paths[name], **kw)
+        return paths[name]
+
+    make("good", width_um=5000, height_um=3000, mpp=0.5, seed=1, n_blobs=2)
+    make("forty", ".svs", width_um=2600, height_um=2100, mpp=0.25, seed=2, aperio=True, objective=40)
+    make("small", width_um=1500, height_um=1100, mpp=0.5, seed=3, n_blobs=1)
+    make("objective", ".svs", width_um=2500, height_um=2000, mpp=0.5, seed=4, aperio=True,
+         write_mpp=False, objective=20)
+    make("blank", width_um=3000, height_um=2000, mpp=0.5, seed=5, tissue=False)
+    make("nompp", width_um=2500, height_um=2000, mpp=0.5, seed=6, write_mpp=False)
+    rgb, _ = synthetic.render(2000, 2000, mpp=0.5, seed=7)
+    paths["absurd"] = d / "absurd.tiff"
+    synthetic.write_slide(paths["absurd"], rgb, mpp=50.0)
+    paths["notaslide"] = d / "notaslide.svs"
+    paths["notaslide"].write_text("patient notes, not an image\n" * 100)
+    paths["empty"] = d / "empty.svs"
+    paths["empty"].write_bytes(b"")
+    make("truncated", width_um=3000, height_um=2000, mpp=0.5, seed=8)
+    data = paths["truncated"].read_bytes()
+    paths["truncated"].write_bytes(data[: len(data) // 3])
+    make("corrupt", width_um=3000, height_um=2000, mpp=0.5, seed=9)
+    synthetic.corrupt_tiles(paths["corrupt"])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def twin_slides(tmp_path_factory) -> tuple[Path, Path]:
+    """The same tissue scanned at 40× (0.25 µm/px) and 20× (0.5 µm/px, a 2× box reduction)."""
+    d = tmp_path_factory.mktemp("twins")
+    rgb40, _ = synthetic.render(8704, 8448, mpp=0.25, seed=11, n_blobs=2)
+    rgb20 = rgb40.reshape(4224, 2, 4352, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+    synthetic.write_slide(d / "twin40.tiff", rgb40, mpp=0.25, quality=95)
+    synthetic.write_slide(d / "twin20.tiff", rgb20, mpp=0.5, quality=95)
+    return d / "twin40.tiff", d / "twin20.tiff"
+
+
+# ---------------------------------------------------------------- moto S3 (a real S3 API)
+
+def _start_moto(port: int, env: dict | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+    )
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
+            return proc
+        except Exception:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("moto server did not start")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """moto's S3 server on 127.0.0.1; the AWS variables are set for this process and for the
+    Ray workers it starts (they inherit the environment of ray.init)."""
+    port = free_port()
+    proc = _start_moto(port)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint, AWS_ALLOW_HTTP="true", AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+    )
+    yield endpoint
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_auth_endpoint() -> str:
+    """A second moto server that checks credentials: our test keys are unknown to it."""
+    port = free_port()
+    proc = _start_moto(port, {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    yield f"http://127.0.0.1:{port}"
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3fs_client(s3_endpoint):
+    import s3fs
+
+    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True)
+
+
+# ---------------------------------------------------------------- Ray
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint):
+    """One local Ray for the whole run, started after the S3 variables are set."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture()
+def cache_dir(tmp_path) -> str:
+    return str(tmp_path / "cache")
+
+
+def copy_slides(paths: dict[str, Path], names, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        shutil.copy(paths[n], dest / paths[n].name)
+    return dest

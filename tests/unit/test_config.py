@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hipt_ray.cli import main
+from hipt_ray.config import CONFIG_DIR, Config, ConfigError, load_config, parse_override
+
+
+def test_every_shipped_config_validates():
+    files = sorted(CONFIG_DIR.rglob("*.yaml"))
+    assert len(files) >= 4
+    for f in files:
+        cfg = load_config(files=[f])
+        assert isinstance(cfg, Config)
+
+
+def test_base_yaml_states_the_code_defaults():
+    # base.yaml is documentation users read; it must not drift from the defaults in the code.
+    assert load_config() == Config()
+    assert Config.model_validate(yaml.safe_load((CONFIG_DIR / "base.yaml").read_text())) == Config()
+
+
+def test_overrides_layer_over_files(tmp_path: Path):
+    extra = tmp_path / "x.yaml"
+    extra.write_text("tiling: {mpp: 0.25, region_px: 2048}\n")
+    cfg = load_config("tile", files=[extra], overrides=["tiling.region_px=1024", "qc.enabled=false"])
+    assert cfg.tiling.mpp == 0.25 and cfg.tiling.region_px == 1024 and cfg.qc.enabled is False
+    assert parse_override("tiling.mpp_range=[0.2, 1.0]") == {"tiling": {"mpp_range": [0.2, 1.0]}}
+
+
+def test_unknown_key_names_key_and_expected():
+    with pytest.raises(ConfigError, match=r"unknown key 'tiling.mppp' \(expected one of: .*mpp"):
+        load_config(overrides=["tiling.mppp=0.5"])
+
+
+def test_wrong_value_names_key():
+    with pytest.raises(ConfigError, match=r"tiling.mpp: .*greater than 0"):
+        load_config(overrides=["tiling.mpp=-1"])
+    with pytest.raises(ConfigError, match="multiple of patch_px"):
+        load_config(overrides=["tiling.region_px=1000"])
+
+
+def test_config_is_frozen_and_spec_hash_tracks_tiling():
+    a, b = load_config(), load_config(overrides=["tiling.mpp=0.25"])
+    with pytest.raises(Exception):
+        a.tiling.mpp = 1.0  # type: ignore[misc]
+    assert a.tiling_spec_hash() != b.tiling_spec_hash()
+    c = load_config(overrides=["tiling.mpp_overrides={s1: 0.5}", "ray.num_cpus=1"])
+    assert c.tiling_spec_hash() == a.tiling_spec_hash()  # per-slide facts and Ray don't change the grid
+
+
+def test_cli_config_error_exits_2_with_one_line(tmp_path, capsys):
+    code = main(["tile", "--slides", str(tmp_path), "--out", str(tmp_path / "o"), "tiling.bogus=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "tiling.bogus" in err[0] and "Traceback" not in err[0]
+
+
+def test_cli_usage_error_exits_2(capsys):
+    assert main(["tile"]) == 2
+    assert main(["no-such-command"]) == 2

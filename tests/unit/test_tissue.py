@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from hipt_ray.config import TissueConfig
+from hipt_ray.slides import synthetic
+from hipt_ray.slides.reader import Slide
+from hipt_ray.slides.tissue import tissue_mask
+
+
+def _iou(a, b):
+    return (a & b).sum() / max(1, (a | b).sum())
+
+
+@pytest.mark.parametrize("seed, subtype, n_blobs", [(20, 0, 1), (21, 1, 2), (22, 2, 3), (23, 0, 3)])
+def test_tissue_mask_matches_ground_truth(tmp_path, seed, subtype, n_blobs):
+    s = synthetic.make_slide(tmp_path / "s.tiff", width_um=4000, height_um=3000, seed=seed,
+                             subtype=subtype, risk=0.5, n_blobs=n_blobs)
+    with Slide(s.path) as slide:
+        rgb, mpp = slide.read_lowres(8.0)
+    mask, _ = tissue_mask(rgb, mpp, TissueConfig())
+    found = np.asarray(Image.fromarray(mask).resize(s.mask.shape[::-1], Image.Resampling.NEAREST))
+    assert s.mask.mean() > 0.05
+    assert _iou(found, s.mask) >= 0.9
+
+
+def test_blank_glass_has_no_tissue(slide_set):
+    with Slide(str(slide_set["blank"])) as slide:
+        rgb, mpp = slide.read_lowres(8.0)
+    mask, threshold = tissue_mask(rgb, mpp, TissueConfig())
+    assert mask.sum() == 0 and threshold >= TissueConfig().min_saturation
+
+
+def test_small_specks_are_removed_and_holes_filled():
+    rgb = np.full((200, 200, 3), 240, np.uint8)
+    rgb[50:150, 50:150] = (150, 60, 120)  # a 800 µm square of tissue at 8 µm/px
+    rgb[95:105, 95:105] = 240  # a hole
+    rgb[10:12, 10:12] = (150, 60, 120)  # dust: 16×16 µm
+    mask, _ = tissue_mask(rgb, 8.0, TissueConfig())
+    assert mask[100, 100] and not mask[11, 11] and mask.sum() == pytest.approx(100 * 100, rel=0.02)
