@@ -1,0 +1,88 @@
+"""Cluster config validation, `jobs/*.py --help`, and `ray job submit` against a local Ray head."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hipt_ray.store import Store
+
+from ..conftest import VENV_BIN, copy_slides, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_cluster_yaml_passes_ray_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(raw))
+    types = raw["available_node_types"]
+    assert raw["head_node_type"] == "head" and {"cpu_decode", "gpu"} <= set(types)
+    assert any("requirements.txt" in c for c in raw["setup_commands"])
+    bad = {**raw, "max_workers": "many"}
+    with pytest.raises(Exception):
+        validate_config(prepare_config(bad))
+
+
+@pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "jobs").glob("*.py")))
+def test_job_help_exits_0(job):
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / job), "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "usage" in out.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(420)
+def test_ray_job_submit_tile(slide_set, tmp_path):
+    src = copy_slides(slide_set, ["good", "small", "blank"], tmp_path / "slides")
+    out = tmp_path / "out"
+    port, dash, agent = free_port(), free_port(), free_port()
+    # Token auth is on by default in Ray 2.60; the CLI clients only send the token in "token" mode.
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    temp = Path("/tmp") / f"rayjob{port}"
+    head = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={port}",
+         "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}", "--num-cpus=2",
+         f"--temp-dir={temp}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            probe = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", address],
+                                   env=env, capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
+            time.sleep(2)
+        else:
+            pytest.fail("local Ray head did not come up")
+        job = subprocess.run(
+            [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+             "--", "python", "jobs/tile.py", "--slides", str(src), "--out", str(out),
+             f"storage.cache_dir={tmp_path / 'cache'}"],
+            env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+        )
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in (job.stdout + job.stderr).lower()  # the job status SUCCEEDED
+        assert "slides: 3 (2 ok, 0 failed, 1 no tissue" in job.stdout
+        latest = Store(str(out)).latest_slides()
+        assert sorted(latest["status"].to_pylist()) == ["no_tissue", "ok", "ok"]
+        assert (out / "qc" / "good.png").is_file()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

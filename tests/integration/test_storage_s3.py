@@ -1,0 +1,57 @@
+"""The staging cache and slide listing against a real S3 API (moto's server on 127.0.0.1)."""
+
+import os
+import time
+
+import pytest
+
+from hipt_ray.slides.manifest import list_slides
+from hipt_ray.storage import StagingCache, StorageError, stat
+
+
+def test_cache_stages_atomically_and_refetches_changed_objects(s3fs_client, tmp_path):
+    s3fs_client.mkdir("cache-bkt")
+    s3fs_client.pipe("cache-bkt/a.svs", b"A" * 1000)
+    cache = StagingCache(str(tmp_path), max_bytes=2500)
+    path, info = cache.fetch("s3://cache-bkt/a.svs")
+    assert open(path, "rb").read() == b"A" * 1000 and info.size == 1000 and info.version
+    again, _ = cache.fetch("s3://cache-bkt/a.svs")
+    assert again == path  # a hit, no second copy
+    s3fs_client.pipe("cache-bkt/a.svs", b"B" * 1000)  # same size, new ETag
+    changed, info2 = cache.fetch("s3://cache-bkt/a.svs")
+    assert changed != path and open(changed, "rb").read() == b"B" * 1000 and info2.version != info.version
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def test_cache_evicts_least_recently_used(s3fs_client, tmp_path):
+    s3fs_client.mkdir("lru-bkt")
+    for name in "abc":
+        s3fs_client.pipe(f"lru-bkt/{name}.svs", name.encode() * 1000)
+    cache = StagingCache(str(tmp_path), max_bytes=2500)
+    pa_, _ = cache.fetch("s3://lru-bkt/a.svs")
+    time.sleep(0.02)
+    pb, _ = cache.fetch("s3://lru-bkt/b.svs")
+    time.sleep(0.02)
+    cache.fetch("s3://lru-bkt/a.svs")  # a is now more recent than b
+    time.sleep(0.02)
+    pc, _ = cache.fetch("s3://lru-bkt/c.svs")
+    assert os.path.exists(pa_) and os.path.exists(pc) and not os.path.exists(pb)
+    assert sum(os.path.getsize(tmp_path / p) for p in os.listdir(tmp_path)) <= 2500
+
+
+def test_object_larger_than_cache_is_a_clear_error(s3fs_client, tmp_path):
+    s3fs_client.mkdir("big-bkt")
+    s3fs_client.pipe("big-bkt/big.svs", b"x" * 5000)
+    with pytest.raises(StorageError, match="raise storage.cache_max_bytes"):
+        StagingCache(str(tmp_path), max_bytes=1000).fetch("s3://big-bkt/big.svs")
+
+
+def test_list_s3_prefix_and_missing_objects(s3fs_client):
+    s3fs_client.mkdir("list-bkt")
+    for key in ("p/one.svs", "p/two.tiff", "p/readme.txt", "q/three.svs"):
+        s3fs_client.pipe(f"list-bkt/{key}", b"x")
+    specs = list_slides("s3://list-bkt/p/")
+    assert [(s.slide_id, s.uri) for s in specs] == [("one", "s3://list-bkt/p/one.svs"),
+                                                     ("two", "s3://list-bkt/p/two.tiff")]
+    with pytest.raises(FileNotFoundError):
+        stat("s3://list-bkt/p/missing.svs")
