@@ -55,3 +55,19 @@ def test_list_s3_prefix_and_missing_objects(s3fs_client):
                                                      ("two", "s3://list-bkt/p/two.tiff")]
     with pytest.raises(FileNotFoundError):
         stat("s3://list-bkt/p/missing.svs")
+
+
+def test_checkpoint_export_and_load_through_s3(s3fs_client):
+    import torch
+
+    from hipt_ray.models import CheckpointError, create_model, export_checkpoint, load_checkpoint, model_id
+
+    s3fs_client.mkdir("ckpt-bkt")
+    src = create_model("vit4k_tiny")
+    export_checkpoint(src, "s3://ckpt-bkt/run1/vit4k.pth")
+    dst = load_checkpoint(create_model("vit4k_tiny"), "s3://ckpt-bkt/run1/vit4k.pth")
+    assert model_id(dst) == model_id(src)
+    x = torch.randn(1, 48, 6, 6)
+    assert torch.equal(src.eval()(x), dst.eval()(x))
+    with pytest.raises(CheckpointError, match="checkpoint not found: s3://ckpt-bkt/run1/missing.pth"):
+        load_checkpoint(create_model("vit4k_tiny"), "s3://ckpt-bkt/run1/missing.pth")

@@ -1,0 +1,75 @@
+"""HIPT-4K: a region → 256 px patches (row-major) → ViT-256 in micro-batches → token grid →
+ViT-4K → region embedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from hipt_ray.models.vit import ViT4K, ViT256
+
+# Inference normalisation of the published HIPT code: mean = std = 0.5 per channel.
+PIXEL_MEAN = PIXEL_STD = 0.5
+
+
+def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` (as read from a slide) → float ``[B, 3, H, W]`` in [-1, 1].
+
+    Run it on the model's device: it is the only per-pixel work between the reader and the model.
+    """
+    x = images.permute(0, 3, 1, 2).float()
+    return x.div_(255.0 * PIXEL_STD).sub_(PIXEL_MEAN / PIXEL_STD)
+
+
+def patchify(x: torch.Tensor, patch_px: int) -> torch.Tensor:
+    """``[B, C, H, W]`` → ``[B·R·Cn, C, p, p]``: patch k of region b is row k // Cn, col k % Cn."""
+    b, c, h, w = x.shape
+    if h % patch_px or w % patch_px:
+        raise ValueError(f"region {w}×{h} is not a multiple of the {patch_px} px patch size")
+    rows, cols = h // patch_px, w // patch_px
+    x = x.reshape(b, c, rows, patch_px, cols, patch_px)  # (B, C, R, p, Cn, p)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b * rows * cols, c, patch_px, patch_px)
+
+
+class HIPT4K(nn.Module):
+    """ViT-256 over every 256 px patch, ViT-4K over the resulting token grid."""
+
+    def __init__(self, *, vit256: ViT256, vit4k: ViT4K, patch_px: int = 256, micro_batch: int = 64) -> None:
+        super().__init__()
+        if vit4k.in_dim != vit256.embed_dim:
+            raise ValueError(f"ViT-4K takes {vit4k.in_dim}-d tokens, ViT-256 gives {vit256.embed_dim}")
+        self.vit256, self.vit4k = vit256, vit4k
+        self.patch_px, self.micro_batch = patch_px, micro_batch
+        self.embed_dim = vit4k.embed_dim
+
+    def tokens256(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` → per-patch CLS tokens ``[B, N, D256]`` in row-major patch order."""
+        b = x.shape[0]
+        patches = patchify(x, self.patch_px)
+        tokens = torch.cat([self.vit256(chunk) for chunk in patches.split(self.micro_batch)])
+        return tokens.reshape(b, -1, tokens.shape[-1])
+
+    def grid(self, tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """``[B, N, D]`` → ``[B, D, rows, cols]`` (the ViT-4K input)."""
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, rows, cols)
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Region embedding ``emb4k [B, 192]``, the patch tokens ``tokens256 [B, N, 384]`` and
+        their mean ``mean256 [B, 384]``."""
+        rows, cols = x.shape[-2] // self.patch_px, x.shape[-1] // self.patch_px
+        tokens = self.tokens256(x)
+        emb4k = self.vit4k(self.grid(tokens, rows, cols))
+        return {"emb4k": emb4k, "tokens256": tokens, "mean256": tokens.mean(dim=1)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)["emb4k"]
+
+    def get_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last-block self-attention of both levels: ``[B·N, h, 1 + (p/16)², …]`` for the patches
+        (row-major) and ``[B, h, 1 + N, 1 + N]`` for the regions."""
+        rows, cols = x.shape[-2] // self.patch_px, x.shape[-1] // self.patch_px
+        patches = patchify(x, self.patch_px)
+        attn256 = torch.cat([self.vit256.get_last_selfattention(c) for c in patches.split(self.micro_batch)])
+        tokens = self.tokens256(x)
+        attn4k = self.vit4k.get_last_selfattention(self.grid(tokens, rows, cols))
+        return attn256, attn4k

@@ -1,0 +1,46 @@
+import torch
+import torch.nn.functional as F
+
+from hipt_ray.models import create_model
+from hipt_ray.models.inference import fast_dtype, prepare_for_inference
+
+
+def _model():
+    torch.manual_seed(0)
+    return create_model("hipt4k_tiny", micro_batch=8).eval()
+
+
+def test_bf16_eager_path_agrees_with_fp32():
+    m = _model()
+    x = torch.randn(1, 3, 512, 768)
+    with torch.no_grad():
+        ref = m(x)
+        fast = prepare_for_inference(m, dtype=torch.bfloat16, compile=False)
+        out = fast(x)
+    assert out.dtype == torch.float32 and F.cosine_similarity(out, ref).min() > 0.99
+    assert next(m.parameters()).dtype == torch.float32  # the original is untouched
+
+
+def test_compiled_default_path_agrees_with_fp32():
+    m = _model()
+    x = torch.randn(1, 3, 512, 512)
+    with torch.no_grad():
+        ref = m(x)
+        fast = prepare_for_inference(m)  # compiled, fast_dtype(cpu)
+        out = fast.forward_features(x)
+    assert F.cosine_similarity(out["emb4k"], ref).min() > 0.99
+    assert out["tokens256"].dtype == torch.float32 and out["tokens256"].shape == (1, 4, 48)
+    assert fast_dtype("cpu") in (torch.bfloat16, torch.float32)
+
+
+def test_compile_failure_falls_back_to_eager():
+    from hipt_ray.models.inference import CastInputs
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("no compiler here")
+
+    eager = torch.nn.Linear(4, 2)
+    wrapped = CastInputs(Broken(), torch.float32, eager=eager)
+    x = torch.randn(3, 4)
+    assert torch.equal(wrapped(x), eager(x)) and wrapped.eager is None
