@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Sequence
 
 from hipt_ray.config import Config, ConfigError, load_config
+from hipt_ray.models.checkpoints import CheckpointError
 from hipt_ray.slides.manifest import ManifestError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SLIDES_FAILED = 0, 1, 2, 3
@@ -52,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     tile.add_argument("--out", required=True, help="output URI (local or s3://)")
     _common(tile)
 
+    embed = sub.add_parser("embed", help="embed every slide's regions with HIPT-4K into Lance")
+    embed.add_argument("--slides", required=True,
+                       help="a directory, a glob, an s3:// prefix or a manifest .csv (uri[,slide_id,mpp])")
+    embed.add_argument("--out", required=True, help="output URI (local or s3://); tile results there are reused")
+    embed.add_argument("--checkpoint-256", help="ViT-256 weights (official vit256_small_dino.pth layout)")
+    embed.add_argument("--checkpoint-4k", help="ViT-4K weights (official vit4k_xs_dino.pth layout)")
+    _common(embed)
+
     demo = sub.add_parser("make-demo-data", help="write synthetic slides and labels.csv")
     demo.add_argument("out", help="output directory")
     demo.add_argument("--n-slides", type=int, default=12)
@@ -74,6 +83,24 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    values: dict = {"slides": args.slides, "out": args.out}
+    if args.address:
+        values["ray"] = {"address": args.address}
+    model = {k: v for k, v in (("checkpoint_256", args.checkpoint_256),
+                               ("checkpoint_4k", args.checkpoint_4k)) if v}
+    if model:
+        values["model"] = model
+    cfg = load_config("embed", files=args.config, overrides=args.overrides, values=values)
+    init_ray(cfg)
+    from hipt_ray.embed.job import run
+
+    summary = run(cfg)
+    for line in summary.lines():
+        print(line)
+    return summary.exit_code
+
+
 def _cmd_make_demo_data(args: argparse.Namespace) -> int:
     from hipt_ray.slides.synthetic import make_demo_data
 
@@ -84,7 +111,7 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"tile": _cmd_tile, "make-demo-data": _cmd_make_demo_data}
+COMMANDS = {"tile": _cmd_tile, "embed": _cmd_embed, "make-demo-data": _cmd_make_demo_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, ManifestError) as exc:
+    except (ConfigError, ManifestError, CheckpointError) as exc:
         print(f"hipt-ray {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

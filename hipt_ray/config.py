@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -85,6 +85,32 @@ class QCConfig(_Section):
     thumb_px: int = Field(default=1024, ge=64)
 
 
+class ModelConfig(_Section):
+    """Which HIPT model embeds, and with which weights."""
+
+    name: str = "hipt4k"
+    checkpoint_256: str | None = None  # official vit256_small_dino.pth layout, path or s3://
+    checkpoint_4k: str | None = None
+    # Without checkpoints the job refuses to run unless this is true (then the model id says so).
+    allow_random_weights: bool = False
+    seed: int = 0  # for random weights: every actor builds the same model
+    micro_batch: int = Field(default=64, gt=0)  # 256 px patches per ViT-256 forward
+
+
+class EmbedConfig(_Section):
+    """The embedding job's execution: precision, compilation, resources, outputs."""
+
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device runs it natively
+    compile: bool = True  # torch.compile + freezing (falls back to eager if it fails)
+    use_gpu: bool | Literal["auto"] = "auto"  # auto: when the cluster has GPUs
+    model_actors: int | None = Field(default=None, gt=0)  # None: one per GPU, else 1
+    actor_cpus: float = Field(default=1.0, gt=0)
+    actor_memory_gb: float = Field(default=2.0, gt=0)
+    read_cpus: float = Field(default=1.0, gt=0)
+    store_tokens: bool = True  # tokens256 column: needed by stage-2 pretraining and ViT-4K heads
+    chunk_slides: int = Field(default=64, gt=0)  # slides per streaming pipeline (bounds driver memory)
+
+
 class RayConfig(_Section):
     # None: RAY_ADDRESS if set, else a local Ray started for the command (the embedded default).
     address: str | None = None
@@ -102,6 +128,8 @@ class Config(_Section):
     tiling: TilingConfig = TilingConfig()
     tissue: TissueConfig = TissueConfig()
     qc: QCConfig = QCConfig()
+    model: ModelConfig = ModelConfig()
+    embed: EmbedConfig = EmbedConfig()
     ray: RayConfig = RayConfig()
 
     def to_dict(self) -> dict[str, Any]:

@@ -75,7 +75,8 @@ def tile_slide(spec: SlideSpec, cfg: Config, *, cache: StagingCache, spec_hash: 
                 slide.read_region((max(cx, r.x), max(cy, r.y)), (p, p), cfg.tiling.mpp)
                 regions.append({**r.to_row(), "region_index": r.index, "slide_id": spec.slide_id,
                                 "level": level, "mpp": cfg.tiling.mpp, "read_mpp": read_mpp,
-                                "mpp_source": slide.mpp_info.source, "spec_hash": spec_hash})
+                                "mpp_source": slide.mpp_info.source, "spec_hash": spec_hash,
+                                "model_id": ""})
             if cfg.qc.enabled and cfg.out:
                 qc_uri = join(cfg.out, "qc", f"{spec.slide_id}.png")
                 png = qc_thumbnail(lowres, lowres_mpp, mask, grid, slide.mpp, max_px=cfg.qc.thumb_px,

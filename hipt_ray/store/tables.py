@@ -58,7 +58,19 @@ REGIONS_SCHEMA = pa.schema([
     ("mpp_source", pa.string()),
     ("tissue_fraction", pa.float32()),
     ("spec_hash", pa.string()),
+    ("model_id", pa.string()),  # "" for rows written by `tile` (no embeddings)
 ])
+
+
+def embedding_fields(dim4k: int, dim256: int) -> list[pa.Field]:
+    """Columns the embedding job adds to ``regions``: fixed-size vectors (what vector indexes
+    need) and the per-patch tokens, row-major, flattened (``read_h/256 · read_w/256 · dim256``
+    values; a full region has 256·384)."""
+    return [
+        pa.field("emb4k", pa.list_(pa.float32(), dim4k)),
+        pa.field("mean256", pa.list_(pa.float32(), dim256)),
+        pa.field("tokens256", pa.list_(pa.float16())),
+    ]
 
 
 def lance_storage_options(out: str, endpoint_url: str | None = None) -> dict[str, str] | None:
@@ -103,17 +115,40 @@ class Store:
     def _append(self, table: str, data: pa.Table) -> None:
         if data.num_rows == 0:
             return
-        mode = "append" if self.dataset(table) is not None else "create"
-        lance.write_dataset(data, self.uri(table), mode=mode, storage_options=self.options)
+        ds = self.dataset(table)
+        if ds is None:
+            lance.write_dataset(data, self.uri(table), mode="create", storage_options=self.options)
+            return
+        missing = [f for f in data.schema if f.name not in ds.schema.names]
+        if missing:  # e.g. embeddings appended to a table `tile` created: add all-null columns
+            ds.add_columns(missing)
+            ds = self.dataset(table)
+        for f in data.schema:
+            have = ds.schema.field(f.name).type
+            if have != f.type:
+                raise ValueError(
+                    f"{self.uri(table)} stores {f.name} as {have}, this run writes {f.type} "
+                    "(a model of another size?): write to a new --out"
+                )
+        data = data.select([n for n in ds.schema.names if n in data.schema.names])
+        lance.write_dataset(data, self.uri(table), mode="append", storage_options=self.options)
 
-    def append_slides(self, slide_rows: list[dict], region_rows: list[dict]) -> None:
+    def append_slides(self, slide_rows: list[dict], region_rows: list[dict] | pa.Table,
+                      regions_schema: pa.Schema = REGIONS_SCHEMA) -> None:
         """Commit regions, then the slides' status rows (see the module's visibility rule)."""
-        self._append(REGIONS, pa.Table.from_pylist(region_rows, schema=REGIONS_SCHEMA))
+        regions = region_rows if isinstance(region_rows, pa.Table) else pa.Table.from_pylist(
+            region_rows, schema=regions_schema)
+        self._append(REGIONS, regions)
         self._append(SLIDES, pa.Table.from_pylist(slide_rows, schema=SLIDES_SCHEMA))
 
-    def latest_slides(self, spec_hash: str | None = None) -> pa.Table:
-        """The newest status row of each slide (optionally for one tiling spec)."""
-        filt = f"spec_hash = '{spec_hash}'" if spec_hash else None
+    def latest_slides(self, spec_hash: str | None = None, model_id: str | None = None) -> pa.Table:
+        """The newest status row of each slide (optionally for one tiling spec and model)."""
+        conds = []
+        if spec_hash:
+            conds.append(f"spec_hash = '{spec_hash}'")
+        if model_id is not None:
+            conds.append(f"model_id = '{model_id}'")
+        filt = " AND ".join(conds) or None
         rows = self.read(SLIDES, filter=filt)
         if rows.num_rows == 0:
             return rows
@@ -122,34 +157,75 @@ class Store:
         keep = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
         return rows.take(keep)
 
-    def completed(self, spec_hash: str) -> dict[str, str]:
-        """slide_id → uri of slides whose latest row for ``spec_hash`` is ok or no_tissue."""
-        latest = self.latest_slides(spec_hash)
+    def completed(self, spec_hash: str, model_id: str = "") -> dict[str, str]:
+        """slide_id → uri of slides whose latest row for ``spec_hash`` and ``model_id`` ("" for
+        tiling alone) is ok or no_tissue."""
+        latest = self.latest_slides(spec_hash, model_id)
         done = latest.filter(pc.is_in(latest["status"], pa.array(DONE_STATUSES)))
         return dict(zip(done["slide_id"].to_pylist(), done["uri"].to_pylist()))
 
-    def remove_regions(self, slide_ids: Iterable[str], spec_hash: str) -> None:
+    def remove_regions(self, slide_ids: Iterable[str], spec_hash: str, model_id: str = "") -> None:
         ids = sorted(set(slide_ids))
         ds = self.dataset(REGIONS)
         if not ids or ds is None:
             return
         for i in range(0, len(ids), 500):
             quoted = ", ".join("'" + s.replace("'", "''") + "'" for s in ids[i : i + 500])
-            ds.delete(f"spec_hash = '{spec_hash}' AND slide_id IN ({quoted})")
+            ds.delete(f"spec_hash = '{spec_hash}' AND model_id = '{model_id}' AND slide_id IN ({quoted})")
 
-    def remove_orphans(self, spec_hash: str) -> list[str]:
+    def remove_orphans(self, spec_hash: str, model_id: str = "") -> list[str]:
         """Delete region rows whose slide has no completed status row (a killed job's leftovers)."""
-        regions = self.read(REGIONS, columns=["slide_id"], filter=f"spec_hash = '{spec_hash}'")
+        regions = self.read(REGIONS, columns=["slide_id"],
+                            filter=f"spec_hash = '{spec_hash}' AND model_id = '{model_id}'")
         present = set(pc.unique(regions["slide_id"]).to_pylist())
-        orphans = sorted(present - set(self.completed(spec_hash)))
-        self.remove_regions(orphans, spec_hash)
+        orphans = sorted(present - set(self.completed(spec_hash, model_id)))
+        self.remove_regions(orphans, spec_hash, model_id)
         return orphans
 
-    def regions(self, spec_hash: str, slide_ids: Iterable[str] | None = None) -> pa.Table:
+    def regions(self, spec_hash: str, slide_ids: Iterable[str] | None = None, model_id: str = "",
+                columns: list[str] | None = None) -> pa.Table:
         """Region rows of completed slides only, sorted by slide and region index."""
-        done = set(self.completed(spec_hash))
+        done = set(self.completed(spec_hash, model_id))
         if slide_ids is not None:
             done &= set(slide_ids)
-        rows = self.read(REGIONS, filter=f"spec_hash = '{spec_hash}'")
+        rows = self.read(REGIONS, columns=columns,
+                         filter=f"spec_hash = '{spec_hash}' AND model_id = '{model_id}'")
         rows = rows.filter(pc.is_in(rows["slide_id"], pa.array(sorted(done), pa.string())))
         return rows.sort_by([("slide_id", "ascending"), ("region_index", "ascending")])
+
+
+def read_embeddings(out: str, slide_ids: Iterable[str] | None = None, *, model_id: str | None = None,
+                    spec_hash: str | None = None, endpoint_url: str | None = None) -> dict[str, dict]:
+    """Per-slide arrays from an embedded output: ``{slide_id: {"emb4k": [n, D4k], "mean256":
+    [n, D256], "x": [n], "y": [n], "slide_emb": [D4k]}}`` (``slide_emb`` = mean of ``emb4k``, for
+    probes). Only slides whose embedding completed are returned.
+
+    ``model_id`` / ``spec_hash`` may be left out when the output holds a single one of each.
+    """
+    import numpy as np
+
+    store = Store(out, endpoint_url=endpoint_url)
+    latest = store.read(SLIDES, columns=["model_id", "spec_hash", "status"])
+    ok = latest.filter(pc.and_(pc.equal(latest["status"], "ok"), pc.not_equal(latest["model_id"], "")))
+    for name, value in (("model_id", model_id), ("spec_hash", spec_hash)):
+        if value is None:
+            found = sorted(set(ok[name].to_pylist()))
+            if len(found) != 1:
+                raise ValueError(f"{out} holds embeddings for {name} in {found or 'none'}; pass {name}=…")
+            if name == "model_id":
+                model_id = found[0]
+            else:
+                spec_hash = found[0]
+    rows = store.regions(spec_hash, slide_ids, model_id=model_id,
+                         columns=["slide_id", "region_index", "x", "y", "emb4k", "mean256"])
+    out_dict: dict[str, dict] = {}
+    ids = rows["slide_id"].to_numpy(zero_copy_only=False)
+    for sid in dict.fromkeys(ids):
+        part = rows.filter(pc.equal(rows["slide_id"], sid))
+        emb = np.stack(part["emb4k"].to_numpy(zero_copy_only=False)).astype(np.float32)
+        out_dict[sid] = {
+            "emb4k": emb,
+            "mean256": np.stack(part["mean256"].to_numpy(zero_copy_only=False)).astype(np.float32),
+            "x": part["x"].to_numpy(), "y": part["y"].to_numpy(), "slide_emb": emb.mean(axis=0),
+        }
+    return out_dict

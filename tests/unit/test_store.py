@@ -7,11 +7,11 @@ from hipt_ray.store import REGIONS, SLIDES, Store
 
 def _slide(sid, status, t=0, spec="h1"):
     return {"slide_id": sid, "uri": f"/x/{sid}.svs", "status": status, "spec_hash": spec,
-            "n_regions": 1, "time": datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=t)}
+            "n_regions": 1, "model_id": "", "time": datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=t)}
 
 
 def _region(sid, i, spec="h1"):
-    return {"slide_id": sid, "region_index": i, "x": 4096 * i, "y": 0, "spec_hash": spec}
+    return {"slide_id": sid, "region_index": i, "x": 4096 * i, "y": 0, "spec_hash": spec, "model_id": ""}
 
 
 def test_round_trip_and_latest_status(tmp_path):

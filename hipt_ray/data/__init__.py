@@ -1,0 +1,1 @@
+"""Ray Data builders: region reads (CPU tasks) and model actors."""

@@ -1,0 +1,96 @@
+"""Ray Data stages of the embedding job: region reads as CPU tasks, HIPT-4K in model actors.
+
+Reads return the region's RGB uint8 pixels (no copies, no normalisation: that happens on the
+model's device). A read that fails (undecodable tiles, a vanished object) returns the row with
+an ``error`` instead of raising, so one bad slide never stops the dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from hipt_ray.config import validate_config
+from hipt_ray.slides.reader import Slide
+from hipt_ray.slides.tiler import make_cache
+from hipt_ray.storage import describe_error
+
+log = logging.getLogger(__name__)
+_OPEN: OrderedDict[str, Slide] = OrderedDict()  # a few open slides per read worker
+_MAX_OPEN = 4
+
+
+def _open_slide(row: dict, cfg) -> Slide:
+    key = f"{row['uri']}\0{row['mpp_override']}"
+    if key in _OPEN:
+        _OPEN.move_to_end(key)
+        return _OPEN[key]
+    path, _ = make_cache(cfg).fetch(row["uri"])
+    slide = Slide(path, name=row["uri"], mpp_override=row["mpp_override"], mpp_range=cfg.tiling.mpp_range)
+    _OPEN[key] = slide
+    while len(_OPEN) > _MAX_OPEN:
+        _OPEN.popitem(last=False)[1].close()
+    return slide
+
+
+def read_region(row: dict[str, Any], *, cfg_dict: dict) -> dict[str, Any]:
+    """One region spec → the same row plus ``image`` (uint8 [h, w, 3]) and ``error``."""
+    cfg = validate_config(cfg_dict)
+    try:
+        slide = _open_slide(row, cfg)
+        image, _ = slide.read_region((row["x"], row["y"]), (row["read_w"], row["read_h"]), row["mpp"])
+        row["image"], row["error"] = image, ""
+    except Exception as exc:
+        _OPEN.pop(f"{row['uri']}\0{row['mpp_override']}", None)
+        row["image"] = np.zeros((0, 0, 3), np.uint8)
+        row["error"] = str(exc) if type(exc).__name__ == "SlideError" else describe_error(row["uri"], exc)
+    return row
+
+
+class RegionEmbedder:
+    """A model actor: weights loaded once, regions embedded one at a time (their 256 px patches
+    in micro-batches). Returns Arrow rows without the pixels."""
+
+    def __init__(self, *, model_name: str, state_dict: dict, micro_batch: int, precision: str,
+                 compile: bool, use_gpu: bool, store_tokens: bool, schema: pa.Schema) -> None:
+        import torch
+
+        from hipt_ray.models import create_model
+        from hipt_ray.models.inference import fast_dtype, prepare_for_inference
+
+        self.torch = torch
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        model = create_model(model_name, micro_batch=micro_batch)
+        model.load_state_dict(state_dict)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision) or fast_dtype(self.device)
+        self.model = prepare_for_inference(model, device=self.device, dtype=dtype, compile=compile)
+        self.store_tokens, self.schema = store_tokens, schema
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        from hipt_ray.models import normalize_uint8
+
+        n = len(batch["slide_id"])
+        emb4k, mean256, tokens = [], [], []
+        errors = [str(e) for e in batch["error"]]
+        for i in range(n):
+            if errors[i]:
+                emb4k.append(None), mean256.append(None), tokens.append(None)
+                continue
+            try:
+                img = self.torch.from_numpy(np.ascontiguousarray(batch["image"][i])).to(self.device)
+                with self.torch.inference_mode():
+                    out = self.model.forward_features(normalize_uint8(img[None]))
+                emb4k.append(out["emb4k"][0].cpu().numpy())
+                mean256.append(out["mean256"][0].cpu().numpy())
+                tokens.append(out["tokens256"][0].half().cpu().numpy().ravel() if self.store_tokens else None)
+            except Exception as exc:  # e.g. out of memory on an odd region: fail the slide, go on
+                log.warning("embedding failed for %s region %s", batch["slide_id"][i], batch["region_index"][i], exc_info=True)
+                errors[i] = f"{batch['uri'][i]}: embedding failed: {type(exc).__name__}: {exc}"
+                emb4k.append(None), mean256.append(None), tokens.append(None)
+        columns = {name: list(batch[name]) for name in self.schema.names if name in batch}
+        columns.update(emb4k=emb4k, mean256=mean256, tokens256=tokens, error=errors)
+        return pa.Table.from_pydict({f.name: columns[f.name] for f in self.schema}, schema=self.schema)

@@ -1,0 +1,1 @@
+"""The embedding job (Ray Data batch inference into the Lance store)."""
