@@ -1,4 +1,5 @@
-"""``make demo``: synthetic slides → ``hipt-ray tile`` on the embedded default (a local Ray).
+"""``make demo``: synthetic slides → ``hipt-ray tile`` → ``hipt-ray embed`` on the embedded
+default (a local Ray).
 
 Each step goes through the same CLI a user types, so the demo shows the real commands.
 """
@@ -32,12 +33,20 @@ def main(argv: list[str] | None = None) -> int:
                   "--config", "configs/demo.yaml"])
     if code not in (0, 3):
         return code
+    code = _step(["embed", "--slides", str(data / "slides"), "--out", str(tables),
+                  "--config", "configs/demo.yaml"])
+    if code not in (0, 3):
+        return code
     print(f"""
 demo outputs under {out}:
   slides + labels : {data}/slides/, {data}/labels.csv
-  Lance tables    : {tables}/slides.lance (one row per slide), {tables}/regions.lance (one per region)
+  Lance tables    : {tables}/slides.lance (one row per slide and model), {tables}/regions.lance
+                    (tiled regions, and the same regions with emb4k / mean256 / tokens256;
+                    the demo embeds with the tiny model's random weights: no weights can be
+                    downloaded here — pass --checkpoint-256/--checkpoint-4k for real ones)
   QC thumbnails   : {tables}/qc/<slide_id>.png (tissue contour green, regions blue)
-read them with:   python -c "import lance; print(lance.dataset('{tables}/regions.lance').to_table().to_pandas())"
+read them with:   .venv/bin/python -c "from hipt_ray.store import read_embeddings; print(read_embeddings('{tables}'))"
+                  .venv/bin/python -c "import lance; print(lance.dataset('{tables}/regions.lance').to_table().to_pandas())"
 """)
     return code
 

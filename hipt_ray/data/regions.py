@@ -8,6 +8,7 @@ an ``error`` instead of raising, so one bad slide never stops the dataset.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -81,7 +82,9 @@ class RegionEmbedder:
                 emb4k.append(None), mean256.append(None), tokens.append(None)
                 continue
             try:
-                img = self.torch.from_numpy(np.ascontiguousarray(batch["image"][i])).to(self.device)
+                with warnings.catch_warnings():  # Ray's buffers are read-only; the model only reads
+                    warnings.simplefilter("ignore", UserWarning)
+                    img = self.torch.from_numpy(np.ascontiguousarray(batch["image"][i])).to(self.device)
                 with self.torch.inference_mode():
                     out = self.model.forward_features(normalize_uint8(img[None]))
                 emb4k.append(out["emb4k"][0].cpu().numpy())

@@ -31,13 +31,25 @@ class MPPInfo:
 
 
 def composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    """``[H, W, 4]`` uint8 (straight alpha, as openslide-python returns) → ``[H, W, 3]`` on white."""
-    rgb, alpha = rgba[..., :3], rgba[..., 3:]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
-    a = alpha.astype(np.uint16)
-    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
-    return out.astype(np.uint8)
+    """``[H, W, 4]`` uint8 (straight alpha, as openslide-python returns) → ``[H, W, 3]`` on white.
+
+    OpenSlide marks pixels outside the scanned area fully transparent, so the common cases are
+    cheap: all opaque (one copy) or opaque/transparent only (one masked fill); the blend formula
+    runs only on partially transparent pixels, if any.
+    """
+    rgb, alpha = rgba[..., :3], rgba[..., 3]
+    out = np.ascontiguousarray(rgb)
+    opaque = alpha == 255
+    n_opaque = np.count_nonzero(opaque)
+    if n_opaque == alpha.size:
+        return out
+    clear = alpha == 0
+    np.copyto(out, 255, where=clear[..., None])
+    if n_opaque + np.count_nonzero(clear) < alpha.size:
+        partial = ~(opaque | clear)
+        a = alpha[partial].astype(np.uint16)[:, None]
+        out[partial] = ((rgb[partial].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+    return out
 
 
 def resolve_mpp(

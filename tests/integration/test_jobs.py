@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hipt_ray.store import Store
+from hipt_ray.store import Store, read_embeddings
 
 from ..conftest import VENV_BIN, copy_slides, free_port
 
@@ -41,7 +41,7 @@ def test_job_help_exits_0(job):
 
 @pytest.mark.ray
 @pytest.mark.timeout(420)
-def test_ray_job_submit_tile(slide_set, tmp_path):
+def test_ray_job_submit_tile_and_embed(slide_set, tmp_path):
     src = copy_slides(slide_set, ["good", "small", "blank"], tmp_path / "slides")
     out = tmp_path / "out"
     port, dash, agent = free_port(), free_port(), free_port()
@@ -80,6 +80,17 @@ def test_ray_job_submit_tile(slide_set, tmp_path):
         latest = Store(str(out)).latest_slides()
         assert sorted(latest["status"].to_pylist()) == ["no_tissue", "ok", "ok"]
         assert (out / "qc" / "good.png").is_file()
+
+        job = subprocess.run(
+            [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+             "--", "python", "jobs/embed.py", "--slides", str(src), "--out", str(out),
+             "--config", "configs/tiny.yaml", f"storage.cache_dir={tmp_path / 'cache'}"],
+            env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+        )
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "slides: 3 (2 embedded, 0 failed, 1 no tissue, 0 already done)" in job.stdout
+        emb = read_embeddings(str(out))
+        assert set(emb) == {"good", "small"} and emb["small"]["emb4k"].shape == (1, 32)
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
