@@ -54,6 +54,15 @@ def _depth(sd):
     return 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
 
 
+def _encoder(t, sd, heads, return_attention):
+    depth = _depth(sd)
+    for i in range(depth):
+        if return_attention and i == depth - 1:
+            return _block(t, sd, f"blocks.{i}", heads, return_attention=True)
+        t = _block(t, sd, f"blocks.{i}", heads)
+    return _ln(t, sd, "norm")[:, 0]
+
+
 def vit256(sd, x, heads, *, return_attention=False):
     b, _, w, h = x.shape
     patch = sd["patch_embed.proj.weight"].shape[-1]
@@ -61,12 +70,7 @@ def vit256(sd, x, heads, *, return_attention=False):
     t = t.flatten(2).transpose(1, 2)
     t = torch.cat([sd["cls_token"].expand(b, -1, -1), t], dim=1)
     t = t + _pos(sd["pos_embed"], w // patch, h // patch, t.shape[1] - 1)
-    depth = _depth(sd)
-    for i in range(depth):
-        if return_attention and i == depth - 1:
-            return _block(t, sd, f"blocks.{i}", heads, return_attention=True)
-        t = _block(t, sd, f"blocks.{i}", heads)
-    return _ln(t, sd, "norm")[:, 0]
+    return _encoder(t, sd, heads, return_attention)
 
 
 def vit4k(sd, grid, heads, *, return_attention=False):
@@ -74,12 +78,7 @@ def vit4k(sd, grid, heads, *, return_attention=False):
     t = F.gelu(_lin(grid.flatten(2, 3).transpose(1, 2), sd, "phi.0"))
     t = torch.cat([sd["cls_token"].expand(b, -1, -1), t], dim=1)
     t = t + _pos(sd["pos_embed"], w, h, t.shape[1] - 1)
-    depth = _depth(sd)
-    for i in range(depth):
-        if return_attention and i == depth - 1:
-            return _block(t, sd, f"blocks.{i}", heads, return_attention=True)
-        t = _block(t, sd, f"blocks.{i}", heads)
-    return _ln(t, sd, "norm")[:, 0]
+    return _encoder(t, sd, heads, return_attention)
 
 
 def hipt4k(sd256, sd4k, x, heads256, heads4k):

@@ -21,6 +21,7 @@ import ray
 import torch
 
 from hipt_ray import tile
+from hipt_ray.tile import TileSummary
 from hipt_ray.config import Config, ConfigError
 from hipt_ray.data.regions import RegionEmbedder, read_region
 from hipt_ray.models import create_model, load_checkpoint, model_id
@@ -33,20 +34,8 @@ _COORDS = [f.name for f in REGIONS_SCHEMA if f.name not in ("model_id",)]
 
 
 @dataclass
-class EmbedSummary:
-    total: int = 0
-    skipped: int = 0
-    ok: int = 0
-    failed: int = 0
-    no_tissue: int = 0
-    regions: int = 0
-    seconds: float = 0.0
+class EmbedSummary(TileSummary):
     model_id: str = ""
-    out: str = ""
-
-    @property
-    def exit_code(self) -> int:
-        return 3 if self.failed else 0
 
     def lines(self) -> list[str]:
         rate = self.regions / self.seconds if self.seconds else 0.0
