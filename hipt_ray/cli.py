@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--checkpoint-4k", help="ViT-4K weights (official vit4k_xs_dino.pth layout)")
     _common(embed)
 
+    pre = sub.add_parser("pretrain", help="DINO pretraining of ViT-256 (stage 1) or ViT-4K (stage 2) on Ray Train")
+    pre.add_argument("--stage", choices=("vit256", "vit4k"), required=True)
+    pre.add_argument("--slides", help="stage 1: the slides whose tissue patches train ViT-256")
+    pre.add_argument("--out", required=True, help="output URI: tiling, checkpoints, exported teacher")
+    pre.add_argument("--regions-from", help="stage 2: an embed output with tokens256 (default: --out)")
+    pre.add_argument("--run-name", help="Ray Train run name; rerunning the same name resumes it")
+    _common(pre)
+
     demo = sub.add_parser("make-demo-data", help="write synthetic slides and labels.csv")
     demo.add_argument("out", help="output directory")
     demo.add_argument("--n-slides", type=int, default=12)
@@ -101,6 +109,33 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from hipt_ray.config import CONFIG_DIR
+
+    pre: dict = {"stage": args.stage}
+    if args.regions_from:
+        pre["regions_from"] = args.regions_from
+    if args.run_name:
+        pre["run_name"] = args.run_name
+    values: dict = {"out": args.out, "pretrain": pre}
+    if args.slides:
+        values["slides"] = args.slides
+    elif args.stage == "vit256":
+        raise ConfigError("stage vit256 needs --slides")
+    if args.address:
+        values["ray"] = {"address": args.address}
+    stage_file = CONFIG_DIR / "pretrain" / f"{args.stage}.yaml"
+    files = ([stage_file] if stage_file.is_file() else []) + list(args.config)
+    cfg = load_config(None, files=files, overrides=args.overrides, values=values)
+    init_ray(cfg)
+    from hipt_ray.train.run import run
+
+    summary = run(cfg)
+    for line in summary.lines():
+        print(line)
+    return EXIT_OK
+
+
 def _cmd_make_demo_data(args: argparse.Namespace) -> int:
     from hipt_ray.slides.synthetic import make_demo_data
 
@@ -111,7 +146,8 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"tile": _cmd_tile, "embed": _cmd_embed, "make-demo-data": _cmd_make_demo_data}
+COMMANDS = {"tile": _cmd_tile, "embed": _cmd_embed, "pretrain": _cmd_pretrain,
+            "make-demo-data": _cmd_make_demo_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

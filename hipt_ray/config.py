@@ -111,6 +111,57 @@ class EmbedConfig(_Section):
     chunk_slides: int = Field(default=64, gt=0)  # slides per streaming pipeline (bounds driver memory)
 
 
+class PretrainConfig(_Section):
+    """Two-stage DINO pretraining (published DINO/HIPT defaults)."""
+
+    stage: Literal["vit256", "vit4k"] = "vit256"
+    size: Literal["real", "tiny"] = "real"  # real: vit256_s16 / vit4k_xs; tiny twins for tests
+    regions_from: str | None = None  # stage 2: an `embed` output holding tokens256 (default: out)
+    model_id: str | None = None  # stage 2: which embedding model's tokens (None: the only one)
+    epochs: int = Field(default=100, gt=0)
+    steps_per_epoch: int | None = Field(default=None, gt=0)  # None: estimated from the data
+    batch_size_per_worker: int = Field(default=64, gt=0)
+    lr: float = Field(default=5e-4, gt=0)  # scaled by total batch / 256
+    min_lr: float = Field(default=1e-6, ge=0)
+    warmup_epochs: float = Field(default=10, ge=0)
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = Field(default=0.996, ge=0, le=1)
+    out_dim: int = Field(default=65536, gt=0)
+    norm_last_layer: bool = True
+    freeze_last_layer: int = Field(default=1, ge=0)
+    warmup_teacher_temp: float = Field(default=0.04, gt=0)
+    teacher_temp: float = Field(default=0.04, gt=0)
+    warmup_teacher_temp_epochs: float = Field(default=0, ge=0)
+    student_temp: float = Field(default=0.1, gt=0)
+    center_momentum: float = Field(default=0.9, ge=0, le=1)
+    clip_grad: float = Field(default=3.0, ge=0)
+    drop_path: float = Field(default=0.1, ge=0, lt=1)
+    n_local_crops: int = Field(default=8, ge=0)
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    rotate_grids: bool = False  # stage 2: random 90° turns of the token crops
+    patches_per_region: int = Field(default=64, gt=0)  # stage 1: tissue patches sampled per region
+    min_patch_tissue: float = Field(default=0.5, ge=0, le=1)
+    shuffle_buffer: int = Field(default=256, ge=0)
+    cache_dataset: bool = False  # materialise the training data in the object store (small data only)
+    seed: int = 0
+    num_workers: int = Field(default=1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=0.5, gt=0)  # < 1 leaves CPUs for Ray Data on small nodes
+    checkpoint_every_steps: int = Field(default=200, gt=0)
+    num_to_keep: int = Field(default=2, gt=0)
+    max_failures: int = Field(default=3, ge=-1)
+    run_name: str = "hipt-pretrain"
+    storage_path: str | None = None  # None: <out>/pretrain
+
+
+class TrackingConfig(_Section):
+    # None: sqlite:///<out>/mlflow.db for a local --out, else ./mlflow.db
+    mlflow_uri: str | None = None
+    experiment: str = "hipt-ray"
+
+
 class RayConfig(_Section):
     # None: RAY_ADDRESS if set, else a local Ray started for the command (the embedded default).
     address: str | None = None
@@ -130,6 +181,8 @@ class Config(_Section):
     qc: QCConfig = QCConfig()
     model: ModelConfig = ModelConfig()
     embed: EmbedConfig = EmbedConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 
     def to_dict(self) -> dict[str, Any]:

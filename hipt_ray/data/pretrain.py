@@ -1,0 +1,96 @@
+"""Ray Data sources for pretraining: tissue patches (stage 1) and token grids (stage 2)."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pyarrow.compute as pc
+import ray
+
+from hipt_ray.config import Config
+from hipt_ray.data.regions import read_region
+from hipt_ray.slides.manifest import list_slides
+from hipt_ray.slides.tissue import saturation
+from hipt_ray.store import Store
+
+
+def _patch_rows(row: dict, *, patch_px: int, per_region: int, min_tissue: float, threshold: float,
+                seed: int) -> list[dict]:
+    """A read region → up to ``per_region`` of its patches with enough tissue (seeded choice)."""
+    if row["error"]:
+        return []  # a region that does not decode is skipped for pretraining
+    img = row["image"]
+    rows, cols = img.shape[0] // patch_px, img.shape[1] // patch_px
+    grid = img[: rows * patch_px, : cols * patch_px].reshape(rows, patch_px, cols, patch_px, 3)
+    tissue = (saturation(grid[:, ::8, :, ::8]) > threshold).mean(axis=(1, 3))  # (rows, cols)
+    keep = np.flatnonzero(tissue.ravel() >= min_tissue)
+    rng = np.random.default_rng([seed, row["region_index"], zlib.crc32(row["slide_id"].encode())])
+    chosen = rng.choice(keep, size=min(per_region, keep.size), replace=False) if keep.size else []
+    return [{"patch": np.ascontiguousarray(grid[k // cols, :, k % cols])} for k in chosen]
+
+
+def build_patch_dataset(cfg: Config) -> tuple[ray.data.Dataset, int]:
+    """Stage 1: 256 px tissue patches of the tiled regions of ``cfg.slides``; and an estimate of
+    the number of patches (for the schedules)."""
+    store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
+    specs = {s.slide_id: s for s in list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)}
+    regions = store.regions(cfg.tiling_spec_hash(), slide_ids=list(specs)).to_pylist()
+    if not regions:
+        raise ValueError(f"no tiled regions with tissue for {cfg.slides} under {cfg.out}")
+    estimate = 0
+    for r in regions:
+        spec = specs[r["slide_id"]]
+        r["uri"] = spec.uri
+        r["mpp_override"] = spec.mpp if spec.mpp is not None else cfg.tiling.mpp_overrides.get(r["slide_id"])
+        n = (r["read_w"] // cfg.tiling.patch_px) * (r["read_h"] // cfg.tiling.patch_px)
+        estimate += min(cfg.pretrain.patches_per_region, int(n * r["tissue_fraction"]))
+    ds = ray.data.from_items(regions, override_num_blocks=len(regions))
+    ds = ds.map(read_region, fn_kwargs={"cfg_dict": cfg.to_dict()}, num_cpus=cfg.embed.read_cpus)
+    ds = ds.flat_map(_patch_rows, fn_kwargs=dict(
+        patch_px=cfg.tiling.patch_px, per_region=cfg.pretrain.patches_per_region,
+        min_tissue=cfg.pretrain.min_patch_tissue, threshold=cfg.tissue.min_saturation * 2,
+        seed=cfg.pretrain.seed))
+    return ds.randomize_block_order(seed=cfg.pretrain.seed), max(1, estimate)
+
+
+def tokens_to_grid(tokens: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Flattened row-major patch tokens ``[rows·cols·D]`` → grid ``[D, rows, cols]``."""
+    return np.ascontiguousarray(tokens.reshape(rows, cols, -1).transpose(2, 0, 1))
+
+
+def _grid_row(row: dict, *, patch_px: int) -> dict:
+    rows, cols = row["read_h"] // patch_px, row["read_w"] // patch_px
+    return {"grid": tokens_to_grid(np.asarray(row["tokens256"], dtype=np.float32), rows, cols)}
+
+
+def build_grid_dataset(cfg: Config) -> tuple[ray.data.Dataset, int, str]:
+    """Stage 2: ``[D, 16, 16]`` token grids of full regions from an ``embed`` output; the number
+    of grids and the embedding model id they come from."""
+    import lance_ray
+
+    src = cfg.pretrain.regions_from or cfg.out
+    store = Store(src, endpoint_url=cfg.storage.s3_endpoint_url)
+    slides = store.read("slides.lance", columns=["model_id", "status", "spec_hash"])
+    ok = slides.filter(pc.and_(pc.equal(slides["status"], "ok"), pc.not_equal(slides["model_id"], "")))
+    model_id = cfg.pretrain.model_id
+    if model_id is None:
+        found = sorted(set(ok["model_id"].to_pylist()))
+        if len(found) != 1:
+            raise ValueError(f"{src} holds embeddings of models {found or 'none'}; set pretrain.model_id")
+        model_id = found[0]
+    full = cfg.tiling.region_px
+    # Only completed slides' regions, and only full regions (the 14×14 global crops need 16×16).
+    done = sorted(store.completed(cfg.tiling_spec_hash(), model_id))
+    if not done:
+        raise ValueError(f"{src} has no slides embedded by model {model_id} with this tiling")
+    quoted = ", ".join("'" + s.replace("'", "''") + "'" for s in done)
+    where = (f"model_id = '{model_id}' AND read_w = {full} AND read_h = {full} "
+             f"AND slide_id IN ({quoted})")
+    n = store.dataset("regions.lance").count_rows(filter=where)
+    if n == 0:
+        raise ValueError(f"{src} has no full {full}² regions embedded by {model_id}")
+    ds = lance_ray.read_lance(store.uri("regions.lance"), columns=["tokens256", "read_w", "read_h"],
+                              filter=where, storage_options=store.options)
+    ds = ds.map(_grid_row, fn_kwargs={"patch_px": cfg.tiling.patch_px})
+    return ds.randomize_block_order(seed=cfg.pretrain.seed), n, model_id

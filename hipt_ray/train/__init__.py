@@ -1,0 +1,1 @@
+"""Ray Train: one DINO loop for both pretraining stages, checkpoints, resume, export."""

@@ -1,0 +1,253 @@
+"""One DINO loop for both HIPT pretraining stages, run per Ray Train worker.
+
+The stage only picks the backbone, the crops and the data: stage 1 trains ViT-256 on pixel
+crops of 256 px patches, stage 2 trains ViT-4K on crops of ``[384, 16, 16]`` token grids.
+Rank 0 checkpoints student, teacher, optimiser, scaler, DINO centre, step, epoch and RNG state
+every ``checkpoint_every_steps`` through ``ray.train.report``; a restarted worker group (lost
+worker) or a rerun of the same run (lost driver) resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from hipt_ray.config import Config, validate_config
+from hipt_ray.models import create_model
+from hipt_ray.ssl import (
+    DINOHead, DINOLoss, GridCrops, MultiCrop, PixelCrops, cancel_last_layer_gradients,
+    cosine_schedule, ema_update, teacher_temperature_schedule,
+)
+
+log = logging.getLogger(__name__)
+CKPT_FILE = "dino.pt"
+STEP_LOG = "steps.jsonl"
+
+
+def stage_arch(cfg: Config) -> str:
+    real = {"vit256": "vit256_s16", "vit4k": "vit4k_xs"}[cfg.pretrain.stage]
+    return real if cfg.pretrain.size == "real" else f"{cfg.pretrain.stage}_tiny"
+
+
+def build_student_teacher(cfg: Config) -> tuple[MultiCrop, MultiCrop]:
+    p = cfg.pretrain
+    arch = stage_arch(cfg)
+    student_bb = create_model(arch, drop_path_rate=p.drop_path)
+    teacher_bb = create_model(arch)
+    dim = student_bb.embed_dim
+    student = MultiCrop(student_bb, DINOHead(in_dim=dim, out_dim=p.out_dim, norm_last_layer=p.norm_last_layer))
+    teacher = MultiCrop(teacher_bb, DINOHead(in_dim=dim, out_dim=p.out_dim))
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """Weight decay on matrices only, as DINO does (not on biases, norms, tokens' 1-d params)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def schedules(cfg: Config, steps_per_epoch: int, world_size: int) -> dict[str, np.ndarray]:
+    p = cfg.pretrain
+    base_lr = p.lr * p.batch_size_per_worker * world_size / 256.0
+    kw = dict(epochs=p.epochs, steps_per_epoch=steps_per_epoch)
+    return {
+        "lr": cosine_schedule(base_lr, p.min_lr, warmup_epochs=p.warmup_epochs, **kw),
+        "wd": cosine_schedule(p.weight_decay, p.weight_decay_end, **kw),
+        "momentum": cosine_schedule(p.momentum_teacher, 1.0, **kw),
+        "teacher_temp": teacher_temperature_schedule(p.warmup_teacher_temp, p.teacher_temp,
+                                                     warmup_epochs=p.warmup_teacher_temp_epochs, **kw),
+    }
+
+
+def _crops(cfg: Config, batch: dict, transform) -> list[torch.Tensor]:
+    """A batch of patches or grids → per-crop-index stacked tensors (crop-major lists)."""
+    key = "patch" if cfg.pretrain.stage == "vit256" else "grid"
+    items = batch[key]
+    views = []
+    for item in items:
+        t = torch.from_numpy(np.array(item))
+        if key == "patch":
+            t = t.permute(2, 0, 1)  # HWC uint8 → CHW
+        views.append(transform(t))
+    return [torch.stack([v[i] for v in views]) for i in range(len(views[0]))]
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train worker entry point: ``config = {"cfg": Config dict, "steps_per_epoch": int,
+    "tracking_uri": str | None, "run_dir": str}``."""
+    import ray.train
+    from ray.train import Checkpoint
+    from ray.train.torch import get_device, prepare_model
+
+    cfg = validate_config(config["cfg"])
+    p = cfg.pretrain
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = get_device()
+    torch.manual_seed(p.seed + rank)
+    np.random.seed(p.seed + rank)
+    random.seed(p.seed + rank)
+    torch.set_num_threads(max(1, int(os.cpu_count() or 1) // max(world, 1)))
+
+    student, teacher = build_student_teacher(cfg)
+    teacher.to(device)
+    loss_fn = DINOLoss(out_dim=p.out_dim, n_global=2, student_temp=p.student_temp,
+                       center_momentum=p.center_momentum).to(device)
+    student = prepare_model(student)  # DDP (gloo on CPU, NCCL on GPU) when world > 1
+    student_module = student.module if hasattr(student, "module") else student
+    optimizer = torch.optim.AdamW(param_groups(student))
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=False)  # bf16 needs no scaling; kept for resume
+    spe = int(config["steps_per_epoch"])
+    sched = schedules(cfg, spe, world)
+    total = len(sched["lr"])
+    step = 0
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=False)
+        student_module.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        loss_fn.center.copy_(state["center"].to(device))
+        step = state["step"]
+        if state.get("rng") and state["rng"].get(rank) is not None:
+            _set_rng_state(state["rng"][rank])
+        log.info("rank %d resumed from step %d", rank, step)
+
+    transform = (PixelCrops(n_local=p.n_local_crops, global_scale=p.global_crop_scale, local_scale=p.local_crop_scale)
+                 if p.stage == "vit256" else GridCrops(n_local=p.n_local_crops, rotate=p.rotate_grids))
+    shard = ray.train.get_dataset_shard("train")
+    tracker = _Tracker(cfg, config, rank) if rank == 0 else None
+    if tracker:
+        tracker.event({"event": "start", "step": step, "world_size": world})
+    t_last = time.perf_counter()
+
+    while step < total:
+        epoch = step // spe
+        step_at_pass_start = step
+        for batch in shard.iter_batches(batch_size=p.batch_size_per_worker, batch_format="numpy",
+                                        drop_last=True, local_shuffle_buffer_size=p.shuffle_buffer or None):
+            if step >= total:
+                break
+            epoch = step // spe
+            for i, group in enumerate(optimizer.param_groups):
+                group["lr"] = float(sched["lr"][step])
+                if i == 0:
+                    group["weight_decay"] = float(sched["wd"][step])
+            crops = [c.to(device, non_blocking=True) for c in _crops(cfg, batch, transform)]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                teacher_out = teacher(crops[:2])
+                student_out = student(crops)
+                loss = loss_fn(student_out, teacher_out, float(sched["teacher_temp"][step]))
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower pretrain.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if p.clip_grad:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), p.clip_grad)
+            cancel_last_layer_gradients(student_module.head, epoch, p.freeze_last_layer)
+            optimizer.step()
+            ema_update(student_module, teacher, float(sched["momentum"][step]))
+            step += 1
+            now = time.perf_counter()
+            metrics = {"loss": loss.item(), "lr": float(sched["lr"][step - 1]), "wd": float(sched["wd"][step - 1]),
+                       "momentum": float(sched["momentum"][step - 1]),
+                       "teacher_temp": float(sched["teacher_temp"][step - 1]), "step": step, "epoch": epoch,
+                       "step_seconds": now - t_last}
+            t_last = now
+            if tracker:
+                tracker.step(metrics)
+            if step % p.checkpoint_every_steps == 0 or step == total:
+                _report(metrics, step, rank, world, student_module, teacher, optimizer, scaler, loss_fn, Checkpoint)
+            if step % spe == 0:
+                break  # epoch boundary: the next pass starts a new epoch
+        if step == step_at_pass_start:
+            raise ValueError(
+                f"a pass over the training data gave no full batch of {p.batch_size_per_worker} per "
+                f"worker ({world} workers); lower pretrain.batch_size_per_worker or add data"
+            )
+    if tracker:
+        tracker.event({"event": "end", "step": step})
+        tracker.close()
+
+
+def _report(metrics, step, rank, world, student, teacher, optimizer, scaler, loss_fn, Checkpoint) -> None:
+    import ray.train
+    import torch.distributed as dist
+
+    rng = [None] * world
+    if dist.is_available() and dist.is_initialized():
+        dist.all_gather_object(rng, _rng_state())
+    else:
+        rng = [_rng_state()]
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({
+            "student": student.state_dict(), "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "center": loss_fn.center.detach().cpu(), "step": step, "epoch": metrics["epoch"],
+            "rng": dict(enumerate(rng)),
+        }, os.path.join(d, CKPT_FILE))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+
+class _Tracker:
+    """Rank 0's per-step log: MLflow (tracking URI from config) and a JSONL file in the run dir."""
+
+    def __init__(self, cfg: Config, config: dict, rank: int) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        self.path = os.path.join(config["run_dir"], STEP_LOG)
+        os.makedirs(config["run_dir"], exist_ok=True)
+        self.fh = open(self.path, "a")
+        self.active = False
+        if config.get("tracking_uri"):
+            mlflow.set_tracking_uri(config["tracking_uri"])
+            mlflow.set_experiment(cfg.tracking.experiment)
+            run_id = config.get("mlflow_run_id")
+            mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=cfg.pretrain.run_name)
+            self.active = True
+
+    def event(self, record: dict) -> None:
+        self.fh.write(json.dumps({**record, "time": time.time()}) + "\n")
+        self.fh.flush()
+
+    def step(self, metrics: dict) -> None:
+        self.event(metrics)
+        if self.active:
+            self.mlflow.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.active:
+            self.mlflow.end_run()

@@ -1,0 +1,123 @@
+"""``hipt-ray pretrain``: a DINO stage on Ray Train, then the teacher exported in the official
+HIPT checkpoint layout."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from hipt_ray import tile
+from hipt_ray.config import Config
+from hipt_ray.data.pretrain import build_grid_dataset, build_patch_dataset
+from hipt_ray.models import create_model, export_checkpoint
+from hipt_ray.models.checkpoints import load_state_dict_strict
+from hipt_ray.storage import is_remote, join, local_path
+from hipt_ray.train.dino import CKPT_FILE, stage_arch, train_loop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainSummary:
+    stage: str
+    steps: int
+    steps_per_epoch: int
+    final_loss: float
+    seconds: float
+    checkpoint: str
+    export: str
+    tracking_uri: str
+
+    def lines(self) -> list[str]:
+        return [
+            f"stage {self.stage}: {self.steps} steps ({self.steps_per_epoch} per epoch), "
+            f"final loss {self.final_loss:.4f}, {self.seconds:.1f} s",
+            f"checkpoint: {self.checkpoint}",
+            f"teacher backbone (official HIPT layout): {self.export}",
+            f"MLflow: {self.tracking_uri}",
+        ]
+
+
+def tracking_uri(cfg: Config) -> str:
+    if cfg.tracking.mlflow_uri:
+        return cfg.tracking.mlflow_uri
+    base = local_path(cfg.out) if cfg.out and not is_remote(cfg.out) else os.getcwd()
+    os.makedirs(base, exist_ok=True)
+    return f"sqlite:///{os.path.abspath(os.path.join(base, 'mlflow.db'))}"
+
+
+def _mlflow_run(cfg: Config, uri: str, params: dict) -> str:
+    """The MLflow run of this pretraining run (the same one again when a run is resumed)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.set_experiment(cfg.tracking.experiment)
+    found = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.hipt_run = '{cfg.pretrain.run_name}'",
+                               output_format="list")
+    if found:
+        return found[0].info.run_id
+    with mlflow.start_run(run_name=cfg.pretrain.run_name, tags={"hipt_run": cfg.pretrain.run_name}) as run:
+        mlflow.log_params(params)
+        return run.info.run_id
+
+
+def export_teacher(cfg: Config, checkpoint_dir: str, uri: str) -> torch.nn.Module:
+    state = torch.load(os.path.join(checkpoint_dir, CKPT_FILE), map_location="cpu", weights_only=False)
+    backbone = {k[len("backbone."):]: v for k, v in state["teacher"].items() if k.startswith("backbone.")}
+    model = create_model(stage_arch(cfg))
+    load_state_dict_strict(model, backbone, source=checkpoint_dir)
+    export_checkpoint(model, uri, metadata={"stage": cfg.pretrain.stage, "step": int(state["step"]),
+                                            "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+    return model
+
+
+def run(cfg: Config) -> PretrainSummary:
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    p = cfg.pretrain
+    t0 = time.perf_counter()
+    if p.stage == "vit256":
+        tile.run(cfg)  # reuses tiling already under --out
+        ds, n_items = build_patch_dataset(cfg)
+    else:
+        ds, n_items, _ = build_grid_dataset(cfg)
+    if p.cache_dataset:
+        ds = ds.materialize()
+    spe = p.steps_per_epoch or max(1, n_items // (p.batch_size_per_worker * p.num_workers))
+    storage = p.storage_path or join(cfg.out, "pretrain")
+    if not is_remote(storage):
+        storage = os.path.abspath(local_path(storage))
+    run_dir = (os.path.join(storage, p.run_name) if not is_remote(storage)
+               else os.path.join(tempfile.gettempdir(), "hipt-ray-runs", p.run_name))
+    uri = tracking_uri(cfg)
+    params = {f"pretrain.{k}": v for k, v in p.model_dump(mode="json").items()}
+    params.update({"steps_per_epoch": spe, "items_per_epoch_estimate": n_items, "arch": stage_arch(cfg)})
+    run_id = _mlflow_run(cfg, uri, params)
+    resources = {"CPU": p.cpus_per_worker} | ({"GPU": 1} if p.use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "steps_per_epoch": spe, "tracking_uri": uri,
+                           "mlflow_run_id": run_id, "run_dir": run_dir},
+        scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=p.run_name, storage_path=storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=p.num_to_keep),
+                             failure_config=FailureConfig(max_failures=p.max_failures)),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"pretraining run {p.run_name} ended without a checkpoint")
+    export = join(cfg.out, "pretrain", p.run_name, f"teacher_{p.stage}.pth")
+    with result.checkpoint.as_directory() as d:
+        export_teacher(cfg, d, export)
+    return PretrainSummary(stage=p.stage, steps=int(result.metrics.get("step", 0)), steps_per_epoch=spe,
+                           final_loss=float(result.metrics.get("loss", float("nan"))),
+                           seconds=time.perf_counter() - t0, checkpoint=result.checkpoint.path,
+                           export=export, tracking_uri=uri)

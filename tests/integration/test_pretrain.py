@@ -1,0 +1,150 @@
+"""Two-stage DINO pretraining on Ray Train: stage 1 from moto S3 on 2 workers, stage 2 from a
+Lance table, a worker SIGKILLed mid-run, a driver killed and rerun, exports that load into HIPT-4K."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hipt_ray.cli import main
+from hipt_ray.models import create_model, load_checkpoint
+from hipt_ray.slides import synthetic
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+
+
+def _checkpoint_registered(run_dir: Path) -> bool:
+    """Ray Train's controller has registered a checkpoint of this run (not only written it)."""
+    try:
+        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return bool(snap.get("latest_checkpoint_result"))
+
+
+@pytest.fixture(scope="module")
+def patch_slides(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pre")
+    synthetic.make_slide(d / "p0.tiff", width_um=2000, height_um=2000, seed=50, n_blobs=1)
+    synthetic.make_slide(d / "p1.tiff", width_um=2000, height_um=2000, seed=51, n_blobs=1, subtype=1)
+    return d
+
+
+def test_stage1_from_s3_with_two_workers_overfits(ray_local, patch_slides, s3fs_client, tmp_path, capsys):
+    s3fs_client.mkdir("pre-bkt")
+    s3fs_client.put(str(patch_slides) + "/", "pre-bkt/slides/", recursive=True)
+    out = tmp_path / "out"
+    code = main(["pretrain", "--stage", "vit256", "--slides", "s3://pre-bkt/slides/", "--out", str(out),
+                 "--config", TINY, f"storage.cache_dir={tmp_path / 'c'}", "pretrain.num_workers=2",
+                 "pretrain.patches_per_region=4", "pretrain.cache_dataset=true", "pretrain.steps_per_epoch=8",
+                 "pretrain.epochs=3", "pretrain.lr=4.0", "pretrain.checkpoint_every_steps=8",
+                 "pretrain.teacher_temp=0.04", "pretrain.momentum_teacher=0.9"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    steps = [s["loss"] for s in _steps(out / "pretrain" / "hipt-pretrain") if "loss" in s]
+    assert len(steps) == 24
+    first, last = sum(steps[:4]) / 4, sum(steps[-4:]) / 4
+    assert last < first - 0.1, (first, last)  # it overfits its 8 patches
+    teacher = load_checkpoint(create_model("vit256_tiny"), str(out / "pretrain" / "hipt-pretrain" / "teacher_vit256.pth"))
+    assert torch.isfinite(teacher(torch.randn(1, 3, 256, 256))).all()
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = mlflow.search_runs(experiment_names=["hipt-ray"], output_format="list")
+    hist = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    assert len(hist) == 24 and {"lr", "wd", "momentum", "teacher_temp"} <= set(run.data.metrics)
+
+
+def test_stage2_from_lance_and_export_into_hipt4k(ray_local, patch_slides, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    big = tmp_path / "big"
+    big.mkdir()
+    synthetic.make_slide(big / "g0.tiff", width_um=4200, height_um=2100, seed=60, n_blobs=3)
+    assert main(["embed", "--slides", str(big), "--out", out, "--config", TINY,
+                 f"storage.cache_dir={tmp_path / 'c'}"]) == 0
+    code = main(["pretrain", "--stage", "vit4k", "--out", out, "--config", TINY, "pretrain.cache_dataset=true",
+                 "pretrain.steps_per_epoch=3", "pretrain.epochs=2", "pretrain.batch_size_per_worker=2"])
+    assert code == 0, capsys.readouterr().out
+    steps = _steps(Path(out) / "pretrain" / "hipt-pretrain")
+    assert [s["step"] for s in steps if "loss" in s] == list(range(1, 7))
+    hipt = create_model("hipt4k_tiny")
+    load_checkpoint(hipt.vit4k, str(Path(out) / "pretrain" / "hipt-pretrain" / "teacher_vit4k.pth"))
+    with torch.no_grad():
+        assert hipt(torch.randn(1, 3, 512, 512)).shape == (1, 32)
+
+
+def test_worker_sigkill_resumes_from_checkpoint(ray_local, patch_slides, tmp_path, capsys):
+    import psutil
+
+    out = tmp_path / "out"
+    run_dir = out / "pretrain" / "hipt-pretrain"
+    killed = {}
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if _checkpoint_registered(run_dir):
+                # Ray titles its worker processes "ray::<actor class>"
+                workers = [p for p in psutil.process_iter(["cmdline"])
+                           if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
+                if workers:
+                    os.kill(workers[0].pid, signal.SIGKILL)
+                    killed["pid"] = workers[0].pid
+                    return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    code = main(["pretrain", "--stage", "vit256", "--slides", str(patch_slides), "--out", str(out), "--config", TINY,
+                 f"storage.cache_dir={tmp_path / 'c'}", "pretrain.cache_dataset=true", "pretrain.steps_per_epoch=20",
+                 "pretrain.epochs=2", "pretrain.checkpoint_every_steps=4", "pretrain.max_failures=2"])
+    thread.join(5)
+    capsys.readouterr()
+    assert killed and code == 0
+    log = _steps(run_dir)
+    starts = [e["step"] for e in log if e.get("event") == "start"]
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] > 0 and starts[1] % 4 == 0  # resumed from a checkpoint
+    done = [e["step"] for e in log if "loss" in e]
+    before = [s for s in done if s <= starts[1]]
+    assert sorted(before) == list(range(1, starts[1] + 1))  # nothing before the checkpoint repeated
+    assert done[-1] == 40 and sorted(set(done)) == list(range(1, 41))
+
+
+def test_driver_kill_and_rerun_resumes(ray_local, patch_slides, tmp_path):
+    import ray
+
+    out = tmp_path / "out"
+    run_dir = out / "pretrain" / "hipt-pretrain"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "hipt_ray.cli", "pretrain", "--stage", "vit256", "--slides", str(patch_slides),
+           "--out", str(out), "--config", TINY, f"storage.cache_dir={tmp_path / 'c'}", "pretrain.cache_dataset=true",
+           "pretrain.steps_per_epoch=15", "pretrain.epochs=2", "pretrain.checkpoint_every_steps=3"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if _checkpoint_registered(run_dir):
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # let Ray notice the dead driver and release its workers
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    starts = [e["step"] for e in _steps(run_dir) if e.get("event") == "start"]
+    assert starts[0] == 0 and starts[-1] > 0  # the rerun resumed from the killed run's checkpoint
+    assert (run_dir / "teacher_vit256.pth").is_file()
