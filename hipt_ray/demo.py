@@ -1,5 +1,5 @@
-"""``make demo``: synthetic slides → ``hipt-ray tile`` → ``hipt-ray embed`` on the embedded
-default (a local Ray).
+"""``make demo``: synthetic slides → ``hipt-ray tile`` → ``hipt-ray embed`` → two-stage DINO
+pretraining (stage 1, embed with its ViT-256, stage 2) on the embedded default (a local Ray).
 
 Each step goes through the same CLI a user types, so the demo shows the real commands.
 """
@@ -37,6 +37,19 @@ def main(argv: list[str] | None = None) -> int:
                   "--config", "configs/demo.yaml"])
     if code not in (0, 3):
         return code
+    # Pretraining: stage 1 on the slides' patches, embed with the stage-1 ViT-256 into a separate
+    # output, stage 2 on the token grids of that output.
+    ssl = out / "ssl"
+    if code := _step(["pretrain", "--stage", "vit256", "--slides", str(data / "slides"), "--out", str(ssl),
+                      "--run-name", "demo-vit256", "--config", "configs/demo.yaml"]):
+        return code
+    stage1 = ssl / "pretrain" / "demo-vit256" / "teacher_vit256.pth"
+    if (code := _step(["embed", "--slides", str(data / "slides"), "--out", str(ssl), "--checkpoint-256",
+                       str(stage1), "--config", "configs/demo.yaml"])) not in (0, 3):
+        return code
+    if code := _step(["pretrain", "--stage", "vit4k", "--out", str(ssl), "--run-name", "demo-vit4k",
+                      "--config", "configs/demo.yaml"]):
+        return code
     print(f"""
 demo outputs under {out}:
   slides + labels : {data}/slides/, {data}/labels.csv
@@ -45,6 +58,10 @@ demo outputs under {out}:
                     the demo embeds with the tiny model's random weights: no weights can be
                     downloaded here — pass --checkpoint-256/--checkpoint-4k for real ones)
   QC thumbnails   : {tables}/qc/<slide_id>.png (tissue contour green, regions blue)
+  pretraining     : {ssl}/pretrain/demo-vit256/teacher_vit256.pth (stage 1, official HIPT layout),
+                    {ssl}/pretrain/demo-vit4k/teacher_vit4k.pth (stage 2), embeddings of the
+                    stage-1 model in {ssl}/regions.lance, per-step logs in {ssl}/pretrain/*/steps.jsonl
+  MLflow          : .venv/bin/mlflow ui --backend-store-uri sqlite:///{ssl}/mlflow.db
 read them with:   .venv/bin/python -c "from hipt_ray.store import read_embeddings; print(read_embeddings('{tables}'))"
                   .venv/bin/python -c "import lance; print(lance.dataset('{tables}/regions.lance').to_table().to_pandas())"
 """)
