@@ -1,0 +1,96 @@
+"""Slide-level heads. Each takes one bag (all regions of a case) and returns logits ``[1, C]``
+and the attention over the bag's regions ``[M]`` (uniform for the mean-pool head)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hipt_ray.models import create_model
+
+
+class GatedAttention(nn.Module):
+    """Gated attention scores (Ilse et al.): ``c(tanh(a(x)) ⊙ sigmoid(b(x)))``; parameter names
+    of the published ``Attn_Net_Gated`` (``attention_a.0``, ``attention_b.0``, ``attention_c``)."""
+
+    def __init__(self, *, dim: int, hidden: int, dropout: float = 0.25) -> None:
+        super().__init__()
+        self.attention_a = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Dropout(dropout))
+        self.attention_b = nn.Sequential(nn.Linear(dim, hidden), nn.Sigmoid(), nn.Dropout(dropout))
+        self.attention_c = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[M, dim]`` → unnormalised scores ``[M]``."""
+        return self.attention_c(self.attention_a(x) * self.attention_b(x)).squeeze(-1)
+
+
+class HIPTLGP(nn.Module):
+    """HIPT's global aggregator (the published ``HIPT_LGP_FC``, same parameter names).
+
+    Input: ``emb4k [M, 192]``, or with ``local_vit`` the patch tokens ``tokens256 [M, 256, 384]``
+    which the (frozen or fine-tuned) ViT-4K turns into region embeddings first.
+    """
+
+    def __init__(self, *, n_classes: int, dim: int = 192, local_vit: str | None = None,
+                 freeze_local: bool = True, dropout: float = 0.25, n_heads: int = 3, n_layers: int = 2) -> None:
+        super().__init__()
+        self.local_vit = create_model(local_vit) if local_vit else None
+        if self.local_vit is not None and freeze_local:
+            self.local_vit.requires_grad_(False)
+        self.global_phi = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout))
+        self.global_transformer = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(d_model=dim, nhead=n_heads, dim_feedforward=dim, dropout=dropout,
+                                       activation="relu"),
+            num_layers=n_layers, enable_nested_tensor=False,
+        )
+        self.global_attn_pool = GatedAttention(dim=dim, hidden=dim, dropout=dropout)
+        self.global_rho = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout))
+        self.classifier = nn.Linear(dim, n_classes)
+
+    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.local_vit is not None:
+            m, n, d = bag.shape  # (M, 256, 384) patch tokens, row-major
+            side = int(n**0.5)
+            bag = self.local_vit(bag.transpose(1, 2).reshape(m, d, side, side))  # (M, 192)
+        h = self.global_phi(bag)
+        h = self.global_transformer(h.unsqueeze(1)).squeeze(1)  # sequence of M regions, batch 1
+        attn = F.softmax(self.global_attn_pool(h), dim=0)  # (M,)
+        slide = self.global_rho(attn.unsqueeze(0) @ h)  # (1, dim)
+        return self.classifier(slide), attn
+
+
+class ABMIL(nn.Module):
+    """Gated-attention MIL: embed → gated attention pooling → classifier."""
+
+    def __init__(self, *, n_classes: int, dim: int = 192, hidden: int = 128, dropout: float = 0.25) -> None:
+        super().__init__()
+        self.phi = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.attn = GatedAttention(dim=hidden, hidden=hidden, dropout=dropout)
+        self.classifier = nn.Linear(hidden, n_classes)
+
+    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.phi(bag)
+        attn = F.softmax(self.attn(h), dim=0)
+        return self.classifier(attn.unsqueeze(0) @ h), attn
+
+
+class MeanMLP(nn.Module):
+    """Mean of the bag → MLP."""
+
+    def __init__(self, *, n_classes: int, dim: int = 192, hidden: int = 128, dropout: float = 0.25) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
+
+    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = torch.full((bag.shape[0],), 1.0 / bag.shape[0], device=bag.device)
+        return self.mlp(bag.mean(dim=0, keepdim=True)), attn
+
+
+HEADS = {"hipt_lgp": HIPTLGP, "abmil": ABMIL, "mean_mlp": MeanMLP}
+
+
+def create_head(name: str, **kwargs) -> nn.Module:
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; known heads: {', '.join(sorted(HEADS))}")
+    return HEADS[name](**kwargs)
