@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--run-name", help="Ray Train run name; rerunning the same name resumes it")
     _common(pre)
 
+    th = sub.add_parser("train-head", help="cross-validate one slide-level head on the embeddings under --out")
+    th.add_argument("--out", required=True, help="an embed output")
+    th.add_argument("--labels", required=True, help="CSV/Parquet: slide_id, case_id, label | survival_months, event")
+    th.add_argument("--task", choices=("subtyping", "survival"))
+    th.add_argument("--run-name", help="MLflow run name (default <task>-<head>)")
+    _common(th)
+
     demo = sub.add_parser("make-demo-data", help="write synthetic slides and labels.csv")
     demo.add_argument("out", help="output directory")
     demo.add_argument("--n-slides", type=int, default=12)
@@ -136,6 +143,27 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_train_head(args: argparse.Namespace) -> int:
+    from hipt_ray.config import CONFIG_DIR
+
+    heads: dict = {"labels": args.labels}
+    if args.task:
+        heads["task"] = args.task
+    task = args.task or "subtyping"
+    task_file = CONFIG_DIR / "heads" / f"{task}.yaml"
+    files = ([task_file] if task_file.is_file() else []) + list(args.config)
+    cfg = load_config(None, files=files, overrides=args.overrides, values={"out": args.out, "heads": heads})
+    from hipt_ray.heads.run import train_head
+
+    try:
+        result = train_head(cfg, run_name=args.run_name)
+    except ValueError as exc:  # labels/embeddings that do not fit together: a usage error
+        raise ConfigError(str(exc)) from None
+    for line in result.lines():
+        print(line)
+    return EXIT_OK
+
+
 def _cmd_make_demo_data(args: argparse.Namespace) -> int:
     from hipt_ray.slides.synthetic import make_demo_data
 
@@ -147,7 +175,7 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"tile": _cmd_tile, "embed": _cmd_embed, "pretrain": _cmd_pretrain,
-            "make-demo-data": _cmd_make_demo_data}
+            "train-head": _cmd_train_head, "make-demo-data": _cmd_make_demo_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

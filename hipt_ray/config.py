@@ -156,6 +156,26 @@ class PretrainConfig(_Section):
     storage_path: str | None = None  # None: <out>/pretrain
 
 
+class HeadsConfig(_Section):
+    """Slide-level heads on bags of region embeddings (one bag per case)."""
+
+    task: Literal["subtyping", "survival"] = "subtyping"
+    labels: str | None = None  # CSV/Parquet: slide_id, case_id, label | survival_months + event
+    label_column: str = "label"
+    head: Literal["hipt_lgp", "abmil", "mean_mlp"] = "hipt_lgp"
+    folds: int | None = Field(default=None, ge=2)  # None: 10 for subtyping, 5 for survival
+    train_fraction: float = Field(default=1.0, gt=0, le=1)
+    epochs: int = Field(default=20, gt=0)
+    lr: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=1e-5, ge=0)
+    dropout: float = Field(default=0.25, ge=0, lt=1)
+    survival_loss: Literal["nll", "cox"] = "nll"
+    alpha_surv: float = Field(default=0.0, ge=0, le=1)
+    n_bins: int = Field(default=4, ge=2)
+    model_id: str | None = None  # which embeddings under --out (None: the only one)
+    seed: int = 0
+
+
 class TrackingConfig(_Section):
     # None: sqlite:///<out>/mlflow.db for a local --out, else ./mlflow.db
     mlflow_uri: str | None = None
@@ -182,6 +202,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     embed: EmbedConfig = EmbedConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    heads: HeadsConfig = HeadsConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 

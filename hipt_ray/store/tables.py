@@ -194,6 +194,23 @@ class Store:
         return rows.sort_by([("slide_id", "ascending"), ("region_index", "ascending")])
 
 
+def resolve_embedding(store: Store, model_id: str | None = None,
+                      spec_hash: str | None = None) -> tuple[str, str]:
+    """The (model id, tiling spec) of the embeddings under ``store``; each may be left out when
+    the output holds only one."""
+    latest = store.read(SLIDES, columns=["model_id", "spec_hash", "status"])
+    ok = latest.filter(pc.and_(pc.equal(latest["status"], "ok"), pc.not_equal(latest["model_id"], "")))
+    found = {}
+    for name, value in (("model_id", model_id), ("spec_hash", spec_hash)):
+        if value is None:
+            values = sorted(set(ok[name].to_pylist()))
+            if len(values) != 1:
+                raise ValueError(f"{store.out} holds embeddings for {name} in {values or 'none'}; pass {name}=…")
+            value = values[0]
+        found[name] = value
+    return found["model_id"], found["spec_hash"]
+
+
 def read_embeddings(out: str, slide_ids: Iterable[str] | None = None, *, model_id: str | None = None,
                     spec_hash: str | None = None, endpoint_url: str | None = None) -> dict[str, dict]:
     """Per-slide arrays from an embedded output: ``{slide_id: {"emb4k": [n, D4k], "mean256":
@@ -205,17 +222,7 @@ def read_embeddings(out: str, slide_ids: Iterable[str] | None = None, *, model_i
     import numpy as np
 
     store = Store(out, endpoint_url=endpoint_url)
-    latest = store.read(SLIDES, columns=["model_id", "spec_hash", "status"])
-    ok = latest.filter(pc.and_(pc.equal(latest["status"], "ok"), pc.not_equal(latest["model_id"], "")))
-    for name, value in (("model_id", model_id), ("spec_hash", spec_hash)):
-        if value is None:
-            found = sorted(set(ok[name].to_pylist()))
-            if len(found) != 1:
-                raise ValueError(f"{out} holds embeddings for {name} in {found or 'none'}; pass {name}=…")
-            if name == "model_id":
-                model_id = found[0]
-            else:
-                spec_hash = found[0]
+    model_id, spec_hash = resolve_embedding(store, model_id, spec_hash)
     rows = store.regions(spec_hash, slide_ids, model_id=model_id,
                          columns=["slide_id", "region_index", "x", "y", "emb4k", "mean256"])
     out_dict: dict[str, dict] = {}

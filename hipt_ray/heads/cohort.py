@@ -1,0 +1,82 @@
+"""Cohorts: a labels table joined with the Lance embeddings into one bag per case."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hipt_ray.config import Config
+from hipt_ray.storage import filesystem
+from hipt_ray.store import Store, read_embeddings
+from hipt_ray.store.tables import resolve_embedding
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Cohort:
+    case_ids: list[str]
+    bags: list[torch.Tensor]  # per case: emb4k of all its slides' regions [M, D]
+    labels: np.ndarray | None = None  # subtyping: class index per case
+    classes: list[str] = field(default_factory=list)
+    times: np.ndarray | None = None  # survival
+    events: np.ndarray | None = None
+    missing_embeddings: list[str] = field(default_factory=list)  # labelled slides not embedded
+    unlabelled: list[str] = field(default_factory=list)  # embedded slides without labels
+    model_id: str = ""
+    table_version: int = 0
+
+
+def read_labels(uri: str, endpoint_url: str | None = None) -> pd.DataFrame:
+    fs, path = filesystem(uri, endpoint_url)
+    with fs.open(path, "rb") as fh:
+        return pd.read_parquet(fh) if uri.endswith(".parquet") else pd.read_csv(fh)
+
+
+def load_cohort(cfg: Config) -> Cohort:
+    """Bags per case for ``cfg.heads`` from the embeddings under ``cfg.out``."""
+    h = cfg.heads
+    if not h.labels:
+        raise ValueError("heads.labels (--labels) is required: a CSV/Parquet with slide_id, case_id and labels")
+    df = read_labels(h.labels, cfg.storage.s3_endpoint_url)
+    need = ["slide_id", "case_id"] + ([h.label_column] if h.task == "subtyping" else ["survival_months", "event"])
+    missing_cols = [c for c in need if c not in df.columns]
+    if missing_cols:
+        raise ValueError(f"{h.labels} lacks column(s) {missing_cols} (has {list(df.columns)})")
+    df = df.astype({"slide_id": str, "case_id": str})
+    store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
+    model_id, spec_hash = resolve_embedding(store, h.model_id)
+    emb = read_embeddings(cfg.out, model_id=model_id, spec_hash=spec_hash, endpoint_url=cfg.storage.s3_endpoint_url)
+    labelled = set(df["slide_id"])
+    cohort = Cohort([], [], missing_embeddings=sorted(labelled - set(emb)),
+                    unlabelled=sorted(set(emb) - labelled), model_id=model_id)
+    if cohort.missing_embeddings:
+        log.warning("%d labelled slides have no embeddings: %s", len(cohort.missing_embeddings),
+                    ", ".join(cohort.missing_embeddings[:10]))
+    df = df[df["slide_id"].isin(emb)]
+    if h.task == "subtyping":
+        cohort.classes = sorted(df[h.label_column].astype(str).unique())
+    per_case = df.groupby("case_id", sort=True)
+    labels, times, events = [], [], []
+    for case_id, rows in per_case:
+        cohort.case_ids.append(case_id)
+        cohort.bags.append(torch.from_numpy(np.concatenate([emb[s]["emb4k"] for s in rows["slide_id"]])))
+        if h.task == "subtyping":
+            values = rows[h.label_column].astype(str).unique()
+            if len(values) != 1:
+                raise ValueError(f"case {case_id} has slides with different labels {list(values)}")
+            labels.append(cohort.classes.index(values[0]))
+        else:
+            times.append(float(rows["survival_months"].iloc[0]))
+            events.append(int(rows["event"].iloc[0]))
+    if h.task == "subtyping":
+        cohort.labels = np.asarray(labels)
+    else:
+        cohort.times, cohort.events = np.asarray(times), np.asarray(events)
+    ds = store.dataset("regions.lance")
+    cohort.table_version = ds.version if ds is not None else 0
+    return cohort

@@ -1,0 +1,1 @@
+"""Plots and heatmaps (the only importer of matplotlib)."""
