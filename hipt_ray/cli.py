@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--run-name", help="MLflow run name (default <task>-<head>)")
     _common(th)
 
+    sw = sub.add_parser("sweep", help="Ray Tune sweep of slide-level heads, every trial logged to MLflow")
+    sw.add_argument("--out", required=True, help="an embed output")
+    sw.add_argument("--labels", required=True, help="CSV/Parquet: slide_id, case_id, label | survival_months, event")
+    _common(sw)
+
     demo = sub.add_parser("make-demo-data", help="write synthetic slides and labels.csv")
     demo.add_argument("out", help="output directory")
     demo.add_argument("--n-slides", type=int, default=12)
@@ -164,6 +169,23 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    values: dict = {"out": args.out, "heads": {"labels": args.labels}}
+    if args.address:
+        values["ray"] = {"address": args.address}
+    cfg = load_config(None, files=args.config, overrides=args.overrides, values=values)
+    init_ray(cfg)
+    from hipt_ray.tune.sweep import run_sweep
+
+    try:
+        result = run_sweep(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for line in result.lines():
+        print(line)
+    return EXIT_OK
+
+
 def _cmd_make_demo_data(args: argparse.Namespace) -> int:
     from hipt_ray.slides.synthetic import make_demo_data
 
@@ -175,7 +197,7 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"tile": _cmd_tile, "embed": _cmd_embed, "pretrain": _cmd_pretrain,
-            "train-head": _cmd_train_head, "make-demo-data": _cmd_make_demo_data}
+            "train-head": _cmd_train_head, "sweep": _cmd_sweep, "make-demo-data": _cmd_make_demo_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -176,6 +176,19 @@ class HeadsConfig(_Section):
     seed: int = 0
 
 
+class SweepConfig(_Section):
+    """Ray Tune over head configurations: ``space`` maps a ``heads`` key to one distribution,
+    e.g. ``{lr: {loguniform: [1e-4, 1e-2]}, head: {choice: [abmil, hipt_lgp]}}``."""
+
+    num_samples: int = Field(default=8, gt=0)
+    metric: str | None = None  # None: auc (subtyping) or c_index (survival), maximised
+    space: dict[str, dict[str, list]] = Field(default_factory=dict)
+    grace_period: int = Field(default=5, gt=0)  # ASHA: epochs before a trial can be stopped
+    max_concurrent: int | None = Field(default=None, gt=0)
+    cpus_per_trial: float = Field(default=1.0, gt=0)
+    name: str = "hipt-sweep"
+
+
 class TrackingConfig(_Section):
     # None: sqlite:///<out>/mlflow.db for a local --out, else ./mlflow.db
     mlflow_uri: str | None = None
@@ -203,6 +216,7 @@ class Config(_Section):
     embed: EmbedConfig = EmbedConfig()
     pretrain: PretrainConfig = PretrainConfig()
     heads: HeadsConfig = HeadsConfig()
+    sweep: SweepConfig = SweepConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 

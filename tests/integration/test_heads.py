@@ -3,6 +3,8 @@ metrics well above chance, chance-level with shuffled labels, and an MLflow run 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -95,3 +97,24 @@ def test_missing_label_column_is_exit_2(cohort, capsys):
     assert main(["train-head", "--out", str(cohort), "--labels", str(cohort / "labels.csv"),
                  "heads.label_column=grade"]) == 2
     assert "grade" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_two_trial_sweep_logs_every_trial_to_mlflow(ray_local, cohort, capsys):
+    code = main(["sweep", "--out", str(cohort), "--labels", str(cohort / "labels.csv"),
+                 "--config", str(Path(__file__).resolve().parents[2] / "configs" / "heads" / "subtyping.yaml"),
+                 "sweep.num_samples=2", "sweep.name=s2",
+                 "heads.epochs=4", "heads.folds=3", "sweep.grace_period=2", "sweep.cpus_per_trial=0.5",
+                 "sweep.space={lr: {loguniform: [1.0e-3, 3.0e-3]}, head: {choice: [abmil, mean_mlp]}}"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "best auc:" in text and (cohort / "heads" / "s2" / "results.csv").is_file()
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{cohort / 'mlflow.db'}")
+    trials = mlflow.search_runs(experiment_names=["hipt-ray"], output_format="list", filter_string="tags.sweep = 's2'")
+    assert len(trials) == 2
+    for run in trials:
+        assert "auc" in run.data.metrics and run.data.params["heads.head"] in ("abmil", "mean_mlp")
+    assert (cohort / "heads" / "s2-best" / "roc.png").is_file()

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps of slide-level heads, every trial an MLflow run."""
