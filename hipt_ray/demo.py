@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     if code := _step(["pretrain", "--stage", "vit4k", "--out", str(ssl), "--run-name", "demo-vit4k",
                       "--config", "configs/demo.yaml"]):
         return code
+    # Slide-level heads: small sweeps for subtyping and survival on the first embeddings.
+    for task in ("subtyping", "survival"):
+        if code := _step(["sweep", "--out", str(tables), "--labels", str(data / "labels.csv"),
+                          "--config", f"configs/heads/{task}.yaml", "--config", "configs/demo.yaml",
+                          f"heads.task={task}", f"sweep.name=demo-{task}"]):
+            return code
     print(f"""
 demo outputs under {out}:
   slides + labels : {data}/slides/, {data}/labels.csv
@@ -61,7 +67,10 @@ demo outputs under {out}:
   pretraining     : {ssl}/pretrain/demo-vit256/teacher_vit256.pth (stage 1, official HIPT layout),
                     {ssl}/pretrain/demo-vit4k/teacher_vit4k.pth (stage 2), embeddings of the
                     stage-1 model in {ssl}/regions.lance, per-step logs in {ssl}/pretrain/*/steps.jsonl
-  MLflow          : .venv/bin/mlflow ui --backend-store-uri sqlite:///{ssl}/mlflow.db
+  heads           : {tables}/heads/demo-<task>/results.csv (every trial), {tables}/heads/demo-<task>-best/
+                    (out-of-fold predictions, roc.png / km.png of the best configuration)
+  MLflow          : .venv/bin/mlflow ui --backend-store-uri sqlite:///{tables}/mlflow.db  (sweeps)
+                    .venv/bin/mlflow ui --backend-store-uri sqlite:///{ssl}/mlflow.db  (pretraining)
 read them with:   .venv/bin/python -c "from hipt_ray.store import read_embeddings; print(read_embeddings('{tables}'))"
                   .venv/bin/python -c "import lance; print(lance.dataset('{tables}/regions.lance').to_table().to_pandas())"
 """)
