@@ -32,6 +32,8 @@ class HeadResult:
         main_key = "auc" if "auc" in self.metrics else "c_index"
         lines = [f"{main_key}: {self.metrics[main_key]:.3f} ± {self.metrics[main_key + '_std']:.3f} "
                  f"over {len(self.per_fold)} case-level folds (split {self.split_hash})"]
+        lines += [f"{k.replace('_auc', ' AUC').replace('_', ' ')}: {v:.3f} ± {self.metrics[k + '_std']:.3f}"
+                  for k, v in self.metrics.items() if k.startswith("probe_") and not k.endswith("_std")]
         lines += [f"  fold {i}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()) for i, m in enumerate(self.per_fold)]
         lines += [f"results: {self.results_csv}", f"plot: {self.plot}", f"MLflow run: {self.run_id}"]
         return lines
@@ -68,6 +70,12 @@ def train_head(cfg: Config, *, run_name: str | None = None) -> HeadResult:
             for f, st in enumerate(states):
                 mlflow.log_metrics({f"fold{f}_{k}": v for k, v in st.last["metrics"].items()}, step=epoch)
         per_fold = [st.last["metrics"] for st in states]
+        if h.task == "subtyping":  # the paper's probes of the embeddings, on the same folds
+            from hipt_ray.heads.probes import probe
+
+            probes = probe(cohort, folds, seed=h.seed)
+            mlflow.log_metrics(probes)
+            mean = {**mean, **probes}
         rows = []
         for f, st in enumerate(states):
             for j, i in enumerate(st.val):

@@ -59,6 +59,9 @@ def test_subtyping_well_above_chance_and_shuffled_near_chance(cohort, tmp_path, 
     auc = float(text.split("auc: ")[1].split(" ")[0])
     # The planted shift is ~14σ of the per-case noise along one direction: measured AUC 1.0.
     assert auc > 0.9, text
+    knn = float(text.split("probe knn AUC: ")[1].split(" ")[0])
+    logreg = float(text.split("probe logreg AUC: ")[1].split(" ")[0])
+    assert knn > 0.9 and logreg > 0.9, text  # the planted direction is linear: probes see it too
     assert (cohort / "heads" / "subtyping-abmil" / "roc.png").stat().st_size > 10_000
     preds = pd.read_csv(cohort / "heads" / "subtyping-abmil" / "predictions.csv")
     assert sorted(preds["case_id"]) == sorted(f"c{i}" for i in range(N_CASES))  # each case validated once
