@@ -49,7 +49,7 @@ def _run_dir(cfg: Config, name: str) -> str:
 def train_head(cfg: Config, *, run_name: str | None = None) -> HeadResult:
     import mlflow
 
-    from hipt_ray.train.run import tracking_uri
+    from hipt_ray.tracking import setup_tracking
     from hipt_ray.viz.plots import km_png, roc_png
 
     h = cfg.heads
@@ -59,8 +59,7 @@ def train_head(cfg: Config, *, run_name: str | None = None) -> HeadResult:
     run_dir = _run_dir(cfg, name)
     with open(os.path.join(run_dir, "splits.json"), "w") as fh:
         json.dump({"hash": split_hash, "folds": folds}, fh, indent=1)
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    mlflow.set_experiment(cfg.tracking.experiment)
+    setup_tracking(cfg)
     with mlflow.start_run(run_name=name) as run:
         mlflow.log_params({f"heads.{k}": v for k, v in h.model_dump(mode="json").items()})
         mlflow.log_params({"split_hash": split_hash, "n_cases": len(cohort.case_ids), "model_id": cohort.model_id,

@@ -17,6 +17,7 @@ from hipt_ray.data.pretrain import build_grid_dataset, build_patch_dataset
 from hipt_ray.models import create_model, export_checkpoint
 from hipt_ray.models.checkpoints import load_state_dict_strict
 from hipt_ray.storage import is_remote, join, local_path
+from hipt_ray.tracking import setup_tracking, tracking_uri
 from hipt_ray.train.dino import CKPT_FILE, stage_arch, train_loop
 
 log = logging.getLogger(__name__)
@@ -43,20 +44,12 @@ class PretrainSummary:
         ]
 
 
-def tracking_uri(cfg: Config) -> str:
-    if cfg.tracking.mlflow_uri:
-        return cfg.tracking.mlflow_uri
-    base = local_path(cfg.out) if cfg.out and not is_remote(cfg.out) else os.getcwd()
-    os.makedirs(base, exist_ok=True)
-    return f"sqlite:///{os.path.abspath(os.path.join(base, 'mlflow.db'))}"
-
-
-def _mlflow_run(cfg: Config, uri: str, params: dict) -> str:
+def _mlflow_run(cfg: Config, params: dict) -> str:
     """The MLflow run of this pretraining run (the same one again when a run is resumed)."""
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.set_experiment(cfg.tracking.experiment)
+    setup_tracking(cfg)
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     found = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.hipt_run = '{cfg.pretrain.run_name}'",
                                output_format="list")
     if found:
@@ -99,7 +92,7 @@ def run(cfg: Config) -> PretrainSummary:
     uri = tracking_uri(cfg)
     params = {f"pretrain.{k}": v for k, v in p.model_dump(mode="json").items()}
     params.update({"steps_per_epoch": spe, "items_per_epoch_estimate": n_items, "arch": stage_arch(cfg)})
-    run_id = _mlflow_run(cfg, uri, params)
+    run_id = _mlflow_run(cfg, params)
     resources = {"CPU": p.cpus_per_worker} | ({"GPU": 1} if p.use_gpu else {})
     trainer = TorchTrainer(
         train_loop,

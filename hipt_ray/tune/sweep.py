@@ -64,21 +64,18 @@ class SweepResult:
 
 
 def run_sweep(cfg: Config) -> SweepResult:
-    import mlflow
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from hipt_ray.heads.cohort import load_cohort
     from hipt_ray.heads.run import _run_dir, train_head
-    from hipt_ray.train.run import tracking_uri
+    from hipt_ray.tracking import setup_tracking
 
     s, h = cfg.sweep, cfg.heads
     metric = s.metric or ("auc" if h.task == "subtyping" else "c_index")
     space = search_space(s.space)
     cohort = load_cohort(cfg)
-    uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(cfg.tracking.experiment)  # created on the driver, before the trials
+    uri = setup_tracking(cfg)  # the experiment is created on the driver, before the trials
     run_dir = _run_dir(cfg, s.name)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=cfg.to_dict(), cohort=cohort, tracking_uri=uri,
