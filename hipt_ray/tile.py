@@ -67,12 +67,14 @@ def _crashed(spec: SlideSpec, spec_hash: str, exc: BaseException) -> TileResult:
     })
 
 
-def run(cfg: Config) -> TileSummary:
-    """Tile every slide of ``cfg.slides`` into the tables under ``cfg.out``."""
+def run(cfg: Config, specs: list[SlideSpec] | None = None) -> TileSummary:
+    """Tile every slide of ``cfg.slides`` (already listed as ``specs``, if given) into the
+    tables under ``cfg.out``."""
     assert cfg.slides and cfg.out, "tile needs slides and out"
     t0 = time.perf_counter()
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
-    specs = list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)
+    if specs is None:
+        specs = list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)
     spec_hash = cfg.tiling_spec_hash()
     orphans = store.remove_orphans(spec_hash)
     if orphans:

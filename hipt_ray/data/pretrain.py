@@ -5,14 +5,14 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
-import pyarrow.compute as pc
 import ray
 
 from hipt_ray.config import Config
 from hipt_ray.data.regions import read_region
-from hipt_ray.slides.manifest import list_slides
+from hipt_ray.slides.manifest import SlideSpec
 from hipt_ray.slides.tissue import saturation
 from hipt_ray.store import Store
+from hipt_ray.store.tables import resolve_embedding
 
 
 def _patch_rows(row: dict, *, patch_px: int, per_region: int, min_tissue: float, threshold: float,
@@ -30,11 +30,11 @@ def _patch_rows(row: dict, *, patch_px: int, per_region: int, min_tissue: float,
     return [{"patch": np.ascontiguousarray(grid[k // cols, :, k % cols])} for k in chosen]
 
 
-def build_patch_dataset(cfg: Config) -> tuple[ray.data.Dataset, int]:
-    """Stage 1: 256 px tissue patches of the tiled regions of ``cfg.slides``; and an estimate of
-    the number of patches (for the schedules)."""
+def build_patch_dataset(cfg: Config, specs: list[SlideSpec]) -> tuple[ray.data.Dataset, int]:
+    """Stage 1: 256 px tissue patches of the tiled regions of ``specs`` (the slides of
+    ``cfg.slides``); and an estimate of the number of patches (for the schedules)."""
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
-    specs = {s.slide_id: s for s in list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)}
+    specs = {s.slide_id: s for s in specs}
     regions = store.regions(cfg.tiling_spec_hash(), slide_ids=list(specs)).to_pylist()
     if not regions:
         raise ValueError(f"no tiled regions with tissue for {cfg.slides} under {cfg.out}")
@@ -71,14 +71,7 @@ def build_grid_dataset(cfg: Config) -> tuple[ray.data.Dataset, int, str]:
 
     src = cfg.pretrain.regions_from or cfg.out
     store = Store(src, endpoint_url=cfg.storage.s3_endpoint_url)
-    slides = store.read("slides.lance", columns=["model_id", "status", "spec_hash"])
-    ok = slides.filter(pc.and_(pc.equal(slides["status"], "ok"), pc.not_equal(slides["model_id"], "")))
-    model_id = cfg.pretrain.model_id
-    if model_id is None:
-        found = sorted(set(ok["model_id"].to_pylist()))
-        if len(found) != 1:
-            raise ValueError(f"{src} holds embeddings of models {found or 'none'}; set pretrain.model_id")
-        model_id = found[0]
+    model_id, _ = resolve_embedding(store, cfg.pretrain.model_id, cfg.tiling_spec_hash())
     full = cfg.tiling.region_px
     # Only completed slides' regions, and only full regions (the 14×14 global crops need 16×16).
     done = sorted(store.completed(cfg.tiling_spec_hash(), model_id))

@@ -81,7 +81,8 @@ def _status_row(tile_row: dict, *, mid: str, status: str, error: str, n_regions:
 def run(cfg: Config) -> EmbedSummary:
     """Embed every slide of ``cfg.slides`` into the tables under ``cfg.out``."""
     t0 = time.perf_counter()
-    tiling = tile.run(cfg)  # skips slides already tiled with the same spec
+    listed = list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)
+    tiling = tile.run(cfg, listed)  # skips slides already tiled with the same spec
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
     spec = cfg.tiling_spec_hash()
     model, mid = build_model(cfg)
@@ -89,7 +90,7 @@ def run(cfg: Config) -> EmbedSummary:
     if orphans := store.remove_orphans(spec, mid):
         log.info("removed regions of %d slides left half-written by an earlier run", len(orphans))
     done = store.completed(spec, mid)
-    specs = {s.slide_id: s for s in list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)}
+    specs = {s.slide_id: s for s in listed}
     tiled = {r["slide_id"]: r for r in store.latest_slides(spec, "").to_pylist() if r["slide_id"] in specs}
     summary.skipped = sum(1 for s in specs if s in done)
     # Slides that tiling already failed (or found empty) get their status for this model too.

@@ -16,6 +16,7 @@ from hipt_ray.config import Config
 from hipt_ray.data.pretrain import build_grid_dataset, build_patch_dataset
 from hipt_ray.models import create_model, export_checkpoint
 from hipt_ray.models.checkpoints import load_state_dict_strict
+from hipt_ray.slides.manifest import list_slides
 from hipt_ray.storage import is_remote, join, local_path
 from hipt_ray.tracking import setup_tracking, tracking_uri
 from hipt_ray.train.dino import CKPT_FILE, stage_arch, train_loop
@@ -77,8 +78,9 @@ def run(cfg: Config) -> PretrainSummary:
     p = cfg.pretrain
     t0 = time.perf_counter()
     if p.stage == "vit256":
-        tile.run(cfg)  # reuses tiling already under --out
-        ds, n_items = build_patch_dataset(cfg)
+        specs = list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)
+        tile.run(cfg, specs)  # reuses tiling already under --out
+        ds, n_items = build_patch_dataset(cfg, specs)
     else:
         ds, n_items, _ = build_grid_dataset(cfg)
     if p.cache_dataset:
