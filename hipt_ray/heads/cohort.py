@@ -29,12 +29,38 @@ class Cohort:
     unlabelled: list[str] = field(default_factory=list)  # embedded slides without labels
     model_id: str = ""
     table_version: int = 0
+    # With heads.local_vit: per case, the ViT-256 token grid of each region ``[D256, rows, cols]``
+    # (edge regions may have fewer rows/columns), which the head's own ViT-4K embeds.
+    token_bags: list[list[torch.Tensor]] | None = None
+    slides: dict[str, list[str]] = field(default_factory=dict)  # case → its embedded slides
+
+    @property
+    def inputs(self) -> list:
+        """What the head reads per case: token grids with a local ViT-4K, else emb4k."""
+        return self.token_bags if self.token_bags is not None else self.bags
 
 
 def read_labels(uri: str, endpoint_url: str | None = None) -> pd.DataFrame:
     fs, path = filesystem(uri, endpoint_url)
     with fs.open(path, "rb") as fh:
         return pd.read_parquet(fh) if uri.endswith(".parquet") else pd.read_csv(fh)
+
+
+def read_token_grids(store: Store, spec_hash: str, model_id: str, slide_ids: list[str],
+                     patch_px: int) -> dict[str, list[torch.Tensor]]:
+    """Per slide, each region's ViT-256 tokens as a float32 grid ``[D256, rows, cols]``."""
+    rows = store.regions(spec_hash, slide_ids, model_id=model_id,
+                         columns=["slide_id", "region_index", "read_w", "read_h", "tokens256"])
+    out: dict[str, list[torch.Tensor]] = {}
+    for sid, w, h, flat in zip(rows["slide_id"].to_pylist(), rows["read_w"].to_pylist(),
+                               rows["read_h"].to_pylist(), rows["tokens256"].to_numpy(zero_copy_only=False)):
+        if flat is None:
+            raise ValueError(f"{store.out}: slide {sid} was embedded without tokens256 (embed.store_tokens="
+                             "false); re-embed with embed.store_tokens=true or drop heads.local_vit")
+        r, c = h // patch_px, w // patch_px
+        grid = torch.from_numpy(np.asarray(flat, dtype=np.float32).reshape(r, c, -1)).permute(2, 0, 1)
+        out.setdefault(sid, []).append(grid.contiguous())
+    return out
 
 
 def load_cohort(cfg: Config) -> Cohort:
@@ -62,9 +88,16 @@ def load_cohort(cfg: Config) -> Cohort:
         cohort.classes = sorted(df[h.label_column].astype(str).unique())
     per_case = df.groupby("case_id", sort=True)
     labels, times, events = [], [], []
+    tokens = (read_token_grids(store, spec_hash, model_id, sorted(set(df["slide_id"])), cfg.tiling.patch_px)
+              if h.local_vit else None)
+    if tokens is not None:
+        cohort.token_bags = []
     for case_id, rows in per_case:
         cohort.case_ids.append(case_id)
+        cohort.slides[case_id] = list(rows["slide_id"])
         cohort.bags.append(torch.from_numpy(np.concatenate([emb[s]["emb4k"] for s in rows["slide_id"]])))
+        if tokens is not None:
+            cohort.token_bags.append([g for s in rows["slide_id"] for g in tokens[s]])
         if h.task == "subtyping":
             values = rows[h.label_column].astype(str).unique()
             if len(values) != 1:

@@ -59,7 +59,7 @@ def _risk(h: HeadsConfig, logits: torch.Tensor) -> torch.Tensor:
 def evaluate(h: HeadsConfig, head: torch.nn.Module, cohort: Cohort, idx: np.ndarray) -> dict:
     head.eval()
     with torch.no_grad():
-        logits = torch.cat([head(cohort.bags[i])[0] for i in idx])
+        logits = torch.cat([head(cohort.inputs[i])[0] for i in idx])
     if h.task == "subtyping":
         probs = F.softmax(logits, dim=1).numpy()
         out = {"probs": probs, "labels": cohort.labels[idx]}
@@ -71,18 +71,33 @@ def evaluate(h: HeadsConfig, head: torch.nn.Module, cohort: Cohort, idx: np.ndar
     return out
 
 
+def build_head(h: HeadsConfig, cohort: Cohort) -> torch.nn.Module:
+    """A fresh head for ``h`` sized for the cohort's embeddings (or its local ViT-4K)."""
+    if h.local_vit and h.head != "hipt_lgp":
+        raise ValueError(f"heads.local_vit runs HIPT's own ViT-4K and needs heads.head=hipt_lgp (got {h.head})")
+    if h.local_vit:
+        from hipt_ray.models import create_model
+
+        dim = create_model(h.local_vit).embed_dim
+    else:
+        dim = cohort.bags[0].shape[-1]
+    kwargs = {"n_classes": n_outputs(h, cohort), "dim": dim, "dropout": h.dropout}
+    if h.head == "hipt_lgp":  # 3 heads as published (192-d); fewer for small test models
+        kwargs["n_heads"] = 3 if dim % 3 == 0 else 2
+        if h.local_vit:
+            kwargs.update(local_vit=h.local_vit, local_vit_checkpoint=h.local_vit_checkpoint,
+                          freeze_local=h.freeze_local, seed=h.seed)
+    return create_head(h.head, **kwargs)
+
+
 def cross_validate(h: HeadsConfig, cohort: Cohort) -> Iterator[tuple[int, list[FoldState], dict]]:
     """Yield ``(epoch, folds, mean metrics)`` after each epoch of training every fold."""
     folds, _ = make_folds(h, cohort)
     index = {c: i for i, c in enumerate(cohort.case_ids)}
-    dim = cohort.bags[0].shape[-1]
     states = []
     for f, fold in enumerate(folds):
         torch.manual_seed(h.seed * 1000 + f)
-        kwargs = {"n_classes": n_outputs(h, cohort), "dim": dim, "dropout": h.dropout}
-        if h.head == "hipt_lgp":  # 3 heads as published (192-d); fewer for small test models
-            kwargs["n_heads"] = 3 if dim % 3 == 0 else 2
-        head = create_head(h.head, **kwargs)
+        head = build_head(h, cohort)
         train = np.array([index[c] for c in fold["train"]])
         bins = (survival_bins(cohort.times[train], cohort.events[train], h.n_bins)
                 if h.task == "survival" and h.survival_loss == "nll" else None)
@@ -96,7 +111,7 @@ def cross_validate(h: HeadsConfig, cohort: Cohort) -> Iterator[tuple[int, list[F
             # Cox needs risk sets: one step over the whole training part; bag-wise steps otherwise.
             groups = [order] if h.survival_loss == "cox" and h.task == "survival" else [[i] for i in order]
             for group in groups:
-                logits = torch.cat([st.head(cohort.bags[i])[0] for i in group])
+                logits = torch.cat([st.head(cohort.inputs[i])[0] for i in group])
                 loss = _loss(h, logits, cohort, list(group), st.bins)
                 st.optimizer.zero_grad()
                 loss.backward()

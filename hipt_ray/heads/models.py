@@ -33,9 +33,19 @@ class HIPTLGP(nn.Module):
     """
 
     def __init__(self, *, n_classes: int, dim: int = 192, local_vit: str | None = None,
-                 freeze_local: bool = True, dropout: float = 0.25, n_heads: int = 3, n_layers: int = 2) -> None:
+                 local_vit_checkpoint: str | None = None, freeze_local: bool = True, dropout: float = 0.25,
+                 n_heads: int = 3, n_layers: int = 2, seed: int = 0) -> None:
         super().__init__()
-        self.local_vit = create_model(local_vit) if local_vit else None
+        self.local_vit = None
+        if local_vit:
+            with torch.random.fork_rng():  # the same random ViT-4K in every fold when no weights are given
+                torch.manual_seed(seed)
+                self.local_vit = create_model(local_vit)
+            if local_vit_checkpoint:
+                from hipt_ray.models import load_checkpoint
+
+                load_checkpoint(self.local_vit, local_vit_checkpoint)
+        self.freeze_local = freeze_local
         if self.local_vit is not None and freeze_local:
             self.local_vit.requires_grad_(False)
         self.global_phi = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout))
@@ -48,11 +58,32 @@ class HIPTLGP(nn.Module):
         self.global_rho = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout))
         self.classifier = nn.Linear(dim, n_classes)
 
-    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.local_vit is not None:
-            m, n, d = bag.shape  # (M, 256, 384) patch tokens, row-major
+    def train(self, mode: bool = True) -> HIPTLGP:
+        super().train(mode)
+        if self.local_vit is not None and self.freeze_local:
+            self.local_vit.eval()  # a frozen ViT-4K keeps inference behaviour (no dropout)
+        return self
+
+    def embed_regions(self, bag: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Patch tokens → region embeddings with the local ViT-4K: ``[M, 256, 384]`` (square,
+        row-major) or a list of ``[384, rows, cols]`` grids (regions of different sizes)."""
+        if isinstance(bag, torch.Tensor):
+            m, n, d = bag.shape
             side = int(n**0.5)
-            bag = self.local_vit(bag.transpose(1, 2).reshape(m, d, side, side))  # (M, 192)
+            bag = list(bag.transpose(1, 2).reshape(m, d, side, side))
+        by_shape: dict[tuple, list[int]] = {}
+        for i, grid in enumerate(bag):
+            by_shape.setdefault(tuple(grid.shape), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(bag)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_local):
+            for idx in by_shape.values():
+                for j, emb in zip(idx, self.local_vit(torch.stack([bag[i] for i in idx]))):
+                    out[j] = emb
+        return torch.stack(out)  # (M, 192)
+
+    def forward(self, bag: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.local_vit is not None:
+            bag = self.embed_regions(bag)
         h = self.global_phi(bag)
         h = self.global_transformer(h.unsqueeze(1)).squeeze(1)  # sequence of M regions, batch 1
         attn = F.softmax(self.global_attn_pool(h), dim=0)  # (M,)

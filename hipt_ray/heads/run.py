@@ -86,6 +86,8 @@ def train_head(cfg: Config, *, run_name: str | None = None) -> HeadResult:
                     row.update(risk=float(st.last["risk"][j]), survival_months=float(cohort.times[i]),
                                event=int(cohort.events[i]))
                 rows.append(row)
+        heads_pt = save_heads(os.path.join(run_dir, "heads.pt"), cfg, cohort, states)
+        mlflow.log_artifact(heads_pt)
         results_csv = os.path.join(run_dir, "predictions.csv")
         pd.DataFrame(rows).to_csv(results_csv, index=False)
         if h.task == "subtyping":
@@ -111,10 +113,24 @@ def train_head(cfg: Config, *, run_name: str | None = None) -> HeadResult:
                           results_csv=results_csv, plot=plot)
 
 
+def save_heads(path: str, cfg: Config, cohort, states) -> str:
+    """Every fold's trained head with what is needed to rebuild it and to know which cases it
+    never saw (for out-of-fold slide heatmaps)."""
+    import torch
+
+    torch.save({
+        "config": cfg.to_dict(), "classes": cohort.classes, "model_id": cohort.model_id,
+        "cases": cohort.slides,
+        "folds": [{"val": [cohort.case_ids[i] for i in st.val], "state_dict": st.head.state_dict()}
+                  for st in states],
+    }, path)
+    return path
+
+
 def _train_risk(h, st, cohort, i: int) -> float:
     import torch
 
     from hipt_ray.heads.fit import _risk
 
     with torch.no_grad():
-        return float(_risk(h, st.head.eval()(cohort.bags[i])[0])[0])
+        return float(_risk(h, st.head.eval()(cohort.inputs[i])[0])[0])

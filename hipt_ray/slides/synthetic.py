@@ -51,12 +51,13 @@ def tissue_tile(*, subtype: int = 0, risk: float = 0.0, seed: int = 0) -> np.nda
     base = np.asarray(img).astype(np.float32)
     # Denser stain than the source image, so that every part of a blob reads as tissue.
     tile = np.clip(255.0 - (255.0 - base) * 1.35, 0, 255) * np.asarray(gains, dtype=np.float32)
-    tile = np.clip(tile, 0, 255)
-    n_nuclei = int(round(np.clip(risk, 0, 1) * 160))
+    # Higher risk: darker staining overall (up to 35 %) and crowded dark nuclei.
+    tile = np.clip(tile * (1.0 - 0.35 * float(np.clip(risk, 0, 1))), 0, 255)
+    n_nuclei = int(round(np.clip(risk, 0, 1) * 480))  # up to ~25 % of the area
     if n_nuclei:
         yy, xx = np.mgrid[0:512, 0:512]
         for cy, cx, r in zip(rng.integers(0, 512, n_nuclei), rng.integers(0, 512, n_nuclei),
-                             rng.uniform(3, 6, n_nuclei)):
+                             rng.uniform(4, 8, n_nuclei)):
             disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
             tile[disk] = (70, 35, 95)
     return tile.astype(np.uint8)
@@ -167,12 +168,14 @@ def corrupt_tiles(path: str | Path, *, fraction: float = 1.0, seed: int = 0) -> 
     return len(chosen)
 
 
-def make_demo_data(out: str | Path, *, n_slides: int = 12, seed: int = 0, n_subtypes: int = 2) -> Path:
+def make_demo_data(out: str | Path, *, n_slides: int = 12, seed: int = 0, n_subtypes: int = 2,
+                   size_um: tuple[float, float] = (3000.0, 6000.0)) -> Path:
     """Write ``n_slides`` synthetic slides plus ``labels.csv`` (slide_id, case_id, subtype,
     survival_months, event) with subtype and risk planted in the slide content.
 
     Survival follows an exponential model whose hazard grows with the planted risk (a hazard
-    ratio of e² ≈ 7.4 between risk 0 and 1), censored uniformly between 12 and 120 months.
+    ratio of e³ ≈ 20 between risk 0 and 1), censored uniformly between 12 and 120 months.
+    Slide sides are drawn from ``size_um`` (µm; the 40× slides are about a third smaller).
     """
     out = Path(out)
     slide_dir = out / "slides"
@@ -185,13 +188,14 @@ def make_demo_data(out: str | Path, *, n_slides: int = 12, seed: int = 0, n_subt
         if i == 0 or rng.random() > 0.25:
             case += 1
             subtype, risk = int(rng.integers(0, n_subtypes)), float(rng.uniform(0, 1))
-            t_event = rng.exponential(36.0 / math.exp(2.0 * (risk - 0.5)))
+            t_event = rng.exponential(36.0 / math.exp(3.0 * (risk - 0.5)))
             t_censor = rng.uniform(12.0, 120.0)
         slide_id = f"demo-{i:03d}"
         forty_x = i % 6 == 5
         aperio = i % 3 == 1
         mpp = 0.25 if forty_x else 0.5
-        width_um, height_um = (rng.uniform(2200, 3600, 2) if forty_x else rng.uniform(3000, 6000, 2))
+        lo, hi = size_um
+        width_um, height_um = rng.uniform(lo * 0.73, hi * 0.6, 2) if forty_x else rng.uniform(lo, hi, 2)
         ext = ".svs" if aperio else ".tiff"
         make_slide(slide_dir / f"{slide_id}{ext}", width_um=width_um, height_um=height_um, mpp=mpp,
                    seed=seed * 1000 + i, subtype=subtype, risk=risk,

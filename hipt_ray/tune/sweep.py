@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from hipt_ray.config import Config, ConfigError, validate_config
 
 log = logging.getLogger(__name__)
-DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 
 
 def search_space(space: dict[str, dict[str, list]]) -> dict:
@@ -22,7 +22,12 @@ def search_space(space: dict[str, dict[str, list]]) -> dict:
         if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
             raise ConfigError(f"sweep.space.{key}: give one of {', '.join(DISTRIBUTIONS)} with its values")
         kind, values = next(iter(spec.items()))
-        out[key] = tune.choice(values) if kind == "choice" else getattr(tune, kind)(*values)
+        if kind == "choice":
+            out[key] = tune.choice(values)
+        elif kind == "grid":  # every value, each num_samples times
+            out[key] = tune.grid_search(values)
+        else:
+            out[key] = getattr(tune, kind)(*values)
     return out
 
 
@@ -66,6 +71,7 @@ class SweepResult:
 def run_sweep(cfg: Config) -> SweepResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from hipt_ray.heads.cohort import load_cohort
     from hipt_ray.heads.run import _run_dir, train_head
@@ -86,6 +92,7 @@ def run_sweep(cfg: Config) -> SweepResult:
     tuner = tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=s.num_samples,
+                                    search_alg=BasicVariantGenerator(random_state=h.seed),  # reproducible draws
                                     scheduler=ASHAScheduler(max_t=epochs, grace_period=min(s.grace_period, epochs)),
                                     max_concurrent_trials=s.max_concurrent),
         run_config=tune.RunConfig(name=s.name, storage_path=os.path.join(run_dir, "tune")),
