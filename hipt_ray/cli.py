@@ -81,11 +81,35 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--labels", required=True, help="CSV/Parquet: slide_id, case_id, label | survival_months, event")
     _common(sw)
 
+    hm = sub.add_parser("heatmap", help="attention heatmaps: a region's ViT-256/ViT-4K attention, or a "
+                                         "slide-level head's attention over every region of its slides")
+    hm.add_argument("--out", required=True, help="directory for the PNG files")
+    hm.add_argument("--slide", help="region mode: the slide (path or s3:// URI); head mode: only this slide id")
+    hm.add_argument("--region", help="region mode: level-0 X,Y of the region's top-left corner")
+    hm.add_argument("--shifts", type=int, default=2,
+                    help="shifted windows per axis averaged to smooth block edges (1: none; default 2)")
+    hm.add_argument("--head-run", help="head mode: a train-head/sweep run directory (OUT/heads/<name>) or MLflow run id")
+    hm.add_argument("--checkpoint-256", help="ViT-256 weights (official vit256_small_dino.pth layout)")
+    hm.add_argument("--checkpoint-4k", help="ViT-4K weights (official vit4k_xs_dino.pth layout)")
+    _common(hm)
+
+    se = sub.add_parser("search", help="regions most similar to one region, across every embedded slide")
+    se.add_argument("--out", required=True, help="an embed output")
+    se.add_argument("--slide", required=True, help="the query slide (slide id or its URI)")
+    se.add_argument("--region", required=True, help="level-0 X,Y inside the query region")
+    se.add_argument("-k", type=int, help="number of regions returned (default search.k)")
+    se.add_argument("--labels", help="optional labels CSV/Parquet: show each hit's heads.label_column")
+    se.add_argument("--dest", help="directory for the table and mosaic (default OUT/search)")
+    se.add_argument("--rebuild-index", action="store_true", help="rebuild the vector index from scratch first")
+    _common(se)
+
     demo = sub.add_parser("make-demo-data", help="write synthetic slides and labels.csv")
     demo.add_argument("out", help="output directory")
     demo.add_argument("--n-slides", type=int, default=12)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--n-subtypes", type=int, default=2)
+    demo.add_argument("--size-um", type=float, nargs=2, default=(3000.0, 6000.0), metavar=("MIN", "MAX"),
+                      help="range of the slides' sides in µm (default 3000 6000)")
     return parser
 
 
@@ -186,18 +210,69 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _xy(text: str | None, flag: str = "--region") -> tuple[int, int]:
+    try:
+        x, y = (int(float(v)) for v in (text or "").split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} takes level-0 pixel coordinates X,Y (e.g. {flag} 8192,4096), got {text!r}") from None
+    return x, y
+
+
+def _cmd_heatmap(args: argparse.Namespace) -> int:
+    values: dict = {}
+    model = {k: v for k, v in (("checkpoint_256", args.checkpoint_256), ("checkpoint_4k", args.checkpoint_4k)) if v}
+    if model:
+        values["model"] = model
+    cfg = load_config("embed", files=args.config, overrides=args.overrides, values=values)
+    try:
+        if args.head_run:
+            from hipt_ray.viz.heatmaps import slide_heatmaps
+
+            files = slide_heatmaps(cfg, args.head_run, args.out, slide_ids=[args.slide] if args.slide else None)
+            print(f"{len(files)} slide heatmaps:")
+            for f in files:
+                print(f"  {f}")
+            return EXIT_OK
+        if not (args.slide and args.region):
+            raise ConfigError("give --slide and --region X,Y (a region's attention), or --head-run (slide heatmaps)")
+        from hipt_ray.viz.heatmaps import region_heatmaps
+
+        files = region_heatmaps(cfg, args.slide, _xy(args.region), args.out, shifts=args.shifts)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for name, path in files.items():
+        print(f"{name}: {path}")
+    return EXIT_OK
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    cfg = load_config(None, files=args.config, overrides=args.overrides, values={"out": args.out})
+    from hipt_ray.viz.mosaic import search_similar
+
+    try:
+        result = search_similar(cfg, args.slide, _xy(args.region), k=args.k, labels=args.labels, dest=args.dest,
+                                rebuild_index=args.rebuild_index)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for line in result.lines():
+        print(line)
+    return EXIT_OK
+
+
 def _cmd_make_demo_data(args: argparse.Namespace) -> int:
     from hipt_ray.slides.synthetic import make_demo_data
 
     if args.n_slides < 1:
         raise ConfigError("--n-slides must be at least 1")
-    out = make_demo_data(args.out, n_slides=args.n_slides, seed=args.seed, n_subtypes=args.n_subtypes)
+    out = make_demo_data(args.out, n_slides=args.n_slides, seed=args.seed, n_subtypes=args.n_subtypes,
+                         size_um=tuple(args.size_um))
     print(f"wrote {args.n_slides} slides to {out / 'slides'} and labels to {out / 'labels.csv'}")
     return EXIT_OK
 
 
 COMMANDS = {"tile": _cmd_tile, "embed": _cmd_embed, "pretrain": _cmd_pretrain,
-            "train-head": _cmd_train_head, "sweep": _cmd_sweep, "make-demo-data": _cmd_make_demo_data}
+            "train-head": _cmd_train_head, "sweep": _cmd_sweep, "heatmap": _cmd_heatmap, "search": _cmd_search,
+            "make-demo-data": _cmd_make_demo_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

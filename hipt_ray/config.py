@@ -163,6 +163,11 @@ class HeadsConfig(_Section):
     labels: str | None = None  # CSV/Parquet: slide_id, case_id, label | survival_months + event
     label_column: str = "label"
     head: Literal["hipt_lgp", "abmil", "mean_mlp"] = "hipt_lgp"
+    # hipt_lgp only: run this ViT-4K (e.g. vit4k_xs) over the stored tokens256 of each region
+    # instead of reading emb4k; weights from local_vit_checkpoint (official layout), else random.
+    local_vit: str | None = None
+    local_vit_checkpoint: str | None = None
+    freeze_local: bool = True
     folds: int | None = Field(default=None, ge=2)  # None: 10 for subtyping, 5 for survival
     train_fraction: float = Field(default=1.0, gt=0, le=1)
     epochs: int = Field(default=20, gt=0)
@@ -195,6 +200,21 @@ class TrackingConfig(_Section):
     experiment: str = "hipt-ray"
 
 
+class SearchConfig(_Section):
+    """Similar-region search: a vector index on ``regions.emb4k`` (refreshed after every embed)."""
+
+    index_type: Literal["IVF_PQ", "IVF_HNSW_SQ", "IVF_HNSW_PQ", "IVF_FLAT"] = "IVF_PQ"
+    metric: Literal["cosine", "L2", "dot"] = "cosine"
+    num_partitions: int | None = Field(default=None, gt=0)  # None: about √rows
+    num_sub_vectors: int | None = Field(default=None, gt=0)  # PQ: None = dim/8 (8 dims per code)
+    min_rows: int = Field(default=1000, gt=0)  # fewer embedded regions: exact search, no index
+    nprobes: int = Field(default=32, gt=0)
+    refine_factor: int | None = Field(default=5, gt=0)  # re-rank k·refine_factor by exact distance
+    k: int = Field(default=16, gt=0)
+    thumb_px: int = Field(default=192, ge=32)  # mosaic tile size
+    model_id: str | None = None  # which embeddings under --out (None: the only one)
+
+
 class RayConfig(_Section):
     # None: RAY_ADDRESS if set, else a local Ray started for the command (the embedded default).
     address: str | None = None
@@ -218,6 +238,7 @@ class Config(_Section):
     heads: HeadsConfig = HeadsConfig()
     sweep: SweepConfig = SweepConfig()
     tracking: TrackingConfig = TrackingConfig()
+    search: SearchConfig = SearchConfig()
     ray: RayConfig = RayConfig()
 
     def to_dict(self) -> dict[str, Any]:

@@ -22,12 +22,14 @@ def _step(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="demo_out")
-    parser.add_argument("--n-slides", type=int, default=12)
+    parser.add_argument("--n-slides", type=int, default=40)
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     data, tables = out / "data", out / "tables"
     if not (data / "labels.csv").is_file():
-        if code := _step(["make-demo-data", str(data), "--n-slides", str(args.n_slides), "--seed", "0"]):
+        # Small slides (1–4 regions each) so that the cohort has enough cases for the heads.
+        if code := _step(["make-demo-data", str(data), "--n-slides", str(args.n_slides), "--seed", "0",
+                          "--size-um", "2100", "4200"]):
             return code
     code = _step(["tile", "--slides", str(data / "slides"), "--out", str(tables),
                   "--config", "configs/demo.yaml"])
@@ -56,6 +58,28 @@ def main(argv: list[str] | None = None) -> int:
                           "--config", f"configs/heads/{task}.yaml", "--config", "configs/demo.yaml",
                           f"heads.task={task}", f"sweep.name=demo-{task}"]):
             return code
+    # Look at it: a region's attention, the best subtyping head's attention over each slide, and
+    # the regions most like one region across every slide.
+    from hipt_ray.store import Store
+    from hipt_ray.store.tables import resolve_embedding
+
+    store = Store(str(tables))
+    mid, spec = resolve_embedding(store)
+    regions = store.regions(spec, model_id=mid, columns=["slide_id", "region_index", "x", "y", "tissue_fraction"])
+    best = max(regions.to_pylist(), key=lambda r: r["tissue_fraction"])
+    uri = dict(zip(*[store.latest_slides(spec, mid)[c].to_pylist() for c in ("slide_id", "uri")]))[best["slide_id"]]
+    figures = out / "figures"
+    steps = [
+        ["heatmap", "--slide", uri, "--region", f"{best['x']},{best['y']}", "--out", str(figures / "region"),
+         "--config", "configs/demo.yaml"],
+        ["heatmap", "--head-run", str(tables / "heads" / "demo-subtyping-best"), "--out", str(figures / "slides"),
+         "--config", "configs/demo.yaml"],
+        ["search", "--out", str(tables), "--slide", best["slide_id"], "--region", f"{best['x']},{best['y']}",
+         "--labels", str(data / "labels.csv"), "--dest", str(figures / "search"), "--config", "configs/demo.yaml"],
+    ]
+    for argv in steps:
+        if code := _step(argv):
+            return code
     print(f"""
 demo outputs under {out}:
   slides + labels : {data}/slides/, {data}/labels.csv
@@ -69,6 +93,10 @@ demo outputs under {out}:
                     stage-1 model in {ssl}/regions.lance, per-step logs in {ssl}/pretrain/*/steps.jsonl
   heads           : {tables}/heads/demo-<task>/results.csv (every trial), {tables}/heads/demo-<task>-best/
                     (out-of-fold predictions, roc.png / km.png of the best configuration)
+  QC page         : {tables}/qc/overview.png (every slide: tissue contour, regions, failure reasons)
+  figures         : {figures}/region/*_hierarchical.png, *_vit256.png, *_vit4k.png (region attention),
+                    {figures}/slides/<slide_id>_slide_attention.png (head attention over each slide),
+                    {figures}/search/*_mosaic.png (nearest regions across all slides, query framed red)
   MLflow          : .venv/bin/mlflow ui --backend-store-uri sqlite:///{tables}/mlflow.db  (sweeps)
                     .venv/bin/mlflow ui --backend-store-uri sqlite:///{ssl}/mlflow.db  (pretraining)
 read them with:   .venv/bin/python -c "from hipt_ray.store import read_embeddings; print(read_embeddings('{tables}'))"

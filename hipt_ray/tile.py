@@ -31,6 +31,7 @@ class TileSummary:
     regions: int = 0
     seconds: float = 0.0
     out: str = ""
+    qc_page: str = ""
 
     @property
     def exit_code(self) -> int:
@@ -44,7 +45,7 @@ class TileSummary:
             f"regions: {self.regions}",
             f"time: {self.seconds:.1f} s ({rate:.2f} slides/s)",
             f"outputs: {self.out}/slides.lance, {self.out}/regions.lance, {self.out}/qc/",
-        ]
+        ] + ([f"QC page: {self.qc_page}"] if self.qc_page else [])
 
 
 @ray.remote(num_cpus=1, max_retries=1)
@@ -117,5 +118,12 @@ def run(cfg: Config, specs: list[SlideSpec] | None = None) -> TileSummary:
             if len(buffer) >= cfg.ray.write_batch_slides:
                 flush()
     flush()
+    if cfg.qc.enabled:
+        from hipt_ray.viz.qc_page import write_qc_page
+
+        try:
+            summary.qc_page = write_qc_page(cfg.out, spec_hash, endpoint_url=cfg.storage.s3_endpoint_url)
+        except Exception:  # the page is a convenience: never fail the run for it
+            log.warning("could not write the QC page", exc_info=True)
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -24,7 +24,7 @@ from hipt_ray import tile
 from hipt_ray.tile import TileSummary
 from hipt_ray.config import Config, ConfigError
 from hipt_ray.data.regions import RegionEmbedder, read_region
-from hipt_ray.models import create_model, load_checkpoint, model_id
+from hipt_ray.models.loading import build_model
 from hipt_ray.slides.manifest import list_slides
 from hipt_ray.store import REGIONS_SCHEMA, Store
 from hipt_ray.store.tables import embedding_fields
@@ -36,6 +36,7 @@ _COORDS = [f.name for f in REGIONS_SCHEMA if f.name not in ("model_id",)]
 @dataclass
 class EmbedSummary(TileSummary):
     model_id: str = ""
+    index: str = ""  # what the vector index refresh did
 
     def lines(self) -> list[str]:
         rate = self.regions / self.seconds if self.seconds else 0.0
@@ -46,25 +47,7 @@ class EmbedSummary(TileSummary):
             f"time: {self.seconds:.1f} s",
             f"model: {self.model_id}",
             f"outputs: {self.out}/regions.lance (emb4k, mean256, tokens256), {self.out}/slides.lance",
-        ]
-
-
-def build_model(cfg: Config) -> tuple[torch.nn.Module, str]:
-    """The configured model with its weights, and its id (``random-…`` for random weights)."""
-    torch.manual_seed(cfg.model.seed)
-    model = create_model(cfg.model.name, micro_batch=cfg.model.micro_batch)
-    c256, c4k = cfg.model.checkpoint_256, cfg.model.checkpoint_4k
-    if not (c256 and c4k) and not cfg.model.allow_random_weights:
-        raise ConfigError(
-            "embedding needs both --checkpoint-256 and --checkpoint-4k (official HIPT layout); "
-            "for tests and demos only, model.allow_random_weights=true embeds with random weights"
-        )
-    if c256:
-        load_checkpoint(model.vit256, c256)
-    if c4k:
-        load_checkpoint(model.vit4k, c4k)
-    mid = model_id(model)
-    return model.eval(), mid if (c256 and c4k) else f"random-{mid}"
+        ] + ([f"search: {self.index}"] if self.index else [])
 
 
 def _use_gpu(cfg: Config) -> bool:
@@ -178,5 +161,12 @@ def run(cfg: Config) -> EmbedSummary:
                 if len(ready_slides) >= cfg.ray.write_batch_slides:
                     flush()
         flush()
+    if summary.ok:
+        from hipt_ray.store.vectors import refresh_index
+
+        try:  # fold the new regions into the similar-region index (searches stay exact meanwhile)
+            summary.index = refresh_index(store, cfg.search)
+        except Exception as exc:
+            log.warning("vector index not refreshed (searches still see every region): %s", exc)
     summary.seconds = time.perf_counter() - t0
     return summary

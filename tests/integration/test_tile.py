@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow.compute as pc
 import pytest
 
@@ -38,6 +39,16 @@ def test_tile_local_dir_with_every_bad_input(ray_local, slide_set, tmp_path, cap
     for sid, n in counts.items():
         assert regions.filter(pc.equal(regions["slide_id"], sid)).num_rows == n
     assert (tmp_path / "out" / "qc" / "good.png").is_file()
+    # One QC page for the run: a 320 px cell per slide, 6 to a row, problems first with reasons.
+    page = tmp_path / "out" / "qc" / "overview.png"
+    assert f"QC page: {page}" in printed
+    from PIL import Image
+
+    img = np.asarray(Image.open(page).convert("RGB"))
+    n = len(EXPECTED)
+    assert img.shape[1] == 6 * 320 and img.shape[0] == 34 + -(-n // 6) * (320 + 58)
+    first_cell = img[34:34 + 320, :320]
+    assert (np.abs(first_cell.astype(int) - [200, 30, 30]).sum(-1) < 30).any()  # a failed slide's red text/frame
 
     # A rerun skips what is done, retries what failed, and duplicates nothing.
     code = main(["tile", "--slides", str(slide_set["good"].parent), "--out", out, cache])
@@ -85,6 +96,7 @@ def test_tile_from_s3_to_s3(ray_local, slide_set, s3fs_client, tmp_path, capsys)
     st = _statuses("s3://tile-bkt/out")
     assert st == {"good": "ok", "forty": "ok", "small": "ok", "corrupt": "failed"}
     assert s3fs_client.exists("tile-bkt/out/qc/forty.png")
+    assert s3fs_client.exists("tile-bkt/out/qc/overview.png")
     regions = Store("s3://tile-bkt/out").read(REGIONS)
     forty = regions.filter(pc.equal(regions["slide_id"], "forty"))
     # 40× slide: every region covers twice its pixel size in level-0 pixels (8192 for a full one)

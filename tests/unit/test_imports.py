@@ -6,7 +6,7 @@ def test_core_packages_do_not_import_ray():
     # slides/, models/, ssl/ and store/ must stay usable without Ray (DESIGN.md).
     code = (
         "import sys, importlib, pkgutil, hipt_ray\n"
-        "for pkg in ('slides', 'store', 'models', 'ssl'):\n"
+        "for pkg in ('slides', 'store', 'models', 'ssl', 'viz'):\n"
         "    try:\n"
         "        m = importlib.import_module('hipt_ray.' + pkg)\n"
         "    except ModuleNotFoundError:\n"

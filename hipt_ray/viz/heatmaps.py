@@ -1,0 +1,226 @@
+"""``hipt-ray heatmap``: region attention figures (ViT-256 heads, ViT-4K heads, hierarchical) and
+slide heatmaps of a trained slide-level head's attention over its regions."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from hipt_ray.config import Config  # noqa: E402
+from hipt_ray.viz.attention import percentile_map, smoothed_attention, upsample, window_offsets  # noqa: E402
+
+log = logging.getLogger(__name__)
+CMAP = "jet"
+
+
+def blend(image: np.ndarray, values: np.ndarray, *, alpha: float = 0.5, cmap: str = CMAP) -> np.ndarray:
+    """``values`` in [0, 1] (same height/width as ``image``) coloured and blended over ``image``."""
+    colours = plt.get_cmap(cmap)(np.clip(values, 0, 1))[..., :3] * 255.0
+    return (image.astype(np.float32) * (1 - alpha) + colours * alpha).round().astype(np.uint8)
+
+
+def _figure(image: np.ndarray, panels: list[tuple[str, np.ndarray]], path: str, title: str,
+            ncols: int = 4) -> str:
+    """The region and one blended panel per map (percentile colour scale), with a colour bar."""
+    n = len(panels) + 1
+    ncols = min(ncols, n)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols + 0.8, 3.4 * nrows), dpi=110, squeeze=False)
+    axes = axes.ravel()
+    axes[0].imshow(image)
+    axes[0].set_title("region", fontsize=9)
+    for ax, (name, values) in zip(axes[1:], panels):
+        ax.imshow(blend(image, values))
+        ax.set_title(name, fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[n:]:
+        ax.axis("off")
+    sm = plt.cm.ScalarMappable(cmap=CMAP, norm=matplotlib.colors.Normalize(0, 100))
+    fig.colorbar(sm, ax=list(axes[:n]), fraction=0.02, pad=0.01, label="attention percentile within the region")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def region_heatmaps(cfg: Config, slide_uri: str, xy: tuple[int, int], out_dir: str, *, shifts: int = 2,
+                    display_px: int = 1024) -> dict[str, str]:
+    """Attention figures of the region at level-0 ``xy`` of ``slide_uri`` (``tiling.region_px``
+    at ``tiling.mpp``), smoothed over ``shifts``² shifted windows. Returns name → file path."""
+    import torch
+
+    from hipt_ray.models.loading import build_model
+    from hipt_ray.slides.reader import Slide
+    from hipt_ray.slides.tiler import make_cache
+
+    model, mid = build_model(cfg)
+    use_gpu = cfg.embed.use_gpu is True or (cfg.embed.use_gpu == "auto" and torch.cuda.is_available())
+    if use_gpu and torch.cuda.is_available():
+        model = model.cuda()
+    size = cfg.tiling.region_px
+    offsets = window_offsets(cfg.tiling.patch_px, shifts)
+    margin = max(offsets)
+    path, _ = make_cache(cfg).fetch(slide_uri)
+    override = cfg.tiling.mpp_overrides.get(Path(slide_uri).stem)
+    with Slide(path, name=slide_uri, mpp_override=override, mpp_range=cfg.tiling.mpp_range) as slide:
+        scale = cfg.tiling.mpp / slide.mpp
+        w0, h0 = slide.dimensions
+        x, y = xy
+        if not (0 <= x < w0 and 0 <= y < h0):
+            raise ValueError(f"{slide_uri}: region {x},{y} lies outside the slide ({w0}×{h0} level-0 pixels)")
+        origin = (int(round(x - margin * scale)), int(round(y - margin * scale)))
+        canvas, _ = slide.read_region(origin, (size + margin, size + margin), cfg.tiling.mpp)
+    att, n_windows = smoothed_attention(model, canvas, (size, size), margin, offsets)
+    region = canvas[margin:, margin:]
+    image = np.asarray(Image.fromarray(region).resize((display_px, display_px), Image.Resampling.LANCZOS))
+    shape = (display_px, display_px)
+    stem = f"{Path(slide_uri).stem}_{x}_{y}"
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, stem)
+    smooth = f"{n_windows} shifted windows" if n_windows > 1 else "no smoothing"
+
+    def pct(m: np.ndarray) -> np.ndarray:
+        return upsample(percentile_map(m), shape)
+
+    v256 = [(f"ViT-256 head {i}", pct(m)) for i, m in enumerate(att.vit256)]
+    v4k = [(f"ViT-4K head {i}", pct(m)) for i, m in enumerate(att.vit4k)]
+    hier = att.hierarchical()
+    files = {
+        "vit256": _figure(image, v256, base + "_vit256.png",
+                          f"{stem}: ViT-256 CLS attention inside each 256 px patch ({smooth}, model {mid})"),
+        "vit4k": _figure(image, v4k, base + "_vit4k.png",
+                         f"{stem}: ViT-4K CLS attention over the patch grid ({smooth}, model {mid})"),
+        "hierarchical": _figure(image, [("ViT-4K (mean of heads)", pct(att.vit4k.mean(0))),
+                                        ("ViT-256 (mean of heads)", pct(att.vit256.mean(0))),
+                                        ("hierarchical: 4K × 256", pct(hier))],
+                                base + "_hierarchical.png", f"{stem}: hierarchical attention ({smooth})"),
+    }
+    overlay = base + "_hierarchical_overlay.png"
+    Image.fromarray(blend(image, pct(hier))).save(overlay)
+    files["overlay"] = overlay
+    np.savez_compressed(base + "_attention.npz", vit256=att.vit256, vit4k=att.vit4k, hierarchical=hier,
+                        region=region, windows=n_windows)
+    files["npz"] = base + "_attention.npz"
+    return files
+
+
+def _load_heads(head_run: str, cfg: Config) -> dict:
+    """``heads.pt`` from a run directory, the file itself, or an MLflow run id."""
+    import torch
+
+    candidates = [head_run, os.path.join(head_run, "heads.pt")]
+    for c in candidates:
+        if os.path.isfile(c):
+            return torch.load(c, map_location="cpu", weights_only=False)
+    if os.path.exists(head_run):
+        raise ValueError(f"{head_run} holds no heads.pt: pass a train-head/sweep run directory "
+                         "(e.g. OUT/heads/<name>) or an MLflow run id")
+    import mlflow
+
+    from hipt_ray.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=head_run, artifact_path="heads.pt")
+    except Exception as exc:
+        raise ValueError(f"{head_run} is neither a run directory nor an MLflow run with a heads.pt artifact "
+                         f"in {tracking_uri(cfg)} ({type(exc).__name__}); for a run id pass the store it is in, "
+                         "e.g. tracking.mlflow_uri=sqlite:///OUT/mlflow.db") from None
+    return torch.load(local, map_location="cpu", weights_only=False)
+
+
+def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[str] | None = None,
+                   thumb_px: int = 1024) -> list[str]:
+    """Each slide's regions coloured by the slide-level head's attention, drawn over the slide
+    thumbnail. Every case is scored by the fold model that never trained on it (out-of-fold)."""
+    import torch
+
+    from hipt_ray.config import validate_config
+    from hipt_ray.heads.cohort import load_cohort
+    from hipt_ray.heads.fit import build_head
+    from hipt_ray.slides.reader import Slide
+    from hipt_ray.slides.tiler import make_cache
+    from hipt_ray.store import Store
+    from hipt_ray.store.tables import resolve_embedding
+
+    saved = _load_heads(head_run, cfg)
+    run_cfg = validate_config(saved["config"])
+    h = run_cfg.heads
+    cohort = load_cohort(run_cfg)
+    store = Store(run_cfg.out, endpoint_url=run_cfg.storage.s3_endpoint_url)
+    mid, spec = resolve_embedding(store, cohort.model_id)
+    regions = store.regions(spec, model_id=mid, columns=["slide_id", "region_index", "x", "y", "level0_w", "level0_h"])
+    by_slide: dict[str, list[dict]] = {}
+    for r in regions.to_pylist():
+        by_slide.setdefault(r["slide_id"], []).append(r)
+    uris = dict(zip(*[store.latest_slides(spec, mid)[c].to_pylist() for c in ("slide_id", "uri")]))
+    fold_of = {c: f for f, fold in enumerate(saved["folds"]) for c in fold["val"]}
+    wanted = set(slide_ids) if slide_ids else None
+    os.makedirs(out_dir, exist_ok=True)
+    cache = make_cache(run_cfg)
+    written = []
+    for i, case in enumerate(cohort.case_ids):
+        slides = cohort.slides[case]
+        if wanted is not None and not wanted & set(slides):
+            continue
+        fold = saved["folds"][fold_of[case]]
+        head = build_head(h, cohort)
+        head.load_state_dict(fold["state_dict"])
+        with torch.no_grad():
+            logits, attn = head.eval()(cohort.inputs[i])
+        attn = attn.numpy()
+        pct = percentile_map(attn) if len(attn) > 1 else np.ones_like(attn)
+        if h.task == "subtyping":
+            probs = torch.softmax(logits, 1)[0].numpy()
+            k = int(probs.argmax())
+            what = (f"label {cohort.classes[cohort.labels[i]]}, predicted {saved['classes'][k]} ({probs[k]:.2f})")
+        else:
+            what = f"{cohort.times[i]:.1f} months, event {cohort.events[i]}"
+        start = 0
+        for sid in slides:
+            rows = by_slide.get(sid, [])
+            part, part_attn = pct[start:start + len(rows)], attn[start:start + len(rows)]
+            start += len(rows)
+            if wanted is not None and sid not in wanted:
+                continue
+            path, _ = cache.fetch(uris[sid])
+            with Slide(path, name=uris[sid], mpp_range=run_cfg.tiling.mpp_range) as slide:
+                w0, h0 = slide.dimensions
+                thumb, thumb_mpp = slide.read_lowres(slide.mpp * max(w0, h0) / thumb_px)
+                k0 = slide.mpp / thumb_mpp  # thumbnail px per level-0 px
+            values = np.full(thumb.shape[:2], np.nan, np.float32)
+            for r, v in zip(rows, part):
+                x0, y0 = int(r["x"] * k0), int(r["y"] * k0)
+                values[y0:y0 + max(1, int(r["level0_h"] * k0)), x0:x0 + max(1, int(r["level0_w"] * k0))] = v
+            shown = np.where(np.isnan(values)[..., None], thumb, blend(thumb, np.nan_to_num(values), alpha=0.45))
+            fig, ax = plt.subplots(figsize=(7, 7 * thumb.shape[0] / thumb.shape[1] + 0.6), dpi=120)
+            ax.imshow(shown)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            top = int(np.argmax(part_attn)) if len(part_attn) else None
+            if top is not None:
+                r = rows[top]
+                ax.add_patch(plt.Rectangle((r["x"] * k0, r["y"] * k0), r["level0_w"] * k0, r["level0_h"] * k0,
+                                           fill=False, ec="white", lw=2, ls="--"))
+            sm = plt.cm.ScalarMappable(cmap=CMAP, norm=matplotlib.colors.Normalize(0, 100))
+            fig.colorbar(sm, ax=ax, fraction=0.04, pad=0.01, label="attention percentile within the case")
+            ax.set_title(f"{sid} (case {case}, fold {fold_of[case]} model, out-of-fold)\n{h.head} {h.task}: {what}; "
+                         f"{len(rows)} regions, top one dashed", fontsize=9)
+            fig.tight_layout()
+            dest = os.path.join(out_dir, f"{sid}_slide_attention.png")
+            fig.savefig(dest)
+            plt.close(fig)
+            written.append(dest)
+    if wanted is not None and not written:
+        raise ValueError(f"none of {sorted(wanted)} is in the head run's cohort")
+    return written

@@ -1,0 +1,107 @@
+"""``hipt-ray search``: the nearest regions to a query region across every embedded slide, as a
+table and a mosaic of region thumbnails (the query first, framed red)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from hipt_ray.config import Config
+
+
+@dataclass
+class SearchResult:
+    table: pd.DataFrame
+    csv: str
+    mosaic: str
+    index: str  # what the index refresh did
+
+    def lines(self) -> list[str]:
+        return [self.table.to_string(index=False), self.index, f"table: {self.csv}", f"mosaic: {self.mosaic}"]
+
+
+def region_thumbnail(slide, row: dict, px: int) -> np.ndarray:
+    """A region (level-0 ``x, y, level0_w, level0_h``) read at about ``px`` pixels across."""
+    mpp = row["mpp"] * row["read_w"] / px
+    image, _ = slide.read_region((int(row["x"]), int(row["y"])), (px, px), mpp)
+    return image
+
+
+def mosaic_png(tiles: list[tuple[np.ndarray, str, bool]], path: str, *, columns: int = 6, title: str = "") -> str:
+    """Tiles ``(image, caption, highlight)`` in a grid with captions under each."""
+    px = tiles[0][0].shape[0]
+    cols = min(columns, len(tiles))
+    rows = int(np.ceil(len(tiles) / cols))
+    cap, head = 30, 22 if title else 0
+    page = Image.new("RGB", (cols * (px + 8) + 8, head + rows * (px + cap + 8) + 8), (255, 255, 255))
+    draw = ImageDraw.Draw(page)
+    if title:
+        draw.text((8, 5), title, fill=(0, 0, 0))
+    for i, (image, caption, highlight) in enumerate(tiles):
+        x0 = 8 + (i % cols) * (px + 8)
+        y0 = head + 8 + (i // cols) * (px + cap + 8)
+        page.paste(Image.fromarray(image), (x0, y0))
+        if highlight:
+            draw.rectangle([x0 - 3, y0 - 3, x0 + px + 2, y0 + px + 2], outline=(220, 0, 0), width=3)
+        for j, line in enumerate(caption.split("\n")[:2]):
+            draw.text((x0, y0 + px + 3 + 12 * j), line, fill=(0, 0, 0))
+    page.save(path)
+    return path
+
+
+def search_similar(cfg: Config, slide: str, xy: tuple[int, int], *, k: int | None = None,
+                   labels: str | None = None, dest: str | None = None, rebuild_index: bool = False) -> SearchResult:
+    """Query with the region of ``slide`` (id or URI) containing level-0 ``xy``."""
+    from hipt_ray.heads.cohort import read_labels
+    from hipt_ray.slides.reader import Slide
+    from hipt_ray.slides.tiler import make_cache
+    from hipt_ray.storage import is_remote, local_path
+    from hipt_ray.store import Store
+    from hipt_ray.store.tables import resolve_embedding
+    from hipt_ray.store.vectors import find_region, refresh_index, search
+
+    sc = cfg.search
+    k = k or sc.k
+    store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
+    mid, spec = resolve_embedding(store, sc.model_id)
+    latest = store.latest_slides(spec, mid)
+    uris = dict(zip(latest["slide_id"].to_pylist(), latest["uri"].to_pylist()))
+    slide_id = next((s for s, u in uris.items() if u == slide), slide)
+    index_note = refresh_index(store, sc, rebuild=rebuild_index)
+    query = find_region(store, slide_id, xy, model_id=mid, spec_hash=spec)
+    hits = search(store, query["emb4k"], model_id=mid, spec_hash=spec, k=k, sc=sc).to_pylist()
+    # The query region itself first (an ANN index may tie or misorder near-zero distances).
+    hits.sort(key=lambda r: (not (r["slide_id"] == slide_id and r["region_index"] == query["region_index"]),
+                             r["_distance"]))
+    label_of: dict[str, str] = {}
+    if labels:
+        df = read_labels(labels, cfg.storage.s3_endpoint_url).astype({"slide_id": str})
+        column = cfg.heads.label_column if cfg.heads.label_column in df.columns else None
+        if column:
+            label_of = dict(zip(df["slide_id"], df[column].astype(str)))
+    table = pd.DataFrame([{"rank": i, "slide_id": r["slide_id"], "region_index": r["region_index"], "x": r["x"],
+                           "y": r["y"], "distance": round(float(r["_distance"]), 6),
+                           **({"label": label_of.get(r["slide_id"], "")} if label_of else {})}
+                          for i, r in enumerate(hits)])
+    if dest is None:
+        dest = os.path.join(local_path(cfg.out) if not is_remote(cfg.out) else os.getcwd(), "search")
+    os.makedirs(dest, exist_ok=True)
+    stem = f"{slide_id}_{query['x']}_{query['y']}"
+    csv = os.path.join(dest, f"{stem}.csv")
+    table.to_csv(csv, index=False)
+    cache = make_cache(cfg)
+    tiles = []
+    for i, r in enumerate(hits):
+        path, _ = cache.fetch(uris[r["slide_id"]])
+        with Slide(path, name=uris[r["slide_id"]], mpp_range=cfg.tiling.mpp_range) as s:
+            image = region_thumbnail(s, r, sc.thumb_px)
+        label = f" [{label_of.get(r['slide_id'], '')}]" if label_of else ""
+        caption = ("query" if i == 0 else f"#{i}  d={r['_distance']:.3g}") + f"\n{r['slide_id']} r{r['region_index']}{label}"
+        tiles.append((image, caption, i == 0))
+    mosaic = mosaic_png(tiles, os.path.join(dest, f"{stem}_mosaic.png"),
+                        title=f"{k} nearest regions to {slide_id} @ {query['x']},{query['y']} ({sc.metric}, model {mid})")
+    return SearchResult(table=table, csv=csv, mosaic=mosaic, index=index_note)
