@@ -2,6 +2,7 @@
 Lance vector index on ``regions.emb4k``, against exact search, side by side in one run.
 
     .venv/bin/python bench/search.py [--sizes 100000 1000000] [--queries 200] [--types IVF_PQ IVF_HNSW_SQ]
+                                     [--nprobes 32 64] [--refine 5 20]
 
 Embeddings are synthetic but clustered like real ones (a mixture of 2,000 Gaussian "tissue
 patterns" in 192 dimensions with per-cluster spread), written as a regions table with the same
@@ -68,6 +69,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--types", nargs="+", default=["IVF_PQ", "IVF_HNSW_SQ"])
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--nprobes", type=int, nargs="+", help="query settings tried on each index (default: search.nprobes)")
+    ap.add_argument("--refine", type=int, nargs="+", help="refine factors tried (default: search.refine_factor)")
     args = ap.parse_args()
     base = load_config().search
     print(f"{'rows':>9} {'index':>12} {'build s':>8} {'query ms':>9} {'exact ms':>9} {'numpy ms':>9} "
@@ -100,17 +103,20 @@ def main() -> None:
                 build_index(store, sc)
                 build_s = time.perf_counter() - t0
                 parts = max(1, min(4096, round(n ** 0.5)))
-                lat, hits = [], 0
-                for i, gt in zip(qidx, truth):
-                    t0 = time.perf_counter()
-                    res = search(store, vecs[i], model_id="m", spec_hash="spec", k=args.k, sc=sc)
-                    lat.append(time.perf_counter() - t0)
-                    ids = {(s, r) for s, r in zip(res["slide_id"].to_pylist(), res["region_index"].to_pylist())}
-                    hits += sum((f"s{j // 40}", j % 40) in ids for j in gt)
-                recall = hits / (args.k * len(qidx))
-                print(f"{n:>9} {kind:>12} {build_s:>8.1f} {statistics.median(lat) * 1e3:>9.1f} {flat_ms:>9.1f} "
-                      f"{numpy_ms:>9.1f} {recall:>9.3f}  partitions {parts}, nprobes {sc.nprobes}, "
-                      f"refine {sc.refine_factor}, {sc.metric}", flush=True)
+                for nprobes in args.nprobes or [sc.nprobes]:
+                    for refine in args.refine or [sc.refine_factor]:
+                        q = sc.model_copy(update={"nprobes": nprobes, "refine_factor": refine})
+                        lat, hits = [], 0
+                        for i, gt in zip(qidx, truth):
+                            t0 = time.perf_counter()
+                            res = search(store, vecs[i], model_id="m", spec_hash="spec", k=args.k, sc=q)
+                            lat.append(time.perf_counter() - t0)
+                            ids = set(zip(res["slide_id"].to_pylist(), res["region_index"].to_pylist()))
+                            hits += sum((f"s{j // 40}", j % 40) in ids for j in gt)
+                        recall = hits / (args.k * len(qidx))
+                        print(f"{n:>9} {kind:>12} {build_s:>8.1f} {statistics.median(lat) * 1e3:>9.1f} "
+                              f"{flat_ms:>9.1f} {numpy_ms:>9.1f} {recall:>9.3f}  partitions {parts}, "
+                              f"nprobes {nprobes}, refine {refine}, {sc.metric}", flush=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

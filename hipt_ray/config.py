@@ -209,7 +209,7 @@ class SearchConfig(_Section):
     num_sub_vectors: int | None = Field(default=None, gt=0)  # PQ: None = dim/8 (8 dims per code)
     min_rows: int = Field(default=1000, gt=0)  # fewer embedded regions: exact search, no index
     nprobes: int = Field(default=32, gt=0)
-    refine_factor: int | None = Field(default=5, gt=0)  # re-rank k·refine_factor by exact distance
+    refine_factor: int | None = Field(default=30, gt=0)  # re-rank k·refine_factor by exact distance (bench: 5 → recall@10 0.65, 30 → 0.99 at 1M)
     k: int = Field(default=16, gt=0)
     thumb_px: int = Field(default=192, ge=32)  # mosaic tile size
     model_id: str | None = None  # which embeddings under --out (None: the only one)

@@ -27,10 +27,12 @@ class HeadResult:
     run_id: str
     results_csv: str
     plot: str
+    cohort: str = ""
 
     def lines(self) -> list[str]:
         main_key = "auc" if "auc" in self.metrics else "c_index"
-        lines = [f"{main_key}: {self.metrics[main_key]:.3f} ± {self.metrics[main_key + '_std']:.3f} "
+        lines = [self.cohort] if self.cohort else []
+        lines += [f"{main_key}: {self.metrics[main_key]:.3f} ± {self.metrics[main_key + '_std']:.3f} "
                  f"over {len(self.per_fold)} case-level folds (split {self.split_hash})"]
         lines += [f"{k.replace('_auc', ' AUC').replace('_', ' ')}: {v:.3f} ± {self.metrics[k + '_std']:.3f}"
                   for k, v in self.metrics.items() if k.startswith("probe_") and not k.endswith("_std")]
@@ -110,7 +112,18 @@ def train_head(cfg: Config, *, run_name: str | None = None) -> HeadResult:
         mlflow.log_artifact(results_csv)
         mlflow.log_artifact(plot)
         return HeadResult(metrics=mean, per_fold=per_fold, split_hash=split_hash, run_id=run.info.run_id,
-                          results_csv=results_csv, plot=plot)
+                          results_csv=results_csv, plot=plot, cohort=describe_cohort(cohort))
+
+
+def describe_cohort(cohort) -> str:
+    """One line: cases and slides used, and what did not join (labels ↔ embeddings)."""
+    n_slides = sum(len(v) for v in cohort.slides.values())
+    text = f"cohort: {len(cohort.case_ids)} cases, {n_slides} slides (model {cohort.model_id})"
+    for what, ids in (("labelled slides without embeddings", cohort.missing_embeddings),
+                      ("embedded slides without labels", cohort.unlabelled)):
+        if ids:
+            text += f"; {len(ids)} {what}: {', '.join(ids[:5])}{' …' if len(ids) > 5 else ''}"
+    return text
 
 
 def save_heads(path: str, cfg: Config, cohort, states) -> str:

@@ -106,7 +106,7 @@ def search(store: Store, query: np.ndarray, *, model_id: str, spec_hash: str, k:
                "nprobes": sc.nprobes, "use_index": not exact}
     if sc.refine_factor and not exact:
         nearest["refine_factor"] = sc.refine_factor
-    cols = ["slide_id", "region_index", "x", "y", "level0_w", "level0_h", "read_w", "mpp", "_distance"]
+    cols = ["slide_id", "region_index", "x", "y", "level0_w", "level0_h", "read_w", "read_h", "mpp", "_distance"]
     table = ds.to_table(columns=cols, nearest=nearest, prefilter=True, disable_scoring_autoprojection=True,
                         filter=f"model_id = {_quote(model_id)} AND spec_hash = {_quote(spec_hash)}")
     return table.sort_by("_distance")

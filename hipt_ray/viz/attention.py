@@ -108,11 +108,14 @@ def smoothed_attention(model: HIPT4K, canvas: np.ndarray, size: tuple[int, int],
 
 
 def percentile_map(values: np.ndarray) -> np.ndarray:
-    """Values → their percentile rank in [0, 1] (the HIPT figures' colour scale)."""
-    flat = values.ravel()
-    ranks = np.empty(flat.size, np.float64)
-    ranks[np.argsort(flat, kind="stable")] = np.arange(flat.size)
-    return (ranks / max(flat.size - 1, 1)).reshape(values.shape)
+    """Values → their percentile rank in [0, 1] (the HIPT figures' colour scale); ties share
+    their mean rank, so a constant map is 0.5 everywhere."""
+    from scipy.stats import rankdata
+
+    flat = np.asarray(values, np.float64).ravel()
+    if flat.size < 2:
+        return np.full(values.shape, 0.5)
+    return ((rankdata(flat, method="average") - 1) / (flat.size - 1)).reshape(values.shape)
 
 
 def upsample(cells: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -179,7 +179,8 @@ def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[
         with torch.no_grad():
             logits, attn = head.eval()(cohort.inputs[i])
         attn = attn.numpy()
-        pct = percentile_map(attn) if len(attn) > 1 else np.ones_like(attn)
+        uniform = np.ptp(attn) <= 1e-6 * attn.max()  # mean pooling: no attention to show
+        pct = percentile_map(attn)
         if h.task == "subtyping":
             probs = torch.softmax(logits, 1)[0].numpy()
             k = int(probs.argmax())
@@ -207,7 +208,7 @@ def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[
             ax.imshow(shown)
             ax.set_xticks([])
             ax.set_yticks([])
-            top = int(np.argmax(part_attn)) if len(part_attn) else None
+            top = int(np.argmax(part_attn)) if len(part_attn) and not uniform else None
             if top is not None:
                 r = rows[top]
                 ax.add_patch(plt.Rectangle((r["x"] * k0, r["y"] * k0), r["level0_w"] * k0, r["level0_h"] * k0,
@@ -215,7 +216,8 @@ def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[
             sm = plt.cm.ScalarMappable(cmap=CMAP, norm=matplotlib.colors.Normalize(0, 100))
             fig.colorbar(sm, ax=ax, fraction=0.04, pad=0.01, label="attention percentile within the case")
             ax.set_title(f"{sid} (case {case}, fold {fold_of[case]} model, out-of-fold)\n{h.head} {h.task}: {what}; "
-                         f"{len(rows)} regions, top one dashed", fontsize=9)
+                         f"{len(rows)} regions" + (", equal weights (mean pooling)" if uniform else
+                                                   ", top one dashed"), fontsize=9)
             fig.tight_layout()
             dest = os.path.join(out_dir, f"{sid}_slide_attention.png")
             fig.savefig(dest)

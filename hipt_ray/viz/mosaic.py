@@ -25,8 +25,9 @@ class SearchResult:
 
 
 def region_thumbnail(slide, row: dict, px: int) -> np.ndarray:
-    """A region (level-0 ``x, y, level0_w, level0_h``) read at about ``px`` pixels across."""
-    mpp = row["mpp"] * row["read_w"] / px
+    """A region read at ``px`` pixels across its longer side (edge regions, which are shorter
+    than a full region, keep their scale; the rest of the square is what lies beyond)."""
+    mpp = row["mpp"] * max(row["read_w"], row["read_h"]) / px
     image, _ = slide.read_region((int(row["x"]), int(row["y"])), (px, px), mpp)
     return image
 

@@ -26,8 +26,8 @@ def _thumb(uri: str, endpoint_url: str | None) -> Image.Image | None:
             img = Image.open(io.BytesIO(fh.read())).convert("RGB")
     except (OSError, ValueError):
         return None
-    img.thumbnail((CELL - 8, CELL - 8))
-    return img
+    scale = min((CELL - 8) / img.width, (CELL - 8) / img.height)  # fill the cell, up or down
+    return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.LANCZOS)
 
 
 def qc_page(slides: pa.Table, dest: str, *, endpoint_url: str | None = None, columns: int = 6,
@@ -61,7 +61,7 @@ def qc_page(slides: pa.Table, dest: str, *, endpoint_url: str | None = None, col
         draw.rectangle([x0 + 1, y0 + 1, x0 + CELL - 2, y0 + CELL + CAPTION - 2], outline=colour, width=2)
         cy = y0 + CELL
         draw.text((x0 + 6, cy + 2), f"{r['slide_id']}  [{r['status']}]", fill=colour)
-        mpp = f"{r['mpp']:.3g} µm/px ({r['mpp_source']})" if r.get("mpp") else "mpp unknown"
+        mpp = f"{r['mpp']:.3g} um/px ({r['mpp_source']})" if r.get("mpp") else "mpp unknown"
         draw.text((x0 + 6, cy + 16), f"{r.get('n_regions') or 0} regions, {mpp}", fill=(40, 40, 40))
         if r["status"] != "ok" and thumb is not None:
             for j, line in enumerate(textwrap.wrap(r.get("error") or "", 48)[:2]):

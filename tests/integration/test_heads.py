@@ -57,6 +57,7 @@ def _run(out, *args, capsys):
 def test_subtyping_well_above_chance_and_shuffled_near_chance(cohort, tmp_path, capsys):
     text = _run(cohort, "heads.head=abmil", "heads.epochs=15", "heads.lr=0.001", "heads.folds=5", capsys=capsys)
     auc = float(text.split("auc: ")[1].split(" ")[0])
+    assert "cohort: 80 cases, 80 slides (model m1); 1 labelled slides without embeddings: not-embedded" in text
     # The planted shift is ~14σ of the per-case noise along one direction: measured AUC 1.0.
     assert auc > 0.9, text
     knn = float(text.split("probe knn AUC: ")[1].split(" ")[0])

@@ -77,6 +77,7 @@ def test_shifted_windows_see_different_crops(model):
 def test_percentile_map_is_a_rank_scale():
     v = np.array([[3.0, 1.0], [2.0, 10.0]])
     np.testing.assert_allclose(percentile_map(v), [[2 / 3, 0], [1 / 3, 1]])
+    np.testing.assert_allclose(percentile_map(np.full((3, 3), 0.2)), 0.5)  # ties: no false ranking
 
 
 def test_heatmap_command_writes_the_figures(tmp_path, capsys):
