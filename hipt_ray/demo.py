@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     steps = [
         ["heatmap", "--slide", uri, "--region", f"{best['x']},{best['y']}", "--out", str(figures / "region"),
          "--config", "configs/demo.yaml"],
-        ["heatmap", "--head-run", str(tables / "heads" / "demo-subtyping-best"), "--out", str(figures / "slides"),
+        # An attention head (the sweep's best may be mean pooling, which has no attention to show).
+        ["train-head", "--out", str(tables), "--labels", str(data / "labels.csv"), "--run-name", "demo-abmil",
+         "--config", "configs/demo.yaml", "heads.head=abmil"],
+        ["heatmap", "--head-run", str(tables / "heads" / "demo-abmil"), "--out", str(figures / "slides"),
          "--config", "configs/demo.yaml"],
         ["search", "--out", str(tables), "--slide", best["slide_id"], "--region", f"{best['x']},{best['y']}",
          "--labels", str(data / "labels.csv"), "--dest", str(figures / "search"), "--config", "configs/demo.yaml"],
@@ -95,7 +98,7 @@ demo outputs under {out}:
                     (out-of-fold predictions, roc.png / km.png of the best configuration)
   QC page         : {tables}/qc/overview.png (every slide: tissue contour, regions, failure reasons)
   figures         : {figures}/region/*_hierarchical.png, *_vit256.png, *_vit4k.png (region attention),
-                    {figures}/slides/<slide_id>_slide_attention.png (head attention over each slide),
+                    {figures}/slides/<slide_id>_slide_attention.png (abmil attention over each slide),
                     {figures}/search/*_mosaic.png (nearest regions across all slides, query framed red)
   MLflow          : .venv/bin/mlflow ui --backend-store-uri sqlite:///{tables}/mlflow.db  (sweeps)
                     .venv/bin/mlflow ui --backend-store-uri sqlite:///{ssl}/mlflow.db  (pretraining)
