@@ -94,7 +94,9 @@ class ModelConfig(_Section):
     # Without checkpoints the job refuses to run unless this is true (then the model id says so).
     allow_random_weights: bool = False
     seed: int = 0  # for random weights: every actor builds the same model
-    micro_batch: int = Field(default=32, gt=0)  # 256 px patches per ViT-256 forward (fastest here)
+    # 256 px patches per ViT-256 forward; None: 32 on CPU, 256 on a GPU (the fastest measured in
+    # bench/models.py and, on an H100, bench/gpu.py: 60 vs 50 regions/s bf16 for 256 vs 64)
+    micro_batch: int | None = Field(default=None, gt=0)
 
 
 class EmbedConfig(_Section):

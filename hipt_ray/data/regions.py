@@ -56,7 +56,7 @@ class RegionEmbedder:
     """A model actor: weights loaded once, regions embedded one at a time (their 256 px patches
     in micro-batches). Returns Arrow rows without the pixels."""
 
-    def __init__(self, *, model_name: str, state_dict: dict, micro_batch: int, precision: str,
+    def __init__(self, *, model_name: str, state_dict: dict, micro_batch: int | None, precision: str,
                  compile: bool, use_gpu: bool, store_tokens: bool, schema: pa.Schema) -> None:
         import torch
 
@@ -65,7 +65,7 @@ class RegionEmbedder:
 
         self.torch = torch
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        model = create_model(model_name, micro_batch=micro_batch)
+        model = create_model(model_name, micro_batch=micro_batch or (256 if self.device.type == "cuda" else 32))
         model.load_state_dict(state_dict)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision) or fast_dtype(self.device)
         self.model = prepare_for_inference(model, device=self.device, dtype=dtype, compile=compile)

@@ -12,7 +12,7 @@ from hipt_ray.models.registry import create_model
 def build_model(cfg: Config) -> tuple[torch.nn.Module, str]:
     """The configured model with its weights, and its id (``random-…`` for random weights)."""
     torch.manual_seed(cfg.model.seed)
-    model = create_model(cfg.model.name, micro_batch=cfg.model.micro_batch)
+    model = create_model(cfg.model.name, micro_batch=cfg.model.micro_batch or 32)
     c256, c4k = cfg.model.checkpoint_256, cfg.model.checkpoint_4k
     if not (c256 and c4k) and not cfg.model.allow_random_weights:
         raise ConfigError(

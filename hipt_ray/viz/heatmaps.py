@@ -67,6 +67,7 @@ def region_heatmaps(cfg: Config, slide_uri: str, xy: tuple[int, int], out_dir: s
     use_gpu = cfg.embed.use_gpu is True or (cfg.embed.use_gpu == "auto" and torch.cuda.is_available())
     if use_gpu and torch.cuda.is_available():
         model = model.cuda()
+        model.micro_batch = cfg.model.micro_batch or 256
     size = cfg.tiling.region_px
     offsets = window_offsets(cfg.tiling.patch_px, shifts)
     margin = max(offsets)
