@@ -92,15 +92,7 @@ def dino_steps(args, stage: str, batch: int = 64, steps: int = 5) -> dict:
         ema_update(student, teacher, 0.996)
         return loss.item()
 
-    step()
-    sync(dev)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        loss = step()
-        sync(dev)
-        times.append(time.perf_counter() - t0)
-    sec = statistics.median(times)
+    sec, loss = timed(step, dev, steps)
     row = {"stage": stage, "batch": batch, "s_per_step": round(sec, 4), "samples_per_s": round(batch / sec, 1),
            "loss_finite": bool(np.isfinite(loss))}
     print(json.dumps(row), flush=True)

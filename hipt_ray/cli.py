@@ -42,6 +42,17 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="config overrides, e.g. tiling.mpp=0.25 storage.cache_max_bytes=1e10")
 
 
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint-256", help="ViT-256 weights (official vit256_small_dino.pth layout)")
+    p.add_argument("--checkpoint-4k", help="ViT-4K weights (official vit4k_xs_dino.pth layout)")
+
+
+def _model_values(args: argparse.Namespace) -> dict:
+    """``{"model": {checkpoint_256, checkpoint_4k}}`` for the flags given, else ``{}``."""
+    model = {k: v for k, v in (("checkpoint_256", args.checkpoint_256), ("checkpoint_4k", args.checkpoint_4k)) if v}
+    return {"model": model} if model else {}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hipt-ray", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -57,8 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--slides", required=True,
                        help="a directory, a glob, an s3:// prefix or a manifest .csv (uri[,slide_id,mpp])")
     embed.add_argument("--out", required=True, help="output URI (local or s3://); tile results there are reused")
-    embed.add_argument("--checkpoint-256", help="ViT-256 weights (official vit256_small_dino.pth layout)")
-    embed.add_argument("--checkpoint-4k", help="ViT-4K weights (official vit4k_xs_dino.pth layout)")
+    _checkpoint_args(embed)
     _common(embed)
 
     pre = sub.add_parser("pretrain", help="DINO pretraining of ViT-256 (stage 1) or ViT-4K (stage 2) on Ray Train")
@@ -89,8 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     hm.add_argument("--shifts", type=int, default=2,
                     help="shifted windows per axis averaged to smooth block edges (1: none; default 2)")
     hm.add_argument("--head-run", help="head mode: a train-head/sweep run directory (OUT/heads/<name>) or MLflow run id")
-    hm.add_argument("--checkpoint-256", help="ViT-256 weights (official vit256_small_dino.pth layout)")
-    hm.add_argument("--checkpoint-4k", help="ViT-4K weights (official vit4k_xs_dino.pth layout)")
+    _checkpoint_args(hm)
     _common(hm)
 
     se = sub.add_parser("search", help="regions most similar to one region, across every embedded slide")
@@ -128,13 +137,9 @@ def _cmd_tile(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    values: dict = {"slides": args.slides, "out": args.out}
+    values: dict = {"slides": args.slides, "out": args.out, **_model_values(args)}
     if args.address:
         values["ray"] = {"address": args.address}
-    model = {k: v for k, v in (("checkpoint_256", args.checkpoint_256),
-                               ("checkpoint_4k", args.checkpoint_4k)) if v}
-    if model:
-        values["model"] = model
     cfg = load_config("embed", files=args.config, overrides=args.overrides, values=values)
     init_ray(cfg)
     from hipt_ray.embed.job import run
@@ -219,11 +224,7 @@ def _xy(text: str | None, flag: str = "--region") -> tuple[int, int]:
 
 
 def _cmd_heatmap(args: argparse.Namespace) -> int:
-    values: dict = {}
-    model = {k: v for k, v in (("checkpoint_256", args.checkpoint_256), ("checkpoint_4k", args.checkpoint_4k)) if v}
-    if model:
-        values["model"] = model
-    cfg = load_config("embed", files=args.config, overrides=args.overrides, values=values)
+    cfg = load_config("embed", files=args.config, overrides=args.overrides, values=_model_values(args))
     try:
         if args.head_run:
             from hipt_ray.viz.heatmaps import slide_heatmaps

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     mid, spec = resolve_embedding(store)
     regions = store.regions(spec, model_id=mid, columns=["slide_id", "region_index", "x", "y", "tissue_fraction"])
     best = max(regions.to_pylist(), key=lambda r: r["tissue_fraction"])
-    uri = dict(zip(*[store.latest_slides(spec, mid)[c].to_pylist() for c in ("slide_id", "uri")]))[best["slide_id"]]
+    uri = store.completed(spec, mid)[best["slide_id"]]
     figures = out / "figures"
     steps = [
         ["heatmap", "--slide", uri, "--region", f"{best['x']},{best['y']}", "--out", str(figures / "region"),

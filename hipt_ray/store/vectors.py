@@ -38,11 +38,11 @@ def _sub_vectors(dim: int, wanted: int | None) -> int:
 def index_info(store: Store) -> dict:
     """``{"indexed": rows, "unindexed": rows, "type": ...}`` of the emb4k index (empty if none)."""
     ds = store.dataset(REGIONS)
-    if ds is None or not any(i["name"] == INDEX_NAME for i in ds.list_indices()):
+    index = next((i for i in ds.list_indices() if i["name"] == INDEX_NAME), None) if ds is not None else None
+    if index is None:
         return {}
     stats = ds.stats.index_stats(INDEX_NAME)
-    kind = next(i["type"] for i in ds.list_indices() if i["name"] == INDEX_NAME)
-    return {"indexed": stats["num_indexed_rows"], "unindexed": stats["num_unindexed_rows"], "type": kind}
+    return {"indexed": stats["num_indexed_rows"], "unindexed": stats["num_unindexed_rows"], "type": index["type"]}
 
 
 def build_index(store: Store, sc, *, num_partitions: int | None = None) -> dict:

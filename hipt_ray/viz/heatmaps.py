@@ -164,8 +164,13 @@ def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[
     by_slide: dict[str, list[dict]] = {}
     for r in regions.to_pylist():
         by_slide.setdefault(r["slide_id"], []).append(r)
-    uris = dict(zip(*[store.latest_slides(spec, mid)[c].to_pylist() for c in ("slide_id", "uri")]))
+    uris = store.completed(spec, mid)
     fold_of = {c: f for f, fold in enumerate(saved["folds"]) for c in fold["val"]}
+    heads = []
+    for fold in saved["folds"]:
+        head = build_head(h, cohort)
+        head.load_state_dict(fold["state_dict"])
+        heads.append(head.eval())
     wanted = set(slide_ids) if slide_ids else None
     os.makedirs(out_dir, exist_ok=True)
     cache = make_cache(run_cfg)
@@ -174,11 +179,8 @@ def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[
         slides = cohort.slides[case]
         if wanted is not None and not wanted & set(slides):
             continue
-        fold = saved["folds"][fold_of[case]]
-        head = build_head(h, cohort)
-        head.load_state_dict(fold["state_dict"])
         with torch.no_grad():
-            logits, attn = head.eval()(cohort.inputs[i])
+            logits, attn = heads[fold_of[case]](cohort.inputs[i])
         attn = attn.numpy()
         uniform = np.ptp(attn) <= 1e-6 * attn.max()  # mean pooling: no attention to show
         pct = percentile_map(attn)

@@ -69,8 +69,7 @@ def search_similar(cfg: Config, slide: str, xy: tuple[int, int], *, k: int | Non
     k = k or sc.k
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
     mid, spec = resolve_embedding(store, sc.model_id)
-    latest = store.latest_slides(spec, mid)
-    uris = dict(zip(latest["slide_id"].to_pylist(), latest["uri"].to_pylist()))
+    uris = store.completed(spec, mid)
     slide_id = next((s for s, u in uris.items() if u == slide), slide)
     index_note = refresh_index(store, sc, rebuild=rebuild_index)
     query = find_region(store, slide_id, xy, model_id=mid, spec_hash=spec)

@@ -4,6 +4,7 @@ grid, with its status, region count and, for failed or tissue-less slides, the r
 from __future__ import annotations
 
 import io
+import os
 import textwrap
 
 import numpy as np
@@ -70,7 +71,7 @@ def qc_page(slides: pa.Table, dest: str, *, endpoint_url: str | None = None, col
     page.save(buf, format="PNG")
     fs, path = filesystem(dest, endpoint_url)
     if "://" not in dest:
-        fs.makedirs(fs._parent(path), exist_ok=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     with fs.open(path, "wb") as fh:
         fh.write(buf.getvalue())
     return dest
