@@ -96,7 +96,7 @@ def efficiency(args: argparse.Namespace) -> None:
         overrides += ["model.name=hipt4k", "model.allow_random_weights=true", "embed.compile=true"]
     cfg = load_config("embed", files=files, overrides=overrides,
                       values={"slides": src, "out": str(work / "out")})
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     print(f"{args.slides} slides on {args.storage}, model {cfg.model.name} "
           f"(precision {cfg.embed.precision}, compile {cfg.embed.compile}), {ray.cluster_resources().get('CPU')} CPUs")
     tile.run(cfg)

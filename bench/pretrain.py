@@ -63,7 +63,7 @@ def main() -> None:
 
     from hipt_ray.slides import synthetic
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     work = Path(tempfile.mkdtemp(prefix="pretrain-bench-"))
     slides = work / "slides"
     slides.mkdir()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -22,16 +21,17 @@ log = logging.getLogger("hipt_ray")
 
 
 def init_ray(cfg: Config) -> None:
-    """Connect to ``ray.address`` / ``RAY_ADDRESS``, or start the embedded local Ray."""
-    import ray
+    """Check the output is writable in principle, then join ``ray.address`` / ``RAY_ADDRESS``,
+    or start the command's own local Ray."""
+    from hipt_ray.runtime import ray_address, start_ray
+    from hipt_ray.storage import StorageError, check_output
 
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    if cfg.out:
+        try:
+            check_output(cfg.out, cfg.storage.s3_endpoint_url)
+        except StorageError as exc:
+            raise ConfigError(str(exc)) from None
+    start_ray(address=ray_address(cfg.ray.address), num_cpus=cfg.ray.num_cpus)
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -13,13 +13,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class ConfigError(ValueError):
     """A configuration problem a person can fix; the CLI prints it on one line, exit code 2."""
+
+
+def check_name(value: str, key: str) -> str:
+    """``value`` if it is safe as one path component (a run name, a slide id), else ConfigError
+    naming ``key``: no path separators, no ``..``, not empty, no leading dot."""
+    if not value or value in (".", "..") or value.startswith(".") or any(c in value for c in "/\\\0"):
+        raise ConfigError(
+            f"{key}={value!r} is used as a file name under the output: use letters, digits, '-', '_' "
+            "or '.', with no '/', no '..' and no leading '.'"
+        )
+    return value
 
 
 class _Section(BaseModel):
@@ -94,6 +105,9 @@ class ModelConfig(_Section):
     # Without checkpoints the job refuses to run unless this is true (then the model id says so).
     allow_random_weights: bool = False
     seed: int = 0  # for random weights: every actor builds the same model
+    # Checkpoints, heads.pt and DINO resume files load as tensors + plain types only (a crafted
+    # pickle cannot run code). true: full unpickling, for files you trust and nothing else.
+    allow_unsafe_pickle: bool = False
     # 256 px patches per ViT-256 forward; None: 32 on CPU, 256 on a GPU (the fastest measured in
     # bench/models.py and, on an H100, bench/gpu.py: 60 vs 50 regions/s bf16 for 256 vs 64)
     micro_batch: int | None = Field(default=None, gt=0)
@@ -157,6 +171,11 @@ class PretrainConfig(_Section):
     run_name: str = "hipt-pretrain"
     storage_path: str | None = None  # None: <out>/pretrain
 
+    @field_validator("run_name")
+    @classmethod
+    def _safe_run_name(cls, v: str) -> str:
+        return check_name(v, "pretrain.run_name")
+
 
 class HeadsConfig(_Section):
     """Slide-level heads on bags of region embeddings (one bag per case)."""
@@ -194,6 +213,11 @@ class SweepConfig(_Section):
     max_concurrent: int | None = Field(default=None, gt=0)
     cpus_per_trial: float = Field(default=1.0, gt=0)
     name: str = "hipt-sweep"
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        return check_name(v, "sweep.name")
 
 
 class TrackingConfig(_Section):

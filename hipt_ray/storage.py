@@ -78,6 +78,29 @@ def describe_error(uri: str, exc: BaseException) -> str:
     return f"{uri}: {text}"
 
 
+def check_output(out: str, endpoint_url: str | None = None) -> None:
+    """Refuse an output in a bucket that does not exist (never create one: a misspelt bucket
+    name must not silently become a new bucket), or one this process cannot reach.
+
+    Raises:
+        StorageError: one line naming the bucket and what to do.
+    """
+    if not is_remote(out):
+        return
+    fs, path = filesystem(out, endpoint_url)
+    bucket = path.split("/", 1)[0]
+    scheme = out.split("://", 1)[0]
+    try:
+        exists = fs.exists(bucket)
+    except Exception as exc:
+        raise StorageError(f"output {out}: cannot reach the bucket: {describe_error(f'{scheme}://{bucket}', exc)}") from None
+    if not exists:
+        raise StorageError(
+            f"output {out}: the bucket {scheme}://{bucket} does not exist (hipt-ray never creates "
+            "buckets); check the spelling in --out, or create the bucket first"
+        )
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     uri: str

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -147,9 +149,60 @@ def ray_local(s3_endpoint):
     """One local Ray for the whole run, started after the S3 variables are set."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    from hipt_ray.runtime import start_ray
+
+    start_ray(num_cpus=2)  # a private local Ray, whatever `ray start` left on the machine
     yield ray
     ray.shutdown()
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """End a process started with ``start_new_session=True`` and everything it spawned."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextlib.contextmanager
+def ray_head(*, num_cpus: int = 1, temp_dir: Path | None = None, env: dict | None = None,
+             extra: tuple[str, ...] = ()):
+    """A real ``ray start --head``, yielding ``(process, gcs address, ray_current_cluster path)``; stopped on
+    exit, and Ray's ``ray_current_cluster`` file put back as it was, so that no later
+    ``ray.init()`` on this machine finds the address of a head that is gone."""
+    from ray._common.utils import get_ray_address_file
+
+    address_file = Path(get_ray_address_file(str(temp_dir) if temp_dir else None))
+    before = address_file.read_text() if address_file.is_file() else None
+    port = free_port()
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={port}",
+           "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", *extra]
+    if temp_dir:
+        cmd.append(f"--temp-dir={temp_dir}")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        # Ray records the node's own IP there (not necessarily 127.0.0.1), with our port.
+        while not (address_file.is_file() and address_file.read_text().strip().endswith(f":{port}")):
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"ray start --head on port {port} did not come up")
+            time.sleep(0.5)
+        yield proc, address_file.read_text().strip(), address_file
+    finally:
+        stop_process_group(proc)
+        if before is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_text(before)
 
 
 @pytest.fixture()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from hipt_ray.config import Config
+from hipt_ray.config import Config, check_name
 from hipt_ray.heads.cohort import load_cohort
 from hipt_ray.heads.fit import cross_validate, make_folds
 from hipt_ray.heads.metrics import km_split
@@ -41,7 +41,7 @@ class HeadResult:
         return lines
 
 
-def _run_dir(cfg: Config, name: str) -> str:
+def run_dir_for(cfg: Config, name: str) -> str:
     base = local_path(cfg.out) if not is_remote(cfg.out) else os.getcwd()
     path = os.path.join(base, "heads", name)
     os.makedirs(path, exist_ok=True)
@@ -55,10 +55,10 @@ def train_head(cfg: Config, *, run_name: str | None = None) -> HeadResult:
     from hipt_ray.viz.plots import km_png, roc_png
 
     h = cfg.heads
+    name = check_name(run_name or f"{h.task}-{h.head}", "--run-name")
     cohort = load_cohort(cfg)
     folds, split_hash = make_folds(h, cohort)
-    name = run_name or f"{h.task}-{h.head}"
-    run_dir = _run_dir(cfg, name)
+    run_dir = run_dir_for(cfg, name)
     with open(os.path.join(run_dir, "splits.json"), "w") as fh:
         json.dump({"hash": split_hash, "folds": folds}, fh, indent=1)
     setup_tracking(cfg)

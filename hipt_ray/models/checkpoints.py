@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import logging
+import pickle
 from collections.abc import Mapping
 
 import fsspec
@@ -21,6 +23,8 @@ import torch
 import torch.nn as nn
 
 from hipt_ray.storage import is_remote, storage_options
+
+log = logging.getLogger(__name__)
 
 # What DINO training checkpoints need beyond tensors and plain containers.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -38,24 +42,38 @@ def _open(uri: str, mode: str):
     return fsspec.open(uri, mode, auto_mkdir="w" in mode)
 
 
+UNSAFE_OPT_IN = "model.allow_unsafe_pickle=true"
+
+
+def load_trusted(source: str | io.BytesIO, *, name: str, allow_unsafe_pickle: bool = False) -> object:
+    """``torch.load`` restricted to tensors and plain Python types (``weights_only=True``), so
+    that a crafted file cannot run code; anything else is refused on one line that names the
+    file and the opt-in (``model.allow_unsafe_pickle=true``, for files you trust)."""
+    if allow_unsafe_pickle:
+        log.warning("%s: loading with full unpickling (model.allow_unsafe_pickle=true)", name)
+        return torch.load(source, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        what = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+        raise CheckpointError(
+            f"{name}: refused to unpickle it, it holds more than tensors and plain types"
+            f"{' (' + what.rstrip('.') + ')' if what else ''}; if you trust the file, set {UNSAFE_OPT_IN}"
+        ) from None
+    except Exception as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({type(exc).__name__}: {first})") from None
+
+
 def read_checkpoint(uri: str, *, allow_unsafe_pickle: bool = False) -> object:
-    """Load a checkpoint file from a path or ``s3://`` URI onto the CPU."""
+    """Load a checkpoint file from a path or ``s3://`` URI onto the CPU (see :func:`load_trusted`)."""
     try:
         with _open(uri, "rb") as fh:
             data = fh.read()
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {uri}") from None
-    buf = io.BytesIO(data)
-    if allow_unsafe_pickle:
-        return torch.load(buf, map_location="cpu", weights_only=False)
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(buf, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"{uri}: refused to unpickle more than tensors and argparse.Namespace ({exc}); "
-            "if you trust the file, pass allow_unsafe_pickle=True"
-        ) from None
+    return load_trusted(io.BytesIO(data), name=uri, allow_unsafe_pickle=allow_unsafe_pickle)
 
 
 def extract_state_dict(obj: object, *, key: str | None = "teacher") -> dict[str, torch.Tensor]:

@@ -20,8 +20,8 @@ def build_model(cfg: Config) -> tuple[torch.nn.Module, str]:
             "for tests and demos only, model.allow_random_weights=true embeds with random weights"
         )
     if c256:
-        load_checkpoint(model.vit256, c256)
+        load_checkpoint(model.vit256, c256, allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
     if c4k:
-        load_checkpoint(model.vit4k, c4k)
+        load_checkpoint(model.vit4k, c4k, allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
     mid = model_id(model)
     return model.eval(), mid if (c256 and c4k) else f"random-{mid}"

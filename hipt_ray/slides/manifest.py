@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from hipt_ray.config import ConfigError, check_name
 from hipt_ray.storage import filesystem, is_remote
 
 # Extensions of the single- and multi-file formats OpenSlide 4 reads.
@@ -95,6 +96,10 @@ def list_slides(source: str, *, endpoint_url: str | None = None) -> list[SlideSp
         raise ManifestError(f"no slides found at {source} (extensions: {', '.join(SLIDE_EXTENSIONS)})")
     seen: dict[str, str] = {}
     for spec in specs:
+        try:
+            check_name(spec.slide_id, f"slide_id (of {spec.uri})")
+        except ConfigError as exc:
+            raise ManifestError(str(exc)) from None
         if spec.slide_id in seen:
             raise ManifestError(
                 f"slide id {spec.slide_id!r} is used by both {seen[spec.slide_id]} and {spec.uri}; "

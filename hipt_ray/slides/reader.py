@@ -7,13 +7,17 @@ requested pixels, and transparent pixels (outside the scanned area) are composit
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shlex
 from dataclasses import dataclass
 
 import numpy as np
 import openslide
 from PIL import Image
+
+from hipt_ray.slides.manifest import slide_id_from_uri
 
 # A level whose downsample is within this factor of the wanted one counts as exact
 # (odd level sizes make stored downsamples like 4.0007).
@@ -52,8 +56,20 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     return out
 
 
+def override_hint(slide_id: str) -> str:
+    """How to give ``slide_id`` an MPP, as text that works when pasted into a shell command (the
+    id is a YAML key, so dots and dashes in it are fine)."""
+    value = shlex.quote("{" + json.dumps(slide_id) + ": 0.5}")
+    return (
+        f"set it per slide with an 'mpp' column in a manifest CSV or by adding "
+        f"tiling.mpp_overrides={value} to the command (0.5 µm/px is 20×, 0.25 is 40×: put the "
+        "slide's own value)"
+    )
+
+
 def resolve_mpp(
-    properties: dict[str, str], *, override: float | None, mpp_range: tuple[float, float], name: str
+    properties: dict[str, str], *, override: float | None, mpp_range: tuple[float, float], name: str,
+    slide_id: str | None = None,
 ) -> MPPInfo:
     """Slide MPP from an explicit override, the MPP tags, or the objective power (10 / power).
 
@@ -61,10 +77,7 @@ def resolve_mpp(
         SlideError: no usable MPP (the message says how to set an override), or an MPP outside
             ``mpp_range`` (a broken tag is never guessed around).
     """
-    how_to = (
-        f"set it per slide with an 'mpp' column in a manifest CSV or "
-        f"tiling.mpp_overrides.{name}=<µm per pixel>"
-    )
+    how_to = override_hint(slide_id or slide_id_from_uri(name))
     if override is not None:
         info = MPPInfo(float(override), "override")
     else:
@@ -106,6 +119,7 @@ class Slide:
         name: str | None = None,
         mpp_override: float | None = None,
         mpp_range: tuple[float, float] = (0.1, 2.0),
+        slide_id: str | None = None,
     ) -> None:
         self.path = path
         self.name = name or os.path.basename(path)
@@ -122,7 +136,8 @@ class Slide:
             raise SlideError(f"{self.name}: the slide file is corrupt or truncated ({exc})") from None
         self.properties = dict(self._osr.properties)
         self.mpp_info = resolve_mpp(
-            self.properties, override=mpp_override, mpp_range=mpp_range, name=self.name
+            self.properties, override=mpp_override, mpp_range=mpp_range, name=self.name,
+            slide_id=slide_id,
         )
 
     def __enter__(self) -> Slide:

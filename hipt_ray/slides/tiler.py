@@ -58,7 +58,8 @@ def tile_slide(spec: SlideSpec, cfg: Config, *, cache: StagingCache, spec_hash: 
         path, info = cache.fetch(spec.uri)
         row.update(size=info.size, etag=info.version)
         override = spec.mpp if spec.mpp is not None else cfg.tiling.mpp_overrides.get(spec.slide_id)
-        with Slide(path, name=spec.uri, mpp_override=override, mpp_range=cfg.tiling.mpp_range) as slide:
+        with Slide(path, name=spec.uri, mpp_override=override, mpp_range=cfg.tiling.mpp_range,
+                   slide_id=spec.slide_id) as slide:
             row.update(vendor=slide.vendor, mpp=slide.mpp, mpp_source=slide.mpp_info.source,
                        width=slide.dimensions[0], height=slide.dimensions[1])
             lowres, lowres_mpp = slide.read_lowres(cfg.tissue.mask_mpp)

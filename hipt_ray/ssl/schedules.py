@@ -11,14 +11,16 @@ import torch.nn as nn
 
 def cosine_schedule(base: float, final: float, *, epochs: int, steps_per_epoch: int,
                     warmup_epochs: float = 0, warmup_start: float = 0.0) -> np.ndarray:
-    """Linear warm-up from ``warmup_start`` to ``base``, then a cosine from ``base`` to ``final``;
-    one value per step (``epochs · steps_per_epoch`` in all)."""
+    """The published DINO/HIPT ``cosine_scheduler``, one value per step (``epochs ·
+    steps_per_epoch`` in all): a linear warm-up from ``warmup_start`` to ``base`` that includes
+    ``base`` as its last step, then ``final + ½(base − final)(1 + cos(π i / n))`` for ``i`` in
+    ``0 … n−1``, so the last value approaches ``final`` without reaching it."""
     total = epochs * steps_per_epoch
     warmup = min(total, int(round(warmup_epochs * steps_per_epoch)))
-    ramp = np.linspace(warmup_start, base, warmup, endpoint=False) if warmup else np.zeros(0)
+    ramp = np.linspace(warmup_start, base, warmup)
     n = total - warmup
     steps = np.arange(n)
-    cos = final + 0.5 * (base - final) * (1 + np.cos(math.pi * steps / max(n - 1, 1)))
+    cos = final + 0.5 * (base - final) * (1 + np.cos(math.pi * steps / max(n, 1)))
     return np.concatenate([ramp, cos])
 
 

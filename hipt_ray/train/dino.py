@@ -22,6 +22,7 @@ import torch
 
 from hipt_ray.config import Config, validate_config
 from hipt_ray.models import create_model
+from hipt_ray.models.checkpoints import load_trusted
 from hipt_ray.ssl import (
     DINOHead, DINOLoss, GridCrops, MultiCrop, PixelCrops, cancel_last_layer_gradients,
     cosine_schedule, ema_update, teacher_temperature_schedule,
@@ -87,12 +88,16 @@ def _crops(cfg: Config, batch: dict, transform) -> list[torch.Tensor]:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain types, so the checkpoint loads with weights_only."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+            "python": random.getstate()}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
 
 
@@ -130,7 +135,8 @@ def train_loop(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=False)
+            state = load_trusted(os.path.join(d, CKPT_FILE), name=os.path.join(d, CKPT_FILE),
+                                 allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
         student_module.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])

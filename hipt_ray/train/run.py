@@ -15,7 +15,7 @@ from hipt_ray import tile
 from hipt_ray.config import Config
 from hipt_ray.data.pretrain import build_grid_dataset, build_patch_dataset
 from hipt_ray.models import create_model, export_checkpoint
-from hipt_ray.models.checkpoints import load_state_dict_strict
+from hipt_ray.models.checkpoints import load_state_dict_strict, load_trusted
 from hipt_ray.slides.manifest import list_slides
 from hipt_ray.storage import is_remote, join, local_path
 from hipt_ray.tracking import setup_tracking, tracking_uri
@@ -61,7 +61,8 @@ def _mlflow_run(cfg: Config, params: dict) -> str:
 
 
 def export_teacher(cfg: Config, checkpoint_dir: str, uri: str) -> torch.nn.Module:
-    state = torch.load(os.path.join(checkpoint_dir, CKPT_FILE), map_location="cpu", weights_only=False)
+    state = load_trusted(os.path.join(checkpoint_dir, CKPT_FILE), name=os.path.join(checkpoint_dir, CKPT_FILE),
+                         allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
     backbone = {k[len("backbone."):]: v for k, v in state["teacher"].items() if k.startswith("backbone.")}
     model = create_model(stage_arch(cfg))
     load_state_dict_strict(model, backbone, source=checkpoint_dir)

@@ -74,7 +74,7 @@ def run_sweep(cfg: Config) -> SweepResult:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from hipt_ray.heads.cohort import load_cohort
-    from hipt_ray.heads.run import _run_dir, train_head
+    from hipt_ray.heads.run import run_dir_for, train_head
     from hipt_ray.tracking import setup_tracking
 
     s, h = cfg.sweep, cfg.heads
@@ -82,7 +82,7 @@ def run_sweep(cfg: Config) -> SweepResult:
     space = search_space(s.space)
     cohort = load_cohort(cfg)
     uri = setup_tracking(cfg)  # the experiment is created on the driver, before the trials
-    run_dir = _run_dir(cfg, s.name)
+    run_dir = run_dir_for(cfg, s.name)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=cfg.to_dict(), cohort=cohort, tracking_uri=uri,
                              experiment=cfg.tracking.experiment, sweep_name=s.name),

@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from hipt_ray.config import Config  # noqa: E402
+from hipt_ray.models.checkpoints import load_trusted  # noqa: E402
 from hipt_ray.viz.attention import percentile_map, smoothed_attention, upsample, window_offsets  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -117,12 +118,10 @@ def region_heatmaps(cfg: Config, slide_uri: str, xy: tuple[int, int], out_dir: s
 
 def _load_heads(head_run: str, cfg: Config) -> dict:
     """``heads.pt`` from a run directory, the file itself, or an MLflow run id."""
-    import torch
-
     candidates = [head_run, os.path.join(head_run, "heads.pt")]
     for c in candidates:
         if os.path.isfile(c):
-            return torch.load(c, map_location="cpu", weights_only=False)
+            return load_trusted(c, name=c, allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
     if os.path.exists(head_run):
         raise ValueError(f"{head_run} holds no heads.pt: pass a train-head/sweep run directory "
                          "(e.g. OUT/heads/<name>) or an MLflow run id")
@@ -137,7 +136,8 @@ def _load_heads(head_run: str, cfg: Config) -> dict:
         raise ValueError(f"{head_run} is neither a run directory nor an MLflow run with a heads.pt artifact "
                          f"in {tracking_uri(cfg)} ({type(exc).__name__}); for a run id pass the store it is in, "
                          "e.g. tracking.mlflow_uri=sqlite:///OUT/mlflow.db") from None
-    return torch.load(local, map_location="cpu", weights_only=False)
+    return load_trusted(local, name=f"heads.pt of MLflow run {head_run}",
+                        allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
 
 
 def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[str] | None = None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import yaml
 
 from hipt_ray.store import Store, read_embeddings
 
-from ..conftest import VENV_BIN, copy_slides, free_port
+from ..conftest import VENV_BIN, copy_slides, free_port, ray_head
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,20 +43,14 @@ def test_job_help_exits_0(job):
 def test_ray_job_submit_tile_and_embed(slide_set, tmp_path):
     src = copy_slides(slide_set, ["good", "small", "blank"], tmp_path / "slides")
     out = tmp_path / "out"
-    port, dash, agent = free_port(), free_port(), free_port()
+    dash, agent = free_port(), free_port()
     # Token auth is on by default in Ray 2.60; the CLI clients only send the token in "token" mode.
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
-    temp = Path("/tmp") / f"rayjob{port}"
-    head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={port}",
-         "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}", "--num-cpus=2",
-         f"--temp-dir={temp}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
+    dashboard = ("--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                 f"--dashboard-agent-listen-port={agent}")
+    with ray_head(num_cpus=2, temp_dir=Path("/tmp") / f"rayjob{dash}", env=env, extra=dashboard) as _:
         address = f"http://127.0.0.1:{dash}"
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -91,9 +84,3 @@ def test_ray_job_submit_tile_and_embed(slide_set, tmp_path):
         assert "slides: 3 (2 embedded, 0 failed, 1 no tissue, 0 already done)" in job.stdout
         emb = read_embeddings(str(out))
         assert set(emb) == {"good", "small"} and emb["small"]["emb4k"].shape == (1, 32)
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)

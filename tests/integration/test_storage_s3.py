@@ -71,3 +71,16 @@ def test_checkpoint_export_and_load_through_s3(s3fs_client):
     assert torch.equal(src.eval()(x), dst.eval()(x))
     with pytest.raises(CheckpointError, match="checkpoint not found: s3://ckpt-bkt/run1/missing.pth"):
         load_checkpoint(create_model("vit4k_tiny"), "s3://ckpt-bkt/run1/missing.pth")
+
+
+def test_a_missing_output_bucket_is_a_usage_error_and_is_not_created(s3fs_client, slide_set, tmp_path, capsys):
+    from hipt_ray.cli import main
+
+    from ..conftest import copy_slides
+
+    src = copy_slides(slide_set, ["small"], tmp_path / "slides")
+    code = main(["tile", "--slides", str(src), "--out", "s3://nobucket-typo/out", f"storage.cache_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "s3://nobucket-typo" in err and "does not exist" in err and err.count("\n") == 0
+    s3fs_client.invalidate_cache()
+    assert not s3fs_client.exists("nobucket-typo")

@@ -60,3 +60,29 @@ def test_cli_config_error_exits_2_with_one_line(tmp_path, capsys):
 def test_cli_usage_error_exits_2(capsys):
     assert main(["tile"]) == 2
     assert main(["no-such-command"]) == 2
+
+
+@pytest.mark.parametrize("bad", ["../../../escaped_run", "a/b", "..", ".hidden", "a\\b", ""])
+def test_names_used_in_paths_cannot_escape_the_output(bad, tmp_path, capsys):
+    from hipt_ray.cli import main
+    from hipt_ray.config import check_name
+    from hipt_ray.slides.manifest import ManifestError, list_slides
+
+    with pytest.raises(ConfigError, match="sweep.name"):
+        load_config(overrides=[f"sweep.name={bad!r}"] if bad else ["sweep.name=''"])
+    with pytest.raises(ConfigError, match="pretrain.run_name"):
+        load_config(values={"pretrain": {"run_name": bad}})
+    with pytest.raises(ConfigError, match="--run-name"):
+        check_name(bad, "--run-name")
+    out = tmp_path / "deep" / "er" / "out"
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,case_id,label\na,a,x\n")
+    if bad:
+        assert main(["train-head", "--out", str(out), "--labels", str(labels), "--run-name", bad]) == 2
+        assert "--run-name" in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.csv"]  # nothing written anywhere
+        manifest = tmp_path / "m.csv"
+        manifest.write_text(f"uri,slide_id\n/data/x.svs,{bad}\n")
+        with pytest.raises(ManifestError, match="slide_id"):
+            list_slides(str(manifest))
+        manifest.unlink()

@@ -72,3 +72,18 @@ def test_mpp_override_from_config(slide_set, tmp_path):
     cfg = load_config(overrides=["tiling.mpp_overrides={nompp: 0.5}", f"storage.cache_dir={tmp_path}"])
     r = tile_slide(SlideSpec("nompp", str(slide_set["nompp"])), cfg, cache=make_cache(cfg), spec_hash="h")
     assert r.slide["status"] == "ok" and r.slide["mpp_source"] == "override"
+
+
+@pytest.mark.parametrize("slide_id", ["nompp", "TCGA-A1.01"])
+def test_the_mpp_hint_pastes_as_written(slide_set, tmp_path, slide_id):
+    import shlex
+
+    cfg = load_config(overrides=[f"storage.cache_dir={tmp_path}"])
+    spec = SlideSpec(slide_id, str(slide_set["nompp"]))
+    failed = tile_slide(spec, cfg, cache=make_cache(cfg), spec_hash="h").slide["error"]
+    hint = re.search(r"adding (tiling\.mpp_overrides='[^']*') to the command", failed).group(1)
+    assert slide_id in hint and str(slide_set["nompp"]) not in hint  # the id, not the path
+    (override,) = shlex.split(hint)  # as a shell passes it
+    cfg = load_config(overrides=[override, f"storage.cache_dir={tmp_path}"])
+    r = tile_slide(spec, cfg, cache=make_cache(cfg), spec_hash="h")
+    assert r.slide["status"] == "ok" and r.slide["mpp_source"] == "override" and r.slide["mpp"] == 0.5

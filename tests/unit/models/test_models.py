@@ -227,12 +227,56 @@ class NotAllowed:
     pass
 
 
+class RunsCode:
+    """Unpickling this calls os.makedirs(path): what a crafted checkpoint would do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return os.makedirs, (self.path,)
+
+
 def test_no_arbitrary_pickle_without_opt_in(tmp_path):
     src = create_model("vit4k_tiny")
     torch.save(_official(src, extra={"evil": NotAllowed()}), tmp_path / "x.pth")
-    with pytest.raises(CheckpointError, match="allow_unsafe_pickle=True"):
+    with pytest.raises(CheckpointError, match=r"model\.allow_unsafe_pickle=true$") as err:
         load_checkpoint(create_model("vit4k_tiny"), str(tmp_path / "x.pth"))
+    assert "\n" not in str(err.value) and str(tmp_path / "x.pth") in str(err.value)
     load_checkpoint(create_model("vit4k_tiny"), str(tmp_path / "x.pth"), allow_unsafe_pickle=True)
+
+
+@pytest.mark.parametrize("what", ["heads.pt", "dino.pt"])
+def test_heads_and_resume_files_never_run_code(tmp_path, what, capsys):
+    """`heatmap --head-run` and pretraining resume load with weights_only: a crafted file is refused
+    before any of its code runs; the files this project writes load that way."""
+    from hipt_ray.models.checkpoints import load_trusted
+    from hipt_ray.train.dino import _rng_state, _set_rng_state
+
+    marker = tmp_path / "pwned"
+    torch.save({"config": {}, "folds": [], "x": RunsCode(str(marker))}, tmp_path / what)
+    with pytest.raises(CheckpointError, match="allow_unsafe_pickle"):
+        load_trusted(str(tmp_path / what), name=what)
+    assert not marker.exists()
+    if what == "heads.pt":
+        from hipt_ray.cli import main
+
+        run = tmp_path / "run"
+        run.mkdir()
+        (tmp_path / what).rename(run / what)
+        assert main(["heatmap", "--out", str(tmp_path / "png"), "--head-run", str(run)]) == 2
+        assert "model.allow_unsafe_pickle=true" in capsys.readouterr().err and not marker.exists()
+    else:  # the DINO checkpoint's RNG state is plain data now, so resume loads it safely
+        state = _rng_state()
+        torch.save({"rng": {0: state}, "step": 3}, tmp_path / "ok.pt")
+        back = load_trusted(str(tmp_path / "ok.pt"), name="ok.pt")
+        import numpy as np
+
+        before = np.random.rand()
+        _set_rng_state(back["rng"][0])
+        assert np.random.rand() == before
 
 
 def test_export_round_trip_and_published_loader_compatibility(tmp_path):

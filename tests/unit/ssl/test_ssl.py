@@ -47,14 +47,21 @@ def test_ema_update():
     assert all(torch.equal(s, t) for s, t in zip(student.parameters(), teacher.parameters()))
 
 
-def test_schedule_end_points():
-    lr = cosine_schedule(0.1, 1e-6, epochs=3, steps_per_epoch=10, warmup_epochs=1)
-    assert len(lr) == 30 and lr[0] == 0.0 and lr[10] == pytest.approx(0.1) and lr[-1] == pytest.approx(1e-6)
-    assert np.all(np.diff(lr[10:]) <= 0) and np.all(np.diff(lr[:11]) > 0)
-    wd = cosine_schedule(0.04, 0.4, epochs=2, steps_per_epoch=5)
-    assert wd[0] == pytest.approx(0.04) and wd[-1] == pytest.approx(0.4)
-    mom = cosine_schedule(0.996, 1.0, epochs=4, steps_per_epoch=3)
-    assert mom[0] == pytest.approx(0.996) and mom[-1] == pytest.approx(1.0)
+def test_schedule_is_the_published_dino_cosine_scheduler():
+    # facebookresearch/dino utils.cosine_scheduler (HIPT's copy is byte-identical), values worked
+    # out by hand for 10 epochs x 5 steps with 2 warm-up epochs: the warm-up linspace includes
+    # its end point, the cosine runs over i / n for i < n, so it never quite reaches the final value.
+    lr = cosine_schedule(5e-4, 1e-6, epochs=10, steps_per_epoch=5, warmup_epochs=2)
+    assert len(lr) == 50
+    assert lr[0] == 0.0 and lr[1] == pytest.approx(5e-4 / 9) and lr[9] == pytest.approx(5e-4)
+    assert lr[10] == pytest.approx(5e-4)  # cosine at i = 0
+    assert lr[-1] == pytest.approx(1e-6 + 0.5 * (5e-4 - 1e-6) * (1 + math.cos(math.pi * 39 / 40)))
+    assert lr[-1] == pytest.approx(1.769e-6, abs=1e-9)
+    wd = cosine_schedule(0.04, 0.4, epochs=10, steps_per_epoch=5)
+    assert wd[32] == pytest.approx(0.04 + 0.5 * (0.4 - 0.04) * (1 - math.cos(math.pi * 32 / 50)))
+    mom = cosine_schedule(0.996, 1.0, epochs=10, steps_per_epoch=5)
+    assert mom[0] == 0.996 and mom[-1] == pytest.approx(1.0 - 0.002 * (1 + math.cos(math.pi * 49 / 50)))
+    assert np.all(np.diff(lr[10:]) <= 0) and np.all(np.diff(lr[:10]) > 0)
     temp = teacher_temperature_schedule(0.04, 0.07, epochs=3, steps_per_epoch=4, warmup_epochs=2)
     assert temp[0] == pytest.approx(0.04) and temp[7] == pytest.approx(0.07) and set(temp[8:]) == {0.07}
 
