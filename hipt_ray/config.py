@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,24 +42,28 @@ class StorageConfig(_Section):
     """Where remote slides are staged for OpenSlide, which only reads local files."""
 
     cache_dir: str = "~/.cache/hipt-ray/slides"
-    cache_max_bytes: int = Field(default=50 * 2**30, gt=0)
+    cache_max_bytes: int = Field(default=50 * 2**30, gt=0, le=2**50)
     # Any S3-compatible endpoint (MinIO, Ceph, moto). None: the standard AWS variables/config.
     s3_endpoint_url: str | None = None
-    retries: int = Field(default=3, ge=0)
+    retries: int = Field(default=3, ge=0, le=20)
 
 
 class TilingConfig(_Section):
     """The region grid: ``region_px`` pixels at exactly ``mpp`` µm/px, cut into patches."""
 
-    mpp: float = Field(default=0.5, gt=0)
-    region_px: int = Field(default=4096, gt=0)
-    patch_px: int = Field(default=256, gt=0)
+    # Bounds keep a typo from planning 10^17 regions: 0.05 µm/px is finer than any scanner's level 0.
+    mpp: float = Field(default=0.5, ge=0.05, le=64.0)
+    region_px: int = Field(default=4096, ge=64, le=16384)
+    patch_px: int = Field(default=256, ge=16, le=4096)
     overlap: float = Field(default=0.0, ge=0.0, lt=1.0)
     min_tissue_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
     # A slide MPP outside this range is an error (a broken tag), never a guess.
     mpp_range: tuple[float, float] = (0.1, 2.0)
     # Per-slide MPP for slides whose files carry none: {slide_id: mpp}.
     mpp_overrides: dict[str, float] = Field(default_factory=dict)
+    # A slide whose grid would hold more regions than this fails with a reason (the tile task
+    # never builds it): 200,000 regions of 4096² at 0.5 µm/px is 67 cm² of tissue.
+    max_regions_per_slide: int = Field(default=200_000, ge=1, le=10_000_000)
 
     @model_validator(mode="after")
     def _check(self) -> TilingConfig:
@@ -66,8 +71,11 @@ class TilingConfig(_Section):
             raise ValueError(
                 f"region_px ({self.region_px}) must be a multiple of patch_px ({self.patch_px})"
             )
+        for sid, v in self.mpp_overrides.items():
+            if not (math.isfinite(v) and 0.01 <= v <= 100):
+                raise ValueError(f"mpp_overrides[{sid!r}] = {v} µm/px is not a plausible slide MPP (0.01–100)")
         lo, hi = self.mpp_range
-        if not 0 < lo < hi:
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
             raise ValueError(f"mpp_range must be (low, high) with 0 < low < high, got {lo, hi}")
         return self
 
@@ -80,7 +88,7 @@ class TilingConfig(_Section):
 class TissueConfig(_Section):
     """Tissue detection on a low-resolution image of the slide (physical units throughout)."""
 
-    mask_mpp: float = Field(default=8.0, gt=0)
+    mask_mpp: float = Field(default=8.0, ge=1.0, le=256.0)
     # None: Otsu's threshold on HSV saturation, kept within [min_saturation, max_saturation].
     saturation_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     min_saturation: float = Field(default=0.05, ge=0.0, le=1.0)
@@ -93,7 +101,7 @@ class TissueConfig(_Section):
 
 class QCConfig(_Section):
     enabled: bool = True
-    thumb_px: int = Field(default=1024, ge=64)
+    thumb_px: int = Field(default=1024, ge=64, le=16384)
 
 
 class ModelConfig(_Section):

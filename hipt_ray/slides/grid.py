@@ -42,6 +42,15 @@ def _round_up(value: int, multiple: int) -> int:
     return max(multiple, -(-value // multiple) * multiple)
 
 
+def planned_regions(dimensions: tuple[int, int], slide_mpp: float, tiling: TilingConfig) -> int:
+    """How many grid cells (before the tissue test) ``region_grid`` would visit: computed without
+    building them, to refuse absurd settings before they cost memory."""
+    scale = tiling.mpp / slide_mpp
+    nx = 1 + max(0, math.ceil((dimensions[0] / scale - tiling.region_px) / tiling.stride_px))
+    ny = 1 + max(0, math.ceil((dimensions[1] / scale - tiling.region_px) / tiling.stride_px))
+    return nx * ny
+
+
 def region_grid(
     dimensions: tuple[int, int],
     slide_mpp: float,

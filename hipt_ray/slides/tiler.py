@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 import fsspec
 
 from hipt_ray.config import Config
-from hipt_ray.slides.grid import region_grid
+from hipt_ray.slides.grid import planned_regions, region_grid
 from hipt_ray.slides.manifest import SlideSpec
 from hipt_ray.slides.qc import qc_thumbnail
 from hipt_ray.slides.reader import Slide, SlideError
@@ -64,6 +64,13 @@ def tile_slide(spec: SlideSpec, cfg: Config, *, cache: StagingCache, spec_hash: 
                        width=slide.dimensions[0], height=slide.dimensions[1])
             lowres, lowres_mpp = slide.read_lowres(cfg.tissue.mask_mpp)
             mask, threshold = tissue_mask(lowres, lowres_mpp, cfg.tissue)
+            planned = planned_regions(slide.dimensions, slide.mpp, cfg.tiling)
+            if planned > cfg.tiling.max_regions_per_slide:
+                raise SlideError(
+                    f"{spec.uri}: its grid would hold {planned:,} regions at tiling.mpp={cfg.tiling.mpp:g}, "
+                    f"more than tiling.max_regions_per_slide={cfg.tiling.max_regions_per_slide:,}; check "
+                    "tiling.mpp and the slide's MPP, or raise the cap"
+                )
             grid = region_grid(slide.dimensions, slide.mpp, cfg.tiling, mask, lowres_mpp)
             scale = cfg.tiling.mpp / slide.mpp
             level = slide.best_level(scale)

@@ -35,7 +35,7 @@ def test_unknown_key_names_key_and_expected():
 
 
 def test_wrong_value_names_key():
-    with pytest.raises(ConfigError, match=r"tiling.mpp: .*greater than 0"):
+    with pytest.raises(ConfigError, match=r"tiling.mpp: .*greater than or equal to 0.05"):
         load_config(overrides=["tiling.mpp=-1"])
     with pytest.raises(ConfigError, match="multiple of patch_px"):
         load_config(overrides=["tiling.region_px=1000"])
@@ -86,3 +86,14 @@ def test_names_used_in_paths_cannot_escape_the_output(bad, tmp_path, capsys):
         with pytest.raises(ManifestError, match="slide_id"):
             list_slides(str(manifest))
         manifest.unlink()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("tiling.mpp=1e-9", "tiling.mpp"), ("tiling.mpp=.inf", "tiling.mpp"), ("tiling.mpp=.nan", "tiling.mpp"),
+    ("tiling.region_px=1099511627776", "tiling.region_px"), ("tiling.patch_px=1", "tiling.patch_px"),
+    ("tissue.mask_mpp=1e-6", "tissue.mask_mpp"), ("tiling.mpp_range=[0.1, .inf]", "mpp_range"),
+    ("tiling.mpp_overrides={a: 1e-12}", "mpp_overrides"),
+])
+def test_numeric_settings_have_sane_ranges(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(overrides=[override])

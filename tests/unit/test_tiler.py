@@ -87,3 +87,10 @@ def test_the_mpp_hint_pastes_as_written(slide_set, tmp_path, slide_id):
     cfg = load_config(overrides=[override, f"storage.cache_dir={tmp_path}"])
     r = tile_slide(spec, cfg, cache=make_cache(cfg), spec_hash="h")
     assert r.slide["status"] == "ok" and r.slide["mpp_source"] == "override" and r.slide["mpp"] == 0.5
+
+
+def test_a_slide_over_the_region_cap_fails_with_a_reason(slide_set, tmp_path):
+    cfg = load_config(overrides=["tiling.max_regions_per_slide=1", f"storage.cache_dir={tmp_path}"])
+    r = tile_slide(SlideSpec("good", str(slide_set["good"])), cfg, cache=make_cache(cfg), spec_hash="h")
+    assert r.slide["status"] == "failed" and r.regions == []
+    assert "tiling.max_regions_per_slide=1" in r.slide["error"] and str(slide_set["good"]) in r.slide["error"]
