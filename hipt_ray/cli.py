@@ -265,6 +265,9 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
 
     if args.n_slides < 1:
         raise ConfigError("--n-slides must be at least 1")
+    lo, hi = args.size_um
+    if not 0 < lo <= hi:
+        raise ConfigError(f"--size-um takes MIN MAX with 0 < MIN <= MAX (µm), got {lo:g} {hi:g}")
     out = make_demo_data(args.out, n_slides=args.n_slides, seed=args.seed, n_subtypes=args.n_subtypes,
                          size_um=tuple(args.size_um))
     print(f"wrote {args.n_slides} slides to {out / 'slides'} and labels to {out / 'labels.csv'}")

@@ -195,7 +195,9 @@ def make_demo_data(out: str | Path, *, n_slides: int = 12, seed: int = 0, n_subt
         aperio = i % 3 == 1
         mpp = 0.25 if forty_x else 0.5
         lo, hi = size_um
-        width_um, height_um = rng.uniform(lo * 0.73, hi * 0.6, 2) if forty_x else rng.uniform(lo, hi, 2)
+        if forty_x:  # about a third smaller; for narrow ranges the two bounds can cross
+            lo, hi = sorted((lo * 0.73, hi * 0.6))
+        width_um, height_um = rng.uniform(lo, hi, 2)
         ext = ".svs" if aperio else ".tiff"
         make_slide(slide_dir / f"{slide_id}{ext}", width_um=width_um, height_um=height_um, mpp=mpp,
                    seed=seed * 1000 + i, subtype=subtype, risk=risk,

@@ -2,6 +2,7 @@ import csv
 
 import numpy as np
 import openslide
+import pytest
 
 from hipt_ray.slides import synthetic
 
@@ -38,3 +39,27 @@ def test_demo_data_writes_slides_and_labels(tmp_path):
         assert float(r["survival_months"]) > 0 and r["event"] in ("0", "1")
     files = sorted(p.name for p in (out / "slides").iterdir())
     assert files == ["demo-000.tiff", "demo-001.svs", "demo-002.tiff"]
+
+
+@pytest.mark.parametrize("size_um", [(1200.0, 1200.0), (1200.0, 1400.0)])
+def test_demo_data_takes_any_size_range_with_min_at_most_max(tmp_path, size_um):
+    import openslide
+
+    from hipt_ray.slides.synthetic import make_demo_data
+
+    out = make_demo_data(tmp_path / "d", n_slides=6, seed=0, size_um=size_um)  # slide 5 is 40×
+    slides = sorted((out / "slides").iterdir())
+    assert len(slides) == 6
+    for p in slides:
+        with openslide.OpenSlide(str(p)) as s:
+            mpp = float(s.properties[openslide.PROPERTY_NAME_MPP_X])
+            side_um = max(s.dimensions) * mpp
+        lo, hi = size_um
+        assert min(lo * 0.73, hi * 0.6) - 1 <= side_um <= hi + 1
+
+
+def test_demo_data_refuses_min_above_max(tmp_path, capsys):
+    from hipt_ray.cli import main
+
+    assert main(["make-demo-data", str(tmp_path / "d"), "--size-um", "6000", "3000"]) == 2
+    assert "--size-um" in capsys.readouterr().err and not (tmp_path / "d").exists()
