@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 import os
 
-log = logging.getLogger(__name__)
-
 
 def ray_address(configured: str | None = None) -> str | None:
     """The cluster to join: ``configured`` (``--address`` / ``ray.address``), else

@@ -45,12 +45,14 @@ def _open(uri: str, mode: str):
 UNSAFE_OPT_IN = "model.allow_unsafe_pickle=true"
 
 
-def load_trusted(source: str | io.BytesIO, *, name: str, allow_unsafe_pickle: bool = False) -> object:
+def load_trusted(source: str | io.BytesIO, *, name: str | None = None, allow_unsafe_pickle: bool = False) -> object:
     """``torch.load`` restricted to tensors and plain Python types (``weights_only=True``), so
     that a crafted file cannot run code; anything else is refused on one line that names the
-    file and the opt-in (``model.allow_unsafe_pickle=true``, for files you trust)."""
+    file (``name``, default the path) and the opt-in (``model.allow_unsafe_pickle=true``, for
+    files you trust)."""
+    name = name or str(source)
     if allow_unsafe_pickle:
-        log.warning("%s: loading with full unpickling (model.allow_unsafe_pickle=true)", name)
+        log.warning("%s: loading with full unpickling (%s)", name, UNSAFE_OPT_IN)
         return torch.load(source, map_location="cpu", weights_only=False)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):

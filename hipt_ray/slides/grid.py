@@ -33,9 +33,12 @@ class Region:
         return asdict(self)
 
 
+def _count(extent: float, region_px: int, stride_px: int) -> int:
+    return 1 + max(0, math.ceil((extent - region_px) / stride_px))
+
+
 def _starts(extent: float, region_px: int, stride_px: int) -> list[int]:
-    n = 1 + max(0, math.ceil((extent - region_px) / stride_px))
-    return [i * stride_px for i in range(n)]
+    return [i * stride_px for i in range(_count(extent, region_px, stride_px))]
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -46,8 +49,7 @@ def planned_regions(dimensions: tuple[int, int], slide_mpp: float, tiling: Tilin
     """How many grid cells (before the tissue test) ``region_grid`` would visit: computed without
     building them, to refuse absurd settings before they cost memory."""
     scale = tiling.mpp / slide_mpp
-    nx = 1 + max(0, math.ceil((dimensions[0] / scale - tiling.region_px) / tiling.stride_px))
-    ny = 1 + max(0, math.ceil((dimensions[1] / scale - tiling.region_px) / tiling.stride_px))
+    nx, ny = (_count(side / scale, tiling.region_px, tiling.stride_px) for side in dimensions)
     return nx * ny
 
 

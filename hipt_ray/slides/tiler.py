@@ -62,15 +62,15 @@ def tile_slide(spec: SlideSpec, cfg: Config, *, cache: StagingCache, spec_hash: 
                    slide_id=spec.slide_id) as slide:
             row.update(vendor=slide.vendor, mpp=slide.mpp, mpp_source=slide.mpp_info.source,
                        width=slide.dimensions[0], height=slide.dimensions[1])
-            lowres, lowres_mpp = slide.read_lowres(cfg.tissue.mask_mpp)
-            mask, threshold = tissue_mask(lowres, lowres_mpp, cfg.tissue)
             planned = planned_regions(slide.dimensions, slide.mpp, cfg.tiling)
-            if planned > cfg.tiling.max_regions_per_slide:
+            if planned > cfg.tiling.max_regions_per_slide:  # refused before any pixel is read
                 raise SlideError(
                     f"{spec.uri}: its grid would hold {planned:,} regions at tiling.mpp={cfg.tiling.mpp:g}, "
                     f"more than tiling.max_regions_per_slide={cfg.tiling.max_regions_per_slide:,}; check "
                     "tiling.mpp and the slide's MPP, or raise the cap"
                 )
+            lowres, lowres_mpp = slide.read_lowres(cfg.tissue.mask_mpp)
+            mask, threshold = tissue_mask(lowres, lowres_mpp, cfg.tissue)
             grid = region_grid(slide.dimensions, slide.mpp, cfg.tiling, mask, lowres_mpp)
             scale = cfg.tiling.mpp / slide.mpp
             level = slide.best_level(scale)

@@ -135,8 +135,7 @@ def train_loop(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            state = load_trusted(os.path.join(d, CKPT_FILE), name=os.path.join(d, CKPT_FILE),
-                                 allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
+            state = load_trusted(os.path.join(d, CKPT_FILE), allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
         student_module.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])

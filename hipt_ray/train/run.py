@@ -61,8 +61,7 @@ def _mlflow_run(cfg: Config, params: dict) -> str:
 
 
 def export_teacher(cfg: Config, checkpoint_dir: str, uri: str) -> torch.nn.Module:
-    state = load_trusted(os.path.join(checkpoint_dir, CKPT_FILE), name=os.path.join(checkpoint_dir, CKPT_FILE),
-                         allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
+    state = load_trusted(os.path.join(checkpoint_dir, CKPT_FILE), allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
     backbone = {k[len("backbone."):]: v for k, v in state["teacher"].items() if k.startswith("backbone.")}
     model = create_model(stage_arch(cfg))
     load_state_dict_strict(model, backbone, source=checkpoint_dir)

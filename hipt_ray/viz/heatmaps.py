@@ -121,7 +121,7 @@ def _load_heads(head_run: str, cfg: Config) -> dict:
     candidates = [head_run, os.path.join(head_run, "heads.pt")]
     for c in candidates:
         if os.path.isfile(c):
-            return load_trusted(c, name=c, allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
+            return load_trusted(c, allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
     if os.path.exists(head_run):
         raise ValueError(f"{head_run} holds no heads.pt: pass a train-head/sweep run directory "
                          "(e.g. OUT/heads/<name>) or an MLflow run id")

@@ -50,7 +50,7 @@ def test_ray_job_submit_tile_and_embed(slide_set, tmp_path):
     env.pop("RAY_ADDRESS", None)
     dashboard = ("--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                  f"--dashboard-agent-listen-port={agent}")
-    with ray_head(num_cpus=2, temp_dir=Path("/tmp") / f"rayjob{dash}", env=env, extra=dashboard) as _:
+    with ray_head(num_cpus=2, temp_dir=Path("/tmp") / f"rayjob{dash}", env=env, extra=dashboard):
         address = f"http://127.0.0.1:{dash}"
         deadline = time.time() + 120
         while time.time() < deadline:
