@@ -46,6 +46,9 @@ class StorageConfig(_Section):
     # Any S3-compatible endpoint (MinIO, Ceph, moto). None: the standard AWS variables/config.
     s3_endpoint_url: str | None = None
     retries: int = Field(default=3, ge=0, le=20)
+    # An object-storage output's writer lease expires this long after its run stops renewing it
+    # (a killed run blocks the next one on that output at most this long; local disk: never).
+    lease_seconds: float = Field(default=120.0, ge=10.0, le=3600.0)
 
 
 class TilingConfig(_Section):

@@ -101,6 +101,30 @@ def check_output(out: str, endpoint_url: str | None = None) -> None:
         )
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Whether an object-store error may go away on retry (a timeout, a reset connection, a 5xx),
+    as opposed to a missing object, a refused credential or a bad request."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)):
+        return False
+    low = f"{type(exc).__name__}: {exc}".lower()
+    permanent = ("accessdenied", "access denied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden",
+                 "nosuchbucket", "nosuchkey", "invalidbucketname", "403", "404")
+    return not any(s in low for s in permanent)
+
+
+def with_retries(fn, *, what: str, retries: int = 3, base_delay: float = 0.5):
+    """``fn()``, retried with exponential backoff (0.5, 1, 2 … s, at most 8 s) on transient errors."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == retries or not is_transient(exc):
+                raise
+            log.warning("retrying %s after %s: %s", what, type(exc).__name__, exc)
+            time.sleep(min(base_delay * 2.0**attempt, 8.0))
+    raise AssertionError("unreachable")
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     uri: str
@@ -110,7 +134,7 @@ class ObjectInfo:
 
 def stat(uri: str, endpoint_url: str | None = None) -> ObjectInfo:
     fs, path = filesystem(uri, endpoint_url)
-    info = fs.info(path)
+    info = fs.info(path, refresh=True)  # never a listing cached earlier in this process: the file may have changed
     if info.get("type") == "directory":
         raise IsADirectoryError(f"{uri} is a directory, not a slide file")
     version = info.get("ETag") or info.get("etag") or str(info.get("mtime") or info.get("LastModified") or "")
@@ -157,7 +181,7 @@ class StagingCache:
         """
         if not is_remote(uri):
             return local_path(uri), stat(uri)
-        info = stat(uri, self.endpoint_url)
+        info = with_retries(lambda: stat(uri, self.endpoint_url), what=uri, retries=self.retries)
         if info.size > self.max_bytes:
             raise StorageError(
                 f"{uri} is {info.size / 2**30:.2f} GiB, more than the whole staging cache "

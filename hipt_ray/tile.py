@@ -17,6 +17,7 @@ from hipt_ray.config import Config
 from hipt_ray.slides.manifest import SlideSpec, list_slides
 from hipt_ray.slides.tiler import TileResult, make_cache, tile_slide
 from hipt_ray.store import Store
+from hipt_ray.store.lease import writer_lease
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class TileSummary:
     ok: int = 0
     failed: int = 0
     no_tissue: int = 0
+    changed: int = 0  # completed before, but the file changed since: done again
     regions: int = 0
     seconds: float = 0.0
     out: str = ""
@@ -41,7 +43,7 @@ class TileSummary:
         rate = (self.ok + self.failed + self.no_tissue) / self.seconds if self.seconds else 0.0
         return [
             f"slides: {self.total} ({self.ok} ok, {self.failed} failed, {self.no_tissue} no tissue, "
-            f"{self.skipped} already done)",
+            f"{self.skipped} already done" + (f", {self.changed} changed since and redone)" if self.changed else ")"),
             f"regions: {self.regions}",
             f"time: {self.seconds:.1f} s ({rate:.2f} slides/s)",
             f"outputs: {self.out}/slides.lance, {self.out}/regions.lance, {self.out}/qc/",
@@ -68,10 +70,44 @@ def _crashed(spec: SlideSpec, spec_hash: str, exc: BaseException) -> TileResult:
     })
 
 
+def changed_slides(specs: list[SlideSpec], done: dict[str, dict], endpoint_url: str | None) -> set[str]:
+    """Ids of completed slides (``done``: their status rows) whose file now has another size or
+    ETag/mtime. A slide whose file cannot be checked now counts as unchanged (with a warning):
+    a brief storage outage must not retire finished work."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hipt_ray.storage import stat, with_retries
+    from hipt_ray.store.tables import slide_version
+
+    check = [s for s in specs if s.slide_id in done and done[s.slide_id]["uri"] == s.uri]
+
+    def probe(spec: SlideSpec) -> str | None:
+        try:
+            info = with_retries(lambda: stat(spec.uri, endpoint_url), what=spec.uri)
+        except Exception as exc:
+            log.warning("%s: cannot check whether it changed since it was tiled (%s); keeping its regions",
+                        spec.uri, exc)
+            return None
+        row = done[spec.slide_id]
+        return spec.slide_id if slide_version(info.size, info.version) != slide_version(row["size"], row["etag"]) else None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return {sid for sid in pool.map(probe, check) if sid}
+
+
 def run(cfg: Config, specs: list[SlideSpec] | None = None) -> TileSummary:
     """Tile every slide of ``cfg.slides`` (already listed as ``specs``, if given) into the
-    tables under ``cfg.out``."""
+    tables under ``cfg.out``, holding the output's writer lease.
+
+    Raises:
+        OutputInUse: another run is writing ``cfg.out``.
+    """
     assert cfg.slides and cfg.out, "tile needs slides and out"
+    with writer_lease(cfg.out, "tile", endpoint_url=cfg.storage.s3_endpoint_url, ttl=cfg.storage.lease_seconds):
+        return _run(cfg, specs)
+
+
+def _run(cfg: Config, specs: list[SlideSpec] | None) -> TileSummary:
     t0 = time.perf_counter()
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
     if specs is None:
@@ -80,9 +116,13 @@ def run(cfg: Config, specs: list[SlideSpec] | None = None) -> TileSummary:
     orphans = store.remove_orphans(spec_hash)
     if orphans:
         log.info("removed region rows of %d slides left half-written by an earlier run", len(orphans))
-    done = store.completed(spec_hash)
-    todo = [s for s in specs if done.get(s.slide_id) != s.uri]
-    summary = TileSummary(total=len(specs), skipped=len(specs) - len(todo), out=cfg.out)
+    done = store.done_rows(spec_hash)
+    changed = changed_slides(specs, done, cfg.storage.s3_endpoint_url)
+    if changed:
+        log.info("%d slides changed since they were tiled (size or ETag/mtime): tiling them again", len(changed))
+    todo = [s for s in specs if s.slide_id not in done or done[s.slide_id]["uri"] != s.uri or s.slide_id in changed]
+    replaces = {s.slide_id for s in todo if s.slide_id in done}
+    summary = TileSummary(total=len(specs), skipped=len(specs) - len(todo), changed=len(changed), out=cfg.out)
     cfg_dict = cfg.to_dict()
     max_in_flight = cfg.ray.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending: dict[ray.ObjectRef, SlideSpec] = {}
@@ -91,7 +131,8 @@ def run(cfg: Config, specs: list[SlideSpec] | None = None) -> TileSummary:
 
     def flush() -> None:
         if buffer:
-            store.append_slides([r.slide for r in buffer], [g for r in buffer for g in r.regions])
+            store.append_slides([r.slide for r in buffer], [g for r in buffer for g in r.regions],
+                                replaces=replaces)
             buffer.clear()
 
     while queue or pending:

@@ -16,21 +16,32 @@ import numpy as np
 import pyarrow as pa
 
 from hipt_ray.config import validate_config
-from hipt_ray.slides.reader import Slide
+from hipt_ray.slides.reader import Slide, SlideError
 from hipt_ray.slides.tiler import make_cache
 from hipt_ray.storage import describe_error
+from hipt_ray.store.tables import slide_version
 
 log = logging.getLogger(__name__)
 _OPEN: OrderedDict[str, Slide] = OrderedDict()  # a few open slides per read worker
 _MAX_OPEN = 4
 
 
+def _key(row: dict) -> str:
+    # the file version is part of the key: a handle opened on an earlier content of the same
+    # path (overwritten in place) would decode the new bytes with the old tile directory
+    return f"{row['uri']}\0{row['mpp_override']}\0{row.get('slide_version')}"
+
+
 def _open_slide(row: dict, cfg) -> Slide:
-    key = f"{row['uri']}\0{row['mpp_override']}"
+    key = _key(row)
     if key in _OPEN:
         _OPEN.move_to_end(key)
         return _OPEN[key]
-    path, _ = make_cache(cfg).fetch(row["uri"])
+    path, info = make_cache(cfg).fetch(row["uri"])
+    tiled = row.get("slide_version")
+    if tiled is not None and slide_version(info.size, info.version) != tiled:
+        raise SlideError(f"{row['uri']}: the file changed after it was tiled (size or ETag/mtime differ); "
+                         "rerun the command to tile and embed it again")
     slide = Slide(path, name=row["uri"], mpp_override=row["mpp_override"], mpp_range=cfg.tiling.mpp_range)
     _OPEN[key] = slide
     while len(_OPEN) > _MAX_OPEN:
@@ -46,7 +57,7 @@ def read_region(row: dict[str, Any], *, cfg_dict: dict) -> dict[str, Any]:
         image, _ = slide.read_region((row["x"], row["y"]), (row["read_w"], row["read_h"]), row["mpp"])
         row["image"], row["error"] = image, ""
     except Exception as exc:
-        _OPEN.pop(f"{row['uri']}\0{row['mpp_override']}", None)
+        _OPEN.pop(_key(row), None)
         row["image"] = np.zeros((0, 0, 3), np.uint8)
         row["error"] = str(exc) if type(exc).__name__ == "SlideError" else describe_error(row["uri"], exc)
     return row

@@ -27,7 +27,8 @@ from hipt_ray.data.regions import RegionEmbedder, read_region
 from hipt_ray.models.loading import build_model
 from hipt_ray.slides.manifest import list_slides
 from hipt_ray.store import REGIONS_SCHEMA, Store
-from hipt_ray.store.tables import embedding_fields
+from hipt_ray.store.lease import writer_lease
+from hipt_ray.store.tables import embedding_fields, slide_version
 
 log = logging.getLogger(__name__)
 _COORDS = [f.name for f in REGIONS_SCHEMA if f.name not in ("model_id",)]
@@ -62,7 +63,17 @@ def _status_row(tile_row: dict, *, mid: str, status: str, error: str, n_regions:
 
 
 def run(cfg: Config) -> EmbedSummary:
-    """Embed every slide of ``cfg.slides`` into the tables under ``cfg.out``."""
+    """Embed every slide of ``cfg.slides`` into the tables under ``cfg.out``, holding the
+    output's writer lease (also across the tiling it starts with).
+
+    Raises:
+        OutputInUse: another run is writing ``cfg.out``.
+    """
+    with writer_lease(cfg.out, "embed", endpoint_url=cfg.storage.s3_endpoint_url, ttl=cfg.storage.lease_seconds):
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> EmbedSummary:
     t0 = time.perf_counter()
     listed = list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)
     tiling = tile.run(cfg, listed)  # skips slides already tiled with the same spec
@@ -72,16 +83,20 @@ def run(cfg: Config) -> EmbedSummary:
     summary = EmbedSummary(total=tiling.total, model_id=mid, out=cfg.out)
     if orphans := store.remove_orphans(spec, mid):
         log.info("removed regions of %d slides left half-written by an earlier run", len(orphans))
-    done = store.completed(spec, mid)
     specs = {s.slide_id: s for s in listed}
     tiled = {r["slide_id"]: r for r in store.latest_slides(spec, "").to_pylist() if r["slide_id"] in specs}
+    # Embedded already: the same file version as tiled now (a changed file was tiled again).
+    earlier = store.done_rows(spec, mid)
+    done = {sid for sid, r in earlier.items() if sid in tiled
+            and slide_version(r["size"], r["etag"]) == slide_version(tiled[sid]["size"], tiled[sid]["etag"])}
+    replaces = set(earlier) - done
     summary.skipped = sum(1 for s in specs if s in done)
     # Slides that tiling already failed (or found empty) get their status for this model too.
     carried = [_status_row(r, mid=mid, status=r["status"], error=r["error"], n_regions=0, t0=t0)
                for sid, r in tiled.items() if sid not in done and r["status"] != "ok"]
     for r in carried:
         setattr(summary, r["status"], getattr(summary, r["status"]) + 1)
-    store.append_slides(carried, [])
+    store.append_slides(carried, [], replaces=replaces)
     todo = sorted(sid for sid, r in tiled.items() if sid not in done and r["status"] == "ok")
     if not todo:
         summary.seconds = time.perf_counter() - t0
@@ -129,7 +144,7 @@ def run(cfg: Config) -> EmbedSummary:
         def flush() -> None:
             if ready_slides:
                 store.append_slides(ready_slides, pa.concat_tables(ready_regions) if ready_regions
-                                    else write_schema.empty_table(), write_schema)
+                                    else write_schema.empty_table(), write_schema, replaces=replaces)
                 ready_slides.clear()
                 ready_regions.clear()
 

@@ -77,6 +77,7 @@ def list_slides(source: str, *, endpoint_url: str | None = None) -> list[SlideSp
         specs = _read_manifest(source, endpoint_url)
     else:
         fs, path = filesystem(source, endpoint_url)
+        fs.invalidate_cache()  # list what is there now, not what an earlier run of this process saw
         try:
             if re.search(r"[*?\[]", path):
                 paths = fs.glob(path)

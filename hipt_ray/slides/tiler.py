@@ -16,6 +16,7 @@ from hipt_ray.slides.manifest import SlideSpec
 from hipt_ray.slides.qc import qc_thumbnail
 from hipt_ray.slides.reader import Slide, SlideError
 from hipt_ray.slides.tissue import tissue_mask
+from hipt_ray.store.tables import slide_version
 from hipt_ray.storage import StagingCache, StorageError, describe_error, is_remote, join, storage_options
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def tile_slide(spec: SlideSpec, cfg: Config, *, cache: StagingCache, spec_hash: 
                 regions.append({**r.to_row(), "region_index": r.index, "slide_id": spec.slide_id,
                                 "level": level, "mpp": cfg.tiling.mpp, "read_mpp": read_mpp,
                                 "mpp_source": slide.mpp_info.source, "spec_hash": spec_hash,
-                                "model_id": ""})
+                                "model_id": "", "slide_version": slide_version(info.size, info.version)})
             if cfg.qc.enabled and cfg.out:
                 qc_uri = join(cfg.out, "qc", f"{spec.slide_id}.png")
                 png = qc_thumbnail(lowres, lowres_mpp, mask, grid, slide.mpp, max_px=cfg.qc.thumb_px,

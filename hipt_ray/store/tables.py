@@ -1,9 +1,15 @@
 """The Lance tables under an output URI: ``OUT/slides.lance`` and ``OUT/regions.lance``.
 
 Visibility rule: a slide's region rows are committed *before* its status row, and readers only
-trust regions whose slide has a completed status row for the same tiling spec. A job killed
-between the two commits leaves orphan regions that :func:`remove_orphans` deletes on the next
-run, so a rerun never sees a half-written slide.
+trust regions whose slide has a completed status row for the same tiling spec and model. A job
+killed between the two commits leaves orphan regions that :func:`remove_orphans` deletes on the
+next run, so a rerun never sees a half-written slide.
+
+Every region row also records ``slide_version``, the size and ETag (or mtime) of the file it was
+cut from. A slide whose file changed is tiled and embedded again; readers take only the regions
+of the version its newest status row names, so the new grid replaces the old one at the commit
+of that status row, and the old rows are deleted right after. Readers also return each
+``(slide_id, region_index)`` once, whatever an older table (or a run of an older version) holds.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hipt_ray.storage import is_remote, join
+from hipt_ray.store.lease import check_lease
 
 SLIDES = "slides.lance"
 REGIONS = "regions.lance"
@@ -59,7 +66,21 @@ REGIONS_SCHEMA = pa.schema([
     ("tissue_fraction", pa.float32()),
     ("spec_hash", pa.string()),
     ("model_id", pa.string()),  # "" for rows written by `tile` (no embeddings)
+    ("slide_version", pa.string()),  # "size:etag" of the slide file; null in tables before it
 ])
+
+
+def slide_version(size: int | None, etag: str | None) -> str:
+    """The identity of a slide file's content as the tables record it (see the module doc)."""
+    return f"{size}:{etag or ''}"
+
+
+def sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _in(column: str, values: Iterable[str]) -> str:
+    return f"{column} IN ({', '.join(sql_string(v) for v in values)})"
 
 
 def embedding_fields(dim4k: int, dim256: int) -> list[pa.Field]:
@@ -115,6 +136,7 @@ class Store:
     def _append(self, table: str, data: pa.Table) -> None:
         if data.num_rows == 0:
             return
+        check_lease(self.out)  # a run whose lease was taken over commits nothing more
         ds = self.dataset(table)
         if ds is None:
             lance.write_dataset(data, self.uri(table), mode="create", storage_options=self.options)
@@ -134,12 +156,40 @@ class Store:
         lance.write_dataset(data, self.uri(table), mode="append", storage_options=self.options)
 
     def append_slides(self, slide_rows: list[dict], region_rows: list[dict] | pa.Table,
-                      regions_schema: pa.Schema = REGIONS_SCHEMA) -> None:
-        """Commit regions, then the slides' status rows (see the module's visibility rule)."""
+                      regions_schema: pa.Schema = REGIONS_SCHEMA, *, replaces: Iterable[str] = ()) -> None:
+        """Commit regions, then the slides' status rows (see the module's visibility rule).
+
+        ``replaces``: slides of this batch that were completed before (their file changed);
+        once the new status rows are committed, their earlier region rows are deleted.
+        """
         regions = region_rows if isinstance(region_rows, pa.Table) else pa.Table.from_pylist(
             region_rows, schema=regions_schema)
         self._append(REGIONS, regions)
         self._append(SLIDES, pa.Table.from_pylist(slide_rows, schema=SLIDES_SCHEMA))
+        replaces = set(replaces)
+        for row in slide_rows:
+            if row["slide_id"] in replaces:
+                keep = slide_version(row.get("size"), row.get("etag")) if row["status"] == "ok" else None
+                self._delete_versions({row["slide_id"]: keep}, row["spec_hash"], row["model_id"])
+
+    def _delete_versions(self, keep: dict[str, str | None], spec_hash: str, model_id: str) -> None:
+        """Delete the region rows of each slide in ``keep`` except those of version ``keep[slide]``
+        (all of them for ``None``)."""
+        ds = self.dataset(REGIONS)
+        if ds is None or not keep:
+            return
+        versioned = "slide_version" in ds.schema.names
+        conds = []
+        for sid, version in keep.items():
+            cond = f"slide_id = {sql_string(sid)}"
+            if version is not None and versioned:
+                cond += f" AND (slide_version IS NULL OR slide_version != {sql_string(version)})"
+            elif version is not None:
+                continue  # a table without versions holds only what the status row names
+            conds.append(f"({cond})")
+        for i in range(0, len(conds), 200):
+            ds.delete(f"spec_hash = {sql_string(spec_hash)} AND model_id = {sql_string(model_id)} AND "
+                      f"({' OR '.join(conds[i : i + 200])})")
 
     def latest_slides(self, spec_hash: str | None = None, model_id: str | None = None) -> pa.Table:
         """The newest status row of each slide (optionally for one tiling spec and model)."""
@@ -157,41 +207,85 @@ class Store:
         keep = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
         return rows.take(keep)
 
-    def completed(self, spec_hash: str, model_id: str = "") -> dict[str, str]:
-        """slide_id → uri of slides whose latest row for ``spec_hash`` and ``model_id`` ("" for
-        tiling alone) is ok or no_tissue."""
+    def done_rows(self, spec_hash: str, model_id: str = "") -> dict[str, dict]:
+        """slide_id → the latest status row of slides whose latest row for ``spec_hash`` and
+        ``model_id`` ("" for tiling alone) is ok or no_tissue."""
         latest = self.latest_slides(spec_hash, model_id)
         done = latest.filter(pc.is_in(latest["status"], pa.array(DONE_STATUSES)))
-        return dict(zip(done["slide_id"].to_pylist(), done["uri"].to_pylist()))
+        return {r["slide_id"]: r for r in done.to_pylist()}
 
-    def remove_regions(self, slide_ids: Iterable[str], spec_hash: str, model_id: str = "") -> None:
-        ids = sorted(set(slide_ids))
-        ds = self.dataset(REGIONS)
-        if not ids or ds is None:
-            return
-        for i in range(0, len(ids), 500):
-            quoted = ", ".join("'" + s.replace("'", "''") + "'" for s in ids[i : i + 500])
-            ds.delete(f"spec_hash = '{spec_hash}' AND model_id = '{model_id}' AND slide_id IN ({quoted})")
+    def completed(self, spec_hash: str, model_id: str = "") -> dict[str, str]:
+        """slide_id → uri of the slides :meth:`done_rows` returns."""
+        return {sid: r["uri"] for sid, r in self.done_rows(spec_hash, model_id).items()}
 
     def remove_orphans(self, spec_hash: str, model_id: str = "") -> list[str]:
-        """Delete region rows whose slide has no completed status row (a killed job's leftovers)."""
-        regions = self.read(REGIONS, columns=["slide_id"],
-                            filter=f"spec_hash = '{spec_hash}' AND model_id = '{model_id}'")
-        present = set(pc.unique(regions["slide_id"]).to_pylist())
-        orphans = sorted(present - set(self.completed(spec_hash, model_id)))
-        self.remove_regions(orphans, spec_hash, model_id)
-        return orphans
+        """Delete region rows no reader takes: those of slides without a completed status row (a
+        killed job's leftovers) and those of an earlier version of a slide's file."""
+        ds = self.dataset(REGIONS)
+        if ds is None:
+            return []
+        versioned = "slide_version" in ds.schema.names
+        rows = ds.to_table(columns=["slide_id"] + (["slide_version"] if versioned else []),
+                           filter=f"spec_hash = {sql_string(spec_hash)} AND model_id = {sql_string(model_id)}")
+        done = self.done_rows(spec_hash, model_id)
+        present: dict[str, set] = {}
+        for r in rows.group_by(rows.column_names).aggregate([]).to_pylist():
+            present.setdefault(r["slide_id"], set()).add(r.get("slide_version"))
+        keep: dict[str, str | None] = {}
+        for sid, versions in present.items():
+            if sid not in done:
+                keep[sid] = None
+                continue
+            current = slide_version(done[sid]["size"], done[sid]["etag"])
+            # rows of another version; rows without one only once the current version's are there
+            if versions - {current, None} or (None in versions and current in versions):
+                keep[sid] = current
+        self._delete_versions(keep, spec_hash, model_id)
+        return sorted(keep)
 
     def regions(self, spec_hash: str, slide_ids: Iterable[str] | None = None, model_id: str = "",
                 columns: list[str] | None = None) -> pa.Table:
-        """Region rows of completed slides only, sorted by slide and region index."""
-        done = set(self.completed(spec_hash, model_id))
+        """Region rows of completed slides only, one per region of the slide's current file,
+        sorted by slide and region index."""
+        done = self.done_rows(spec_hash, model_id)
         if slide_ids is not None:
-            done &= set(slide_ids)
-        rows = self.read(REGIONS, columns=columns,
-                         filter=f"spec_hash = '{spec_hash}' AND model_id = '{model_id}'")
-        rows = rows.filter(pc.is_in(rows["slide_id"], pa.array(sorted(done), pa.string())))
-        return rows.sort_by([("slide_id", "ascending"), ("region_index", "ascending")])
+            wanted = set(slide_ids)
+            done = {sid: r for sid, r in done.items() if sid in wanted}
+        ds = self.dataset(REGIONS)
+        names = ds.schema.names if ds is not None else REGIONS_SCHEMA.names
+        cols = list(columns) if columns else list(names)
+        read_cols = [c for c in dict.fromkeys(cols + ["slide_id", "region_index", "slide_version"])
+                     if c != "slide_version" or c in names]
+        filt = f"spec_hash = {sql_string(spec_hash)} AND model_id = {sql_string(model_id)}"
+        if slide_ids is not None and len(done) <= 1000:
+            filt += f" AND {_in('slide_id', done)}" if done else " AND false"
+        rows = self.read(REGIONS, columns=read_cols, filter=filt)
+        if "slide_version" not in rows.column_names:  # a table written before versions
+            rows = rows.append_column("slide_version", pa.nulls(rows.num_rows, pa.string()))
+        rows = current_regions(rows, {sid: slide_version(r["size"], r["etag"]) for sid, r in done.items()})
+        return rows.select(cols)
+
+
+def current_regions(rows: pa.Table, versions: dict[str, str]) -> pa.Table:
+    """Of ``rows`` (with ``slide_id``, ``region_index``, ``slide_version``), those of the slides in
+    ``versions`` and of each one's current version (rows without a version count only for a slide
+    that has none with it), one row per region, sorted by slide and region index."""
+    import numpy as np
+
+    rows = rows.filter(pc.is_in(rows["slide_id"], pa.array(sorted(versions), pa.string())))
+    if rows.num_rows == 0:
+        return rows
+    ids = rows["slide_id"].to_pylist()
+    have = rows["slide_version"].to_pylist()
+    exact = np.array([v is not None and v == versions[s] for s, v in zip(ids, have)])
+    with_exact = {s for s, e in zip(ids, exact) if e}
+    keep = exact | np.array([v is None and s not in with_exact for s, v in zip(ids, have)])
+    rows = rows.filter(pa.array(keep)).sort_by([("slide_id", "ascending"), ("region_index", "ascending")])
+    ids = rows["slide_id"].to_numpy(zero_copy_only=False)
+    idx = rows["region_index"].to_numpy()
+    first = np.ones(len(ids), dtype=bool)
+    first[1:] = (ids[1:] != ids[:-1]) | (idx[1:] != idx[:-1])
+    return rows if first.all() else rows.filter(pa.array(first))
 
 
 def resolve_embedding(store: Store, model_id: str | None = None,

@@ -16,7 +16,7 @@ import os
 import numpy as np
 import pyarrow as pa
 
-from hipt_ray.store.tables import REGIONS, Store
+from hipt_ray.store.tables import REGIONS, Store, current_regions, sql_string, slide_version
 
 log = logging.getLogger(__name__)
 INDEX_NAME = "emb4k_idx"
@@ -77,10 +77,6 @@ def refresh_index(store: Store, sc, *, rebuild: bool = False) -> str:
     return f"vector index built over {n} embedded regions ({info['type']})"
 
 
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def find_region(store: Store, slide_id: str, xy: tuple[int, int], *, model_id: str, spec_hash: str) -> dict:
     """The embedded region of ``slide_id`` that contains level-0 point ``xy``."""
     rows = store.regions(spec_hash, [slide_id], model_id=model_id,
@@ -102,11 +98,21 @@ def search(store: Store, query: np.ndarray, *, model_id: str, spec_hash: str, k:
     """The ``k`` nearest embedded regions to ``query`` (same model and tiling spec), nearest first,
     with ``_distance``; ``exact`` bypasses the index (brute force, for recall measurements)."""
     ds = store.dataset(REGIONS)
-    nearest = {"column": COLUMN, "q": np.asarray(query, np.float32), "k": k, "metric": sc.metric,
-               "nprobes": sc.nprobes, "use_index": not exact}
-    if sc.refine_factor and not exact:
-        nearest["refine_factor"] = sc.refine_factor
+    versions = {sid: slide_version(r["size"], r["etag"]) for sid, r in store.done_rows(spec_hash, model_id).items()}
     cols = ["slide_id", "region_index", "x", "y", "level0_w", "level0_h", "read_w", "read_h", "mpp", "_distance"]
-    table = ds.to_table(columns=cols, nearest=nearest, prefilter=True, disable_scoring_autoprojection=True,
-                        filter=f"model_id = {_quote(model_id)} AND spec_hash = {_quote(spec_hash)}")
-    return table.sort_by("_distance")
+    versioned = "slide_version" in ds.schema.names
+    fetch = k
+    while True:  # ask for more neighbours while duplicates or rows of unfinished slides crowd k out
+        nearest = {"column": COLUMN, "q": np.asarray(query, np.float32), "k": fetch, "metric": sc.metric,
+                   "nprobes": sc.nprobes, "use_index": not exact}
+        if sc.refine_factor and not exact:
+            nearest["refine_factor"] = sc.refine_factor
+        table = ds.to_table(columns=cols + (["slide_version"] if versioned else []), nearest=nearest,
+                            prefilter=True, disable_scoring_autoprojection=True,
+                            filter=f"model_id = {sql_string(model_id)} AND spec_hash = {sql_string(spec_hash)}")
+        if not versioned:
+            table = table.append_column("slide_version", pa.nulls(table.num_rows, pa.string()))
+        found = current_regions(table, versions)
+        if found.num_rows >= k or table.num_rows < fetch:
+            return found.sort_by("_distance").slice(0, k).select(cols)
+        fetch *= 4

@@ -37,3 +37,51 @@ def test_orphan_regions_of_a_killed_run_are_invisible_then_removed(tmp_path):
     assert store.remove_orphans("h1") == ["b"]
     assert store.read(REGIONS)["slide_id"].to_pylist() == ["a"]
     assert store.read(SLIDES).num_rows == 1
+
+
+def _versioned(sid, i, version, spec="h1"):
+    return {**_region(sid, i, spec), "slide_version": version}
+
+
+def _slide_v(sid, size, etag, t, status="ok"):
+    return {**_slide(sid, status, t), "size": size, "etag": etag}
+
+
+def test_regions_are_returned_once_whatever_the_table_holds(tmp_path):
+    # What two runs on one output used to leave: every row and status row twice.
+    store = Store(str(tmp_path))
+    for t in (0, 1):
+        store.append_slides([_slide("a", "ok", t)], [_region("a", 0), _region("a", 1)])
+    assert store.read(REGIONS).num_rows == 4
+    assert store.regions("h1")["region_index"].to_pylist() == [0, 1]
+    # and from a table made by the current code as well (versions recorded)
+    for t in (2, 3):
+        store.append_slides([_slide_v("b", 10, "e1", t)], [_versioned("b", 0, "10:e1")])
+    got = store.regions("h1", ["a", "b"], columns=["slide_id", "region_index"])
+    assert list(zip(got["slide_id"].to_pylist(), got["region_index"].to_pylist())) == [("a", 0), ("a", 1), ("b", 0)]
+
+
+def test_a_changed_slide_file_replaces_its_regions_at_its_status_commit(tmp_path):
+    store = Store(str(tmp_path))
+    store.append_slides([_slide_v("a", 10, "old", 0)], [_versioned("a", i, "10:old") for i in range(3)])
+    # The file changed: a new grid of 2 regions is committed first (the job could die here) …
+    store.append_slides([], [_versioned("a", i, "12:new") for i in range(2)])
+    assert store.regions("h1", columns=["region_index", "slide_version"]).to_pylist() == [
+        {"region_index": i, "slide_version": "10:old"} for i in range(3)]
+    # … and replaces the old grid when its status row lands; the old rows are then deleted.
+    store.append_slides([_slide_v("a", 12, "new", 1)], [], replaces=["a"])
+    assert store.regions("h1", columns=["region_index", "slide_version"]).to_pylist() == [
+        {"region_index": i, "slide_version": "12:new"} for i in range(2)]
+    assert sorted(store.read(REGIONS)["slide_version"].to_pylist()) == ["12:new", "12:new"]
+
+
+def test_leftovers_of_an_earlier_file_version_are_orphans(tmp_path):
+    store = Store(str(tmp_path))
+    store.append_slides([_slide("a", "ok", 0)], [_region("a", 0)])  # a table from before versions
+    store.append_slides([], [_versioned("a", 0, "12:new"), _versioned("a", 1, "12:new")])
+    store.append_slides([_slide_v("a", 12, "new", 1)], [])  # killed before retiring the old row
+    assert store.regions("h1", columns=["region_index", "slide_version"]).to_pylist() == [
+        {"region_index": 0, "slide_version": "12:new"}, {"region_index": 1, "slide_version": "12:new"}]
+    assert store.remove_orphans("h1") == ["a"]
+    assert store.read(REGIONS)["slide_version"].to_pylist() == ["12:new", "12:new"]
+    assert store.remove_orphans("h1") == []
