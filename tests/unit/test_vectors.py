@@ -68,3 +68,18 @@ def test_find_region_names_the_fix(tmp_path, vectors):
         find_region(store, "s1", (9000, 9000), model_id="m1", spec_hash="spec")
     with pytest.raises(ValueError, match="has no embedded regions"):
         find_region(store, "nope", (0, 0), model_id="m1", spec_hash="spec")
+
+
+def test_search_returns_each_region_once_and_only_finished_slides(tmp_path, vectors):
+    store = Store(str(tmp_path))
+    sc = load_config().search
+    _append(store, vectors[:40], 0)
+    _append(store, vectors[:40], 0)  # what two runs on one output used to leave: every row twice
+    # rows of a slide whose status row never landed (a killed run): not returned
+    store._append("regions.lance", pa.Table.from_pylist(
+        [{"slide_id": "half", "region_index": 0, "spec_hash": "spec", "model_id": "m1",
+          "emb4k": vectors[3].astype("float32"), "mean256": np.zeros(48, "float32")}], schema=SCHEMA))
+    got = search(store, vectors[3], model_id="m1", spec_hash="spec", k=10, sc=sc)
+    ids = got["slide_id"].to_pylist()
+    assert len(ids) == 10 and len(set(ids)) == 10 and ids[0] == "s3" and "half" not in ids
+    assert got["_distance"].to_pylist() == sorted(got["_distance"].to_pylist())
