@@ -6,11 +6,10 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 import torch
 
 from hipt_ray.config import Config
-from hipt_ray.storage import filesystem
+from hipt_ray.heads.labels import check_cohort, check_labels, read_labels
 from hipt_ray.store import Store, read_embeddings
 from hipt_ray.store.tables import resolve_embedding
 
@@ -33,17 +32,12 @@ class Cohort:
     # (edge regions may have fewer rows/columns), which the head's own ViT-4K embeds.
     token_bags: list[list[torch.Tensor]] | None = None
     slides: dict[str, list[str]] = field(default_factory=dict)  # case → its embedded slides
+    excluded: list[str] = field(default_factory=list)  # rows of the labels table left out, and why
 
     @property
     def inputs(self) -> list:
         """What the head reads per case: token grids with a local ViT-4K, else emb4k."""
         return self.token_bags if self.token_bags is not None else self.bags
-
-
-def read_labels(uri: str, endpoint_url: str | None = None) -> pd.DataFrame:
-    fs, path = filesystem(uri, endpoint_url)
-    with fs.open(path, "rb") as fh:
-        return pd.read_parquet(fh) if uri.endswith(".parquet") else pd.read_csv(fh)
 
 
 def read_token_grids(store: Store, spec_hash: str, model_id: str, slide_ids: list[str],
@@ -68,24 +62,21 @@ def load_cohort(cfg: Config) -> Cohort:
     h = cfg.heads
     if not h.labels:
         raise ValueError("heads.labels (--labels) is required: a CSV/Parquet with slide_id, case_id and labels")
-    df = read_labels(h.labels, cfg.storage.s3_endpoint_url)
-    need = ["slide_id", "case_id"] + ([h.label_column] if h.task == "subtyping" else ["survival_months", "event"])
-    missing_cols = [c for c in need if c not in df.columns]
-    if missing_cols:
-        raise ValueError(f"{h.labels} lacks column(s) {missing_cols} (has {list(df.columns)})")
-    df = df.astype({"slide_id": str, "case_id": str})
+    df, excluded = check_labels(read_labels(h.labels, cfg.storage.s3_endpoint_url), task=h.task,
+                                label_column=h.label_column)
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
     model_id, spec_hash = resolve_embedding(store, h.model_id)
     emb = read_embeddings(cfg.out, model_id=model_id, spec_hash=spec_hash, endpoint_url=cfg.storage.s3_endpoint_url)
     labelled = set(df["slide_id"])
     cohort = Cohort([], [], missing_embeddings=sorted(labelled - set(emb)),
-                    unlabelled=sorted(set(emb) - labelled), model_id=model_id)
+                    unlabelled=sorted(set(emb) - labelled), model_id=model_id, excluded=excluded)
     if cohort.missing_embeddings:
         log.warning("%d labelled slides have no embeddings: %s", len(cohort.missing_embeddings),
                     ", ".join(cohort.missing_embeddings[:10]))
     df = df[df["slide_id"].isin(emb)]
+    check_cohort(df, task=h.task, label_column=h.label_column)
     if h.task == "subtyping":
-        cohort.classes = sorted(df[h.label_column].astype(str).unique())
+        cohort.classes = sorted(df[h.label_column].unique())
     per_case = df.groupby("case_id", sort=True)
     labels, times, events = [], [], []
     tokens = (read_token_grids(store, spec_hash, model_id, sorted(set(df["slide_id"])), cfg.tiling.patch_px)
@@ -98,11 +89,8 @@ def load_cohort(cfg: Config) -> Cohort:
         cohort.bags.append(torch.from_numpy(np.concatenate([emb[s]["emb4k"] for s in rows["slide_id"]])))
         if tokens is not None:
             cohort.token_bags.append([g for s in rows["slide_id"] for g in tokens[s]])
-        if h.task == "subtyping":
-            values = rows[h.label_column].astype(str).unique()
-            if len(values) != 1:
-                raise ValueError(f"case {case_id} has slides with different labels {list(values)}")
-            labels.append(cohort.classes.index(values[0]))
+        if h.task == "subtyping":  # check_labels: one label, time and event per case
+            labels.append(cohort.classes.index(rows[h.label_column].iloc[0]))
         else:
             times.append(float(rows["survival_months"].iloc[0]))
             events.append(int(rows["event"].iloc[0]))

@@ -123,7 +123,7 @@ def describe_cohort(cohort) -> str:
                       ("embedded slides without labels", cohort.unlabelled)):
         if ids:
             text += f"; {len(ids)} {what}: {', '.join(ids[:5])}{' …' if len(ids) > 5 else ''}"
-    return text
+    return "; ".join([text, *cohort.excluded])
 
 
 def save_heads(path: str, cfg: Config, cohort, states) -> str:

@@ -57,7 +57,7 @@ def mosaic_png(tiles: list[tuple[np.ndarray, str, bool]], path: str, *, columns:
 def search_similar(cfg: Config, slide: str, xy: tuple[int, int], *, k: int | None = None,
                    labels: str | None = None, dest: str | None = None, rebuild_index: bool = False) -> SearchResult:
     """Query with the region of ``slide`` (id or URI) containing level-0 ``xy``."""
-    from hipt_ray.heads.cohort import read_labels
+    from hipt_ray.heads.labels import read_labels
     from hipt_ray.slides.reader import Slide
     from hipt_ray.slides.tiler import make_cache
     from hipt_ray.storage import is_remote, local_path
@@ -79,7 +79,7 @@ def search_similar(cfg: Config, slide: str, xy: tuple[int, int], *, k: int | Non
                              r["_distance"]))
     label_of: dict[str, str] = {}
     if labels:
-        df = read_labels(labels, cfg.storage.s3_endpoint_url).astype({"slide_id": str})
+        df = read_labels(labels, cfg.storage.s3_endpoint_url)
         column = cfg.heads.label_column if cfg.heads.label_column in df.columns else None
         if column:
             label_of = dict(zip(df["slide_id"], df[column].astype(str)))

@@ -103,6 +103,21 @@ def test_missing_label_column_is_exit_2(cohort, capsys):
     assert "grade" in capsys.readouterr().err
 
 
+def test_malformed_labels_are_one_line_exit_2_and_duplicates_are_counted(cohort, tmp_path, capsys):
+    df = pd.read_csv(cohort / "labels.csv", dtype=str)
+    bad = df.copy()
+    bad.loc[3, "event"] = "2"
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    assert main(["train-head", "--out", str(cohort), "--labels", str(tmp_path / "bad.csv"), "--task", "survival"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "column event must be 1" in err.strip().splitlines()[-1] and "line 5" in err
+    pd.concat([df, df.iloc[:2]]).to_csv(tmp_path / "dup.csv", index=False)
+    code = main(["train-head", "--out", str(cohort), "--labels", str(tmp_path / "dup.csv"), "heads.epochs=2",
+                 "heads.folds=2", "heads.head=mean_mlp"])
+    out = capsys.readouterr().out
+    assert code == 0 and "2 duplicate row(s) dropped (lines 83, 84" in out, out
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_two_trial_sweep_logs_every_trial_to_mlflow(ray_local, cohort, capsys):
