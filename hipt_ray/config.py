@@ -92,10 +92,15 @@ class TissueConfig(_Section):
     """Tissue detection on a low-resolution image of the slide (physical units throughout)."""
 
     mask_mpp: float = Field(default=8.0, ge=1.0, le=256.0)
+    # saturation: stained tissue vs colourless glass; luminance: darkness, for grayscale slides;
+    # auto: luminance when the slide's low-resolution image has no colour, else saturation.
+    method: Literal["auto", "saturation", "luminance"] = "auto"
     # None: Otsu's threshold on HSV saturation, kept within [min_saturation, max_saturation].
     saturation_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     min_saturation: float = Field(default=0.05, ge=0.0, le=1.0)
     max_saturation: float = Field(default=0.15, ge=0.0, le=1.0)
+    # None: Otsu on darkness (1 − luma) within [0.12, 0.5]; used by the luminance method only.
+    luminance_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     blur_um: float = Field(default=40.0, ge=0.0)
     closing_um: float = Field(default=80.0, ge=0.0)
     fill_holes: bool = True
@@ -285,6 +290,7 @@ class Config(_Section):
         """Identity of the tiling: two runs with the same hash cut the same regions."""
         spec = {"tiling": self.tiling.model_dump(mode="json"), "tissue": self.tissue.model_dump(mode="json")}
         spec["tiling"].pop("mpp_overrides")  # per-slide facts, not part of the grid rule
+        spec["tiling"].pop("max_regions_per_slide")  # a guard: it fails a slide, never changes a grid
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

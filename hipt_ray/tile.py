@@ -58,16 +58,18 @@ def _tile_task(spec: SlideSpec, cfg_dict: dict, spec_hash: str) -> TileResult:
     return tile_slide(spec, cfg, cache=make_cache(cfg), spec_hash=spec_hash)
 
 
-def _crashed(spec: SlideSpec, spec_hash: str, exc: BaseException) -> TileResult:
-    """A status row for a slide whose task died (e.g. a decoder crash took the worker down)."""
+def _failed(spec: SlideSpec, spec_hash: str, error: str) -> dict:
     from datetime import datetime, timezone
 
-    return TileResult({
-        "slide_id": spec.slide_id, "uri": spec.uri, "status": "failed", "n_regions": 0,
-        "error": f"{spec.uri}: the worker processing this slide died ({type(exc).__name__}); "
-                 "the file may crash the slide decoder: check it opens with OpenSlide",
-        "spec_hash": spec_hash, "model_id": "", "time": datetime.now(timezone.utc),
-    })
+    return {"slide_id": spec.slide_id, "uri": spec.uri, "status": "failed", "n_regions": 0, "error": error,
+            "spec_hash": spec_hash, "model_id": "", "time": datetime.now(timezone.utc)}
+
+
+def _crashed(spec: SlideSpec, spec_hash: str, exc: BaseException) -> TileResult:
+    """A status row for a slide whose task died (e.g. a decoder crash took the worker down)."""
+    return TileResult(_failed(spec, spec_hash, (
+        f"{spec.uri}: the worker processing this slide died ({type(exc).__name__}); "
+        "the file may crash the slide decoder: check it opens with OpenSlide")))
 
 
 def changed_slides(specs: list[SlideSpec], done: dict[str, dict], endpoint_url: str | None) -> set[str]:
@@ -120,9 +122,16 @@ def _run(cfg: Config, specs: list[SlideSpec] | None) -> TileSummary:
     changed = changed_slides(specs, done, cfg.storage.s3_endpoint_url)
     if changed:
         log.info("%d slides changed since they were tiled (size or ETag/mtime): tiling them again", len(changed))
+    refused = [s for s in specs if s.error]  # listed but unusable as they are (a shared id)
+    specs = [s for s in specs if not s.error]
     todo = [s for s in specs if s.slide_id not in done or done[s.slide_id]["uri"] != s.uri or s.slide_id in changed]
     replaces = {s.slide_id for s in todo if s.slide_id in done}
-    summary = TileSummary(total=len(specs), skipped=len(specs) - len(todo), changed=len(changed), out=cfg.out)
+    summary = TileSummary(total=len(specs) + len(refused), skipped=len(specs) - len(todo), changed=len(changed),
+                          out=cfg.out, failed=len(refused))
+    for spec in refused:
+        log.warning("failed: %s", spec.error)
+    store.append_slides([_failed(spec, spec_hash, spec.error) for spec in refused], [],
+                        replaces={s.slide_id for s in refused if s.slide_id in done})
     cfg_dict = cfg.to_dict()
     max_in_flight = cfg.ray.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending: dict[ray.ObjectRef, SlideSpec] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
 from hipt_ray.config import ConfigError, check_name
@@ -27,6 +27,7 @@ class SlideSpec:
     slide_id: str
     uri: str
     mpp: float | None = None  # a per-slide override for files without usable MPP metadata
+    error: str = ""  # set when the slide cannot be processed as listed (an id two files share)
 
 
 def slide_id_from_uri(uri: str) -> str:
@@ -70,8 +71,12 @@ def _read_manifest(source: str, endpoint_url: str | None) -> list[SlideSpec]:
 def list_slides(source: str, *, endpoint_url: str | None = None) -> list[SlideSpec]:
     """Resolve a slide source to slide specs, sorted by slide id.
 
+    Slides that share an id (``a.svs`` and ``a.tiff``, or ``x/a.svs`` and ``y/a.svs``) are
+    listed with ``error`` set, and the tile stage fails each with that reason: the rest of the
+    run goes on.
+
     Raises:
-        ManifestError: nothing matched, the listing failed, or two slides share an id.
+        ManifestError: nothing matched, the listing failed, or an id is unusable as a file name.
     """
     if source.lower().endswith(".csv"):
         specs = _read_manifest(source, endpoint_url)
@@ -95,16 +100,20 @@ def list_slides(source: str, *, endpoint_url: str | None = None) -> list[SlideSp
         specs = [SlideSpec(slide_id_from_uri(p), _with_protocol(source, p)) for p in sorted(paths)]
     if not specs:
         raise ManifestError(f"no slides found at {source} (extensions: {', '.join(SLIDE_EXTENSIONS)})")
-    seen: dict[str, str] = {}
+    uris: dict[str, list[str]] = {}
     for spec in specs:
         try:
             check_name(spec.slide_id, f"slide_id (of {spec.uri})")
         except ConfigError as exc:
             raise ManifestError(str(exc)) from None
-        if spec.slide_id in seen:
-            raise ManifestError(
-                f"slide id {spec.slide_id!r} is used by both {seen[spec.slide_id]} and {spec.uri}; "
-                "give them distinct slide_id values in a manifest"
-            )
-        seen[spec.slide_id] = spec.uri
-    return sorted(specs, key=lambda s: s.slide_id)
+        uris.setdefault(spec.slide_id, []).append(spec.uri)
+    out = []
+    for spec in specs:
+        shared = uris[spec.slide_id]
+        if len(shared) > 1:
+            spec = replace(spec, error=(
+                f"{spec.uri}: slide id {spec.slide_id!r} is shared by {len(shared)} files ({', '.join(shared)}); "
+                "none of them is processed: rename one, or list them in a manifest CSV with distinct "
+                "slide_id values"))
+        out.append(spec)
+    return sorted(out, key=lambda s: (s.slide_id, s.uri))

@@ -15,7 +15,7 @@ from hipt_ray.slides.grid import planned_regions, region_grid
 from hipt_ray.slides.manifest import SlideSpec
 from hipt_ray.slides.qc import qc_thumbnail
 from hipt_ray.slides.reader import Slide, SlideError
-from hipt_ray.slides.tissue import tissue_mask
+from hipt_ray.slides.tissue import tissue_mask, tissue_method
 from hipt_ray.store.tables import slide_version
 from hipt_ray.storage import StagingCache, StorageError, describe_error, is_remote, join, storage_options
 
@@ -72,6 +72,7 @@ def tile_slide(spec: SlideSpec, cfg: Config, *, cache: StagingCache, spec_hash: 
                 )
             lowres, lowres_mpp = slide.read_lowres(cfg.tissue.mask_mpp)
             mask, threshold = tissue_mask(lowres, lowres_mpp, cfg.tissue)
+            method = tissue_method(lowres, cfg.tissue)
             grid = region_grid(slide.dimensions, slide.mpp, cfg.tiling, mask, lowres_mpp)
             scale = cfg.tiling.mpp / slide.mpp
             level = slide.best_level(scale)
@@ -100,8 +101,9 @@ def tile_slide(spec: SlideSpec, cfg: Config, *, cache: StagingCache, spec_hash: 
             row["error"] = (
                 f"{spec.uri}: no region reaches tiling.min_tissue_fraction="
                 f"{cfg.tiling.min_tissue_fraction} (tissue {mask.mean():.1%} of the slide at "
-                f"saturation threshold {threshold:.3f}); if the slide does hold tissue, lower "
-                "tiling.min_tissue_fraction or set tissue.saturation_threshold"
+                f"{method} threshold {threshold:.3f}); if the slide does hold tissue, lower "
+                f"tiling.min_tissue_fraction or set tissue.{method}_threshold"
+                + (" (or tissue.method=luminance for a slide without colour)" if method == "saturation" else "")
             )
     except (SlideError, StorageError) as exc:
         row["error"] = str(exc)

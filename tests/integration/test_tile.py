@@ -80,6 +80,21 @@ def test_rerun_after_a_kill_between_commits(ray_local, slide_set, tmp_path, caps
     capsys.readouterr()
 
 
+def test_two_files_with_one_stem_fail_alone(ray_local, slide_set, tmp_path, capsys):
+    src = copy_slides(slide_set, ["small", "objective"], tmp_path / "src")
+    (src / "objective.svs").rename(src / "small.svs")  # small.tiff and small.svs: one slide id
+    copy_slides(slide_set, ["good"], src)
+    out = str(tmp_path / "out")
+    code = main(["tile", "--slides", str(src), "--out", out, f"storage.cache_dir={tmp_path / 'cache'}"])
+    printed = capsys.readouterr().out
+    assert code == 3 and "slides: 3 (1 ok, 2 failed" in printed, printed
+    rows = Store(out).read(SLIDES).to_pylist()
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert sorted(r["uri"] for r in failed) == [str(src / "small.svs"), str(src / "small.tiff")]
+    assert all("slide id 'small' is shared by 2 files" in r["error"] for r in failed)
+    assert _statuses(out)["good"] == "ok"
+
+
 def test_tile_from_s3_to_s3(ray_local, slide_set, s3fs_client, tmp_path, capsys):
     s3fs_client.mkdir("tile-bkt")
     for name in ("good", "forty", "small", "corrupt"):

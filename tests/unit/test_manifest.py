@@ -23,7 +23,13 @@ def test_bad_sources_are_usage_errors(tmp_path):
     bad.write_text("path\nx.svs\n")
     with pytest.raises(ManifestError, match="'uri' column"):
         list_slides(str(bad))
+
+
+
+def test_slides_sharing_an_id_are_listed_with_a_reason(tmp_path):
     dup = tmp_path / "d.csv"
-    dup.write_text("uri\na/x.svs\nb/x.svs\n")
-    with pytest.raises(ManifestError, match="slide id 'x' is used by both"):
-        list_slides(str(dup))
+    dup.write_text("uri\na/x.svs\nb/x.svs\nc/y.svs\n")
+    specs = list_slides(str(dup))
+    assert [(s.slide_id, bool(s.error)) for s in specs] == [("x", True), ("x", True), ("y", False)]
+    assert "slide id 'x' is shared by 2 files" in specs[0].error and "distinct slide_id" in specs[0].error
+    assert str(tmp_path / "a/x.svs") in specs[0].error and str(tmp_path / "b/x.svs") in specs[0].error

@@ -5,7 +5,7 @@ from PIL import Image
 from hipt_ray.config import TissueConfig
 from hipt_ray.slides import synthetic
 from hipt_ray.slides.reader import Slide
-from hipt_ray.slides.tissue import tissue_mask
+from hipt_ray.slides.tissue import is_grayscale, tissue_mask, tissue_method
 
 
 def _iou(a, b):
@@ -38,3 +38,22 @@ def test_small_specks_are_removed_and_holes_filled():
     rgb[10:12, 10:12] = (150, 60, 120)  # dust: 16×16 µm
     mask, _ = tissue_mask(rgb, 8.0, TissueConfig())
     assert mask[100, 100] and not mask[11, 11] and mask.sum() == pytest.approx(100 * 100, rel=0.02)
+
+
+def test_a_grayscale_slide_is_found_by_luminance(tmp_path):
+    rgb, gt = synthetic.render(8000, 6000, mpp=0.5, seed=24, n_blobs=2)
+    gray = np.repeat(np.round(rgb @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None], 3, axis=-1)
+    synthetic.write_slide(tmp_path / "gray.tiff", gray, mpp=0.5)
+    with Slide(str(tmp_path / "gray.tiff")) as slide:
+        low, mpp = slide.read_lowres(8.0)
+    assert is_grayscale(low) and tissue_method(low, TissueConfig()) == "luminance"
+    sat_mask, _ = tissue_mask(low, mpp, TissueConfig(method="saturation"))
+    assert sat_mask.mean() < 0.01  # saturation sees nothing on a slide without colour
+    mask, threshold = tissue_mask(low, mpp, TissueConfig())
+    found = np.asarray(Image.fromarray(mask).resize(gt.shape[::-1], Image.Resampling.NEAREST))
+    assert _iou(found, gt) >= 0.85 and 0.12 <= threshold <= 0.5
+    # blank gray glass stays empty, and colour slides keep the saturation rule
+    glass = np.full_like(low, 236) + np.random.default_rng(0).integers(0, 3, low.shape[:2], dtype=np.uint8)[..., None]
+    assert tissue_mask(glass, mpp, TissueConfig())[0].sum() == 0
+    colour, _ = synthetic.render(800, 600, mpp=8.0, seed=25)
+    assert tissue_method(colour, TissueConfig()) == "saturation"
