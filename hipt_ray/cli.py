@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from hipt_ray.config import Config, ConfigError, load_config
 from hipt_ray.models.checkpoints import CheckpointError
 from hipt_ray.slides.manifest import ManifestError
+from hipt_ray.storage import OutputStoreError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SLIDES_FAILED = 0, 1, 2, 3
 log = logging.getLogger("hipt_ray")
@@ -292,6 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ManifestError, CheckpointError) as exc:
         print(f"hipt-ray {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OutputStoreError as exc:  # one line: the URI, the cause, the fix
+        print(f"hipt-ray {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE if exc.config else EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -78,12 +79,60 @@ def describe_error(uri: str, exc: BaseException) -> str:
     return f"{uri}: {text}"
 
 
+class OutputStoreError(StorageError):
+    """The output store refused or failed a request; ``config`` when only the user can fix it
+    (credentials, bucket, endpoint: exit code 2), else a failure that outlasted the retries."""
+
+    def __init__(self, message: str, *, config: bool) -> None:
+        super().__init__(message)
+        self.config = config
+
+
+_UNREACHABLE = ("could not connect", "error sending request", "connection refused", "endpointconnectionerror",
+                "connecttimeout", "timed out", "name or service not known", "failed to resolve", "dns error")
+
+
+def _gist(text: str) -> str:
+    """A server's XML error reduced to ``Code: Message``; anything else to its first line."""
+    code, msg = re.search(r"<Code>(.*?)</Code>", text), re.search(r"<Message>(.*?)</Message>", text)
+    if code:
+        return f"{code.group(1)}: {msg.group(1)}" if msg else code.group(1)
+    line = text.strip().splitlines()[0] if text.strip() else text
+    return line if len(line) <= 200 else line[:200] + " …"
+
+
+def output_error(uri: str, exc: BaseException, *, at_start: bool = False) -> OutputStoreError:
+    """One line naming ``uri``, the cause and the fix for a failed output-store request.
+    ``at_start``: the first contact with the store, where an unreachable endpoint is a setting."""
+    text = f"{type(exc).__name__}: {exc}"
+    low = text.lower()
+    if "nocredentialserror" in low or "unable to locate credentials" in low:
+        cause, fix, config = "no AWS credentials were found", "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)", True
+    elif isinstance(exc, PermissionError) or any(s in low for s in (
+            "accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden", " 403")):
+        cause, fix, config = (f"access denied ({_gist(str(exc))})",
+                              "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy", True)
+    elif "nosuchbucket" in low:
+        cause, fix, config = ("the bucket does not exist",
+                              "check the bucket name in --out (hipt-ray never creates buckets)", True)
+    elif any(s in low for s in _UNREACHABLE):
+        where = re.search(r"https?://[^/\s\"']+", str(exc))
+        cause, fix, config = ("cannot reach the object store" + (f" at {where.group(0)}" if where else ""),
+                              "check AWS_ENDPOINT_URL / storage.s3_endpoint_url and the network", at_start)
+    else:
+        cause, fix, config = _gist(str(exc)) or type(exc).__name__, "", False
+    if not config:
+        fix = (fix + "; " if fix else "") + "nothing committed is lost: rerun to resume"
+    return OutputStoreError(f"output {uri}: {cause}; {fix}", config=config)
+
+
 def check_output(out: str, endpoint_url: str | None = None) -> None:
     """Refuse an output in a bucket that does not exist (never create one: a misspelt bucket
-    name must not silently become a new bucket), or one this process cannot reach.
+    name must not silently become a new bucket), one the credentials cannot reach, or an
+    endpoint that does not answer.
 
     Raises:
-        StorageError: one line naming the bucket and what to do.
+        OutputStoreError: one line naming the bucket, the cause and what to do.
     """
     if not is_remote(out):
         return
@@ -91,24 +140,30 @@ def check_output(out: str, endpoint_url: str | None = None) -> None:
     bucket = path.split("/", 1)[0]
     scheme = out.split("://", 1)[0]
     try:
-        exists = fs.exists(bucket)
-    except Exception as exc:
-        raise StorageError(f"output {out}: cannot reach the bucket: {describe_error(f'{scheme}://{bucket}', exc)}") from None
-    if not exists:
-        raise StorageError(
+        if hasattr(fs, "call_s3"):  # HeadBucket tells 404 (no bucket) from 403 and no answer
+            fs.call_s3("head_bucket", Bucket=bucket)
+        elif not fs.exists(bucket):
+            raise FileNotFoundError(bucket)
+    except FileNotFoundError:
+        raise OutputStoreError(
             f"output {out}: the bucket {scheme}://{bucket} does not exist (hipt-ray never creates "
-            "buckets); check the spelling in --out, or create the bucket first"
-        )
+            "buckets); check the spelling in --out, or create the bucket first", config=True) from None
+    except Exception as exc:
+        raise output_error(out, exc, at_start=True) from None
 
 
 def is_transient(exc: BaseException) -> bool:
     """Whether an object-store error may go away on retry (a timeout, a reset connection, a 5xx),
-    as opposed to a missing object, a refused credential or a bad request."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)):
+    as opposed to a missing object, a refused credential or a bad request. Lance reports its I/O
+    failures as ``ValueError``/``OSError`` with ``LanceError(IO)``."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     low = f"{type(exc).__name__}: {exc}".lower()
+    if isinstance(exc, ValueError) and "lanceerror(io)" not in low:
+        return False
     permanent = ("accessdenied", "access denied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden",
-                 "nosuchbucket", "nosuchkey", "invalidbucketname", "403", "404")
+                 "nosuchbucket", "nosuchkey", "invalidbucketname", "nocredentials", "unable to locate credentials",
+                 "403", "404", "was not found")
     return not any(s in low for s in permanent)
 
 

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from hipt_ray.config import ConfigError
-from hipt_ray.storage import filesystem, is_remote, join, local_path
+from hipt_ray.storage import OutputStoreError, filesystem, is_remote, join, local_path
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,12 @@ class OutputInUse(ConfigError):
     """Another run holds the output's writer lease (exit code 2)."""
 
 
-class LeaseLost(RuntimeError):
-    """This run's lease expired and another run took the output over; nothing more is committed."""
+class LeaseLost(OutputStoreError):
+    """This run's lease expired and another run took the output over; nothing more is committed
+    (exit code 1)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, config=False)
 
 
 def _key(out: str) -> str:

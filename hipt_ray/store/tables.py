@@ -21,7 +21,7 @@ import lance
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hipt_ray.storage import is_remote, join
+from hipt_ray.storage import OutputStoreError, is_remote, join, output_error, with_retries
 from hipt_ray.store.lease import check_lease
 
 SLIDES = "slides.lance"
@@ -117,13 +117,27 @@ class Store:
     def uri(self, table: str) -> str:
         return join(self.out, table)
 
-    def dataset(self, table: str) -> lance.LanceDataset | None:
+    def _io(self, table: str, fn):
+        """``fn()`` against the store, retried on transient errors; any other failure becomes one
+        :class:`OutputStoreError` line naming the table, the cause and the fix."""
         try:
-            return lance.dataset(self.uri(table), storage_options=self.options)
-        except (FileNotFoundError, ValueError, OSError) as exc:
-            if "not found" in str(exc).lower() or "does not exist" in str(exc).lower() or isinstance(exc, FileNotFoundError):
-                return None
+            return with_retries(fn, what=self.uri(table))
+        except OutputStoreError:
             raise
+        except (OSError, ValueError, RuntimeError) as exc:
+            if isinstance(exc, ValueError) and "lanceerror(io)" not in str(exc).lower():
+                raise  # a bad filter or schema: our bug or the caller's, not the store's
+            raise output_error(self.uri(table), exc) from None
+
+    def dataset(self, table: str) -> lance.LanceDataset | None:
+        def open_():
+            try:
+                return lance.dataset(self.uri(table), storage_options=self.options)
+            except (FileNotFoundError, ValueError, OSError) as exc:
+                if isinstance(exc, FileNotFoundError) or "was not found" in str(exc).lower():
+                    return None
+                raise
+        return self._io(table, open_)
 
     def read(self, table: str, *, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
         ds = self.dataset(table)
@@ -131,7 +145,7 @@ class Store:
         if ds is None:
             empty = schema.empty_table()
             return empty.select(columns) if columns else empty
-        return ds.to_table(columns=columns, filter=filter)
+        return self._io(table, lambda: ds.to_table(columns=columns, filter=filter))
 
     def _append(self, table: str, data: pa.Table) -> None:
         if data.num_rows == 0:
@@ -139,11 +153,12 @@ class Store:
         check_lease(self.out)  # a run whose lease was taken over commits nothing more
         ds = self.dataset(table)
         if ds is None:
-            lance.write_dataset(data, self.uri(table), mode="create", storage_options=self.options)
+            self._io(table, lambda: lance.write_dataset(data, self.uri(table), mode="create",
+                                                        storage_options=self.options))
             return
         missing = [f for f in data.schema if f.name not in ds.schema.names]
         if missing:  # e.g. embeddings appended to a table `tile` created: add all-null columns
-            ds.add_columns(missing)
+            self._io(table, lambda: ds.add_columns(missing))
             ds = self.dataset(table)
         for f in data.schema:
             have = ds.schema.field(f.name).type
@@ -153,7 +168,8 @@ class Store:
                     "(a model of another size?): write to a new --out"
                 )
         data = data.select([n for n in ds.schema.names if n in data.schema.names])
-        lance.write_dataset(data, self.uri(table), mode="append", storage_options=self.options)
+        self._io(table, lambda: lance.write_dataset(data, self.uri(table), mode="append",
+                                                    storage_options=self.options))
 
     def append_slides(self, slide_rows: list[dict], region_rows: list[dict] | pa.Table,
                       regions_schema: pa.Schema = REGIONS_SCHEMA, *, replaces: Iterable[str] = ()) -> None:
@@ -188,8 +204,9 @@ class Store:
                 continue  # a table without versions holds only what the status row names
             conds.append(f"({cond})")
         for i in range(0, len(conds), 200):
-            ds.delete(f"spec_hash = {sql_string(spec_hash)} AND model_id = {sql_string(model_id)} AND "
-                      f"({' OR '.join(conds[i : i + 200])})")
+            where = (f"spec_hash = {sql_string(spec_hash)} AND model_id = {sql_string(model_id)} AND "
+                     f"({' OR '.join(conds[i : i + 200])})")
+            self._io(REGIONS, lambda: ds.delete(where))
 
     def latest_slides(self, spec_hash: str | None = None, model_id: str | None = None) -> pa.Table:
         """The newest status row of each slide (optionally for one tiling spec and model)."""
@@ -225,8 +242,9 @@ class Store:
         if ds is None:
             return []
         versioned = "slide_version" in ds.schema.names
-        rows = ds.to_table(columns=["slide_id"] + (["slide_version"] if versioned else []),
-                           filter=f"spec_hash = {sql_string(spec_hash)} AND model_id = {sql_string(model_id)}")
+        rows = self._io(REGIONS, lambda: ds.to_table(
+            columns=["slide_id"] + (["slide_version"] if versioned else []),
+            filter=f"spec_hash = {sql_string(spec_hash)} AND model_id = {sql_string(model_id)}"))
         done = self.done_rows(spec_hash, model_id)
         present: dict[str, set] = {}
         for r in rows.group_by(rows.column_names).aggregate([]).to_pylist():

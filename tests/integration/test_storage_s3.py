@@ -84,3 +84,50 @@ def test_a_missing_output_bucket_is_a_usage_error_and_is_not_created(s3fs_client
     assert code == 2 and "s3://nobucket-typo" in err and "does not exist" in err and err.count("\n") == 0
     s3fs_client.invalidate_cache()
     assert not s3fs_client.exists("nobucket-typo")
+
+
+def test_output_store_errors_are_one_line_with_the_cause_and_the_fix(s3_auth_endpoint, slide_set, tmp_path, capsys):
+    from hipt_ray.cli import main
+    from hipt_ray.storage import OutputStoreError
+    from hipt_ray.store import SLIDES, Store
+
+    from ..conftest import copy_slides, free_port
+
+    src = copy_slides(slide_set, ["small"], tmp_path / "slides")
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for endpoint, cause in ((s3_auth_endpoint, "access denied (Forbidden); check AWS_ACCESS_KEY_ID"),
+                            (dead, f"cannot reach the object store at {dead}; check AWS_ENDPOINT_URL")):
+        code = main(["tile", "--slides", str(src), "--out", "s3://locked/out", f"storage.s3_endpoint_url={endpoint}",
+                     f"storage.cache_dir={tmp_path}"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0 and "output s3://locked/out: " + cause in err, err
+    # Lance's own errors (raw XML from the server) become the same one line, as a setting to fix.
+    with pytest.raises(OutputStoreError) as exc:
+        Store("s3://locked/out", endpoint_url=s3_auth_endpoint).read(SLIDES)
+    text = str(exc.value)
+    assert exc.value.config and "\n" not in text and "<?xml" not in text
+    assert text.startswith("output s3://locked/out/slides.lance: access denied (InvalidAccessKeyId: ")
+
+
+def test_transient_errors_are_retried_with_backoff(monkeypatch):
+    from hipt_ray import storage
+
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("LanceError(IO): Generic S3 error: connection reset by peer")
+        return "ok"
+
+    assert storage.with_retries(flaky, what="x") == "ok" and len(calls) == 3
+    calls.clear()
+
+    def denied():
+        calls.append(1)
+        raise PermissionError("AccessDenied")
+
+    with pytest.raises(PermissionError):
+        storage.with_retries(denied, what="x")
+    assert len(calls) == 1  # a refused credential is never retried
