@@ -131,3 +131,23 @@ def test_transient_errors_are_retried_with_backoff(monkeypatch):
     with pytest.raises(PermissionError):
         storage.with_retries(denied, what="x")
     assert len(calls) == 1  # a refused credential is never retried
+
+
+def test_a_crafted_checkpoint_in_s3_is_refused_before_its_code_runs(s3fs_client, tmp_path):
+    import io
+
+    import torch
+
+    from hipt_ray.models import CheckpointError, create_model, load_checkpoint
+
+    from ..unit.models.test_models import RunsCode
+
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    torch.save({"teacher": {"x": RunsCode(str(marker))}}, buf)
+    s3fs_client.mkdir("pickle-bkt")
+    s3fs_client.pipe_file("pickle-bkt/evil.pth", buf.getvalue())
+    with pytest.raises(CheckpointError, match=r"^s3://pickle-bkt/evil.pth: refused to unpickle it.*"
+                                              r"model\.allow_unsafe_pickle=true$"):
+        load_checkpoint(create_model("vit4k_tiny"), "s3://pickle-bkt/evil.pth")
+    assert not marker.exists()
