@@ -10,7 +10,7 @@ import ray
 from hipt_ray.config import Config
 from hipt_ray.data.regions import read_region
 from hipt_ray.slides.manifest import SlideSpec
-from hipt_ray.slides.tissue import saturation
+from hipt_ray.slides.tissue import DARKNESS_RANGE, darkness, is_grayscale, saturation
 from hipt_ray.store import Store
 from hipt_ray.store.tables import resolve_embedding
 
@@ -23,7 +23,11 @@ def _patch_rows(row: dict, *, patch_px: int, per_region: int, min_tissue: float,
     img = row["image"]
     rows, cols = img.shape[0] // patch_px, img.shape[1] // patch_px
     grid = img[: rows * patch_px, : cols * patch_px].reshape(rows, patch_px, cols, patch_px, 3)
-    tissue = (saturation(grid[:, ::8, :, ::8]) > threshold).mean(axis=(1, 3))  # (rows, cols)
+    small = grid[:, ::8, :, ::8]
+    if is_grayscale(small):  # a slide without colour: tissue is what is darker than glass
+        tissue = (darkness(small) > DARKNESS_RANGE[0]).mean(axis=(1, 3))
+    else:
+        tissue = (saturation(small) > threshold).mean(axis=(1, 3))  # (rows, cols)
     keep = np.flatnonzero(tissue.ravel() >= min_tissue)
     rng = np.random.default_rng([seed, row["region_index"], zlib.crc32(row["slide_id"].encode())])
     chosen = rng.choice(keep, size=min(per_region, keep.size), replace=False) if keep.size else []

@@ -57,3 +57,13 @@ def test_a_grayscale_slide_is_found_by_luminance(tmp_path):
     assert tissue_mask(glass, mpp, TissueConfig())[0].sum() == 0
     colour, _ = synthetic.render(800, 600, mpp=8.0, seed=25)
     assert tissue_method(colour, TissueConfig()) == "saturation"
+
+
+def test_stage1_patches_of_a_grayscale_region_are_kept_where_there_is_tissue():
+    from hipt_ray.data.pretrain import _patch_rows
+
+    img = np.full((512, 512, 3), 238, np.uint8)
+    img[:, :256] = 120  # the left column of patches is tissue, gray
+    rows = _patch_rows({"error": "", "image": img, "region_index": 0, "slide_id": "g"}, patch_px=256,
+                       per_region=4, min_tissue=0.5, threshold=0.1, seed=0)
+    assert len(rows) == 2 and all(r["patch"].mean() < 130 for r in rows)
