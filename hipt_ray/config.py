@@ -107,6 +107,17 @@ class TissueConfig(_Section):
     min_area_um2: float = Field(default=40_000.0, ge=0.0)
 
 
+class ReaderConfig(_Section):
+    """How slide pixels are read: ``tiles`` decodes just the TIFF tiles a region needs, fetched
+    by byte range (local or straight from ``s3://``, nothing staged; generic tiled TIFF and Aperio
+    SVS); ``openslide`` stages remote slides whole and reads through OpenSlide; ``auto`` uses
+    ``tiles`` where the format allows it and OpenSlide for everything else."""
+
+    backend: Literal["auto", "tiles", "openslide"] = "auto"
+    # Tile byte ranges closer than this are fetched in one request (fewer requests, a few more bytes).
+    range_gap_bytes: int = Field(default=64 * 1024, ge=0, le=64 * 2**20)
+
+
 class QCConfig(_Section):
     enabled: bool = True
     thumb_px: int = Field(default=1024, ge=64, le=16384)
@@ -273,6 +284,7 @@ class Config(_Section):
     storage: StorageConfig = StorageConfig()
     tiling: TilingConfig = TilingConfig()
     tissue: TissueConfig = TissueConfig()
+    reader: ReaderConfig = ReaderConfig()
     qc: QCConfig = QCConfig()
     model: ModelConfig = ModelConfig()
     embed: EmbedConfig = EmbedConfig()

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from hipt_ray.config import validate_config
-from hipt_ray.slides.reader import Slide, SlideError
+from hipt_ray.slides.reader import Slide, SlideError, open_slide
 from hipt_ray.slides.tiler import make_cache
 from hipt_ray.storage import describe_error
 from hipt_ray.store.tables import slide_version
@@ -37,12 +37,12 @@ def _open_slide(row: dict, cfg) -> Slide:
     if key in _OPEN:
         _OPEN.move_to_end(key)
         return _OPEN[key]
-    path, info = make_cache(cfg).fetch(row["uri"])
+    slide, info = open_slide(row["uri"], cfg, cache=make_cache(cfg), mpp_override=row["mpp_override"])
     tiled = row.get("slide_version")
     if tiled is not None and slide_version(info.size, info.version) != tiled:
+        slide.close()
         raise SlideError(f"{row['uri']}: the file changed after it was tiled (size or ETag/mtime differ); "
                          "rerun the command to tile and embed it again")
-    slide = Slide(path, name=row["uri"], mpp_override=row["mpp_override"], mpp_range=cfg.tiling.mpp_range)
     _OPEN[key] = slide
     while len(_OPEN) > _MAX_OPEN:
         _OPEN.popitem(last=False)[1].close()

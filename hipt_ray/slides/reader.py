@@ -120,13 +120,17 @@ class Slide:
         mpp_override: float | None = None,
         mpp_range: tuple[float, float] = (0.1, 2.0),
         slide_id: str | None = None,
+        source=None,
     ) -> None:
+        """``source``: an open pixel source with OpenSlide's interface (the tile backend,
+        :class:`hipt_ray.slides.tiles.TiledTiff`); ``None`` opens ``path`` with OpenSlide."""
         self.path = path
         self.name = name or os.path.basename(path)
-        if os.path.exists(path) and os.path.getsize(path) == 0:
+        self.backend = "openslide" if source is None else "tiles"
+        if source is None and os.path.exists(path) and os.path.getsize(path) == 0:
             raise SlideError(f"{self.name}: the file is empty (0 bytes); re-upload the slide")
         try:
-            self._osr = openslide.OpenSlide(path)
+            self._osr = source if source is not None else openslide.OpenSlide(path)
         except openslide.OpenSlideUnsupportedFormatError:
             raise SlideError(
                 f"{self.name}: not a slide OpenSlide can read (unsupported or unrecognised format); "
@@ -174,8 +178,12 @@ class Slide:
         return best
 
     def _read(self, level0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        from hipt_ray.slides.tiles import TileError
+
         try:
             img = self._osr.read_region(level0_xy, level, size)
+        except TileError as exc:
+            raise SlideError(f"{exc}; re-export or re-upload it") from None
         except openslide.OpenSlideError as exc:
             raise SlideError(
                 f"{self.name}: tiles failed to decode at level {level}, {level0_xy} ({exc}); "
@@ -222,3 +230,33 @@ class Slide:
         if (lw, lh) != (w, h):
             rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BOX))
         return rgb, self.mpp * w0 / w
+
+
+def open_slide(uri: str, cfg, *, cache, mpp_override: float | None = None,
+               slide_id: str | None = None):
+    """The one way to open a slide: ``(Slide, ObjectInfo)`` for ``uri`` read by the backend
+    ``cfg.reader.backend`` picks (see :class:`hipt_ray.config.ReaderConfig`); ``cache`` stages
+    the file for OpenSlide when it reads a remote slide.
+
+    Raises:
+        SlideError: the slide cannot be read, with the reason.
+        StorageError, OSError: the object cannot be reached (callers describe it).
+    """
+    from hipt_ray.slides.tiles import open_tiled
+    from hipt_ray.storage import stat, with_retries
+
+    s = cfg.storage
+    kwargs = dict(name=uri, mpp_override=mpp_override, mpp_range=cfg.tiling.mpp_range, slide_id=slide_id)
+    if cfg.reader.backend != "openslide":
+        info = with_retries(lambda: stat(uri, s.s3_endpoint_url), what=uri, retries=s.retries)
+        if info.size == 0:
+            raise SlideError(f"{uri}: the file is empty (0 bytes); re-upload the slide")
+        source = open_tiled(uri, endpoint_url=s.s3_endpoint_url, range_gap=cfg.reader.range_gap_bytes,
+                            retries=s.retries)
+        if source is not None:
+            return Slide(uri, source=source, **kwargs), info
+        if cfg.reader.backend == "tiles":
+            raise SlideError(f"{uri}: reader.backend=tiles reads generic tiled TIFF and Aperio SVS only and this "
+                             "file is neither; set reader.backend=auto to read it through OpenSlide")
+    path, info = cache.fetch(uri)
+    return Slide(path, **kwargs), info

@@ -14,7 +14,7 @@ from hipt_ray.config import Config
 from hipt_ray.slides.grid import planned_regions, region_grid
 from hipt_ray.slides.manifest import SlideSpec
 from hipt_ray.slides.qc import qc_thumbnail
-from hipt_ray.slides.reader import Slide, SlideError
+from hipt_ray.slides.reader import SlideError, open_slide
 from hipt_ray.slides.tissue import tissue_mask, tissue_method
 from hipt_ray.store.tables import slide_version
 from hipt_ray.storage import StagingCache, StorageError, describe_error, is_remote, join, storage_options
@@ -56,12 +56,11 @@ def tile_slide(spec: SlideSpec, cfg: Config, *, cache: StagingCache, spec_hash: 
     }
     regions: list[dict] = []
     try:
-        path, info = cache.fetch(spec.uri)
-        row.update(size=info.size, etag=info.version)
         override = spec.mpp if spec.mpp is not None else cfg.tiling.mpp_overrides.get(spec.slide_id)
-        with Slide(path, name=spec.uri, mpp_override=override, mpp_range=cfg.tiling.mpp_range,
-                   slide_id=spec.slide_id) as slide:
-            row.update(vendor=slide.vendor, mpp=slide.mpp, mpp_source=slide.mpp_info.source,
+        slide, info = open_slide(spec.uri, cfg, cache=cache, mpp_override=override, slide_id=spec.slide_id)
+        row.update(size=info.size, etag=info.version)
+        with slide:
+            row.update(backend=slide.backend, vendor=slide.vendor, mpp=slide.mpp, mpp_source=slide.mpp_info.source,
                        width=slide.dimensions[0], height=slide.dimensions[1])
             planned = planned_regions(slide.dimensions, slide.mpp, cfg.tiling)
             if planned > cfg.tiling.max_regions_per_slide:  # refused before any pixel is read

@@ -44,6 +44,7 @@ SLIDES_SCHEMA = pa.schema([
     ("spec_hash", pa.string()),  # tiling + tissue settings
     ("model_id", pa.string()),  # "" until a model has embedded the slide
     ("qc_uri", pa.string()),
+    ("backend", pa.string()),  # what read the pixels: tiles | openslide
     ("seconds", pa.float64()),
     ("time", pa.timestamp("us", tz="UTC")),
 ])

@@ -151,3 +151,36 @@ def test_a_crafted_checkpoint_in_s3_is_refused_before_its_code_runs(s3fs_client,
                                               r"model\.allow_unsafe_pickle=true$"):
         load_checkpoint(create_model("vit4k_tiny"), "s3://pickle-bkt/evil.pth")
     assert not marker.exists()
+
+
+def test_tile_backend_reads_only_the_needed_tiles_from_s3_and_stages_nothing(s3fs_client, slide_set, tmp_path):
+    import numpy as np
+    import tifffile
+
+    from hipt_ray.config import load_config
+    from hipt_ray.slides.manifest import SlideSpec
+    from hipt_ray.slides.reader import Slide
+    from hipt_ray.slides.tiler import make_cache, tile_slide
+    from hipt_ray.slides.tiles import TiledTiff
+
+    s3fs_client.mkdir("range-bkt")
+    s3fs_client.put(str(slide_set["good"]), "range-bkt/good.tiff")
+    remote = TiledTiff("s3://range-bkt/good.tiff", range_gap=0)
+    header, header_requests = remote.bytes_read, remote.requests
+    assert header < slide_set["good"].stat().st_size / 10  # the structure, not the slide
+    with Slide("s3://range-bkt/good.tiff", source=remote) as ours, Slide(str(slide_set["good"])) as ref:
+        before = remote.bytes_read
+        region, level = ours.read_region((1024, 2048), (2048, 1024), 0.5)
+        assert np.array_equal(region, ref.read_region((1024, 2048), (2048, 1024), 0.5)[0])
+    with tifffile.TiffFile(slide_set["good"]) as tif:
+        page = tif.pages[0]
+        cols = -(-page.imagewidth // 256)
+        needed = [r * cols + c for r in range(8, 12) for c in range(4, 12)]
+        compressed = sum(int(page.databytecounts[i]) for i in needed)
+    assert remote.bytes_read - before == compressed  # exactly the 32 tiles' bytes (no gap allowed)
+    assert remote.requests - header_requests <= 4  # one coalesced range per tile row here
+    cfg = load_config("tile", values={"slides": "x", "out": str(tmp_path / "out")},
+                      overrides=[f"storage.cache_dir={tmp_path / 'cache'}"])
+    result = tile_slide(SlideSpec("good", "s3://range-bkt/good.tiff"), cfg, cache=make_cache(cfg), spec_hash="h")
+    assert result.slide["status"] == "ok" and result.slide["backend"] == "tiles"
+    assert not any((tmp_path / "cache").iterdir())  # nothing staged

@@ -1,0 +1,232 @@
+"""A tiled-TIFF pixel source that reads only the tiles a region needs, by byte range.
+
+OpenSlide only reads local files, so a slide in object storage has to be copied whole before a
+single region can be read (1–3 GB per 40× slide). For the formats that are plain tiled TIFF
+pyramids (generic tiled TIFF and Aperio SVS), this module reads the file structure with tifffile
+(IFDs, tile offsets and byte counts, JPEG tables: kilobytes to a few MB), then fetches just the
+byte ranges of the tiles that intersect a region, neighbouring ranges coalesced into one request,
+and decodes them with tifffile's codecs (imagecodecs' libjpeg-turbo), locally or straight from
+``s3://``. Level geometry, downsamples and the MPP properties are the ones OpenSlide reports for
+the same file, and so are the pixels (tests compare them).
+
+No Ray here, like the rest of ``slides/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from hipt_ray.storage import filesystem, is_remote, local_path, with_retries
+
+log = logging.getLogger(__name__)
+
+
+class Unsupported(Exception):
+    """The file is not a tiled TIFF pyramid this backend reads (OpenSlide reads it instead)."""
+
+
+class TileError(RuntimeError):
+    """A tile could not be fetched or decoded; the message names the file, level and tile."""
+
+
+@dataclass
+class _Level:
+    width: int
+    height: int
+    tile_w: int
+    tile_h: int
+    offsets: np.ndarray
+    counts: np.ndarray
+    decode: object  # tifffile's decoder for this page
+    jpegtables: bytes | None
+
+    @property
+    def cols(self) -> int:
+        return -(-self.width // self.tile_w)
+
+
+def _properties(tif, page) -> dict[str, str]:
+    """The OpenSlide properties ``resolve_mpp`` reads, derived the way OpenSlide derives them."""
+    desc = page.description or ""
+    props: dict[str, str] = {}
+    if desc.startswith("Aperio"):
+        props["openslide.vendor"] = "aperio"
+        fields = dict(
+            (k.strip(), v.strip()) for k, v in (f.split("=", 1) for f in desc.split("|")[1:] if "=" in f))
+        if "MPP" in fields:
+            props["openslide.mpp-x"] = props["openslide.mpp-y"] = fields["MPP"]
+        if "AppMag" in fields:
+            props["openslide.objective-power"] = fields["AppMag"]
+        return props
+    props["openslide.vendor"] = "generic-tiff"
+    unit = page.tags.get(296)
+    unit = int(unit.value) if unit is not None else 2
+    factor = {2: 25400.0, 3: 10000.0}.get(unit)  # µm per inch / per cm
+    for tag, key in ((282, "openslide.mpp-x"), (283, "openslide.mpp-y")):
+        value = page.tags.get(tag)
+        if factor and value is not None:
+            num, den = value.value
+            if num:
+                props[key] = repr(factor * den / num)
+    return props
+
+
+class TiledTiff:
+    """A generic tiled TIFF or Aperio SVS pyramid, with OpenSlide's ``read_region`` contract:
+    level-0 coordinates, a level, a size in that level's pixels, RGBA out (alpha 0 outside the
+    image)."""
+
+    def __init__(self, uri: str, *, endpoint_url: str | None = None, range_gap: int = 64 * 1024,
+                 retries: int = 3) -> None:
+        import tifffile
+
+        self.uri, self.range_gap, self.retries = uri, range_gap, retries
+        self.remote = is_remote(uri)
+        self.fs, self.path = filesystem(uri, endpoint_url)
+        self.requests = 0  # range requests made (for benchmarks and tests)
+        self.bytes_read = 0
+        fh = (self.fs.open(self.path, "rb", block_size=64 * 1024, cache_type="readahead") if self.remote
+              else open(local_path(uri), "rb"))
+        try:
+            try:
+                tif = tifffile.TiffFile(fh)
+            except Exception as exc:
+                raise Unsupported(f"not a TIFF ({type(exc).__name__})") from None
+            with tif:
+                self._levels, self.properties = self._structure(tif)
+        finally:
+            if self.remote:
+                cache = getattr(fh, "cache", None)
+                self.bytes_read += getattr(cache, "total_requested_bytes", 0)
+                self.requests += getattr(cache, "miss_count", 0)
+            fh.close()
+        w0, h0 = self._levels[0].width, self._levels[0].height
+        self.dimensions = (w0, h0)
+        self.level_dimensions = tuple((lv.width, lv.height) for lv in self._levels)
+        # OpenSlide's downsample: the mean of the width and height ratios
+        self.level_downsamples = tuple((w0 / lv.width + h0 / lv.height) / 2 for lv in self._levels)
+
+    @staticmethod
+    def _structure(tif) -> tuple[list[_Level], dict[str, str]]:
+        special = [name for name in ("ndpi", "philips", "ome", "scn", "bif", "qpi", "lsm", "stk", "imagej")
+                   if getattr(tif, f"is_{name}", False)]
+        if special:
+            raise Unsupported(f"{special[0]} TIFF (read through OpenSlide)")
+        pages = list(tif.pages)
+        first = pages[0]
+        desc = first.description or ""
+        aperio = desc.startswith("Aperio")
+        levels = []
+        for i, page in enumerate(pages):
+            if not page.is_tiled:
+                if aperio:
+                    continue  # an SVS thumbnail is stripped
+                if i == 0:
+                    raise Unsupported("not tiled")
+                continue
+            if aperio and i > 0 and (page.description or "").startswith("Aperio") and (
+                    "label" in page.description or "macro" in page.description):
+                continue
+            if (page.samplesperpixel != 3 or page.bitspersample != 8 or page.planarconfig != 1
+                    or int(page.photometric) not in (2, 6) or page.imagedepth != 1):
+                raise Unsupported(f"page {i}: {page.samplesperpixel}×{page.bitspersample}-bit, "
+                                  f"photometric {int(page.photometric)}")
+            if levels and (page.imagewidth >= levels[-1].width or page.imagelength >= levels[-1].height):
+                continue  # not a smaller pyramid level (OpenSlide would not list it either)
+            levels.append(_Level(page.imagewidth, page.imagelength, page.tilewidth, page.tilelength,
+                                 np.asarray(page.dataoffsets, np.int64), np.asarray(page.databytecounts, np.int64),
+                                 page.decode, page.jpegtables))
+        if not levels:
+            raise Unsupported("no tiled level")
+        return levels, _properties(tif, first)
+
+    def close(self) -> None:
+        self._levels = []
+
+    # ------------------------------------------------------------------ bytes
+    def _fetch(self, spans: list[tuple[int, int]]) -> list[bytes]:
+        """Bytes of each ``(offset, length)`` span, neighbouring spans read as one range."""
+        order = sorted(range(len(spans)), key=lambda i: spans[i][0])
+        merged: list[list[int]] = []  # [start, end, members…]
+        for i in order:
+            start, n = spans[i]
+            if merged and start - merged[-1][1] <= self.range_gap:
+                merged[-1][1] = max(merged[-1][1], start + n)
+                merged[-1].append(i)
+            else:
+                merged.append([start, start + n, i])
+        if self.remote:
+            blobs = with_retries(lambda: self.fs.cat_ranges([self.path] * len(merged), [m[0] for m in merged],
+                                                            [m[1] for m in merged]),
+                                 what=self.uri, retries=self.retries)
+        else:
+            with open(local_path(self.uri), "rb") as fh:
+                blobs = []
+                for m in merged:
+                    fh.seek(m[0])
+                    blobs.append(fh.read(m[1] - m[0]))
+        self.requests += len(merged)
+        out: list[bytes] = [b""] * len(spans)
+        for m, blob in zip(merged, blobs):
+            if isinstance(blob, Exception):
+                raise blob
+            self.bytes_read += len(blob)
+            for i in m[2:]:
+                start, n = spans[i]
+                out[i] = blob[start - m[0] : start - m[0] + n]
+        return out
+
+    # ------------------------------------------------------------------ pixels
+    def read_region(self, level0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGBA uint8 ``[h, w, 4]`` of ``size`` level pixels whose top-left corner is the level-0
+        point ``level0_xy``; pixels outside the image are transparent (as OpenSlide returns)."""
+        lv = self._levels[level]
+        ds = self.level_downsamples[level]
+        x, y = round(level0_xy[0] / ds), round(level0_xy[1] / ds)
+        w, h = size
+        out = np.zeros((h, w, 4), np.uint8)
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lv.width), min(y + h, lv.height)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        tiles = [(r, c) for r in range(y0 // lv.tile_h, (y1 - 1) // lv.tile_h + 1)
+                 for c in range(x0 // lv.tile_w, (x1 - 1) // lv.tile_w + 1)]
+        index = [r * lv.cols + c for r, c in tiles]
+        if max(index) >= len(lv.offsets):
+            raise TileError(f"{self.uri}: level {level} lists {len(lv.offsets)} tiles, the region needs tile {max(index)}")
+        spans = [(int(lv.offsets[i]), int(lv.counts[i])) for i in index]
+        for (r, c), (off, n) in zip(tiles, spans):
+            if n <= 0 or off <= 0:
+                raise TileError(f"{self.uri}: tile ({c}, {r}) of level {level} is empty (offset {off}, {n} bytes)")
+        for (r, c), i, data in zip(tiles, index, self._fetch(spans)):
+            if len(data) != lv.counts[i]:
+                raise TileError(f"{self.uri}: tile ({c}, {r}) of level {level} is cut short ({len(data)} of "
+                                f"{lv.counts[i]} bytes): the file is corrupt or truncated")
+            try:
+                tile = lv.decode(data, int(i), jpegtables=lv.jpegtables)[0]
+            except Exception as exc:
+                raise TileError(f"{self.uri}: tile ({c}, {r}) of level {level} failed to decode "
+                                f"({type(exc).__name__}: {exc}): the file is corrupt") from None
+            if tile is None:
+                raise TileError(f"{self.uri}: tile ({c}, {r}) of level {level} failed to decode: the file is corrupt")
+            tile = np.asarray(tile).reshape(lv.tile_h, lv.tile_w, -1)[..., :3]
+            tx, ty = c * lv.tile_w, r * lv.tile_h
+            # the part of this tile inside both the image and the requested box
+            ax0, ay0 = max(tx, x0), max(ty, y0)
+            ax1, ay1 = min(tx + lv.tile_w, x1), min(ty + lv.tile_h, y1)
+            out[ay0 - y : ay1 - y, ax0 - x : ax1 - x, :3] = tile[ay0 - ty : ay1 - ty, ax0 - tx : ax1 - tx]
+            out[ay0 - y : ay1 - y, ax0 - x : ax1 - x, 3] = 255
+        return out
+
+
+def open_tiled(uri: str, *, endpoint_url: str | None = None, range_gap: int = 64 * 1024,
+               retries: int = 3) -> TiledTiff | None:
+    """The tile backend for ``uri``, or ``None`` when its format is not one it reads."""
+    try:
+        return TiledTiff(uri, endpoint_url=endpoint_url, range_gap=range_gap, retries=retries)
+    except Unsupported as exc:
+        log.debug("%s: tile backend not used (%s)", uri, exc)
+        return None
+
