@@ -41,6 +41,8 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     cheap: all opaque (one copy) or opaque/transparent only (one masked fill); the blend formula
     runs only on partially transparent pixels, if any.
     """
+    if rgba.shape[-1] == 3:  # already RGB on white (the tile backend's output)
+        return rgba
     rgb, alpha = rgba[..., :3], rgba[..., 3]
     out = np.ascontiguousarray(rgb)
     opaque = alpha == 255
@@ -181,6 +183,8 @@ class Slide:
         from hipt_ray.slides.tiles import TileError
 
         try:
+            if hasattr(self._osr, "read_rgb"):  # the tile backend composites on white itself
+                return self._osr.read_rgb(level0_xy, level, size)
             img = self._osr.read_region(level0_xy, level, size)
         except TileError as exc:
             raise SlideError(f"{exc}; re-export or re-upload it") from None

@@ -183,14 +183,31 @@ class TiledTiff:
     def read_region(self, level0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """RGBA uint8 ``[h, w, 4]`` of ``size`` level pixels whose top-left corner is the level-0
         point ``level0_xy``; pixels outside the image are transparent (as OpenSlide returns)."""
+        w, h = size
+        out = np.zeros((h, w, 4), np.uint8)
+        for box, pixels in self._tiles(level0_xy, level, size):
+            out[box + (slice(0, 3),)] = pixels
+            out[box + (3,)] = 255
+        return out
+
+    def read_rgb(self, level0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """The same region as RGB uint8 ``[h, w, 3]`` on white (what :class:`Slide` wants: one
+        pass over the pixels, no alpha channel)."""
+        w, h = size
+        out = np.full((h, w, 3), 255, np.uint8)
+        for box, pixels in self._tiles(level0_xy, level, size):
+            out[box] = pixels
+        return out
+
+    def _tiles(self, level0_xy: tuple[int, int], level: int, size: tuple[int, int]):
+        """``((rows, cols) slices into the output, pixels)`` for each tile part the box needs."""
         lv = self._levels[level]
         ds = self.level_downsamples[level]
         x, y = round(level0_xy[0] / ds), round(level0_xy[1] / ds)
         w, h = size
-        out = np.zeros((h, w, 4), np.uint8)
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lv.width), min(y + h, lv.height)
         if x1 <= x0 or y1 <= y0:
-            return out
+            return
         tiles = [(r, c) for r in range(y0 // lv.tile_h, (y1 - 1) // lv.tile_h + 1)
                  for c in range(x0 // lv.tile_w, (x1 - 1) // lv.tile_w + 1)]
         index = [r * lv.cols + c for r, c in tiles]
@@ -211,14 +228,13 @@ class TiledTiff:
                                 f"({type(exc).__name__}: {exc}): the file is corrupt") from None
             if tile is None:
                 raise TileError(f"{self.uri}: tile ({c}, {r}) of level {level} failed to decode: the file is corrupt")
-            tile = np.asarray(tile).reshape(lv.tile_h, lv.tile_w, -1)[..., :3]
+            tile = np.asarray(tile).reshape(lv.tile_h, lv.tile_w, -1)
             tx, ty = c * lv.tile_w, r * lv.tile_h
             # the part of this tile inside both the image and the requested box
             ax0, ay0 = max(tx, x0), max(ty, y0)
             ax1, ay1 = min(tx + lv.tile_w, x1), min(ty + lv.tile_h, y1)
-            out[ay0 - y : ay1 - y, ax0 - x : ax1 - x, :3] = tile[ay0 - ty : ay1 - ty, ax0 - tx : ax1 - tx]
-            out[ay0 - y : ay1 - y, ax0 - x : ax1 - x, 3] = 255
-        return out
+            yield ((slice(ay0 - y, ay1 - y), slice(ax0 - x, ax1 - x)),
+                   tile[ay0 - ty : ay1 - ty, ax0 - tx : ax1 - tx, :3])
 
 
 def open_tiled(uri: str, *, endpoint_url: str | None = None, range_gap: int = 64 * 1024,
