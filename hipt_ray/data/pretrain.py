@@ -43,10 +43,10 @@ def build_patch_dataset(cfg: Config, specs: list[SlideSpec]) -> tuple[ray.data.D
     if not regions:
         raise ValueError(f"no tiled regions with tissue for {cfg.slides} under {cfg.out}")
     estimate = 0
+    overrides = store.recorded_overrides(cfg.tiling_spec_hash())
     for r in regions:
-        spec = specs[r["slide_id"]]
-        r["uri"] = spec.uri
-        r["mpp_override"] = spec.mpp if spec.mpp is not None else cfg.tiling.mpp_overrides.get(r["slide_id"])
+        r["uri"] = specs[r["slide_id"]].uri
+        r["mpp_override"] = overrides.get(r["slide_id"])  # what its tiling used
         n = (r["read_w"] // cfg.tiling.patch_px) * (r["read_h"] // cfg.tiling.patch_px)
         estimate += min(cfg.pretrain.patches_per_region, int(n * r["tissue_fraction"]))
     ds = ray.data.from_items(regions, override_num_blocks=len(regions))

@@ -26,6 +26,7 @@ from hipt_ray.config import Config, ConfigError
 from hipt_ray.data.regions import RegionEmbedder, read_region
 from hipt_ray.models.loading import build_model
 from hipt_ray.slides.manifest import list_slides
+from hipt_ray.slides.reader import recorded_override
 from hipt_ray.store import REGIONS_SCHEMA, Store
 from hipt_ray.store.lease import writer_lease
 from hipt_ray.store.tables import embedding_fields, slide_version
@@ -118,9 +119,7 @@ def _run(cfg: Config) -> EmbedSummary:
         expected: dict[str, int] = defaultdict(int)
         for r in regions:
             r["uri"] = specs[r["slide_id"]].uri
-            r["mpp_override"] = specs[r["slide_id"]].mpp
-            if r["mpp_override"] is None:
-                r["mpp_override"] = cfg.tiling.mpp_overrides.get(r["slide_id"])
+            r["mpp_override"] = recorded_override(tiled[r["slide_id"]])  # what its tiling used
             expected[r["slide_id"]] += 1
         ds = ray.data.from_items(regions, override_num_blocks=max(1, len(regions)))
         ds = ds.map(read_region, fn_kwargs={"cfg_dict": cfg_dict}, num_cpus=cfg.embed.read_cpus)

@@ -264,3 +264,12 @@ def open_slide(uri: str, cfg, *, cache, mpp_override: float | None = None,
                              "file is neither; set reader.backend=auto to read it through OpenSlide")
     path, info = cache.fetch(uri)
     return Slide(path, **kwargs), info
+
+
+def recorded_override(row: dict | None) -> float | None:
+    """The MPP to reopen a tiled slide with, from its ``slides.lance`` row: the override its
+    tiling used (a manifest ``mpp`` or ``tiling.mpp_overrides``), else ``None`` (its metadata
+    gives the recorded MPP again)."""
+    if row and row.get("mpp_source") == "override" and row.get("mpp"):
+        return float(row["mpp"])
+    return None

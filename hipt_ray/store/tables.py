@@ -232,6 +232,14 @@ class Store:
         done = latest.filter(pc.is_in(latest["status"], pa.array(DONE_STATUSES)))
         return {r["slide_id"]: r for r in done.to_pylist()}
 
+    def recorded_overrides(self, spec_hash: str) -> dict[str, float]:
+        """slide_id → the MPP override its tiling used, for every tiled slide that had one (what
+        every later reader must open it with: see :func:`hipt_ray.slides.reader.recorded_override`)."""
+        from hipt_ray.slides.reader import recorded_override
+
+        rows = self.done_rows(spec_hash, "")
+        return {sid: mpp for sid, r in rows.items() if (mpp := recorded_override(r)) is not None}
+
     def completed(self, spec_hash: str, model_id: str = "") -> dict[str, str]:
         """slide_id → uri of the slides :meth:`done_rows` returns."""
         return {sid: r["uri"] for sid, r in self.done_rows(spec_hash, model_id).items()}

@@ -61,7 +61,8 @@ def region_heatmaps(cfg: Config, slide_uri: str, xy: tuple[int, int], out_dir: s
     import torch
 
     from hipt_ray.models.loading import build_model
-    from hipt_ray.slides.reader import Slide
+    from hipt_ray.slides.manifest import slide_id_from_uri
+    from hipt_ray.slides.reader import open_slide
     from hipt_ray.slides.tiler import make_cache
 
     model, mid = build_model(cfg)
@@ -72,9 +73,10 @@ def region_heatmaps(cfg: Config, slide_uri: str, xy: tuple[int, int], out_dir: s
     size = cfg.tiling.region_px
     offsets = window_offsets(cfg.tiling.patch_px, shifts)
     margin = max(offsets)
-    path, _ = make_cache(cfg).fetch(slide_uri)
-    override = cfg.tiling.mpp_overrides.get(Path(slide_uri).stem)
-    with Slide(path, name=slide_uri, mpp_override=override, mpp_range=cfg.tiling.mpp_range) as slide:
+    slide_id = slide_id_from_uri(slide_uri)
+    slide, _ = open_slide(slide_uri, cfg, cache=make_cache(cfg), mpp_override=cfg.tiling.mpp_overrides.get(slide_id),
+                          slide_id=slide_id)
+    with slide:
         scale = cfg.tiling.mpp / slide.mpp
         w0, h0 = slide.dimensions
         x, y = xy
@@ -149,7 +151,7 @@ def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[
     from hipt_ray.config import validate_config
     from hipt_ray.heads.cohort import load_cohort
     from hipt_ray.heads.fit import build_head
-    from hipt_ray.slides.reader import Slide
+    from hipt_ray.slides.reader import open_slide
     from hipt_ray.slides.tiler import make_cache
     from hipt_ray.store import Store
     from hipt_ray.store.tables import resolve_embedding
@@ -165,6 +167,7 @@ def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[
     for r in regions.to_pylist():
         by_slide.setdefault(r["slide_id"], []).append(r)
     uris = store.completed(spec, mid)
+    overrides = store.recorded_overrides(spec)
     fold_of = {c: f for f, fold in enumerate(saved["folds"]) for c in fold["val"]}
     heads = []
     for fold in saved["folds"]:
@@ -197,8 +200,8 @@ def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[
             start += len(rows)
             if wanted is not None and sid not in wanted:
                 continue
-            path, _ = cache.fetch(uris[sid])
-            with Slide(path, name=uris[sid], mpp_range=run_cfg.tiling.mpp_range) as slide:
+            slide, _ = open_slide(uris[sid], run_cfg, cache=cache, mpp_override=overrides.get(sid), slide_id=sid)
+            with slide:
                 w0, h0 = slide.dimensions
                 thumb, thumb_mpp = slide.read_lowres(slide.mpp * max(w0, h0) / thumb_px)
                 k0 = slide.mpp / thumb_mpp  # thumbnail px per level-0 px

@@ -58,7 +58,7 @@ def search_similar(cfg: Config, slide: str, xy: tuple[int, int], *, k: int | Non
                    labels: str | None = None, dest: str | None = None, rebuild_index: bool = False) -> SearchResult:
     """Query with the region of ``slide`` (id or URI) containing level-0 ``xy``."""
     from hipt_ray.heads.labels import read_labels
-    from hipt_ray.slides.reader import Slide
+    from hipt_ray.slides.reader import open_slide
     from hipt_ray.slides.tiler import make_cache
     from hipt_ray.storage import is_remote, local_path
     from hipt_ray.store import Store
@@ -94,10 +94,12 @@ def search_similar(cfg: Config, slide: str, xy: tuple[int, int], *, k: int | Non
     csv = os.path.join(dest, f"{stem}.csv")
     table.to_csv(csv, index=False)
     cache = make_cache(cfg)
+    overrides = store.recorded_overrides(spec)
     tiles = []
     for i, r in enumerate(hits):
-        path, _ = cache.fetch(uris[r["slide_id"]])
-        with Slide(path, name=uris[r["slide_id"]], mpp_range=cfg.tiling.mpp_range) as s:
+        s, _ = open_slide(uris[r["slide_id"]], cfg, cache=cache, mpp_override=overrides.get(r["slide_id"]),
+                          slide_id=r["slide_id"])
+        with s:
             image = region_thumbnail(s, r, sc.thumb_px)
         label = f" [{label_of.get(r['slide_id'], '')}]" if label_of else ""
         caption = ("query" if i == 0 else f"#{i}  d={r['_distance']:.3g}") + f"\n{r['slide_id']} r{r['region_index']}{label}"

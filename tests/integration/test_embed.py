@@ -143,3 +143,20 @@ def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
     assert len(keys) == len(set(keys)) == sum(tiled.values())  # none duplicated, none missing
     assert {r["slide_id"]: r["status"] for r in store.latest_slides(model_id=mid).to_pylist()} == {
         f"s{i}": "ok" for i in range(6)}
+
+
+def test_a_slide_whose_mpp_is_only_an_override_is_searchable(ray_local, slide_set, tmp_path, capsys):
+    """The MPP a slide was tiled with is what every later reader opens it with (search here
+    runs without the override it was tiled with)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("nompp", "small"):
+        (src / slide_set[name].name).write_bytes(slide_set[name].read_bytes())
+    out = str(tmp_path / "out")
+    common = ["--out", out, "--config", TINY, f"storage.cache_dir={tmp_path / 'cache'}"]
+    assert main(["embed", "--slides", str(src), *common, "tiling.mpp_overrides={nompp: 0.5}"]) == 0
+    row = Store(out).latest_slides(model_id="").filter(pc.equal(Store(out).latest_slides(model_id="")["slide_id"], "nompp"))
+    assert row["mpp_source"][0].as_py() == "override" and row["backend"][0].as_py() == "tiles"
+    capsys.readouterr()
+    assert main(["search", "--slide", "nompp", "--region", "10,10", "-k", "2", *common]) == 0
+    assert (tmp_path / "out" / "search" / "nompp_0_0_mosaic.png").is_file()
