@@ -63,7 +63,8 @@ def qc_page(slides: pa.Table, dest: str, *, endpoint_url: str | None = None, col
         cy = y0 + CELL
         draw.text((x0 + 6, cy + 2), f"{r['slide_id']}  [{r['status']}]", fill=colour)
         mpp = f"{r['mpp']:.3g} um/px ({r['mpp_source']})" if r.get("mpp") else "mpp unknown"
-        draw.text((x0 + 6, cy + 16), f"{r.get('n_regions') or 0} regions, {mpp}", fill=(40, 40, 40))
+        read_by = f", read by {r['backend']}" if r.get("backend") else ""
+        draw.text((x0 + 6, cy + 16), f"{r.get('n_regions') or 0} regions, {mpp}{read_by}", fill=(40, 40, 40))
         if r["status"] != "ok" and thumb is not None:
             for j, line in enumerate(textwrap.wrap(r.get("error") or "", 48)[:2]):
                 draw.text((x0 + 6, cy + 30 + 12 * j), line, fill=colour)
