@@ -163,7 +163,7 @@ def is_transient(exc: BaseException) -> bool:
         return False
     permanent = ("accessdenied", "access denied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden",
                  "nosuchbucket", "nosuchkey", "invalidbucketname", "nocredentials", "unable to locate credentials",
-                 "403", "404", "was not found")
+                 "403", "404", "was not found", "precondition", "pre-condition")
     return not any(s in low for s in permanent)
 
 

@@ -88,6 +88,9 @@ class TiledTiff:
         self.fs, self.path = filesystem(uri, endpoint_url)
         self.requests = 0  # range requests made (for benchmarks and tests)
         self.bytes_read = 0
+        # Tile reads are conditional on this ETag: an object replaced while it is open fails its
+        # reads instead of decoding new bytes with the old tile directory.
+        self.etag = self.fs.info(self.path, refresh=True).get("ETag") if self.remote else None
         fh = (self.fs.open(self.path, "rb", block_size=64 * 1024, cache_type="readahead") if self.remote
               else open(local_path(uri), "rb"))
         try:
@@ -159,9 +162,14 @@ class TiledTiff:
             else:
                 merged.append([start, start + n, i])
         if self.remote:
-            blobs = with_retries(lambda: self.fs.cat_ranges([self.path] * len(merged), [m[0] for m in merged],
-                                                            [m[1] for m in merged]),
-                                 what=self.uri, retries=self.retries)
+            try:
+                blobs = with_retries(lambda: self._get_ranges([(m[0], m[1]) for m in merged]),
+                                     what=self.uri, retries=self.retries)
+            except OSError as exc:
+                if "precondition" in str(exc).lower().replace("-", ""):
+                    raise TileError(f"{self.uri}: the object changed while it was being read (its ETag is no "
+                                    "longer the one it was opened with); rerun to tile and embed it again") from None
+                raise
         else:
             with open(local_path(self.uri), "rb") as fh:
                 blobs = []
@@ -178,6 +186,30 @@ class TiledTiff:
                 start, n = spans[i]
                 out[i] = blob[start - m[0] : start - m[0] + n]
         return out
+
+    def _get_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Concurrent ranged GETs, each conditional on the ETag seen at open (S3); other
+        filesystems: fsspec's ``cat_ranges``."""
+        if not hasattr(self.fs, "_call_s3") or not self.etag:
+            return self.fs.cat_ranges([self.path] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges])
+        import asyncio
+
+        from fsspec.asyn import sync
+
+        bucket, key, _ = self.fs.split_path(self.path)
+
+        async def get(start: int, end: int) -> bytes:
+            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
+                                          IfMatch=self.etag)
+            try:
+                return await resp["Body"].read()
+            finally:
+                resp["Body"].close()
+
+        async def every() -> list[bytes]:
+            return await asyncio.gather(*(get(a, b) for a, b in ranges))
+
+        return sync(self.fs.loop, every)
 
     # ------------------------------------------------------------------ pixels
     def read_region(self, level0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:

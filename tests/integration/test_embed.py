@@ -94,6 +94,7 @@ def test_embeddings_equal_the_in_process_model(ray_local, slide_set, tmp_path, c
     assert main(["embed", "--slides", str(src), "--out", out, "--config", TINY,
                  f"storage.cache_dir={tmp_path / 'c'}"]) == 0
     capsys.readouterr()
+    assert Store(out).latest_slides(model_id="")["backend"].to_pylist() == ["tiles"]  # compared with OpenSlide below
     cfg = load_config("embed", files=[TINY], values={"slides": str(src), "out": out})
     model, mid = build_model(cfg)
     rows = Store(out).regions(cfg.tiling_spec_hash(), model_id=mid).to_pylist()

@@ -184,3 +184,16 @@ def test_tile_backend_reads_only_the_needed_tiles_from_s3_and_stages_nothing(s3f
     result = tile_slide(SlideSpec("good", "s3://range-bkt/good.tiff"), cfg, cache=make_cache(cfg), spec_hash="h")
     assert result.slide["status"] == "ok" and result.slide["backend"] == "tiles"
     assert not any((tmp_path / "cache").iterdir())  # nothing staged
+
+
+def test_an_object_replaced_while_open_fails_its_reads(s3fs_client, slide_set):
+    from hipt_ray.slides.reader import Slide, SlideError
+    from hipt_ray.slides.tiles import TiledTiff
+
+    s3fs_client.mkdir("swap-bkt")
+    s3fs_client.put(str(slide_set["good"]), "swap-bkt/s.tiff")
+    with Slide("s3://swap-bkt/s.tiff", source=TiledTiff("s3://swap-bkt/s.tiff")) as slide:
+        slide.read_region((0, 0), (512, 512), 0.5)
+        s3fs_client.put(str(slide_set["small"]), "swap-bkt/s.tiff")  # same name, other content
+        with pytest.raises(SlideError, match="the object changed while it was being read"):
+            slide.read_region((0, 0), (512, 512), 0.5)
