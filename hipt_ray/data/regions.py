@@ -51,7 +51,7 @@ def _open_slide(row: dict, cfg) -> Slide:
 
 def read_region(row: dict[str, Any], *, cfg_dict: dict) -> dict[str, Any]:
     """One region spec → the same row plus ``image`` (uint8 [h, w, 3]) and ``error``."""
-    cfg = validate_config(cfg_dict)
+    cfg = validate_config(cfg_dict)  # 35 µs: not worth caching per worker
     try:
         slide = _open_slide(row, cfg)
         image, _ = slide.read_region((row["x"], row["y"]), (row["read_w"], row["read_h"]), row["mpp"])
@@ -59,7 +59,7 @@ def read_region(row: dict[str, Any], *, cfg_dict: dict) -> dict[str, Any]:
     except Exception as exc:
         _OPEN.pop(_key(row), None)
         row["image"] = np.zeros((0, 0, 3), np.uint8)
-        row["error"] = str(exc) if type(exc).__name__ == "SlideError" else describe_error(row["uri"], exc)
+        row["error"] = str(exc) if isinstance(exc, SlideError) else describe_error(row["uri"], exc)
     return row
 
 
