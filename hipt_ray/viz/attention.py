@@ -107,15 +107,22 @@ def smoothed_attention(model: HIPT4K, canvas: np.ndarray, size: tuple[int, int],
     return out, n
 
 
-def percentile_map(values: np.ndarray) -> np.ndarray:
+def percentile_map(values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """Values → their percentile rank in [0, 1] (the HIPT figures' colour scale); ties share
-    their mean rank, so a constant map is 0.5 everywhere."""
+    their mean rank, so a constant map is 0.5 everywhere. With ``mask`` (True where the value
+    counts, e.g. slide content rather than edge padding) the ranks are over the masked values
+    only and the rest is NaN."""
     from scipy.stats import rankdata
 
-    flat = np.asarray(values, np.float64).ravel()
+    values = np.asarray(values, np.float64)
+    keep = np.ones(values.shape, bool) if mask is None else np.asarray(mask, bool)
+    out = np.full(values.shape, np.nan)
+    flat = values[keep]
     if flat.size < 2:
-        return np.full(values.shape, 0.5)
-    return ((rankdata(flat, method="average") - 1) / (flat.size - 1)).reshape(values.shape)
+        out[keep] = 0.5
+        return out
+    out[keep] = (rankdata(flat, method="average") - 1) / (flat.size - 1)
+    return out
 
 
 def upsample(cells: np.ndarray, size: tuple[int, int]) -> np.ndarray:

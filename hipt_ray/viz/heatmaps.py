@@ -22,10 +22,29 @@ log = logging.getLogger(__name__)
 CMAP = "jet"
 
 
+PADDING_RGB = np.array([150.0, 150.0, 150.0])  # edge padding (no slide content): flat grey
+
+
 def blend(image: np.ndarray, values: np.ndarray, *, alpha: float = 0.5, cmap: str = CMAP) -> np.ndarray:
-    """``values`` in [0, 1] (same height/width as ``image``) coloured and blended over ``image``."""
-    colours = plt.get_cmap(cmap)(np.clip(values, 0, 1))[..., :3] * 255.0
-    return (image.astype(np.float32) * (1 - alpha) + colours * alpha).round().astype(np.uint8)
+    """``values`` in [0, 1] (same height/width as ``image``) coloured and blended over ``image``;
+    NaN values (padding beyond the slide edge) are drawn flat grey, never coloured."""
+    colours = plt.get_cmap(cmap)(np.clip(np.nan_to_num(values), 0, 1))[..., :3] * 255.0
+    out = image.astype(np.float32) * (1 - alpha) + colours * alpha
+    out[np.isnan(values)] = PADDING_RGB
+    return out.round().astype(np.uint8)
+
+
+def _renormalised(maps: np.ndarray, valid_w: int, valid_h: int, size: int) -> np.ndarray:
+    """Per-head attention ``[heads, rows, cols]`` over the cells with slide content only,
+    summing to 1 there (0 on padding)."""
+    cells = np.outer(_valid(maps.shape[1], valid_h, size), _valid(maps.shape[2], valid_w, size))
+    kept = np.where(cells, maps, 0.0)
+    return kept / np.maximum(kept.sum(axis=(1, 2), keepdims=True), 1e-12)
+
+
+def _valid(n: int, extent: float, size: int) -> np.ndarray:
+    """Which of ``n`` equal cells across ``size`` region pixels start inside the first ``extent``."""
+    return np.arange(n) * (size / n) < extent
 
 
 def _figure(image: np.ndarray, panels: list[tuple[str, np.ndarray]], path: str, title: str,
@@ -84,6 +103,8 @@ def region_heatmaps(cfg: Config, slide_uri: str, xy: tuple[int, int], out_dir: s
             raise ValueError(f"{slide_uri}: region {x},{y} lies outside the slide ({w0}×{h0} level-0 pixels)")
         origin = (int(round(x - margin * scale)), int(round(y - margin * scale)))
         canvas, _ = slide.read_region(origin, (size + margin, size + margin), cfg.tiling.mpp)
+        # region pixels holding slide content; the rest is white padding beyond the slide edge
+        valid_w, valid_h = min(size, int(np.ceil((w0 - x) / scale))), min(size, int(np.ceil((h0 - y) / scale)))
     att, n_windows = smoothed_attention(model, canvas, (size, size), margin, offsets)
     region = canvas[margin:, margin:]
     image = np.asarray(Image.fromarray(region).resize((display_px, display_px), Image.Resampling.LANCZOS))
@@ -93,8 +114,13 @@ def region_heatmaps(cfg: Config, slide_uri: str, xy: tuple[int, int], out_dir: s
     base = os.path.join(out_dir, stem)
     smooth = f"{n_windows} shifted windows" if n_windows > 1 else "no smoothing"
 
+    shown = np.outer(_valid(display_px, valid_h, size), _valid(display_px, valid_w, size))
+
     def pct(m: np.ndarray) -> np.ndarray:
-        return upsample(percentile_map(m), shape)
+        """Percentiles over the cells with slide content, upsampled; padding is NaN (grey)."""
+        cells = np.outer(_valid(m.shape[0], valid_h, size), _valid(m.shape[1], valid_w, size))
+        up = upsample(np.nan_to_num(percentile_map(m, cells), nan=0.0), shape)
+        return np.where(shown, up, np.nan)
 
     v256 = [(f"ViT-256 head {i}", pct(m)) for i, m in enumerate(att.vit256)]
     v4k = [(f"ViT-4K head {i}", pct(m)) for i, m in enumerate(att.vit4k)]
@@ -113,7 +139,8 @@ def region_heatmaps(cfg: Config, slide_uri: str, xy: tuple[int, int], out_dir: s
     Image.fromarray(blend(image, pct(hier))).save(overlay)
     files["overlay"] = overlay
     np.savez_compressed(base + "_attention.npz", vit256=att.vit256, vit4k=att.vit4k, hierarchical=hier,
-                        region=region, windows=n_windows)
+                        region=region, windows=n_windows, valid_w=valid_w, valid_h=valid_h,
+                        vit4k_tissue=_renormalised(att.vit4k, valid_w, valid_h, size))
     files["npz"] = base + "_attention.npz"
     return files
 

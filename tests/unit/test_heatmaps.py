@@ -80,6 +80,36 @@ def test_percentile_map_is_a_rank_scale():
     np.testing.assert_allclose(percentile_map(np.full((3, 3), 0.2)), 0.5)  # ties: no false ranking
 
 
+def test_percentile_map_ranks_within_the_mask():
+    v = np.array([[3.0, 1.0], [2.0, 10.0]])
+    got = percentile_map(v, np.array([[True, True], [True, False]]))
+    np.testing.assert_allclose(got[0], [1.0, 0.0])
+    np.testing.assert_allclose(got[1, 0], 0.5)
+    assert np.isnan(got[1, 1])
+
+
+def test_padding_beyond_the_slide_edge_is_grey_not_attention(tmp_path, capsys):
+    slide = make_slide(tmp_path / "e.tiff", width_um=700, height_um=700, mpp=0.5, seed=3, n_blobs=1)
+    out = tmp_path / "hm"
+    # a 512 px region at 1100,1000 of a 1400 px slide: 300 × 400 px of slide, the rest padding
+    assert main(["heatmap", "--slide", slide.path, "--region", "1100,1000", "--out", str(out), "--shifts", "1",
+                 "--config", "configs/tiny.yaml", "tiling.region_px=512"]) == 0
+    capsys.readouterr()
+    maps = np.load(out / "e_1100_1000_attention.npz")
+    assert (int(maps["valid_w"]), int(maps["valid_h"])) == (300, 400)
+    tissue = maps["vit4k_tissue"]
+    np.testing.assert_allclose(tissue.sum(axis=(1, 2)), 1.0, atol=1e-6)
+    cell = 512 // tissue.shape[2]  # the tiny model's patch
+    cols, rows = -(-300 // cell), -(-400 // cell)
+    assert (tissue[:, :, cols:] == 0).all() and (tissue[:, rows:, :] == 0).all()
+    assert (tissue[:, :rows, :cols] > 0).all()
+    overlay = np.asarray(Image.open(out / "e_1100_1000_hierarchical_overlay.png")).astype(int)
+    pad = overlay[:, 700:]  # display columns beyond 300/512 of 1024
+    assert (pad == 150).all()  # flat grey
+    inside = overlay[:700, :550]
+    assert np.abs(inside[..., 0] - inside[..., 2]).max() > 20  # coloured by attention
+
+
 def test_heatmap_command_writes_the_figures(tmp_path, capsys):
     slide = make_slide(tmp_path / "s.tiff", width_um=700, height_um=700, mpp=0.5, seed=2, subtype=1, risk=0.5,
                        n_blobs=1)
