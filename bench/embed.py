@@ -88,7 +88,7 @@ def efficiency(args: argparse.Namespace) -> None:
         fs.put(str(slides) + "/", "bench/slides/", recursive=True)
         src = "s3://bench/slides/"
     work = Path(tempfile.mkdtemp(prefix="embed-bench-"))
-    overrides = [f"storage.cache_dir={work / 'cache'}", "embed.store_tokens=true"]
+    overrides = [f"storage.cache_dir={work / 'cache'}", "embed.store_tokens=true", f"reader.backend={args.backend}"]
     if args.model == "tiny":
         files = [ROOT / "configs" / "tiny.yaml"]
     else:
@@ -97,7 +97,7 @@ def efficiency(args: argparse.Namespace) -> None:
     cfg = load_config("embed", files=files, overrides=overrides,
                       values={"slides": src, "out": str(work / "out")})
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    print(f"{args.slides} slides on {args.storage}, model {cfg.model.name} "
+    print(f"{args.slides} slides on {args.storage}, reader.backend={args.backend}, model {cfg.model.name} "
           f"(precision {cfg.embed.precision}, compile {cfg.embed.compile}), {ray.cluster_resources().get('CPU')} CPUs")
     tile.run(cfg)
     store = Store(cfg.out)
@@ -152,6 +152,8 @@ def efficiency(args: argparse.Namespace) -> None:
     # harmonic combination of the two, not their minimum; printed for context.
     shared = 1 / (1 / read_rate + 1 / model_rate)
     print(f"  shared-CPU bound 1/(1/read + 1/model) = {shared:.3f} regions/s; end-to-end / that = {e2e_rate / shared:.2f}")
+    staged = sum(p.stat().st_size for p in (work / "cache").glob("*") if p.is_file())
+    print(f"  staged on local disk: {staged / 1e6:.1f} MB")
     ray.shutdown()
     if moto:
         moto.kill()
@@ -182,9 +184,15 @@ def main() -> None:
     ap.add_argument("--model", choices=("tiny", "real"), default="tiny")
     ap.add_argument("--storage", choices=("local", "s3"), default="local")
     ap.add_argument("--model-regions", type=int, default=6, help="regions timed for model-only")
+    ap.add_argument("--backend", choices=("auto", "tiles", "openslide", "both"), default="auto",
+                    help="reader.backend; both: OpenSlide then the tile backend, one after the other")
     ap.add_argument("--rss", action="store_true")
     args = ap.parse_args()
-    rss(args) if args.rss else efficiency(args)
+    if args.rss:
+        rss(args)
+        return
+    for backend in (("openslide", "tiles") if args.backend == "both" else (args.backend,)):
+        efficiency(argparse.Namespace(**{**vars(args), "backend": backend}))
 
 
 if __name__ == "__main__":
