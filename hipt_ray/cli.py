@@ -35,12 +35,19 @@ def init_ray(cfg: Config) -> None:
     start_ray(address=ray_address(cfg.ray.address), num_cpus=cfg.ray.num_cpus)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, *, uses_ray: bool = True) -> None:
     p.add_argument("--config", action="append", default=[], metavar="YAML",
                    help="extra config file(s), layered over configs/base.yaml")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    if uses_ray:  # commands that run without Ray do not take an address they would ignore
+        p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. tiling.mpp=0.25 storage.cache_max_bytes=1e10")
+
+
+def _with_address(values: dict, args: argparse.Namespace) -> None:
+    """``--address`` into the config values (``ray.address``), when given."""
+    if args.address:
+        values["ray"] = {"address": args.address}
 
 
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -85,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--labels", required=True, help="CSV/Parquet: slide_id, case_id, label | survival_months, event")
     th.add_argument("--task", choices=("subtyping", "survival"))
     th.add_argument("--run-name", help="MLflow run name (default <task>-<head>)")
-    _common(th)
+    _common(th, uses_ray=False)
 
     sw = sub.add_parser("sweep", help="Ray Tune sweep of slide-level heads, every trial logged to MLflow")
     sw.add_argument("--out", required=True, help="an embed output")
@@ -101,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shifted windows per axis averaged to smooth block edges (1: none; default 2)")
     hm.add_argument("--head-run", help="head mode: a train-head/sweep run directory (OUT/heads/<name>) or MLflow run id")
     _checkpoint_args(hm)
-    _common(hm)
+    _common(hm, uses_ray=False)
 
     se = sub.add_parser("search", help="regions most similar to one region, across every embedded slide")
     se.add_argument("--out", required=True, help="an embed output")
@@ -111,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--labels", help="optional labels CSV/Parquet: show each hit's heads.label_column")
     se.add_argument("--dest", help="directory for the table and mosaic (default OUT/search)")
     se.add_argument("--rebuild-index", action="store_true", help="rebuild the vector index from scratch first")
-    _common(se)
+    _common(se, uses_ray=False)
 
     demo = sub.add_parser("make-demo-data", help="write synthetic slides and labels.csv")
     demo.add_argument("out", help="output directory")
@@ -125,8 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_tile(args: argparse.Namespace) -> int:
     values = {"slides": args.slides, "out": args.out}
-    if args.address:
-        values["ray"] = {"address": args.address}
+    _with_address(values, args)
     cfg = load_config("tile", files=args.config, overrides=args.overrides, values=values)
     init_ray(cfg)
     from hipt_ray import tile  # after ray.init: Lance warns about forks made after its import
@@ -139,8 +145,7 @@ def _cmd_tile(args: argparse.Namespace) -> int:
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     values: dict = {"slides": args.slides, "out": args.out, **_model_values(args)}
-    if args.address:
-        values["ray"] = {"address": args.address}
+    _with_address(values, args)
     cfg = load_config("embed", files=args.config, overrides=args.overrides, values=values)
     init_ray(cfg)
     from hipt_ray.embed.job import run
@@ -164,8 +169,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         values["slides"] = args.slides
     elif args.stage == "vit256":
         raise ConfigError("stage vit256 needs --slides")
-    if args.address:
-        values["ray"] = {"address": args.address}
+    _with_address(values, args)
     stage_file = CONFIG_DIR / "pretrain" / f"{args.stage}.yaml"
     files = ([stage_file] if stage_file.is_file() else []) + list(args.config)
     cfg = load_config(None, files=files, overrides=args.overrides, values=values)
@@ -201,8 +205,7 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     values: dict = {"out": args.out, "heads": {"labels": args.labels}}
-    if args.address:
-        values["ray"] = {"address": args.address}
+    _with_address(values, args)
     cfg = load_config(None, files=args.config, overrides=args.overrides, values=values)
     init_ray(cfg)
     from hipt_ray.tune.sweep import run_sweep

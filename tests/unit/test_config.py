@@ -97,3 +97,12 @@ def test_names_used_in_paths_cannot_escape_the_output(bad, tmp_path, capsys):
 def test_numeric_settings_have_sane_ranges(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(overrides=[override])
+
+
+def test_commands_that_run_without_ray_take_no_address(capsys):
+    from hipt_ray.cli import main
+
+    for command in (["train-head", "--out", "o", "--labels", "l.csv"], ["search", "--out", "o", "--slide", "s",
+                                                                          "--region", "1,1"]):
+        assert main([*command, "--address", "127.0.0.1:6379"]) == 2
+        assert "unrecognized arguments: --address" in capsys.readouterr().err
