@@ -11,7 +11,7 @@ from hipt_ray.config import Config
 from hipt_ray.data.regions import read_region
 from hipt_ray.slides.manifest import SlideSpec
 from hipt_ray.slides.tissue import DARKNESS_RANGE, darkness, is_grayscale, saturation
-from hipt_ray.store import Store
+from hipt_ray.store import REGIONS, Store
 from hipt_ray.store.tables import resolve_embedding
 
 
@@ -84,10 +84,10 @@ def build_grid_dataset(cfg: Config) -> tuple[ray.data.Dataset, int, str]:
     quoted = ", ".join("'" + s.replace("'", "''") + "'" for s in done)
     where = (f"model_id = '{model_id}' AND read_w = {full} AND read_h = {full} "
              f"AND slide_id IN ({quoted})")
-    n = store.dataset("regions.lance").count_rows(filter=where)
+    n = store.dataset(REGIONS).count_rows(filter=where)
     if n == 0:
         raise ValueError(f"{src} has no full {full}² regions embedded by {model_id}")
-    ds = lance_ray.read_lance(store.uri("regions.lance"), columns=["tokens256", "read_w", "read_h"],
+    ds = lance_ray.read_lance(store.uri(REGIONS), columns=["tokens256", "read_w", "read_h"],
                               filter=where, storage_options=store.options)
     ds = ds.map(_grid_row, fn_kwargs={"patch_px": cfg.tiling.patch_px})
     return ds.randomize_block_order(seed=cfg.pretrain.seed), n, model_id

@@ -10,7 +10,7 @@ import torch
 
 from hipt_ray.config import Config
 from hipt_ray.heads.labels import check_cohort, check_labels, read_labels
-from hipt_ray.store import Store, read_embeddings
+from hipt_ray.store import REGIONS, Store, read_embeddings
 from hipt_ray.store.tables import resolve_embedding
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,6 @@ def load_cohort(cfg: Config) -> Cohort:
         cohort.labels = np.asarray(labels)
     else:
         cohort.times, cohort.events = np.asarray(times), np.asarray(events)
-    ds = store.dataset("regions.lance")
+    ds = store.dataset(REGIONS)
     cohort.table_version = ds.version if ds is not None else 0
     return cohort

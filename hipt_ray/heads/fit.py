@@ -52,7 +52,8 @@ def _loss(h: HeadsConfig, logits: torch.Tensor, cohort: Cohort, idx: list[int], 
     return survival_nll(logits, torch.as_tensor(np.digitize(cohort.times[idx], bins)), events, alpha=h.alpha_surv)
 
 
-def _risk(h: HeadsConfig, logits: torch.Tensor) -> torch.Tensor:
+def risk_of(h: HeadsConfig, logits: torch.Tensor) -> torch.Tensor:
+    """Per-case risk from a survival head's logits (the Cox score, or −Σ survival for the NLL head)."""
     return logits[:, 0] if h.survival_loss == "cox" else risk_from_logits(logits)
 
 
@@ -65,7 +66,7 @@ def evaluate(h: HeadsConfig, head: torch.nn.Module, cohort: Cohort, idx: np.ndar
         out = {"probs": probs, "labels": cohort.labels[idx]}
         out["metrics"] = classification_metrics(cohort.labels[idx], probs) if len(set(cohort.labels[idx])) > 1 else {}
     else:
-        risk = _risk(h, logits).numpy()
+        risk = risk_of(h, logits).numpy()
         out = {"risk": risk, "times": cohort.times[idx], "events": cohort.events[idx]}
         out["metrics"] = {"c_index": concordance(cohort.times[idx], cohort.events[idx], risk)}
     return out

@@ -143,7 +143,7 @@ def save_heads(path: str, cfg: Config, cohort, states) -> str:
 def _train_risk(h, st, cohort, i: int) -> float:
     import torch
 
-    from hipt_ray.heads.fit import _risk
+    from hipt_ray.heads.fit import risk_of
 
     with torch.no_grad():
-        return float(_risk(h, st.head.eval()(cohort.inputs[i])[0])[0])
+        return float(risk_of(h, st.head.eval()(cohort.inputs[i])[0])[0])
