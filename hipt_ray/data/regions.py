@@ -72,11 +72,12 @@ class RegionEmbedder:
         import torch
 
         from hipt_ray.models import create_model
+        from hipt_ray.models.hipt4k import default_micro_batch
         from hipt_ray.models.inference import fast_dtype, prepare_for_inference
 
         self.torch = torch
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        model = create_model(model_name, micro_batch=micro_batch or (256 if self.device.type == "cuda" else 32))
+        model = create_model(model_name, micro_batch=default_micro_batch(self.device, micro_batch))
         model.load_state_dict(state_dict)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision) or fast_dtype(self.device)
         self.model = prepare_for_inference(model, device=self.device, dtype=dtype, compile=compile)

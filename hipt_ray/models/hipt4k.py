@@ -31,15 +31,23 @@ def patchify(x: torch.Tensor, patch_px: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b * rows * cols, c, patch_px, patch_px)
 
 
+def default_micro_batch(device: "str | torch.device" = "cpu", configured: int | None = None) -> int:
+    """Patches per ViT-256 forward, decided here only: ``model.micro_batch`` when set, else 256
+    on a GPU (the bench/gpu.py optimum) and 32 on a CPU (larger batches gain nothing there)."""
+    if configured:
+        return configured
+    return 256 if torch.device(device).type == "cuda" else 32
+
+
 class HIPT4K(nn.Module):
     """ViT-256 over every 256 px patch, ViT-4K over the resulting token grid."""
 
-    def __init__(self, *, vit256: ViT256, vit4k: ViT4K, patch_px: int = 256, micro_batch: int = 64) -> None:
+    def __init__(self, *, vit256: ViT256, vit4k: ViT4K, patch_px: int = 256, micro_batch: int | None = None) -> None:
         super().__init__()
         if vit4k.in_dim != vit256.embed_dim:
             raise ValueError(f"ViT-4K takes {vit4k.in_dim}-d tokens, ViT-256 gives {vit256.embed_dim}")
         self.vit256, self.vit4k = vit256, vit4k
-        self.patch_px, self.micro_batch = patch_px, micro_batch
+        self.patch_px, self.micro_batch = patch_px, default_micro_batch("cpu", micro_batch)
         self.embed_dim = vit4k.embed_dim
 
     def tokens256(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,13 +6,14 @@ import torch
 
 from hipt_ray.config import Config, ConfigError
 from hipt_ray.models.checkpoints import load_checkpoint, model_id
+from hipt_ray.models.hipt4k import default_micro_batch
 from hipt_ray.models.registry import create_model
 
 
 def build_model(cfg: Config) -> tuple[torch.nn.Module, str]:
     """The configured model with its weights, and its id (``random-…`` for random weights)."""
     torch.manual_seed(cfg.model.seed)
-    model = create_model(cfg.model.name, micro_batch=cfg.model.micro_batch or 32)
+    model = create_model(cfg.model.name, micro_batch=default_micro_batch("cpu", cfg.model.micro_batch))
     c256, c4k = cfg.model.checkpoint_256, cfg.model.checkpoint_4k
     if not (c256 and c4k) and not cfg.model.allow_random_weights:
         raise ConfigError(

@@ -45,7 +45,7 @@ def vit4k_xs(**kw) -> ViT4K:
 
 
 @register("hipt4k")
-def hipt4k(*, micro_batch: int = 64, **kw) -> HIPT4K:
+def hipt4k(*, micro_batch: int | None = None, **kw) -> HIPT4K:
     return HIPT4K(vit256=vit256_s16(**kw), vit4k=vit4k_xs(**kw), micro_batch=micro_batch)
 
 
@@ -60,5 +60,5 @@ def vit4k_tiny(**kw) -> ViT4K:
 
 
 @register("hipt4k_tiny")
-def hipt4k_tiny(*, micro_batch: int = 64, **kw) -> HIPT4K:
+def hipt4k_tiny(*, micro_batch: int | None = None, **kw) -> HIPT4K:
     return HIPT4K(vit256=vit256_tiny(**kw), vit4k=vit4k_tiny(**kw), micro_batch=micro_batch)

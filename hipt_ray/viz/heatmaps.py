@@ -79,6 +79,7 @@ def region_heatmaps(cfg: Config, slide_uri: str, xy: tuple[int, int], out_dir: s
     at ``tiling.mpp``), smoothed over ``shifts``² shifted windows. Returns name → file path."""
     import torch
 
+    from hipt_ray.models.hipt4k import default_micro_batch
     from hipt_ray.models.loading import build_model
     from hipt_ray.slides.manifest import slide_id_from_uri
     from hipt_ray.slides.reader import open_slide
@@ -88,7 +89,7 @@ def region_heatmaps(cfg: Config, slide_uri: str, xy: tuple[int, int], out_dir: s
     use_gpu = cfg.embed.use_gpu is True or (cfg.embed.use_gpu == "auto" and torch.cuda.is_available())
     if use_gpu and torch.cuda.is_available():
         model = model.cuda()
-        model.micro_batch = cfg.model.micro_batch or 256
+        model.micro_batch = default_micro_batch("cuda", cfg.model.micro_batch)
     size = cfg.tiling.region_px
     offsets = window_offsets(cfg.tiling.patch_px, shifts)
     margin = max(offsets)

@@ -293,3 +293,11 @@ def test_export_round_trip_and_published_loader_compatibility(tmp_path):
     raw = torch.load(tmp_path / "v4k.pth", map_location="cpu", weights_only=True)["teacher"]
     state = {k.replace("module.", "").replace("backbone.", ""): v for k, v in raw.items()}
     assert set(state) == set(_published_layout(32, 2, patch_in=48))
+
+
+def test_the_micro_batch_default_is_decided_in_one_place():
+    from hipt_ray.models.hipt4k import default_micro_batch
+
+    assert default_micro_batch("cpu") == 32 and default_micro_batch("cuda") == 256
+    assert default_micro_batch("cuda", 64) == 64
+    assert create_model("hipt4k_tiny").micro_batch == 32
