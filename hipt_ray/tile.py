@@ -79,7 +79,7 @@ def changed_slides(specs: list[SlideSpec], done: dict[str, dict], endpoint_url: 
     from concurrent.futures import ThreadPoolExecutor
 
     from hipt_ray.storage import stat, with_retries
-    from hipt_ray.store.tables import slide_version
+    from hipt_ray.store.tables import row_version, slide_version
 
     check = [s for s in specs if s.slide_id in done and done[s.slide_id]["uri"] == s.uri]
 
@@ -90,8 +90,7 @@ def changed_slides(specs: list[SlideSpec], done: dict[str, dict], endpoint_url: 
             log.warning("%s: cannot check whether it changed since it was tiled (%s); keeping its regions",
                         spec.uri, exc)
             return None
-        row = done[spec.slide_id]
-        return spec.slide_id if slide_version(info.size, info.version) != slide_version(row["size"], row["etag"]) else None
+        return spec.slide_id if slide_version(info.size, info.version) != row_version(done[spec.slide_id]) else None
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         return {sid for sid in pool.map(probe, check) if sid}

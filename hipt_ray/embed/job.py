@@ -29,7 +29,7 @@ from hipt_ray.slides.manifest import list_slides
 from hipt_ray.slides.reader import recorded_override
 from hipt_ray.store import REGIONS_SCHEMA, Store
 from hipt_ray.store.lease import writer_lease
-from hipt_ray.store.tables import embedding_fields, slide_version
+from hipt_ray.store.tables import embedding_fields, row_version
 
 log = logging.getLogger(__name__)
 _COORDS = [f.name for f in REGIONS_SCHEMA if f.name not in ("model_id",)]
@@ -88,8 +88,7 @@ def _run(cfg: Config) -> EmbedSummary:
     tiled = {r["slide_id"]: r for r in store.latest_slides(spec, "").to_pylist() if r["slide_id"] in specs}
     # Embedded already: the same file version as tiled now (a changed file was tiled again).
     earlier = store.done_rows(spec, mid)
-    done = {sid for sid, r in earlier.items() if sid in tiled
-            and slide_version(r["size"], r["etag"]) == slide_version(tiled[sid]["size"], tiled[sid]["etag"])}
+    done = {sid for sid, r in earlier.items() if sid in tiled and row_version(r) == row_version(tiled[sid])}
     replaces = set(earlier) - done
     summary.skipped = sum(1 for s in specs if s in done)
     # Slides that tiling already failed (or found empty) get their status for this model too.

@@ -18,6 +18,13 @@ from hipt_ray.storage import filesystem
 ID_COLUMNS = ("slide_id", "case_id")
 
 
+_MISSING = {"", "na", "nan", "n/a", "none", "null"}
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 class LabelError(ConfigError):
     """The labels table cannot be used as it is (exit code 2)."""
 
@@ -37,12 +44,9 @@ def read_labels(uri: str, endpoint_url: str | None = None) -> pd.DataFrame:
         raise LabelError(f"labels {uri}: not a readable CSV/Parquet table ({exc})") from None
     df.attrs["source"] = uri
     df.attrs["first_line"] = 1 if uri.endswith(".parquet") else 2  # CSV: line 1 is the header
-    for col in ID_COLUMNS:
-        if col in df.columns and not uri.endswith(".parquet"):
-            continue
-        if col in df.columns:  # Parquet: numbers as their text, missing stays missing
-            df[col] = df[col].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v))
-                                  else str(v))
+    if uri.endswith(".parquet"):  # ids stored as numbers become their text; missing stays missing
+        for col in (c for c in ID_COLUMNS if c in df.columns):
+            df[col] = df[col].map(lambda v: None if _missing(v) else str(v))
     return df
 
 
@@ -53,12 +57,8 @@ def _where(df: pd.DataFrame, mask) -> str:
     return f"{kind}{'s' if len(rows) > 1 else ''} {shown}"
 
 
-_MISSING = {"", "na", "nan", "n/a", "none", "null"}
-
-
 def _blank(values: pd.Series) -> np.ndarray:
-    return values.map(lambda v: v is None or (isinstance(v, float) and math.isnan(v))
-                      or str(v).strip().lower() in _MISSING).to_numpy(dtype=bool)
+    return values.map(lambda v: _missing(v) or str(v).strip().lower() in _MISSING).to_numpy(dtype=bool)
 
 
 def _numbers(values: pd.Series) -> np.ndarray:

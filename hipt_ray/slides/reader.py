@@ -41,8 +41,6 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     cheap: all opaque (one copy) or opaque/transparent only (one masked fill); the blend formula
     runs only on partially transparent pixels, if any.
     """
-    if rgba.shape[-1] == 3:  # already RGB on white (the tile backend's output)
-        return rgba
     rgb, alpha = rgba[..., :3], rgba[..., 3]
     out = np.ascontiguousarray(rgb)
     opaque = alpha == 255
@@ -180,6 +178,7 @@ class Slide:
         return best
 
     def _read(self, level0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """``size`` pixels of ``level`` at level-0 ``level0_xy``, RGB on white."""
         from hipt_ray.slides.tiles import TileError
 
         try:
@@ -193,7 +192,7 @@ class Slide:
                 f"{self.name}: tiles failed to decode at level {level}, {level0_xy} ({exc}); "
                 "the file is corrupt: re-export or re-upload it"
             ) from None
-        return np.asarray(img)
+        return composite_on_white(np.asarray(img))
 
     def read_region(
         self, level0_xy: tuple[int, int], size_px: tuple[int, int], mpp: float
@@ -208,7 +207,7 @@ class Slide:
         level = self.best_level(scale)
         level_scale = scale / self._osr.level_downsamples[level]  # level pixels per output pixel
         lw, lh = max(1, round(w * level_scale)), max(1, round(h * level_scale))
-        rgb = composite_on_white(self._read(level0_xy, level, (lw, lh)))
+        rgb = self._read(level0_xy, level, (lw, lh))
         if (lw, lh) == (w, h):
             return rgb, level
         img = Image.fromarray(rgb)
@@ -230,7 +229,7 @@ class Slide:
         w, h = max(1, round(w0 / scale)), max(1, round(h0 / scale))
         level = self.best_level(w0 / w)
         lw, lh = self._osr.level_dimensions[level]
-        rgb = composite_on_white(self._read((0, 0), level, (lw, lh)))
+        rgb = self._read((0, 0), level, (lw, lh))
         if (lw, lh) != (w, h):
             rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BOX))
         return rgb, self.mpp * w0 / w

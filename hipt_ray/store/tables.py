@@ -76,6 +76,11 @@ def slide_version(size: int | None, etag: str | None) -> str:
     return f"{size}:{etag or ''}"
 
 
+def row_version(row: dict) -> str:
+    """:func:`slide_version` of a ``slides.lance`` row."""
+    return slide_version(row.get("size"), row.get("etag"))
+
+
 def sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -186,7 +191,7 @@ class Store:
         replaces = set(replaces)
         for row in slide_rows:
             if row["slide_id"] in replaces:
-                keep = slide_version(row.get("size"), row.get("etag")) if row["status"] == "ok" else None
+                keep = row_version(row) if row["status"] == "ok" else None
                 self._delete_versions({row["slide_id"]: keep}, row["spec_hash"], row["model_id"])
 
     def _delete_versions(self, keep: dict[str, str | None], spec_hash: str, model_id: str) -> None:
@@ -263,7 +268,7 @@ class Store:
             if sid not in done:
                 keep[sid] = None
                 continue
-            current = slide_version(done[sid]["size"], done[sid]["etag"])
+            current = row_version(done[sid])
             # rows of another version; rows without one only once the current version's are there
             if versions - {current, None} or (None in versions and current in versions):
                 keep[sid] = current
@@ -286,10 +291,11 @@ class Store:
         filt = f"spec_hash = {sql_string(spec_hash)} AND model_id = {sql_string(model_id)}"
         if slide_ids is not None and len(done) <= 1000:
             filt += f" AND {_in('slide_id', done)}" if done else " AND false"
-        rows = self.read(REGIONS, columns=read_cols, filter=filt)
+        rows = (self._io(REGIONS, lambda: ds.to_table(columns=read_cols, filter=filt)) if ds is not None
+                else REGIONS_SCHEMA.empty_table().select(read_cols))
         if "slide_version" not in rows.column_names:  # a table written before versions
             rows = rows.append_column("slide_version", pa.nulls(rows.num_rows, pa.string()))
-        rows = current_regions(rows, {sid: slide_version(r["size"], r["etag"]) for sid, r in done.items()})
+        rows = current_regions(rows, {sid: row_version(r) for sid, r in done.items()})
         return rows.select(cols)
 
 

@@ -16,7 +16,7 @@ import os
 import numpy as np
 import pyarrow as pa
 
-from hipt_ray.store.tables import REGIONS, Store, current_regions, sql_string, slide_version
+from hipt_ray.store.tables import REGIONS, Store, current_regions, row_version, sql_string
 
 log = logging.getLogger(__name__)
 INDEX_NAME = "emb4k_idx"
@@ -98,7 +98,7 @@ def search(store: Store, query: np.ndarray, *, model_id: str, spec_hash: str, k:
     """The ``k`` nearest embedded regions to ``query`` (same model and tiling spec), nearest first,
     with ``_distance``; ``exact`` bypasses the index (brute force, for recall measurements)."""
     ds = store.dataset(REGIONS)
-    versions = {sid: slide_version(r["size"], r["etag"]) for sid, r in store.done_rows(spec_hash, model_id).items()}
+    versions = {sid: row_version(r) for sid, r in store.done_rows(spec_hash, model_id).items()}
     cols = ["slide_id", "region_index", "x", "y", "level0_w", "level0_h", "read_w", "read_h", "mpp", "_distance"]
     versioned = "slide_version" in ds.schema.names
     fetch = k
