@@ -49,6 +49,8 @@ class StorageConfig(_Section):
     # An object-storage output's writer lease expires this long after its run stops renewing it
     # (a killed run blocks the next one on that output at most this long; local disk: never).
     lease_seconds: float = Field(default=120.0, ge=10.0, le=3600.0)
+    # Table versions older than this are deleted after each embed run (time travel within it).
+    keep_versions_days: float = Field(default=7.0, ge=0.0)
 
 
 class TilingConfig(_Section):
@@ -151,7 +153,12 @@ class EmbedConfig(_Section):
     actor_memory_gb: float = Field(default=2.0, gt=0)
     read_cpus: float = Field(default=1.0, gt=0)
     store_tokens: bool = True  # tokens256 column: needed by stage-2 pretraining and ViT-4K heads
-    chunk_slides: int = Field(default=64, gt=0)  # slides per streaming pipeline (bounds driver memory)
+    regions_per_task: int = Field(default=16, gt=0)  # regions one read task reads (≈ 1 s from JPEG tiles)
+    write_regions: int = Field(default=32, gt=0)  # region rows per Lance fragment a worker writes
+    # Custom Ray resources each read/write task and each model actor asks for, to place them on
+    # the nodes meant for them (cluster.yaml: {decode: 1} on cpu_decode nodes).
+    read_resources: dict[str, float] = Field(default_factory=dict)
+    actor_resources: dict[str, float] = Field(default_factory=dict)
 
 
 class PretrainConfig(_Section):

@@ -49,9 +49,17 @@ def _open_slide(row: dict, cfg) -> Slide:
     return slide
 
 
+def _node() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def read_region(row: dict[str, Any], *, cfg_dict: dict) -> dict[str, Any]:
-    """One region spec → the same row plus ``image`` (uint8 [h, w, 3]) and ``error``."""
+    """One region spec → the same row plus ``image`` (uint8 [h, w, 3]), ``error`` and
+    ``read_node`` (the Ray node that read it)."""
     cfg = validate_config(cfg_dict)  # 35 µs: not worth caching per worker
+    row["read_node"] = _node()
     try:
         slide = _open_slide(row, cfg)
         image, _ = slide.read_region((row["x"], row["y"]), (row["read_w"], row["read_h"]), row["mpp"])
@@ -65,10 +73,11 @@ def read_region(row: dict[str, Any], *, cfg_dict: dict) -> dict[str, Any]:
 
 class RegionEmbedder:
     """A model actor: weights loaded once, regions embedded one at a time (their 256 px patches
-    in micro-batches). Returns Arrow rows without the pixels."""
+    in micro-batches). Returns Arrow rows without the pixels. On CPU, torch uses ``threads``
+    threads (the actor's CPUs; Ray's default for a worker is one)."""
 
     def __init__(self, *, model_name: str, state_dict: dict, micro_batch: int | None, precision: str,
-                 compile: bool, use_gpu: bool, store_tokens: bool, schema: pa.Schema) -> None:
+                 compile: bool, use_gpu: bool, store_tokens: bool, schema: pa.Schema, threads: int = 1) -> None:
         import torch
 
         from hipt_ray.models import create_model
@@ -77,6 +86,9 @@ class RegionEmbedder:
 
         self.torch = torch
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, threads))
+        self.node = _node()
         model = create_model(model_name, micro_batch=default_micro_batch(self.device, micro_batch))
         model.load_state_dict(state_dict)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision) or fast_dtype(self.device)
@@ -107,5 +119,5 @@ class RegionEmbedder:
                 errors[i] = f"{batch['uri'][i]}: embedding failed: {type(exc).__name__}: {exc}"
                 emb4k.append(None), mean256.append(None), tokens.append(None)
         columns = {name: list(batch[name]) for name in self.schema.names if name in batch}
-        columns.update(emb4k=emb4k, mean256=mean256, tokens256=tokens, error=errors)
+        columns.update(emb4k=emb4k, mean256=mean256, tokens256=tokens, error=errors, model_node=[self.node] * n)
         return pa.Table.from_pydict({f.name: columns[f.name] for f in self.schema}, schema=self.schema)

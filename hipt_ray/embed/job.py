@@ -1,9 +1,11 @@
-"""The embedding job: tiled regions → Ray Data (CPU read tasks → HIPT-4K actors) → Lance.
+"""The embedding job: tiled regions → Ray Data (CPU read tasks → HIPT-4K actors → fragment
+writes) → Lance.
 
-Slides are processed in chunks of ``embed.chunk_slides``, each a streaming Ray Data pipeline,
-so the driver never holds more than one chunk's region specs. The driver collects each slide's
-embedded regions as they stream out and commits finished slides in batches: region rows first,
-then the slides' ``ok``/``failed`` rows (the store's visibility rule), so a killed job leaves no
+One streaming pipeline runs the whole job: read tasks take ``embed.regions_per_task`` regions
+each, the model actors are started and warmed once, and workers write the rows with embeddings
+as Lance fragments themselves (:mod:`hipt_ray.store.fragments`). Only region keys and fragment
+metadata reach the driver, which commits finished slides in batches: their fragments first,
+then their ``ok``/``failed`` rows (the store's visibility rule), so a killed job leaves no
 half-embedded slide visible and a rerun resumes with exactly one row per region.
 """
 
@@ -11,14 +13,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
-import torch
 
 from hipt_ray import tile
 from hipt_ray.tile import TileSummary
@@ -29,7 +28,8 @@ from hipt_ray.slides.manifest import list_slides
 from hipt_ray.slides.reader import recorded_override
 from hipt_ray.store import REGIONS_SCHEMA, Store
 from hipt_ray.store.lease import writer_lease
-from hipt_ray.store.tables import embedding_fields, row_version
+from hipt_ray.store.fragments import RegionCommitter, write_region_fragments
+from hipt_ray.store.tables import REGIONS, embedding_fields, row_version
 
 log = logging.getLogger(__name__)
 _COORDS = [f.name for f in REGIONS_SCHEMA if f.name not in ("model_id",)]
@@ -39,14 +39,25 @@ _COORDS = [f.name for f in REGIONS_SCHEMA if f.name not in ("model_id",)]
 class EmbedSummary(TileSummary):
     model_id: str = ""
     index: str = ""  # what the vector index refresh did
+    fragments: int = 0  # Lance fragments the workers wrote and the driver committed
+    commits: int = 0
+    duplicates: int = 0  # region rows that came back twice (not committed twice)
+    driver_bytes: int = 0  # what reached the driver from the pipeline
+    nodes: dict[str, dict[str, int]] = field(default_factory=dict)  # read|model → node id → regions
 
     def lines(self) -> list[str]:
         rate = self.regions / self.seconds if self.seconds else 0.0
+        per_region = self.driver_bytes / self.regions if self.regions else 0.0
+        placed = "; ".join(f"{kind} on " + ", ".join(f"{node[:8]}×{k}" for node, k in sorted(n.items()))
+                           for kind, n in self.nodes.items() if n)  # node id prefixes × regions
         return [
             f"slides: {self.total} ({self.ok} embedded, {self.failed} failed, {self.no_tissue} no tissue, "
             f"{self.skipped} already done)",
             f"regions: {self.regions} embedded ({rate:.2f} regions/s)",
             f"time: {self.seconds:.1f} s",
+        ] + ([f"pipeline: {self.fragments} fragments written by workers, {self.commits} commits, "
+              f"{per_region:.0f} bytes per region to the driver" + (f"; {placed}" if placed else "")]
+             if self.fragments else []) + [
             f"model: {self.model_id}",
             f"outputs: {self.out}/regions.lance (emb4k, mean256, tokens256), {self.out}/slides.lance",
         ] + ([f"search: {self.index}"] if self.index else [])
@@ -105,75 +116,76 @@ def _run(cfg: Config) -> EmbedSummary:
     use_gpu = _use_gpu(cfg)
     n_actors = cfg.embed.model_actors or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else 1)
     dim4k, dim256 = model.vit4k.embed_dim, model.vit256.embed_dim
+    if removed := store.remove_uncommitted(cfg.storage.keep_versions_days):
+        log.info("removed %.1f MB of region files an earlier run wrote but never committed", removed / 1e6)
+    table_schema = store.prepare_regions(pa.schema(list(REGIONS_SCHEMA) + embedding_fields(dim4k, dim256)))
     out_schema = pa.schema([REGIONS_SCHEMA.field(n) for n in _COORDS] + [pa.field("uri", pa.string())]
-                           + embedding_fields(dim4k, dim256) + [pa.field("error", pa.string())])
-    write_schema = pa.schema(list(REGIONS_SCHEMA) + embedding_fields(dim4k, dim256))
+                           + embedding_fields(dim4k, dim256)
+                           + [pa.field(n, pa.string()) for n in ("error", "read_node", "model_node")])
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    cfg_dict = cfg.to_dict()
     t_embed = time.perf_counter()
 
-    for start in range(0, len(todo), cfg.embed.chunk_slides):
-        chunk = todo[start : start + cfg.embed.chunk_slides]
-        regions = store.regions(spec, chunk, model_id="", columns=_COORDS).to_pylist()
-        expected: dict[str, int] = defaultdict(int)
-        for r in regions:
-            r["uri"] = specs[r["slide_id"]].uri
-            r["mpp_override"] = recorded_override(tiled[r["slide_id"]])  # what its tiling used
-            expected[r["slide_id"]] += 1
-        ds = ray.data.from_items(regions, override_num_blocks=max(1, len(regions)))
-        ds = ds.map(read_region, fn_kwargs={"cfg_dict": cfg_dict}, num_cpus=cfg.embed.read_cpus)
+    # One streaming pipeline for the whole run: the driver holds only the region coordinates
+    # (≈ 200 bytes a region) and the metadata that comes back.
+    coords = store.regions(spec, todo, model_id="", columns=_COORDS)
+    sids = coords["slide_id"].to_pylist()
+    coords = coords.append_column("uri", pa.array([specs[s].uri for s in sids], pa.string()))
+    overrides = {s: recorded_override(tiled[s]) for s in todo}  # what each slide's tiling used
+    coords = coords.append_column("mpp_override", pa.array([overrides[s] for s in sids], pa.float64()))
+    per_task = cfg.embed.regions_per_task
+    blocks = [coords.slice(i, per_task) for i in range(0, coords.num_rows, per_task)]
+
+    def finished(sid: str, status: str, error: str, n: int) -> None:
+        setattr(summary, status, getattr(summary, status) + 1)
+        summary.regions += n
+        if status == "failed":
+            log.warning("failed: %s", error)
+        log.info("embed: %d/%d slides (%d failed), %d regions, %.2f regions/s", summary.ok + summary.failed,
+                 len(todo), summary.failed, summary.regions,
+                 summary.regions / max(time.perf_counter() - t_embed, 1e-9))
+
+    committer = RegionCommitter(
+        store, expected={s: int(tiled[s]["n_regions"]) for s in todo}, batch_slides=cfg.ray.write_batch_slides,
+        status_row=lambda sid, status, error, n: _status_row(tiled[sid], mid=mid, status=status, error=error,
+                                                             n_regions=n, t0=t0),
+        replaces=replaces, on_finished=finished)
+    if blocks:
+        read_resources = dict(cfg.embed.read_resources) or None
+        ds = ray.data.from_arrow(blocks)
+        ds = ds.map(read_region, fn_kwargs={"cfg_dict": cfg.to_dict()}, num_cpus=cfg.embed.read_cpus,
+                    resources=read_resources)
         ds = ds.map_batches(
             RegionEmbedder,
             fn_constructor_kwargs=dict(
                 model_name=cfg.model.name, state_dict=state, micro_batch=cfg.model.micro_batch,
                 precision=cfg.embed.precision, compile=cfg.embed.compile, use_gpu=use_gpu,
                 store_tokens=cfg.embed.store_tokens, schema=out_schema,
+                threads=max(1, int(cfg.embed.actor_cpus)),
             ),
             batch_size=1, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=n_actors),
             num_cpus=cfg.embed.actor_cpus, num_gpus=1 if use_gpu else 0,
             memory=int(cfg.embed.actor_memory_gb * 2**30),  # also keeps reads and model unfused
+            resources=dict(cfg.embed.actor_resources) or None,
         )
-        pending: dict[str, list[pa.Table]] = defaultdict(list)
-        got: dict[str, int] = defaultdict(int)
-        ready_slides: list[dict] = []
-        ready_regions: list[pa.Table] = []
-
-        def flush() -> None:
-            if ready_slides:
-                store.append_slides(ready_slides, pa.concat_tables(ready_regions) if ready_regions
-                                    else write_schema.empty_table(), write_schema, replaces=replaces)
-                ready_slides.clear()
-                ready_regions.clear()
-
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for sid in set(batch["slide_id"].to_pylist()):
-                part = batch.filter(pc.equal(batch["slide_id"], sid))
-                pending[sid].append(part)
-                got[sid] += part.num_rows
-                if got[sid] < expected[sid]:
-                    continue
-                rows = pa.concat_tables(pending.pop(sid)).sort_by("region_index")
-                errors = [e for e in rows["error"].to_pylist() if e]
-                if errors:
-                    summary.failed += 1
-                    log.warning("failed: %s", errors[0])
-                    ready_slides.append(_status_row(tiled[sid], mid=mid, status="failed",
-                                                    error=errors[0], n_regions=0, t0=t0))
-                else:
-                    summary.ok += 1
-                    summary.regions += rows.num_rows
-                    rows = rows.append_column("model_id", pa.array([mid] * rows.num_rows, pa.string()))
-                    ready_regions.append(rows.select(write_schema.names).cast(write_schema))
-                    ready_slides.append(_status_row(tiled[sid], mid=mid, status="ok", error="",
-                                                    n_regions=rows.num_rows, t0=t0))
-                finished = summary.ok + summary.failed
-                log.info("embed: %d/%d slides (%d failed), %d regions, %.2f regions/s", finished,
-                         len(todo), summary.failed, summary.regions,
-                         summary.regions / max(time.perf_counter() - t_embed, 1e-9))
-                if len(ready_slides) >= cfg.ray.write_batch_slides:
-                    flush()
-        flush()
+        ds = ds.map_batches(  # the rows with embeddings go to the table from here, not the driver
+            write_region_fragments,
+            fn_kwargs=dict(uri=store.uri(REGIONS), schema=table_schema, model_id=mid,
+                           storage_options=store.options),
+            batch_size=cfg.embed.write_regions, batch_format="pyarrow", num_cpus=0.25,
+            resources=read_resources,
+        )
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                committer.add(batch)
+        except BaseException:
+            committer.flush()  # what finished stays committed; a rerun does the rest
+            raise
+    committer.finish()
+    summary.fragments, summary.commits = committer.fragments, committer.commits
+    summary.duplicates = committer.duplicates
+    summary.driver_bytes = committer.bytes_in
+    summary.nodes = {k: dict(v) for k, v in committer.nodes.items()}
     if summary.ok:
         from hipt_ray.store.vectors import refresh_index
 

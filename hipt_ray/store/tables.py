@@ -162,31 +162,76 @@ class Store:
             self._io(table, lambda: lance.write_dataset(data, self.uri(table), mode="create",
                                                         storage_options=self.options))
             return
-        missing = [f for f in data.schema if f.name not in ds.schema.names]
-        if missing:  # e.g. embeddings appended to a table `tile` created: add all-null columns
+        ds = self._with_columns(table, ds, data.schema)
+        data = data.select([n for n in ds.schema.names if n in data.schema.names])
+        self._io(table, lambda: lance.write_dataset(data, self.uri(table), mode="append",
+                                                    storage_options=self.options))
+
+    def _with_columns(self, table: str, ds: lance.LanceDataset, schema: pa.Schema) -> lance.LanceDataset:
+        """``ds`` with every column of ``schema`` (missing ones added all-null, e.g. embeddings
+        on a table `tile` created); a column stored with another type is an error."""
+        missing = [f for f in schema if f.name not in ds.schema.names]
+        if missing:
             self._io(table, lambda: ds.add_columns(missing))
             ds = self.dataset(table)
-        for f in data.schema:
+        for f in schema:
             have = ds.schema.field(f.name).type
             if have != f.type:
                 raise ValueError(
                     f"{self.uri(table)} stores {f.name} as {have}, this run writes {f.type} "
                     "(a model of another size?): write to a new --out"
                 )
-        data = data.select([n for n in ds.schema.names if n in data.schema.names])
-        self._io(table, lambda: lance.write_dataset(data, self.uri(table), mode="append",
-                                                    storage_options=self.options))
+        return ds
 
-    def append_slides(self, slide_rows: list[dict], region_rows: list[dict] | pa.Table,
-                      regions_schema: pa.Schema = REGIONS_SCHEMA, *, replaces: Iterable[str] = ()) -> None:
-        """Commit regions, then the slides' status rows (see the module's visibility rule).
+    def prepare_regions(self, schema: pa.Schema) -> pa.Schema:
+        """Make ``regions.lance`` hold every column of ``schema`` (creating it empty if need
+        be) and return the table's schema: what workers writing fragments must write."""
+        check_lease(self.out)
+        ds = self.dataset(REGIONS)
+        if ds is None:
+            self._io(REGIONS, lambda: lance.write_dataset(schema.empty_table(), self.uri(REGIONS),
+                                                          storage_options=self.options))
+            ds = self.dataset(REGIONS)
+        return self._with_columns(REGIONS, ds, schema).schema
 
-        ``replaces``: slides of this batch that were completed before (their file changed);
-        once the new status rows are committed, their earlier region rows are deleted.
+    def _commit_fragments(self, fragments: list) -> None:
+        if not fragments:
+            return
+        check_lease(self.out)
+        ds = self.dataset(REGIONS)
+        # appends never conflict with each other: Lance rebases on newer versions by itself
+        self._io(REGIONS, lambda: lance.LanceDataset.commit(
+            self.uri(REGIONS), lance.LanceOperation.Append(fragments), read_version=ds.version,
+            storage_options=self.options))
+
+    def remove_uncommitted(self, keep_versions_days: float) -> int:
+        """Delete data files of ``regions.lance`` that no version references (fragments written
+        by a run that died before committing them) and versions older than
+        ``keep_versions_days``; bytes removed. Safe only under the writer lease."""
+        from datetime import timedelta
+
+        ds = self.dataset(REGIONS)
+        if ds is None:
+            return 0
+        check_lease(self.out)
+        stats = self._io(REGIONS, lambda: ds.cleanup_old_versions(
+            older_than=timedelta(days=keep_versions_days), delete_unverified=True))
+        return stats.bytes_removed
+
+    def append_slides(self, slide_rows: list[dict], region_rows: list[dict] | pa.Table = (),
+                      regions_schema: pa.Schema = REGIONS_SCHEMA, *, fragments: list = (),
+                      replaces: Iterable[str] = ()) -> None:
+        """Commit regions (rows, or ``fragments`` workers wrote), then the slides' status rows
+        (see the module's visibility rule).
+
+        ``replaces``: slides of this batch that were completed before (their file changed) or
+        whose rows must go (they failed); once the new status rows are committed, their other
+        region rows are deleted.
         """
         regions = region_rows if isinstance(region_rows, pa.Table) else pa.Table.from_pylist(
-            region_rows, schema=regions_schema)
+            list(region_rows), schema=regions_schema)
         self._append(REGIONS, regions)
+        self._commit_fragments(list(fragments))
         self._append(SLIDES, pa.Table.from_pylist(slide_rows, schema=SLIDES_SCHEMA))
         replaces = set(replaces)
         for row in slide_rows:

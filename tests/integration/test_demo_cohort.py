@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 N_SLIDES = 100
 COMMON = ["--config", str(CONFIGS / "tiny.yaml"), "tiling.region_px=1024", "tiling.min_tissue_fraction=0.05",
-          "embed.chunk_slides=64", "search.min_rows=150"]
+          "search.min_rows=150"]
 
 
 @pytest.fixture(scope="module")

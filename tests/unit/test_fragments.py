@@ -1,0 +1,104 @@
+"""Worker-side fragment writes and the driver's committer, on real Lance tables (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from hipt_ray.store import REGIONS, REGIONS_SCHEMA, SLIDES, Store, embedding_fields
+from hipt_ray.store.fragments import RegionCommitter, write_region_fragments
+from hipt_ray.store.tables import SLIDES_SCHEMA
+
+SPEC, MID = "spec1", "model1"
+
+
+def _embedded(rows: list[tuple[str, int, str]]) -> pa.Table:
+    """What the model actors return: coordinates, embeddings, an error per region."""
+    n = len(rows)
+    return pa.table({
+        "slide_id": [r[0] for r in rows], "region_index": pa.array([r[1] for r in rows], pa.int32()),
+        "x": pa.array([r[1] * 4096 for r in rows], pa.int64()), "spec_hash": [SPEC] * n,
+        "slide_version": ["10:e"] * n, "emb4k": [np.full(4, r[1], np.float32) for r in rows],
+        "mean256": [np.zeros(2, np.float32)] * n, "tokens256": [np.zeros(3, np.float16)] * n,
+        "error": [r[2] for r in rows], "read_node": ["nodeA"] * n, "model_node": ["nodeB"] * n,
+    })
+
+
+def _status(sid: str, status: str, error: str, n: int) -> dict:
+    import datetime
+
+    row = {f.name: None for f in SLIDES_SCHEMA}
+    return {**row, "slide_id": sid, "uri": f"/s/{sid}.tiff", "size": 10, "etag": "e", "status": status,
+            "error": error, "n_regions": n, "spec_hash": SPEC, "model_id": MID,
+            "time": datetime.datetime.now(datetime.timezone.utc)}
+
+
+@pytest.fixture()
+def store(tmp_path) -> tuple[Store, pa.Schema]:
+    store = Store(str(tmp_path / "out"))
+    schema = store.prepare_regions(pa.schema(list(REGIONS_SCHEMA) + embedding_fields(4, 2)))
+    return store, schema
+
+
+def _committer(store: Store, expected: dict[str, int], finished: list) -> RegionCommitter:
+    return RegionCommitter(store, expected=expected, status_row=_status, batch_slides=1,
+                           on_finished=lambda *a: finished.append(a[:2]))
+
+
+def test_rows_become_visible_with_their_slide_and_failed_slides_leave_nothing(store):
+    store, schema = store
+    finished: list = []
+    committer = _committer(store, {"a": 3, "b": 2, "c": 2}, finished)
+    kw = dict(uri=store.uri(REGIONS), schema=schema, model_id=MID)
+    # a's regions arrive in two batches; b has a failed region; c never completes
+    meta = write_region_fragments(_embedded([("a", 0, ""), ("a", 1, ""), ("b", 0, ""), ("c", 0, "")]), **kw)
+    assert meta.num_rows == 4 and set(meta["fragment"].to_pylist()) != {""}
+    assert len({k for k in meta["fragment"].to_pylist()}) == 3  # one fragment per slide
+    committer.add(meta)
+    assert store.regions(SPEC, model_id=MID).num_rows == 0  # nothing finished: nothing visible
+    committer.add(write_region_fragments(_embedded([("b", 1, "b: failed to decode"), ("a", 2, "")]), **kw))
+    assert sorted(finished) == [("a", "ok"), ("b", "failed")]
+    rows = store.regions(SPEC, model_id=MID)
+    assert rows["slide_id"].to_pylist() == ["a"] * 3 and rows["region_index"].to_pylist() == [0, 1, 2]
+    assert np.asarray(rows["emb4k"].to_pylist())[:, 0].tolist() == [0.0, 1.0, 2.0]
+    committer.add(write_region_fragments(_embedded([("a", 1, "")]), **kw))  # a retried region
+    assert committer.duplicates == 1
+    committer.finish()
+    latest = {r["slide_id"]: r for r in store.latest_slides(SPEC, MID).to_pylist()}
+    assert {s: r["status"] for s, r in latest.items()} == {"a": "ok", "b": "failed", "c": "failed"}
+    assert latest["b"]["error"] == "b: failed to decode"
+    assert "only 1 of 2 regions" in latest["c"]["error"]
+    left = store.read(REGIONS, columns=["slide_id"], filter=f"model_id = '{MID}'")["slide_id"].to_pylist()
+    assert sorted(left) == ["a", "a", "a"]  # the rows b and c wrote were deleted with their failure
+    assert store.remove_orphans(SPEC, MID) == []
+    assert committer.fragments == 4 and committer.nodes["read"] == {"nodeA": 6}
+    assert committer.bytes_in / 6 < 2048  # what reached the driver per region
+
+
+def test_a_failed_write_fails_its_slide_and_the_others_go_on(store, tmp_path):
+    store, schema = store
+    bad = tmp_path / "not-a-table"
+    bad.write_text("a file where the table's directory should be")
+    meta = write_region_fragments(_embedded([("a", 0, ""), ("b", 0, "")]), uri=str(bad / REGIONS),
+                                  schema=schema, model_id=MID)
+    assert meta["fragment"].to_pylist() == ["", ""]
+    assert all(e.startswith("writing region rows to ") and "not-a-table" in e for e in meta["error"].to_pylist())
+    finished: list = []
+    committer = _committer(store, {"a": 1, "b": 1}, finished)
+    committer.add(meta)
+    committer.finish()
+    assert {r["slide_id"]: r["status"] for r in store.latest_slides(SPEC, MID).to_pylist()} == {
+        "a": "failed", "b": "failed"}
+
+
+def test_uncommitted_fragments_are_removed_and_committed_ones_kept(store):
+    store, schema = store
+    kw = dict(uri=store.uri(REGIONS), schema=schema, model_id=MID)
+    committer = _committer(store, {"a": 1}, [])
+    committer.add(write_region_fragments(_embedded([("a", 0, "")]), **kw))
+    write_region_fragments(_embedded([("z", 0, "")]), **kw)  # written by a run that then died
+    assert store.remove_uncommitted(keep_versions_days=7) > 0
+    assert store.remove_uncommitted(keep_versions_days=7) == 0
+    assert store.regions(SPEC, model_id=MID)["slide_id"].to_pylist() == ["a"]
+    assert store.read(SLIDES).num_rows == 1
