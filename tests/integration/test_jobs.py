@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import yaml
 
 from hipt_ray.store import Store, read_embeddings
 
-from ..conftest import VENV_BIN, copy_slides, free_port, ray_head
+from ..conftest import VENV_BIN, copy_slides, free_port, ray_head, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,37 +51,57 @@ def test_ray_job_submit_tile_and_embed(slide_set, tmp_path):
     env.pop("RAY_ADDRESS", None)
     dashboard = ("--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                  f"--dashboard-agent-listen-port={agent}")
-    with ray_head(num_cpus=2, temp_dir=Path("/tmp") / f"rayjob{dash}", env=env, extra=dashboard):
-        address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            probe = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", address],
-                                   env=env, capture_output=True, text=True)
-            if probe.returncode == 0:
-                break
-            time.sleep(2)
-        else:
-            pytest.fail("local Ray head did not come up")
-        job = subprocess.run(
-            [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-             "--", "python", "jobs/tile.py", "--slides", str(src), "--out", str(out),
-             f"storage.cache_dir={tmp_path / 'cache'}"],
-            env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
-        )
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in (job.stdout + job.stderr).lower()  # the job status SUCCEEDED
-        assert "slides: 3 (2 ok, 0 failed, 1 no tissue" in job.stdout
-        latest = Store(str(out)).latest_slides()
-        assert sorted(latest["status"].to_pylist()) == ["no_tissue", "ok", "ok"]
-        assert (out / "qc" / "good.png").is_file()
+    # Two nodes, as cluster.yaml places work: the model actor where `model` is (the head here),
+    # region reads on a worker node that joined with a `decode` resource.
+    with ray_head(num_cpus=2, temp_dir=Path("/tmp") / f"rayjob{dash}", env=env,
+                  extra=(*dashboard, '--resources={"model": 1}')) as (_, gcs, _f):
+        worker = subprocess.Popen(
+            [str(VENV_BIN / "ray"), "start", f"--address={gcs}", "--num-cpus=1", '--resources={"decode": 1}',
+             # its own session folder, as on a machine of its own (nodes sharing one unpack the
+             # job's working_dir over each other)
+             f"--temp-dir=/tmp/rayjobw{dash}", "--block"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            _submit_tile_and_embed(src, out, tmp_path, env, dash)
+        finally:
+            stop_process_group(worker)
 
-        job = subprocess.run(
-            [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-             "--", "python", "jobs/embed.py", "--slides", str(src), "--out", str(out),
-             "--config", "configs/tiny.yaml", f"storage.cache_dir={tmp_path / 'cache'}"],
-            env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
-        )
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "slides: 3 (2 embedded, 0 failed, 1 no tissue, 0 already done)" in job.stdout
-        emb = read_embeddings(str(out))
-        assert set(emb) == {"good", "small"} and emb["small"]["emb4k"].shape == (1, 32)
+
+def _submit_tile_and_embed(src: Path, out: Path, tmp_path: Path, env: dict, dash: int) -> None:
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        probe = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", address],
+                               env=env, capture_output=True, text=True)
+        if probe.returncode == 0:
+            break
+        time.sleep(2)
+    else:
+        pytest.fail("local Ray head did not come up")
+    job = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+         "--", "python", "jobs/tile.py", "--slides", str(src), "--out", str(out),
+         f"storage.cache_dir={tmp_path / 'cache'}"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in (job.stdout + job.stderr).lower()  # the job status SUCCEEDED
+    assert "slides: 3 (2 ok, 0 failed, 1 no tissue" in job.stdout
+    latest = Store(str(out)).latest_slides()
+    assert sorted(latest["status"].to_pylist()) == ["no_tissue", "ok", "ok"]
+    assert (out / "qc" / "good.png").is_file()
+
+    job = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+         "--", "python", "jobs/embed.py", "--slides", str(src), "--out", str(out),
+         "--config", "configs/tiny.yaml", "embed.read_resources={decode: 1}",
+         "embed.actor_resources={model: 1}", f"storage.cache_dir={tmp_path / 'cache'}"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "slides: 3 (2 embedded, 0 failed, 1 no tissue, 0 already done)" in job.stdout
+    line = next(ln for ln in job.stdout.splitlines() if "pipeline:" in ln)
+    placed = dict(re.findall(r"(read|model) on ([^;]+)", line))
+    assert placed["read"].count("×") == placed["model"].count("×") == 1, line  # one node each
+    assert placed["read"].split("×")[0] != placed["model"].split("×")[0], line  # not the same one
+    emb = read_embeddings(str(out))
+    assert set(emb) == {"good", "small"} and emb["small"]["emb4k"].shape == (1, 32)

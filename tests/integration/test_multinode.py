@@ -1,0 +1,114 @@
+"""`hipt-ray embed` on a real multi-node Ray cluster (``ray.cluster_utils.Cluster``: a head and
+worker raylets on this machine), placed by custom resources, surviving the loss of a node."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from hipt_ray.slides import synthetic
+from hipt_ray.store import REGIONS, Store
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+N_SLIDES = 10
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("cluster_slides")
+    for i in range(N_SLIDES):
+        synthetic.make_slide(src / f"s{i}.tiff", width_um=2500, height_um=2100, seed=60 + i)
+    return src
+
+
+@pytest.fixture()
+def cluster():
+    """Head (no CPUs for tasks, as in cluster.yaml), a `decode` node for reads and a `model`
+    node for the model actor."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = {"decode": c.add_node(num_cpus=2, resources={"decode": 2}),
+             "model": c.add_node(num_cpus=1, resources={"model": 1}),
+             "any": c.add_node(num_cpus=1)}  # tiling tasks and fragment writes
+    c.wait_for_nodes()
+    try:
+        yield c, nodes
+    finally:
+        c.shutdown()
+
+
+def _embed(out: Path, src: Path, address: str, tmp_path: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "hipt_ray.cli", "embed", "--slides", str(src), "--out", str(out),
+           "--address", address, "--config", TINY, "embed.read_resources={decode: 1}",
+           "embed.actor_resources={model: 1}", "ray.write_batch_slides=1", "embed.write_regions=2",
+           "embed.regions_per_task=1", f"storage.cache_dir={tmp_path / 'cache'}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _embedded(store: Store) -> int:
+    try:
+        latest = store.latest_slides(model_id=None)
+        return latest.filter(pc.starts_with(latest["model_id"], "random-")).num_rows
+    except Exception:
+        return 0
+
+
+def _check_exactly_once(out: Path) -> str:
+    store = Store(str(out))
+    tiled = {r["slide_id"]: r["n_regions"] for r in store.latest_slides(model_id="").to_pylist()}
+    latest = store.latest_slides(model_id=None)
+    mid = [m for m in latest["model_id"].to_pylist() if m.startswith("random-")][0]
+    assert {r["slide_id"]: r["status"] for r in store.latest_slides(model_id=mid).to_pylist()} == {
+        f"s{i}": "ok" for i in range(N_SLIDES)}
+    rows = store.read(REGIONS, columns=["slide_id", "region_index"], filter=f"model_id = '{mid}'")
+    keys = list(zip(rows["slide_id"].to_pylist(), rows["region_index"].to_pylist()))
+    assert len(keys) == len(set(keys)) == sum(tiled.values())  # 0 lost, 0 duplicated
+    return mid
+
+
+@pytest.mark.parametrize("lose", ["decode", "model"])
+def test_embed_survives_losing_a_node(cluster, slides, tmp_path, lose):
+    c, nodes = cluster
+    out = tmp_path / "out"
+    proc = _embed(out, slides, c.address, tmp_path)
+    store = Store(str(out))
+    deadline = time.time() + 300
+    while _embedded(store) < 1 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    done_before = _embedded(store)
+    assert proc.poll() is None and 1 <= done_before < N_SLIDES, "the node should be lost mid-run"
+    # the node goes away with whatever its workers held (running tasks, stored blocks, the actor)
+    c.remove_node(nodes[lose], allow_graceful=False)
+    resources = {"decode": {"num_cpus": 2, "resources": {"decode": 2}},
+                 "model": {"num_cpus": 1, "resources": {"model": 1}}}[lose]
+    replacement = c.add_node(**resources)  # as the autoscaler would start one
+    try:
+        printed, _ = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        printed, _ = proc.communicate()
+        pytest.fail(f"embed did not finish after losing the {lose} node:\n{printed[-3000:]}")
+    assert proc.returncode == 0, printed[-3000:]
+    assert f"{N_SLIDES} embedded, 0 failed" in printed
+    _check_exactly_once(out)
+    # reads ran on the decode nodes only, the model on the model nodes only
+    line = next(ln for ln in printed.splitlines() if ln.startswith("pipeline:"))
+    print(f"lost the {lose} node after {done_before} slides; {line}")
+    placed = {kind: set(re.findall(r"([0-9a-f]{8})×", part)) for kind, part in
+              re.findall(r"(read|model) on ([^;]+)", line)}
+    meant = {"read": {nodes["decode"].node_id[:8]}, "model": {nodes["model"].node_id[:8]}}
+    meant["read" if lose == "decode" else "model"].add(replacement.node_id[:8])
+    assert placed["read"] and placed["read"] <= meant["read"], line
+    assert placed["model"] and placed["model"] <= meant["model"], line
