@@ -44,6 +44,7 @@ class EmbedSummary(TileSummary):
     duplicates: int = 0  # region rows that came back twice (not committed twice)
     driver_bytes: int = 0  # what reached the driver from the pipeline
     nodes: dict[str, dict[str, int]] = field(default_factory=dict)  # read|model → node id → regions
+    tables: str = ""  # fragments and versions left after tidying
 
     def lines(self) -> list[str]:
         rate = self.regions / self.seconds if self.seconds else 0.0
@@ -57,7 +58,7 @@ class EmbedSummary(TileSummary):
             f"time: {self.seconds:.1f} s",
         ] + ([f"pipeline: {self.fragments} fragments written by workers, {self.commits} commits, "
               f"{per_region:.0f} bytes per region to the driver" + (f"; {placed}" if placed else "")]
-             if self.fragments else []) + [
+             if self.fragments else []) + ([f"tables: {self.tables}"] if self.tables else []) + [
             f"model: {self.model_id}",
             f"outputs: {self.out}/regions.lance (emb4k, mean256, tokens256), {self.out}/slides.lance",
         ] + ([f"search: {self.index}"] if self.index else [])
@@ -186,6 +187,7 @@ def _run(cfg: Config) -> EmbedSummary:
     summary.duplicates = committer.duplicates
     summary.driver_bytes = committer.bytes_in
     summary.nodes = {k: dict(v) for k, v in committer.nodes.items()}
+    summary.tables = store.tidy(cfg.storage.keep_versions_days)
     if summary.ok:
         from hipt_ray.store.vectors import refresh_index
 

@@ -27,6 +27,9 @@ from hipt_ray.store.lease import check_lease
 SLIDES = "slides.lance"
 REGIONS = "regions.lance"
 DONE_STATUSES = ("ok", "no_tissue")
+# ≈ 200 MB files with tokens256 (≈ 200 KB a row): big enough for fast scans, small enough to
+# rewrite when rows are deleted
+REGION_ROWS_PER_FRAGMENT = 1024
 
 SLIDES_SCHEMA = pa.schema([
     ("slide_id", pa.string()),
@@ -217,6 +220,26 @@ class Store:
         stats = self._io(REGIONS, lambda: ds.cleanup_old_versions(
             older_than=timedelta(days=keep_versions_days), delete_unverified=True))
         return stats.bytes_removed
+
+    def tidy(self, keep_versions_days: float) -> str:
+        """Keep the tables' shape healthy however many runs appended to them: merge small
+        fragments (each commit adds one per table, workers one per slide and batch), then
+        delete versions older than ``keep_versions_days``. Returns one line on what is left.
+        Safe only under the writer lease."""
+        from datetime import timedelta
+
+        parts = []
+        for table, rows in ((REGIONS, REGION_ROWS_PER_FRAGMENT), (SLIDES, None)):
+            ds = self.dataset(table)
+            if ds is None:
+                continue
+            check_lease(self.out)
+            if len(ds.get_fragments()) > 1:
+                self._io(table, lambda: ds.optimize.compact_files(target_rows_per_fragment=rows))
+                ds = self.dataset(table)
+            self._io(table, lambda: ds.cleanup_old_versions(older_than=timedelta(days=keep_versions_days)))
+            parts.append(f"{table} {len(ds.get_fragments())} fragments, {len(ds.versions())} versions")
+        return "; ".join(parts)
 
     def append_slides(self, slide_rows: list[dict], region_rows: list[dict] | pa.Table = (),
                       regions_schema: pa.Schema = REGIONS_SCHEMA, *, fragments: list = (),

@@ -102,3 +102,18 @@ def test_uncommitted_fragments_are_removed_and_committed_ones_kept(store):
     assert store.remove_uncommitted(keep_versions_days=7) == 0
     assert store.regions(SPEC, model_id=MID)["slide_id"].to_pylist() == ["a"]
     assert store.read(SLIDES).num_rows == 1
+
+
+def test_tidy_merges_the_fragments_of_many_commits_and_keeps_every_row(store):
+    store, schema = store
+    kw = dict(uri=store.uri(REGIONS), schema=schema, model_id=MID)
+    committer = _committer(store, {f"s{i}": 2 for i in range(6)}, [])
+    for i in range(6):
+        committer.add(write_region_fragments(_embedded([(f"s{i}", 0, ""), (f"s{i}", 1, "")]), **kw))
+    committer.finish()
+    before = store.regions(SPEC, model_id=MID)
+    assert len(store.dataset(REGIONS).get_fragments()) >= 6 and len(store.dataset(SLIDES).get_fragments()) == 6
+    line = store.tidy(keep_versions_days=0)
+    assert len(store.dataset(REGIONS).get_fragments()) == 1 == len(store.dataset(SLIDES).get_fragments())
+    assert line == "regions.lance 1 fragments, 1 versions; slides.lance 1 fragments, 1 versions"
+    assert store.regions(SPEC, model_id=MID).equals(before)
