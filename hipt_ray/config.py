@@ -155,6 +155,7 @@ class EmbedConfig(_Section):
     store_tokens: bool = True  # tokens256 column: needed by stage-2 pretraining and ViT-4K heads
     regions_per_task: int = Field(default=16, gt=0)  # regions one read task reads (≈ 1 s from JPEG tiles)
     write_regions: int = Field(default=32, gt=0)  # region rows per Lance fragment a worker writes
+    actor_batch_regions: int = Field(default=4, gt=0)  # regions per model-actor call (fewer tasks for the driver)
     # Custom Ray resources each read/write task and each model actor asks for, to place them on
     # the nodes meant for them (cluster.yaml: {decode: 1} on cpu_decode nodes).
     read_resources: dict[str, float] = Field(default_factory=dict)

@@ -43,6 +43,9 @@ class EmbedSummary(TileSummary):
     commits: int = 0
     duplicates: int = 0  # region rows that came back twice (not committed twice)
     driver_bytes: int = 0  # what reached the driver from the pipeline
+    driver_cpu: float = 0.0  # CPU seconds the driver spent while the pipeline ran
+    pipeline_seconds: float = 0.0  # how long the pipeline ran
+    commit_seconds: float = 0.0  # of which the driver spent committing finished slides
     nodes: dict[str, dict[str, int]] = field(default_factory=dict)  # read|model → node id → regions
     tables: str = ""  # fragments and versions left after tidying
 
@@ -57,7 +60,9 @@ class EmbedSummary(TileSummary):
             f"regions: {self.regions} embedded ({rate:.2f} regions/s)",
             f"time: {self.seconds:.1f} s",
         ] + ([f"pipeline: {self.fragments} fragments written by workers, {self.commits} commits, "
-              f"{per_region:.0f} bytes per region to the driver" + (f"; {placed}" if placed else "")]
+              f"{per_region:.0f} bytes and {1e3 * self.driver_cpu / max(self.regions, 1):.1f} ms of driver CPU "
+              f"per region (driver CPU {self.driver_cpu:.1f} s over {self.pipeline_seconds:.1f} s of pipeline, "
+              f"{self.commit_seconds:.1f} s of it committing)" + (f"; {placed}" if placed else "")]
              if self.fragments else []) + ([f"tables: {self.tables}"] if self.tables else []) + [
             f"model: {self.model_id}",
             f"outputs: {self.out}/regions.lance (emb4k, mean256, tokens256), {self.out}/slides.lance",
@@ -163,7 +168,7 @@ def _run(cfg: Config) -> EmbedSummary:
                 store_tokens=cfg.embed.store_tokens, schema=out_schema,
                 threads=max(1, int(cfg.embed.actor_cpus)),
             ),
-            batch_size=1, batch_format="numpy",
+            batch_size=cfg.embed.actor_batch_regions, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=n_actors),
             num_cpus=cfg.embed.actor_cpus, num_gpus=1 if use_gpu else 0,
             memory=int(cfg.embed.actor_memory_gb * 2**30),  # also keeps reads and model unfused
@@ -176,16 +181,19 @@ def _run(cfg: Config) -> EmbedSummary:
             batch_size=cfg.embed.write_regions, batch_format="pyarrow", num_cpus=0.25,
             resources=read_resources,
         )
+        cpu0, wall0 = time.process_time(), time.perf_counter()  # all the driver's threads
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 committer.add(batch)
+            summary.driver_cpu = time.process_time() - cpu0
+            summary.pipeline_seconds = time.perf_counter() - wall0
         except BaseException:
             committer.flush()  # what finished stays committed; a rerun does the rest
             raise
     committer.finish()
     summary.fragments, summary.commits = committer.fragments, committer.commits
     summary.duplicates = committer.duplicates
-    summary.driver_bytes = committer.bytes_in
+    summary.driver_bytes, summary.commit_seconds = committer.bytes_in, committer.commit_seconds
     summary.nodes = {k: dict(v) for k, v in committer.nodes.items()}
     summary.tables = store.tidy(cfg.storage.keep_versions_days)
     if summary.ok:

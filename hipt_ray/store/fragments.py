@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -117,6 +118,7 @@ class RegionCommitter:
         self.committed: set[str] = set()
         self.duplicates = 0
         self.fragments = self.commits = self.bytes_in = 0
+        self.commit_seconds = 0.0  # wall time the driver spent committing
         self.nodes: dict[str, dict[str, int]] = {"read": defaultdict(int), "model": defaultdict(int)}
 
     def add(self, meta: pa.Table) -> None:
@@ -167,6 +169,7 @@ class RegionCommitter:
         frags, slides = self._ready()
         if not slides and not frags:
             return
+        t0 = time.perf_counter()
         missing = [k for k in frags if k not in self.frag_meta]
         if missing:  # cannot happen: a fragment's metadata travels with its rows
             raise RuntimeError(f"fragments without metadata: {missing[:3]}")
@@ -185,6 +188,7 @@ class RegionCommitter:
             self.committed.add(s)
             self.got.pop(s, None)
             self.slide_frags.pop(s, None)
+        self.commit_seconds += time.perf_counter() - t0
 
     def finish(self) -> None:
         """End of the stream: slides with regions missing fail with that reason; all commit."""

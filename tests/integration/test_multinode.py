@@ -1,5 +1,6 @@
 """`hipt-ray embed` on a real multi-node Ray cluster (``ray.cluster_utils.Cluster``: a head and
-worker raylets on this machine), placed by custom resources, surviving the loss of a node."""
+worker raylets on this machine), placed by custom resources, surviving the loss of a node and the
+death of the model actor."""
 
 from __future__ import annotations
 
@@ -78,7 +79,18 @@ def _check_exactly_once(out: Path) -> str:
     return mid
 
 
-@pytest.mark.parametrize("lose", ["decode", "model"])
+def _kill_model_actor() -> int:
+    """SIGKILL the model actor's worker process (found by the process title Ray gives it)."""
+    import signal
+
+    pids = [int(p) for p in subprocess.run(["pgrep", "-f", "ray::MapWorker\\(MapBatches\\(RegionEmbedder"],
+                                           capture_output=True, text=True).stdout.split()]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return len(pids)
+
+
+@pytest.mark.parametrize("lose", ["decode", "model", "actor"])
 def test_embed_survives_losing_a_node(cluster, slides, tmp_path, lose):
     c, nodes = cluster
     out = tmp_path / "out"
@@ -89,11 +101,14 @@ def test_embed_survives_losing_a_node(cluster, slides, tmp_path, lose):
         time.sleep(0.2)
     done_before = _embedded(store)
     assert proc.poll() is None and 1 <= done_before < N_SLIDES, "the node should be lost mid-run"
-    # the node goes away with whatever its workers held (running tasks, stored blocks, the actor)
-    c.remove_node(nodes[lose], allow_graceful=False)
-    resources = {"decode": {"num_cpus": 2, "resources": {"decode": 2}},
-                 "model": {"num_cpus": 1, "resources": {"model": 1}}}[lose]
-    replacement = c.add_node(**resources)  # as the autoscaler would start one
+    if lose == "actor":  # the model actor dies; Ray restarts it on its node
+        assert _kill_model_actor() == 1
+        replacement = nodes["model"]
+    else:  # the node goes away with whatever its workers held (tasks, stored blocks, the actor)
+        c.remove_node(nodes[lose], allow_graceful=False)
+        resources = {"decode": {"num_cpus": 2, "resources": {"decode": 2}},
+                     "model": {"num_cpus": 1, "resources": {"model": 1}}}[lose]
+        replacement = c.add_node(**resources)  # as the autoscaler would start one
     try:
         printed, _ = proc.communicate(timeout=400)
     except subprocess.TimeoutExpired:
@@ -105,7 +120,7 @@ def test_embed_survives_losing_a_node(cluster, slides, tmp_path, lose):
     _check_exactly_once(out)
     # reads ran on the decode nodes only, the model on the model nodes only
     line = next(ln for ln in printed.splitlines() if ln.startswith("pipeline:"))
-    print(f"lost the {lose} node after {done_before} slides; {line}")
+    print(f"lost the {lose} after {done_before} slides; {line}")
     placed = {kind: set(re.findall(r"([0-9a-f]{8})×", part)) for kind, part in
               re.findall(r"(read|model) on ([^;]+)", line)}
     meant = {"read": {nodes["decode"].node_id[:8]}, "model": {nodes["model"].node_id[:8]}}
