@@ -87,6 +87,8 @@ def build(n: int, per_slide: int) -> tuple[Path, Path]:
         emb = pa.Table.from_pylist(coords).drop_columns(["model_id"])
         emb = emb.append_column("emb4k", pa.FixedSizeListArray.from_arrays(
             rng.standard_normal(emb.num_rows * DIM).astype(np.float32), DIM))
+        emb = emb.append_column("mean256", pa.FixedSizeListArray.from_arrays(
+            np.zeros(emb.num_rows * 384, np.float32), 384))
         emb = emb.append_column("error", pa.array([""] * emb.num_rows))
         meta = write_region_fragments(emb, uri=store.uri(REGIONS), schema=schema, model_id=MID)
         frags = [FragmentMetadata.from_json(j) for j in meta["fragment_json"].to_pylist() if j]

@@ -421,13 +421,24 @@ def read_embeddings(out: str, slide_ids: Iterable[str] | None = None, *, model_i
     rows = store.regions(spec_hash, slide_ids, model_id=model_id,
                          columns=["slide_id", "region_index", "x", "y", "emb4k", "mean256"])
     out_dict: dict[str, dict] = {}
+    if rows.num_rows == 0:
+        return out_dict
     ids = rows["slide_id"].to_numpy(zero_copy_only=False)
-    for sid in dict.fromkeys(ids):
-        part = rows.filter(pc.equal(rows["slide_id"], sid))
-        emb = np.stack(part["emb4k"].to_numpy(zero_copy_only=False)).astype(np.float32)
-        out_dict[sid] = {
-            "emb4k": emb,
-            "mean256": np.stack(part["mean256"].to_numpy(zero_copy_only=False)).astype(np.float32),
-            "x": part["x"].to_numpy(), "y": part["y"].to_numpy(), "slide_emb": emb.mean(axis=0),
-        }
+    # rows come sorted by slide: cut them at each slide's first row (one pass, not one filter
+    # of the whole table per slide, which grew with slides × rows)
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    ends = np.r_[starts[1:], len(ids)]
+
+    def matrix(name: str) -> np.ndarray:
+        col = rows[name].combine_chunks()
+        if col.null_count:  # not written by this version's jobs; keep the slow, general path
+            return np.stack(col.to_numpy(zero_copy_only=False)).astype(np.float32)
+        return np.asarray(col.flatten(), np.float32).reshape(len(ids), -1)
+
+    emb_all, m256_all = matrix("emb4k"), matrix("mean256")
+    xs, ys = rows["x"].to_numpy(), rows["y"].to_numpy()
+    for a, b in zip(starts, ends):
+        emb = emb_all[a:b]
+        out_dict[ids[a]] = {"emb4k": emb, "mean256": m256_all[a:b], "x": xs[a:b], "y": ys[a:b],
+                            "slide_emb": emb.mean(axis=0)}
     return out_dict
