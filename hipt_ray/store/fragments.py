@@ -21,7 +21,6 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from hipt_ray.storage import describe_error, with_retries
 
@@ -92,8 +91,9 @@ class RegionCommitter:
 
     A fragment is committed once every slide with rows in it is finished (workers write one
     fragment per slide, so that is its slide), and a slide's status row only once all its
-    fragments are committed, so a status row never names regions that are not in the table. Rows of a slide that failed (one of its
-    regions did) are deleted right after their fragments are committed.
+    fragments are committed, so a status row never names regions that are not in the table.
+    Rows of a slide that failed (one of its regions did) are deleted right after their fragments
+    are committed.
 
     Args:
         store: the output's :class:`~hipt_ray.store.tables.Store`.
