@@ -156,8 +156,10 @@ def ray_local(s3_endpoint):
     ray.shutdown()
 
 
-def stop_process_group(proc: subprocess.Popen, timeout: float = 60) -> None:
-    """End a process started with ``start_new_session=True`` and everything it spawned."""
+def stop_process_group(proc: subprocess.Popen, timeout: float = 5) -> None:
+    """End a process started with ``start_new_session=True`` and everything it spawned (SIGTERM,
+    then SIGKILL after ``timeout`` s: a `ray start --block` head can take half a minute to go
+    gracefully, and nothing here needs it to)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)

@@ -28,12 +28,21 @@ def _env() -> dict:
     return env
 
 
-def _tile(src, out, tmp_path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(VENV_BIN / "hipt-ray"), "tile", "--slides", str(src), "--out", str(out),
-         f"storage.cache_dir={tmp_path / 'cache'}", "qc.enabled=false"],
-        env=_env(), capture_output=True, text=True, timeout=240,
-    )
+def _tile_and_probe(src, out, tmp_path) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """A command (`tile`) and the suite's own start-up, side by side (each waits mostly on Ray)."""
+    procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in ([str(VENV_BIN / "hipt-ray"), "tile", "--slides", str(src), "--out", str(out),
+                          f"storage.cache_dir={tmp_path / 'cache'}", "qc.enabled=false"],
+                         [sys.executable, "-c", PROBE])]
+    done = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            stdout, stderr = p.communicate()
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return done[0], done[1]
 
 
 @pytest.mark.ray
@@ -41,12 +50,10 @@ def _tile(src, out, tmp_path) -> subprocess.CompletedProcess:
 def test_commands_ignore_a_live_foreign_head_and_a_dead_one(slide_set, tmp_path):
     src = copy_slides(slide_set, ["small"], tmp_path / "slides")
     with ray_head(env=_env()) as (head, foreign, address_file):
-        probe = subprocess.run([sys.executable, "-c", PROBE], env=_env(), capture_output=True,
-                               text=True, timeout=180)
+        live, probe = _tile_and_probe(src, tmp_path / "out_live", tmp_path)
         assert probe.returncode == 0, probe.stderr[-2000:]
         own = probe.stdout.strip().splitlines()[-1]
         assert own and own != foreign  # its own Ray, not the head `ray start` left running
-        live = _tile(src, tmp_path / "out_live", tmp_path)
         assert live.returncode == 0, live.stderr[-3000:]
         assert "slides: 1 (1 ok" in live.stdout
         # The foreign cluster saw no driver but the one below that asks it (a bare ray.init() would
@@ -65,9 +72,7 @@ def test_commands_ignore_a_live_foreign_head_and_a_dead_one(slide_set, tmp_path)
             silent.bind(("127.0.0.1", 0))
             silent.listen(16)
             address_file.write_text(f"127.0.0.1:{silent.getsockname()[1]}")
-            dead = _tile(src, tmp_path / "out_dead", tmp_path)
-            probe = subprocess.run([sys.executable, "-c", PROBE], env=_env(), capture_output=True,
-                                   text=True, timeout=180)
+            dead, probe = _tile_and_probe(src, tmp_path / "out_dead", tmp_path)
         assert dead.returncode == 0, dead.stderr[-3000:]
         assert "Failed to connect to GCS" not in dead.stderr
         assert Store(str(tmp_path / "out_dead")).latest_slides()["status"].to_pylist() == ["ok"]

@@ -77,28 +77,34 @@ def _submit_tile_and_embed(src: Path, out: Path, tmp_path: Path, env: dict, dash
         time.sleep(2)
     else:
         pytest.fail("local Ray head did not come up")
-    job = subprocess.run(
+    # Two jobs at once on the cluster (separate outputs: each holds its output's writer lease):
+    # tile alone, and embed (which tiles first).
+    tile_out = tmp_path / "tile_out"
+    tile_job = subprocess.Popen(
         [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-         "--", "python", "jobs/tile.py", "--slides", str(src), "--out", str(out),
-         f"storage.cache_dir={tmp_path / 'cache'}"],
-        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+         "--", "python", "jobs/tile.py", "--slides", str(src), "--out", str(tile_out),
+         f"storage.cache_dir={tmp_path / 'cache_tile'}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
     )
-    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-    assert "succeeded" in (job.stdout + job.stderr).lower()  # the job status SUCCEEDED
-    assert "slides: 3 (2 ok, 0 failed, 1 no tissue" in job.stdout
-    latest = Store(str(out)).latest_slides()
-    assert sorted(latest["status"].to_pylist()) == ["no_tissue", "ok", "ok"]
-    assert (out / "qc" / "good.png").is_file()
-
-    job = subprocess.run(
-        [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-         "--", "python", "jobs/embed.py", "--slides", str(src), "--out", str(out),
-         "--config", "configs/tiny.yaml", "embed.read_resources={decode: 1}",
-         "embed.actor_resources={model: 1}", f"storage.cache_dir={tmp_path / 'cache'}"],
-        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )
+    try:
+        job = subprocess.run(
+            [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+             "--", "python", "jobs/embed.py", "--slides", str(src), "--out", str(out),
+             "--config", "configs/tiny.yaml", "embed.read_resources={decode: 1}",
+             "embed.actor_resources={model: 1}", f"storage.cache_dir={tmp_path / 'cache'}"],
+            env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+        )
+        tile_printed, _ = tile_job.communicate(timeout=300)
+    finally:
+        if tile_job.poll() is None:
+            tile_job.kill()
+    assert tile_job.returncode == 0, tile_printed[-3000:]
+    assert "succeeded" in tile_printed.lower() and "slides: 3 (2 ok, 0 failed, 1 no tissue" in tile_printed
+    assert sorted(Store(str(tile_out)).latest_slides()["status"].to_pylist()) == ["no_tissue", "ok", "ok"]
+    assert (tile_out / "qc" / "good.png").is_file()
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "slides: 3 (2 embedded, 0 failed, 1 no tissue, 0 already done)" in job.stdout
+    assert "succeeded" in (job.stdout + job.stderr).lower()  # the job status SUCCEEDED
     line = next(ln for ln in job.stdout.splitlines() if "pipeline:" in ln)
     placed = dict(re.findall(r"(read|model) on ([^;]+)", line))
     assert placed["read"].count("×") == placed["model"].count("×") == 1, line  # one node each
