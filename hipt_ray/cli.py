@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="Ray Tune sweep of slide-level heads, every trial logged to MLflow")
     sw.add_argument("--out", required=True, help="an embed output")
     sw.add_argument("--labels", required=True, help="CSV/Parquet: slide_id, case_id, label | survival_months, event")
+    sw.add_argument("--task", choices=["subtyping", "survival"],
+                    help="layers configs/heads/<task>.yaml (its search space unless sweep.space is given)")
     _common(sw)
 
     hm = sub.add_parser("heatmap", help="attention heatmaps: a region's ViT-256/ViT-4K attention, or a "
@@ -182,16 +184,26 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_train_head(args: argparse.Namespace) -> int:
+def _head_config(args: argparse.Namespace, values: dict):
+    """Config of a head command: base, then ``configs/heads/<task>.yaml`` (the task from --task or
+    heads.task), then --config files and overrides. A ``sweep.space`` given by the user replaces
+    the task file's space instead of merging into it."""
     from hipt_ray.config import CONFIG_DIR
 
-    heads: dict = {"labels": args.labels}
     if args.task:
-        heads["task"] = args.task
-    task = args.task or "subtyping"
-    task_file = CONFIG_DIR / "heads" / f"{task}.yaml"
-    files = ([task_file] if task_file.is_file() else []) + list(args.config)
-    cfg = load_config(None, files=files, overrides=args.overrides, values={"out": args.out, "heads": heads})
+        values["heads"]["task"] = args.task
+    user = load_config(None, files=args.config, overrides=args.overrides, values=values)
+    task_file = CONFIG_DIR / "heads" / f"{user.heads.task}.yaml"
+    if not task_file.is_file():
+        return user
+    cfg = load_config(None, files=[task_file, *args.config], overrides=args.overrides, values=values)
+    if user.sweep.space:
+        cfg = cfg.model_copy(update={"sweep": cfg.sweep.model_copy(update={"space": user.sweep.space})})
+    return cfg
+
+
+def _cmd_train_head(args: argparse.Namespace) -> int:
+    cfg = _head_config(args, {"out": args.out, "heads": {"labels": args.labels}})
     from hipt_ray.heads.run import train_head
 
     try:
@@ -206,7 +218,7 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     values: dict = {"out": args.out, "heads": {"labels": args.labels}}
     _with_address(values, args)
-    cfg = load_config(None, files=args.config, overrides=args.overrides, values=values)
+    cfg = _head_config(args, values)
     init_ray(cfg)
     from hipt_ray.tune.sweep import run_sweep
 

@@ -226,10 +226,21 @@ class HeadsConfig(_Section):
     freeze_local: bool = True
     folds: int | None = Field(default=None, ge=2)  # None: 10 for subtyping, 5 for survival
     train_fraction: float = Field(default=1.0, gt=0, le=1)
-    epochs: int = Field(default=20, gt=0)
-    lr: float = Field(default=2e-4, gt=0)
+    epochs: int = Field(default=50, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-5, ge=0)
     dropout: float = Field(default=0.25, ge=0, lt=1)
+    hidden: int = Field(default=128, gt=0)  # abmil / mean_mlp hidden size (hipt_lgp keeps its 192)
+    batch_bags: int = Field(default=1, gt=0)  # bags (cases) per optimiser step
+    # Preprocessing fitted on each fold's training cases only, saved with the fold's head.
+    standardize: bool = True
+    pca: int | None = Field(default=None, gt=0)  # keep this many principal components
+    whiten: bool = False  # with pca: unit variance per component
+    class_weights: bool = True  # subtyping: cross-entropy weighted by inverse class frequency
+    # Inner validation split of each training fold (case-level, stratified, seeded): the epoch
+    # with the lowest validation loss is the fold's model; the outer fold is never looked at.
+    val_fraction: float = Field(default=0.2, ge=0, lt=1)  # 0: no inner split, the last epoch
+    patience: int | None = Field(default=20, gt=0)  # stop a fold after this many epochs without improvement
     survival_loss: Literal["nll", "cox"] = "nll"
     alpha_surv: float = Field(default=0.0, ge=0, le=1)
     n_bins: int = Field(default=4, ge=2)

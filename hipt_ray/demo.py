@@ -54,9 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         return code
     # Slide-level heads: small sweeps for subtyping and survival on the first embeddings.
     for task in ("subtyping", "survival"):
-        if code := _step(["sweep", "--out", str(tables), "--labels", str(data / "labels.csv"),
-                          "--config", f"configs/heads/{task}.yaml", "--config", "configs/demo.yaml",
-                          f"heads.task={task}", f"sweep.name=demo-{task}"]):
+        if code := _step(["sweep", "--out", str(tables), "--labels", str(data / "labels.csv"), "--task", task,
+                          "--config", "configs/demo.yaml", f"sweep.name=demo-{task}"]):
             return code
     # Look at it: a region's attention, the best subtyping head's attention over each slide, and
     # the regions most like one region across every slide.

@@ -1,5 +1,5 @@
 """`ray job submit --working-dir . -- python jobs/sweep.py --out EMBED_OUT --labels LABELS
---config configs/heads/subtyping.yaml [key=value …]`
+--task subtyping [key=value …]`
 
 A thin entry point over `hipt-ray sweep`; inside a Ray job RAY_ADDRESS points at the cluster.
 """

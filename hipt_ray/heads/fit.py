@@ -4,7 +4,7 @@ so a sweep can report (and stop on) per-epoch validation metrics."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,12 +20,25 @@ from hipt_ray.heads.splits import case_folds
 
 @dataclass
 class FoldState:
-    train: np.ndarray  # indices into the cohort
-    val: np.ndarray
+    train: np.ndarray  # indices into the cohort: the inner training part the head learns from
+    val: np.ndarray  # the outer (test) fold: never used for training, preprocessing or selection
     head: torch.nn.Module
     optimizer: torch.optim.Optimizer
     bins: np.ndarray | None = None  # survival: inner bin edges of this fold's training part
-    last: dict | None = None  # latest validation outputs
+    last: dict | None = None  # outer-fold outputs of the selected epoch
+    inner: np.ndarray | None = None  # inner validation cases (part of the outer training fold)
+    weights: torch.Tensor | None = None  # subtyping: class weights of the training part
+    inner_metrics: dict = field(default_factory=dict)  # of the selected epoch
+    best_loss: float = float("inf")
+    best_epoch: int = 0
+    best_state: dict | None = None
+    train_loss: float = float("nan")
+    done: bool = False  # early-stopped
+
+    @property
+    def fit_cases(self) -> np.ndarray:
+        """Every case of the outer training fold (inner training + inner validation)."""
+        return self.train if self.inner is None else np.concatenate([self.train, self.inner])
 
 
 def n_outputs(h: HeadsConfig, cohort: Cohort) -> int:
@@ -42,9 +55,10 @@ def make_folds(h: HeadsConfig, cohort: Cohort) -> tuple[list[dict], str]:
     return case_folds(cohort.case_ids, list(strata), k=k, seed=h.seed, train_fraction=h.train_fraction)
 
 
-def _loss(h: HeadsConfig, logits: torch.Tensor, cohort: Cohort, idx: list[int], bins: np.ndarray | None):
+def _loss(h: HeadsConfig, logits: torch.Tensor, cohort: Cohort, idx: list[int], bins: np.ndarray | None,
+          weights: torch.Tensor | None = None):
     if h.task == "subtyping":
-        return F.cross_entropy(logits, torch.as_tensor(cohort.labels[idx]))
+        return F.cross_entropy(logits, torch.as_tensor(cohort.labels[idx]), weight=weights)
     times = torch.as_tensor(cohort.times[idx], dtype=torch.float32)
     events = torch.as_tensor(cohort.events[idx])
     if h.survival_loss == "cox":
@@ -57,10 +71,15 @@ def risk_of(h: HeadsConfig, logits: torch.Tensor) -> torch.Tensor:
     return logits[:, 0] if h.survival_loss == "cox" else risk_from_logits(logits)
 
 
-def evaluate(h: HeadsConfig, head: torch.nn.Module, cohort: Cohort, idx: np.ndarray) -> dict:
+def evaluate(h: HeadsConfig, head: torch.nn.Module, cohort: Cohort, idx: np.ndarray, *,
+             bins: np.ndarray | None = None, weights: torch.Tensor | None = None) -> dict:
+    """Outputs and metrics of ``head`` on the cases ``idx``; with the fold's ``bins`` (or for
+    subtyping / Cox) also the loss, as training computes it."""
     head.eval()
     with torch.no_grad():
         logits = torch.cat([head(cohort.inputs[i])[0] for i in idx])
+        loss = (float(_loss(h, logits, cohort, list(idx), bins, weights))
+                if h.task == "subtyping" or h.survival_loss == "cox" or bins is not None else float("nan"))
     if h.task == "subtyping":
         probs = F.softmax(logits, dim=1).numpy()
         out = {"probs": probs, "labels": cohort.labels[idx]}
@@ -68,12 +87,26 @@ def evaluate(h: HeadsConfig, head: torch.nn.Module, cohort: Cohort, idx: np.ndar
     else:
         risk = risk_of(h, logits).numpy()
         out = {"risk": risk, "times": cohort.times[idx], "events": cohort.events[idx]}
-        out["metrics"] = {"c_index": concordance(cohort.times[idx], cohort.events[idx], risk)}
+        out["metrics"] = ({"c_index": concordance(cohort.times[idx], cohort.events[idx], risk)}
+                          if cohort.events[idx].any() else {})
+    out["loss"] = loss
     return out
 
 
-def build_head(h: HeadsConfig, cohort: Cohort) -> torch.nn.Module:
-    """A fresh head for ``h`` sized for the cohort's embeddings (or its local ViT-4K)."""
+def fit_transform(h: HeadsConfig, cohort: Cohort, cases: np.ndarray):
+    """The fold's feature preprocessing, fitted on every region of ``cases`` (its training part);
+    None with a local ViT-4K (its inputs are token grids) or when nothing is asked for."""
+    from hipt_ray.heads.features import FeatureTransform
+
+    if h.local_vit:
+        return None
+    return FeatureTransform.fit(torch.cat([cohort.bags[i] for i in cases]), standardize=h.standardize,
+                                pca=h.pca, whiten=h.whiten)
+
+
+def build_head(h: HeadsConfig, cohort: Cohort, transform: torch.nn.Module | None = None) -> torch.nn.Module:
+    """A fresh head for ``h`` sized for the cohort's embeddings (or its local ViT-4K), running
+    ``transform`` (a fitted ``FeatureTransform``) on its inputs first."""
     if h.local_vit and h.head != "hipt_lgp":
         raise ValueError(f"heads.local_vit runs HIPT's own ViT-4K and needs heads.head=hipt_lgp (got {h.head})")
     if h.local_vit:
@@ -81,45 +114,117 @@ def build_head(h: HeadsConfig, cohort: Cohort) -> torch.nn.Module:
 
         dim = create_model(h.local_vit).embed_dim
     else:
-        dim = cohort.bags[0].shape[-1]
+        dim = transform.out_dim if transform is not None else cohort.bags[0].shape[-1]
     kwargs = {"n_classes": n_outputs(h, cohort), "dim": dim, "dropout": h.dropout}
     if h.head == "hipt_lgp":  # 3 heads as published (192-d); fewer for small test models
-        kwargs["n_heads"] = 3 if dim % 3 == 0 else 2
+        kwargs["n_heads"] = 3 if dim % 3 == 0 else (2 if dim % 2 == 0 else 1)
         if h.local_vit:
             kwargs.update(local_vit=h.local_vit, local_vit_checkpoint=h.local_vit_checkpoint,
                           freeze_local=h.freeze_local, seed=h.seed)
-    return create_head(h.head, **kwargs)
+    else:
+        kwargs["hidden"] = h.hidden
+    head = create_head(h.head, **kwargs)
+    if transform is not None:
+        head.prep = transform
+    return head
+
+
+def inner_split(h: HeadsConfig, cohort: Cohort, train: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(inner training, inner validation)`` cases of one outer training fold: stratified by
+    label (or event), seeded, at least one case of each stratum left on both sides when it can."""
+    if h.val_fraction <= 0:
+        return train, None
+    from sklearn.model_selection import train_test_split
+
+    strata = cohort.labels[train] if h.task == "subtyping" else cohort.events[train]
+    counts = np.bincount(np.asarray(strata))
+    n_val = max(int(round(h.val_fraction * len(train))), int((counts > 0).sum()))
+    if n_val >= len(train) - int((counts > 0).sum()):
+        return train, None  # too few cases to hold any out
+    stratify = strata if counts[counts > 0].min() >= 2 else None
+    tr, va = train_test_split(train, test_size=n_val, random_state=h.seed * 1000 + fold, stratify=stratify)
+    if h.task == "survival" and not cohort.events[va].any():
+        return train, None  # no event to validate on (a Cox loss would be 0 every epoch): the last epoch
+    return np.sort(tr), np.sort(va)
+
+
+def _class_weights(h: HeadsConfig, cohort: Cohort, train: np.ndarray) -> torch.Tensor | None:
+    if h.task != "subtyping" or not h.class_weights:
+        return None
+    counts = np.bincount(cohort.labels[train], minlength=len(cohort.classes)).astype(float)
+    weights = np.where(counts > 0, counts.sum() / (len(counts) * np.maximum(counts, 1)), 0.0)
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
+def _mean(per_fold: list[dict], prefix: str = "") -> dict:
+    keys = sorted({k for m in per_fold for k in m})
+    out = {f"{prefix}{k}": float(np.mean([m[k] for m in per_fold if k in m])) for k in keys}
+    out.update({f"{prefix}{k}_std": float(np.std([m[k] for m in per_fold if k in m])) for k in keys})
+    return out
 
 
 def cross_validate(h: HeadsConfig, cohort: Cohort) -> Iterator[tuple[int, list[FoldState], dict]]:
-    """Yield ``(epoch, folds, mean metrics)`` after each epoch of training every fold."""
+    """Yield ``(epoch, folds, mean metrics)`` after each epoch of training every fold.
+
+    Each fold trains on its inner training part; the epoch with the lowest inner-validation loss
+    is the fold's model (``last`` holds its outer-fold outputs, ``inner_metrics`` its validation
+    metrics, reported as ``val_*``). After the last epoch (or when every fold stopped early) the
+    selected weights are loaded back into each head.
+    """
     folds, _ = make_folds(h, cohort)
     index = {c: i for i, c in enumerate(cohort.case_ids)}
     states = []
     for f, fold in enumerate(folds):
+        train, inner = inner_split(h, cohort, np.array([index[c] for c in fold["train"]]), f)
         torch.manual_seed(h.seed * 1000 + f)
-        head = build_head(h, cohort)
-        train = np.array([index[c] for c in fold["train"]])
+        head = build_head(h, cohort, fit_transform(h, cohort, train))
         bins = (survival_bins(cohort.times[train], cohort.events[train], h.n_bins)
                 if h.task == "survival" and h.survival_loss == "nll" else None)
-        opt = torch.optim.AdamW(head.parameters(), lr=h.lr, weight_decay=h.weight_decay)
-        states.append(FoldState(train, np.array([index[c] for c in fold["val"]]), head, opt, bins))
+        # fused: one kernel for all parameters (hipt_lgp 4.8 → 2.7 ms a step on CPU, 1 thread)
+        opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=h.lr,
+                                weight_decay=h.weight_decay, fused=True)
+        states.append(FoldState(train, np.array([index[c] for c in fold["val"]]), head, opt, bins, inner=inner,
+                                weights=_class_weights(h, cohort, train)))
     rng = np.random.default_rng(h.seed)
     for epoch in range(1, h.epochs + 1):
         for st in states:
+            if st.done:
+                continue
             st.head.train()
             order = rng.permutation(st.train)
-            # Cox needs risk sets: one step over the whole training part; bag-wise steps otherwise.
-            groups = [order] if h.survival_loss == "cox" and h.task == "survival" else [[i] for i in order]
-            for group in groups:
+            # Cox needs risk sets: one step over the whole training part; batches of bags otherwise.
+            size = len(order) if h.survival_loss == "cox" and h.task == "survival" else h.batch_bags
+            losses = []
+            for start in range(0, len(order), size):
+                group = list(order[start:start + size])
                 logits = torch.cat([st.head(cohort.inputs[i])[0] for i in group])
-                loss = _loss(h, logits, cohort, list(group), st.bins)
+                loss = _loss(h, logits, cohort, group, st.bins, st.weights)
                 st.optimizer.zero_grad()
                 loss.backward()
                 st.optimizer.step()
-            st.last = evaluate(h, st.head, cohort, st.val)
-        per_fold = [st.last["metrics"] for st in states]
-        keys = sorted({k for m in per_fold for k in m})
-        mean = {k: float(np.mean([m[k] for m in per_fold if k in m])) for k in keys}
-        mean.update({f"{k}_std": float(np.std([m[k] for m in per_fold if k in m])) for k in keys})
+                losses.append(float(loss.detach()) * len(group))
+            st.train_loss = sum(losses) / len(order)
+            if st.inner is None:
+                improved, val = True, None
+            else:
+                val = evaluate(h, st.head, cohort, st.inner, bins=st.bins, weights=st.weights)
+                improved = val["loss"] < st.best_loss
+            if improved:
+                st.best_loss = val["loss"] if val else st.train_loss
+                st.best_epoch = epoch
+                st.inner_metrics = {"loss": st.best_loss, **(val["metrics"] if val else {})}
+                st.best_state = {k: v.detach().clone() for k, v in st.head.state_dict().items()}
+                st.last = evaluate(h, st.head, cohort, st.val)
+            elif h.patience and epoch - st.best_epoch >= h.patience:
+                st.done = True
+        final = epoch == h.epochs or all(st.done for st in states)
+        if final:
+            for st in states:
+                st.head.load_state_dict(st.best_state)
+        mean = _mean([st.last["metrics"] for st in states])
+        mean.update(_mean([st.inner_metrics for st in states], prefix="val_"))
+        mean["train_loss"] = float(np.mean([st.train_loss for st in states]))
+        mean["best_epoch"] = float(np.mean([st.best_epoch for st in states]))
         yield epoch, states, mean
+        if final:
+            return

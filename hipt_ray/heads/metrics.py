@@ -39,3 +39,40 @@ def km_split(times: np.ndarray, events: np.ndarray, risk: np.ndarray, threshold:
         if mask.any():
             out[f"km_{name}"] = KaplanMeierFitter().fit(times[mask], events[mask], label=f"{name} risk")
     return out
+
+
+def bootstrap_ci(metric, *arrays: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``metric(*arrays)`` over cases resampled with replacement
+    (resamples the metric cannot score — one class, no events — are skipped)."""
+    rng = np.random.default_rng(seed)
+    arrays = [np.asarray(a) for a in arrays]
+    m = len(arrays[0])
+    values = []
+    for _ in range(n):
+        idx = rng.integers(0, m, m)
+        try:
+            v = metric(*(a[idx] for a in arrays))
+        except (ValueError, ZeroDivisionError):
+            continue
+        if np.isfinite(v):
+            values.append(v)
+    if not values:
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(values, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def pooled_metric(task: str, outputs: dict) -> float:
+    """The out-of-fold metric over every case pooled (AUC, or Harrell's c-index)."""
+    if task == "subtyping":
+        return classification_metrics(outputs["labels"], outputs["probs"])["auc"]
+    return concordance(outputs["times"], outputs["events"], outputs["risk"])
+
+
+def pooled_ci(task: str, outputs: dict, *, n: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap 95 % CI of ``pooled_metric`` over cases."""
+    if task == "subtyping":
+        return bootstrap_ci(lambda y, p: classification_metrics(y, p)["auc"], outputs["labels"], outputs["probs"],
+                            n=n, seed=seed)
+    return bootstrap_ci(lambda t, e, r: concordance(t, e, r) if e.any() else float("nan"),
+                        outputs["times"], outputs["events"], outputs["risk"], n=n, seed=seed)

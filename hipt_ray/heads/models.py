@@ -48,6 +48,7 @@ class HIPTLGP(nn.Module):
         self.freeze_local = freeze_local
         if self.local_vit is not None and freeze_local:
             self.local_vit.requires_grad_(False)
+        self.prep: nn.Module = nn.Identity()  # heads.features.FeatureTransform on emb4k, set by fit.build_head
         self.global_phi = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout))
         self.global_transformer = nn.TransformerEncoder(
             nn.TransformerEncoderLayer(d_model=dim, nhead=n_heads, dim_feedforward=dim, dropout=dropout,
@@ -82,8 +83,7 @@ class HIPTLGP(nn.Module):
         return torch.stack(out)  # (M, 192)
 
     def forward(self, bag: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.local_vit is not None:
-            bag = self.embed_regions(bag)
+        bag = self.embed_regions(bag) if self.local_vit is not None else self.prep(bag)
         h = self.global_phi(bag)
         h = self.global_transformer(h.unsqueeze(1)).squeeze(1)  # sequence of M regions, batch 1
         attn = F.softmax(self.global_attn_pool(h), dim=0)  # (M,)
@@ -96,12 +96,13 @@ class ABMIL(nn.Module):
 
     def __init__(self, *, n_classes: int, dim: int = 192, hidden: int = 128, dropout: float = 0.25) -> None:
         super().__init__()
+        self.prep: nn.Module = nn.Identity()
         self.phi = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.attn = GatedAttention(dim=hidden, hidden=hidden, dropout=dropout)
         self.classifier = nn.Linear(hidden, n_classes)
 
     def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.phi(bag)
+        h = self.phi(self.prep(bag))
         attn = F.softmax(self.attn(h), dim=0)
         return self.classifier(attn.unsqueeze(0) @ h), attn
 
@@ -111,11 +112,12 @@ class MeanMLP(nn.Module):
 
     def __init__(self, *, n_classes: int, dim: int = 192, hidden: int = 128, dropout: float = 0.25) -> None:
         super().__init__()
+        self.prep: nn.Module = nn.Identity()
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
 
     def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         attn = torch.full((bag.shape[0],), 1.0 / bag.shape[0], device=bag.device)
-        return self.mlp(bag.mean(dim=0, keepdim=True)), attn
+        return self.mlp(self.prep(bag).mean(dim=0, keepdim=True)), attn
 
 
 HEADS = {"hipt_lgp": HIPTLGP, "abmil": ABMIL, "mean_mlp": MeanMLP}

@@ -12,8 +12,9 @@ import pandas as pd
 
 from hipt_ray.config import Config, check_name
 from hipt_ray.heads.cohort import load_cohort
+from hipt_ray.heads.baselines import baselines
 from hipt_ray.heads.fit import cross_validate, make_folds
-from hipt_ray.heads.metrics import km_split
+from hipt_ray.heads.metrics import km_split, pooled_ci, pooled_metric
 from hipt_ray.storage import is_remote, local_path
 
 log = logging.getLogger(__name__)
@@ -30,15 +31,34 @@ class HeadResult:
     cohort: str = ""
 
     def lines(self) -> list[str]:
-        main_key = "auc" if "auc" in self.metrics else "c_index"
+        m = self.metrics
+        key = "auc" if "auc" in m else "c_index"
         lines = [self.cohort] if self.cohort else []
-        lines += [f"{main_key}: {self.metrics[main_key]:.3f} ± {self.metrics[main_key + '_std']:.3f} "
-                 f"over {len(self.per_fold)} case-level folds (split {self.split_hash})"]
-        lines += [f"{k.replace('_auc', ' AUC').replace('_', ' ')}: {v:.3f} ± {self.metrics[k + '_std']:.3f}"
-                  for k, v in self.metrics.items() if k.startswith("probe_") and not k.endswith("_std")]
-        lines += [f"  fold {i}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()) for i, m in enumerate(self.per_fold)]
+        lines += [f"{key}: {m[key]:.3f} ± {m[key + '_std']:.3f} over {len(self.per_fold)} case-level folds "
+                  f"(split {self.split_hash}); pooled out-of-fold {m['pooled']:.3f} "
+                  f"(95 % CI {m['pooled_ci_low']:.3f}–{m['pooled_ci_high']:.3f})"]
+        if f"val_{key}" in m:
+            lines += [f"  inner validation {key} {m[f'val_{key}']:.3f} (model selection; "
+                      f"selected epoch {m['best_epoch']:.1f} on average)"]
+        for name, label in BASELINES.items():
+            if f"{name}_{key}" in m:
+                lines += [f"{label}: {m[f'{name}_{key}']:.3f} ± {m[f'{name}_{key}_std']:.3f}; pooled "
+                          f"{m[f'{name}_pooled']:.3f} (95 % CI {m[f'{name}_pooled_ci_low']:.3f}–"
+                          f"{m[f'{name}_pooled_ci_high']:.3f})"]
+        lines += [f"  fold {i}: " + ", ".join(f"{k} {v:.3f}" for k, v in f.items()) for i, f in enumerate(self.per_fold)]
         lines += [f"results: {self.results_csv}", f"plot: {self.plot}", f"MLflow run: {self.run_id}"]
         return lines
+
+
+BASELINES = {"probe_logreg": "baseline logistic regression on mean embeddings",
+             "probe_knn": "baseline KNN on mean embeddings",
+             "cox": "baseline penalised Cox on mean embeddings"}
+
+
+def pooled_outputs(task: str, states) -> dict:
+    """The out-of-fold outputs of every fold's selected model, pooled over folds."""
+    keys = ("probs", "labels") if task == "subtyping" else ("risk", "times", "events")
+    return {k: np.concatenate([st.last[k] for st in states]) for k in keys}
 
 
 def run_dir_for(cfg: Config, name: str) -> str:
@@ -48,7 +68,7 @@ def run_dir_for(cfg: Config, name: str) -> str:
     return path
 
 
-def train_head(cfg: Config, *, run_name: str | None = None) -> HeadResult:
+def train_head(cfg: Config, *, run_name: str | None = None, parent_run_id: str | None = None) -> HeadResult:
     import mlflow
 
     from hipt_ray.tracking import setup_tracking
@@ -62,7 +82,8 @@ def train_head(cfg: Config, *, run_name: str | None = None) -> HeadResult:
     with open(os.path.join(run_dir, "splits.json"), "w") as fh:
         json.dump({"hash": split_hash, "folds": folds}, fh, indent=1)
     setup_tracking(cfg)
-    with mlflow.start_run(run_name=name) as run:
+    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+    with mlflow.start_run(run_name=name, tags=tags, nested=parent_run_id is not None) as run:
         mlflow.log_params({f"heads.{k}": v for k, v in h.model_dump(mode="json").items()})
         mlflow.log_params({"split_hash": split_hash, "n_cases": len(cohort.case_ids), "model_id": cohort.model_id,
                            "regions_table_version": cohort.table_version, "n_folds": len(folds)})
@@ -71,12 +92,15 @@ def train_head(cfg: Config, *, run_name: str | None = None) -> HeadResult:
             for f, st in enumerate(states):
                 mlflow.log_metrics({f"fold{f}_{k}": v for k, v in st.last["metrics"].items()}, step=epoch)
         per_fold = [st.last["metrics"] for st in states]
-        if h.task == "subtyping":  # the paper's probes of the embeddings, on the same folds
-            from hipt_ray.heads.probes import probe
-
-            probes = probe(cohort, folds, seed=h.seed)
-            mlflow.log_metrics(probes)
-            mean = {**mean, **probes}
+        oof = pooled_outputs(h.task, states)
+        summary = {"pooled": pooled_metric(h.task, oof)}
+        summary["pooled_ci_low"], summary["pooled_ci_high"] = pooled_ci(h.task, oof, seed=h.seed)
+        for bname, b in baselines(h.task, cohort, folds, seed=h.seed).items():  # same embeddings, same folds
+            summary.update({f"{bname}_{k}": v for k, v in b["metrics"].items()})
+            summary[f"{bname}_pooled"] = b["pooled"]
+            summary[f"{bname}_pooled_ci_low"], summary[f"{bname}_pooled_ci_high"] = b["ci"]
+        mlflow.log_metrics({k: v for k, v in summary.items() if np.isfinite(v)})
+        mean = {**mean, **summary}
         rows = []
         for f, st in enumerate(states):
             for j, i in enumerate(st.val):
@@ -93,15 +117,13 @@ def train_head(cfg: Config, *, run_name: str | None = None) -> HeadResult:
         results_csv = os.path.join(run_dir, "predictions.csv")
         pd.DataFrame(rows).to_csv(results_csv, index=False)
         if h.task == "subtyping":
-            probs = np.concatenate([st.last["probs"] for st in states])
-            labels = np.concatenate([st.last["labels"] for st in states])
-            plot = roc_png(labels, probs, cohort.classes, os.path.join(run_dir, "roc.png"),
+            plot = roc_png(oof["labels"], oof["probs"], cohort.classes, os.path.join(run_dir, "roc.png"),
                            f"{h.head}: out-of-fold ROC")
         else:
             # Risk groups split at each fold's training-part median risk, pooled over folds.
             times, events, high = [], [], []
             for st in states:
-                train_risk = np.median([_train_risk(h, st, cohort, i) for i in st.train])
+                train_risk = np.median([_train_risk(h, st, cohort, i) for i in st.fit_cases])
                 high.append(st.last["risk"] > train_risk)
                 times.append(st.last["times"])
                 events.append(st.last["events"])
@@ -134,8 +156,9 @@ def save_heads(path: str, cfg: Config, cohort, states) -> str:
     torch.save({
         "config": cfg.to_dict(), "classes": cohort.classes, "model_id": cohort.model_id,
         "cases": cohort.slides,
-        "folds": [{"val": [cohort.case_ids[i] for i in st.val], "state_dict": st.head.state_dict()}
-                  for st in states],
+        "folds": [{"val": [cohort.case_ids[i] for i in st.val], "state_dict": st.head.state_dict(),
+                   "inner_val": [cohort.case_ids[i] for i in (st.inner if st.inner is not None else [])],
+                   "epoch": st.best_epoch} for st in states],
     }, path)
     return path
 

@@ -5,6 +5,7 @@ configuration is then refitted by ``train-head`` for its predictions and ROC/KM 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -31,27 +32,63 @@ def search_space(space: dict[str, dict[str, list]]) -> dict:
     return out
 
 
-def _trial(config: dict, *, base: dict, cohort, tracking_uri: str, experiment: str, sweep_name: str) -> None:
+def _trial(config: dict, *, base: dict, cohort, tracking_uri: str, experiment: str, sweep_name: str,
+           parent_run_id: str, threads: int) -> None:
     import mlflow
+    import torch
     from ray import tune
 
     from hipt_ray.heads.fit import cross_validate, make_folds
 
+    torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers; a trial owns its CPUs
     cfg = validate_config({**base, "heads": {**base["heads"], **config}})
     h = cfg.heads
     _, split_hash = make_folds(h, cohort)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(experiment)
     trial = tune.get_context().get_trial_name()
-    with mlflow.start_run(run_name=trial, tags={"sweep": sweep_name}):
+    # A child of the sweep's run (MLflow's nesting: the parent's id as a tag, across processes).
+    with mlflow.start_run(run_name=trial, tags={"sweep": sweep_name, "mlflow.parentRunId": parent_run_id}):
         mlflow.log_params({f"heads.{k}": v for k, v in h.model_dump(mode="json").items()})
         mlflow.log_params({"split_hash": split_hash, "model_id": cohort.model_id,
                            "regions_table_version": cohort.table_version, "n_cases": len(cohort.case_ids)})
         for epoch, states, mean in cross_validate(h, cohort):
-            mlflow.log_metrics(mean, step=epoch)
+            per_fold = {}
             for f, st in enumerate(states):
-                mlflow.log_metrics({f"fold{f}_{k}": v for k, v in st.last["metrics"].items()}, step=epoch)
-            tune.report({**mean, "epoch": epoch})
+                per_fold.update({f"fold{f}_{k}": v for k, v in st.last["metrics"].items()})
+                per_fold.update({f"fold{f}_val_{k}": v for k, v in st.inner_metrics.items()})
+            mlflow.log_metrics({**mean, **per_fold}, step=epoch)
+            tune.report({**mean, **per_fold, "epoch": epoch})
+
+
+def nested_score(rows: list[dict], key: str, n_folds: int) -> tuple[float, list[int]]:
+    """The honest score of a sweep: for each outer fold, the trial whose model was best on that
+    fold's *inner* validation cases (ties: lower validation loss), scored on that fold's test cases;
+    mean over folds. ``rows`` are the trials' last reports; returns the score and the trial index
+    chosen per fold."""
+    picks, scores = [], []
+    for f in range(n_folds):
+        vk, lk, ok = f"fold{f}_val_{key}", f"fold{f}_val_loss", f"fold{f}_{key}"
+        cands = [i for i, r in enumerate(rows) if _finite(r.get(vk)) and _finite(r.get(ok))]
+        if not cands:
+            continue
+        best = max(cands, key=lambda i: (rows[i][vk], -(rows[i][lk] if _finite(rows[i].get(lk)) else math.inf)))
+        picks.append(best)
+        scores.append(rows[best][ok])
+    return (float(sum(scores) / len(scores)) if scores else float("nan")), picks
+
+
+def pick_best(results: list, metric: str):
+    """The trial with the highest ``metric`` at its last report; ties (inner validation sets are
+    small: many trials reach AUC 1.0) go to the lower validation loss."""
+    if not results:
+        raise ValueError(f"no trial reported {metric}: see the trials' errors above")
+    return max(results, key=lambda r: (r.metrics[metric], -r.metrics.get("val_loss", math.inf)
+                                       if _finite(r.metrics.get("val_loss")) else -math.inf))
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 @dataclass
@@ -62,49 +99,84 @@ class SweepResult:
     table_csv: str
     table: str
     refit_lines: list[str]
+    honest: float = float("nan")
+    best_outer: float = float("nan")
+    n_trials: int = 0
+    parent_run_id: str = ""
 
     def lines(self) -> list[str]:
-        return [self.table, f"best {self.metric}: {self.best_metric:.3f} with {self.best_config}",
-                f"results table: {self.table_csv}", "refit of the best configuration:", *self.refit_lines]
+        key = self.metric.removeprefix("val_")
+        return [self.table,
+                f"{self.n_trials} trials; best {self.metric}: {self.best_metric:.3f} (inner validation: "
+                f"model selection) with {self.best_config}",
+                f"honest {key}: {self.honest:.3f} (nested: each outer fold scored by the trial best on its "
+                f"inner validation); the best trial's out-of-fold {key}: {self.best_outer:.3f}",
+                f"results table: {self.table_csv}", f"MLflow sweep run: {self.parent_run_id}",
+                "refit of the best configuration:", *self.refit_lines]
 
 
 def run_sweep(cfg: Config) -> SweepResult:
+    import mlflow
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from hipt_ray.heads.cohort import load_cohort
+    from hipt_ray.heads.fit import make_folds
     from hipt_ray.heads.run import run_dir_for, train_head
     from hipt_ray.tracking import setup_tracking
 
     s, h = cfg.sweep, cfg.heads
-    metric = s.metric or ("auc" if h.task == "subtyping" else "c_index")
+    key = "auc" if h.task == "subtyping" else "c_index"
+    # Trials are chosen on the inner validation split of each training fold, never on the test folds.
+    metric = s.metric or f"val_{key}"
     space = search_space(s.space)
     cohort = load_cohort(cfg)
+    n_folds = len(make_folds(h, cohort)[0])
     uri = setup_tracking(cfg)  # the experiment is created on the driver, before the trials
     run_dir = run_dir_for(cfg, s.name)
-    trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=cfg.to_dict(), cohort=cohort, tracking_uri=uri,
-                             experiment=cfg.tracking.experiment, sweep_name=s.name),
-        {"cpu": s.cpus_per_trial},
-    )
-    epochs = max([h.epochs] + [int(max(v)) for k, spec in s.space.items() if k == "epochs" for v in spec.values()])
-    tuner = tune.Tuner(
-        trainable, param_space=space,
-        tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=s.num_samples,
-                                    search_alg=BasicVariantGenerator(random_state=h.seed),  # reproducible draws
-                                    scheduler=ASHAScheduler(max_t=epochs, grace_period=min(s.grace_period, epochs)),
-                                    max_concurrent_trials=s.max_concurrent),
-        run_config=tune.RunConfig(name=s.name, storage_path=os.path.join(run_dir, "tune")),
-    )
-    results = tuner.fit()
-    best = results.get_best_result(metric=metric, mode="max", scope="all")
-    df = results.get_dataframe(filter_metric=metric, filter_mode="max")
-    cols = [c for c in df.columns if c.startswith("config/")] + [metric, f"{metric}_std", "epoch"]
-    table_df = df[[c for c in cols if c in df.columns]].sort_values(metric, ascending=False)
-    table_csv = os.path.join(run_dir, "results.csv")
-    table_df.to_csv(table_csv, index=False)
-    best_cfg = validate_config({**cfg.to_dict(), "heads": {**cfg.to_dict()["heads"], **best.config}})
-    refit = train_head(best_cfg, run_name=f"{s.name}-best")
-    return SweepResult(best_config=best.config, best_metric=float(best.metrics[metric]), metric=metric,
-                       table_csv=table_csv, table=table_df.to_string(index=False), refit_lines=refit.lines())
+    with mlflow.start_run(run_name=s.name, tags={"sweep": s.name, "kind": "sweep"}) as parent:
+        mlflow.log_params({"sweep.space": str(s.space)[:6000], "sweep.num_samples": s.num_samples,
+                           "sweep.metric": metric, "heads.task": h.task, "n_cases": len(cohort.case_ids)})
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, base=cfg.to_dict(), cohort=cohort, tracking_uri=uri,
+                                 experiment=cfg.tracking.experiment, sweep_name=s.name,
+                                 parent_run_id=parent.info.run_id, threads=max(1, int(s.cpus_per_trial))),
+            {"cpu": s.cpus_per_trial},
+        )
+        epochs = max([h.epochs] + [int(max(v)) for k, spec in s.space.items() if k == "epochs" for v in spec.values()])
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=s.num_samples,
+                                        search_alg=BasicVariantGenerator(random_state=h.seed),  # reproducible draws
+                                        scheduler=ASHAScheduler(max_t=epochs, grace_period=min(s.grace_period, epochs)),
+                                        max_concurrent_trials=s.max_concurrent),
+            run_config=tune.RunConfig(name=s.name, storage_path=os.path.join(run_dir, "tune")),
+        )
+        results = tuner.fit()
+        rows = [r.metrics or {} for r in results]
+        best = pick_best([r for r in results if r.metrics and _finite(r.metrics.get(metric))], metric)
+        honest, _ = nested_score(rows, key, n_folds)
+        df = results.get_dataframe()  # the last report of every trial
+        cols = [c for c in df.columns if c.startswith("config/")] + [metric, key, f"{key}_std", "epoch"]
+        table_df = df[[c for c in dict.fromkeys(cols) if c in df.columns]].sort_values(metric, ascending=False)
+        table_csv = os.path.join(run_dir, "results.csv")
+        table_df.to_csv(table_csv, index=False)
+        best_outer = float(best.metrics.get(key, math.nan))
+        mlflow.log_metrics({k: v for k, v in {f"selection_{metric}": float(best.metrics[metric]),
+                                              f"best_trial_{key}": best_outer, f"honest_{key}": honest}.items()
+                            if math.isfinite(v)})
+        mlflow.log_params({f"best.{k}": v for k, v in best.config.items()})
+        mlflow.log_artifact(table_csv)
+        best_cfg = validate_config({**cfg.to_dict(), "heads": {**cfg.to_dict()["heads"], **best.config}})
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(s.cpus_per_trial)))  # as in the trial: the same sums, the same epochs
+        try:
+            refit = train_head(best_cfg, run_name=f"{s.name}-best", parent_run_id=parent.info.run_id)
+        finally:
+            torch.set_num_threads(threads)
+        return SweepResult(best_config=best.config, best_metric=float(best.metrics[metric]), metric=metric,
+                           table_csv=table_csv, table=table_df.to_string(index=False), refit_lines=refit.lines(),
+                           honest=honest, best_outer=best_outer, n_trials=len(rows), parent_run_id=parent.info.run_id)

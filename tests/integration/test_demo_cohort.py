@@ -67,54 +67,61 @@ def test_the_index_is_built_then_refreshed_when_new_slides_are_embedded(demo, ca
 
 
 def _sweep(demo, task: str, name: str, capsys) -> str:
-    # No ASHA stopping (grace period = epochs) and seeded draws: the result does not depend on
-    # which trial reports first.
-    code = main(["sweep", "--out", demo["out"], "--labels", demo["labels"], f"heads.task={task}",
-                 "heads.label_column=subtype", "heads.folds=5", "heads.epochs=15", "heads.lr=0.001",
-                 "sweep.num_samples=1", f"sweep.name={name}", "sweep.grace_period=15", "sweep.cpus_per_trial=1",
+    # The task's defaults (configs/heads/<task>.yaml: preprocessing, inner validation, epochs, lr)
+    # over two heads; 5 folds to keep the suite short. No ASHA stopping, seeded draws.
+    code = main(["sweep", "--out", demo["out"], "--labels", demo["labels"], "--task", task,
+                 "heads.label_column=subtype", "heads.folds=5", "sweep.num_samples=1", f"sweep.name={name}",
+                 "sweep.grace_period=200", "sweep.cpus_per_trial=1",
                  "sweep.space={head: {grid: [abmil, mean_mlp]}}"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     return printed
 
 
-def _refit_metric(printed: str, key: str) -> float:
-    """The refit of the best configuration: out-of-fold mean at the last epoch (no selection on
-    the validation folds beyond the 2-trial choice)."""
-    return float(printed.split("refit of the best configuration:")[1].split(f"{key}: ")[1].split(" ")[0])
+def _number(printed: str, after: str) -> float:
+    return float(printed.split(after)[1].split(" ")[0].rstrip(";,"))
 
 
-def test_sweeps_beat_chance_and_shuffled_labels_do_not(demo, capsys):
+def test_swept_heads_match_the_linear_baselines_and_shuffled_labels_stay_at_chance(demo, capsys):
     printed = _sweep(demo, "subtyping", "demo-sub", capsys)
-    auc = _refit_metric(printed, "auc")
-    # Measured (random tiny twin, 67 cases, 5 folds): abmil 0.75 ± 0.09, mean_mlp ≈ 0.8; the
-    # logistic probe of the same embeddings 0.99. Chance is 0.5, shuffled labels below.
+    honest = _number(printed, "honest auc: ")
+    probe = _number(printed, "baseline logistic regression on mean embeddings: ")
     with capsys.disabled():
-        print(f"demo cohort subtyping AUC (refit of the better of abmil and mean_mlp): {auc:.3f}")
-    assert auc > 0.65, printed
+        print(f"demo cohort subtyping: honest sweep AUC {honest:.3f}, logistic probe {probe:.3f}")
+    # Measured: honest 0.98–0.99, probe 0.995 (before standardisation and inner validation the
+    # heads reached 0.75). Target: probe − 0.02; the margin below is fold noise on 67 cases.
+    assert honest >= probe - 0.04, printed
     printed = _sweep(demo, "survival", "demo-surv", capsys)
-    cidx = _refit_metric(printed, "c_index")
-    # Measured 0.59–0.61 over heads (fold std 0.06–0.14); the planted risk itself reaches 0.75
-    # and a penalised linear Cox on the same embeddings 0.69. Chance is 0.5.
+    honest = _number(printed, "honest c_index: ")
+    cox = _number(printed, "baseline penalised Cox on mean embeddings: ")
     with capsys.disabled():
-        print(f"demo cohort survival c-index (refit of the better of abmil and mean_mlp): {cidx:.3f}")
-    assert cidx > 0.55, printed
+        print(f"demo cohort survival: honest sweep c-index {honest:.3f}, penalised Cox {cox:.3f}")
+    # Measured: honest ≈ 0.71–0.73 (Cox-loss heads), penalised Cox 0.688; the planted risk 0.75.
+    assert honest >= cox - 0.04, printed
 
+    code = main(["train-head", "--out", demo["out"], "--labels", demo["labels"], "--run-name", "defaults",
+                 "heads.label_column=subtype", "heads.head=abmil", "heads.folds=5"])
+    printed = capsys.readouterr().out
+    auc = _number(printed, "auc: ")
+    assert code == 0 and auc >= 0.95, printed  # abmil with the defaults: measured 0.986
     labels = pd.read_csv(demo["labels"])
-    case_sub = labels.groupby("case_id")["subtype"].first()
+    cases = labels.groupby("case_id")[["subtype", "survival_months", "event"]].first()
     rng = np.random.default_rng(7)
-    shuffled = dict(zip(case_sub.index, rng.permutation(case_sub.to_numpy())))
-    labels["subtype"] = labels["case_id"].map(shuffled)
+    shuffled = dict(zip(cases.index, rng.permutation(len(cases))))
+    for col in ("subtype", "survival_months", "event"):
+        labels[col] = labels["case_id"].map(lambda c, col=col: cases[col].iloc[shuffled[c]])
     path = demo["root"] / "shuffled.csv"
     labels.to_csv(path, index=False)
-    code = main(["train-head", "--out", demo["out"], "--labels", str(path), "--run-name", "shuffled",
-                 "heads.label_column=subtype", "heads.head=abmil", "heads.folds=5", "heads.epochs=15",
-                 "heads.lr=0.001"])
-    printed = capsys.readouterr().out
-    chance = float(printed.split("auc: ")[1].split(" ")[0])
+    chance = {}
+    for task, key in (("subtyping", "auc"), ("survival", "c_index")):
+        code = main(["train-head", "--out", demo["out"], "--labels", str(path), "--run-name", f"shuffled-{task}",
+                     "--task", task, "heads.label_column=subtype", "heads.head=abmil", "heads.folds=5"])
+        printed = capsys.readouterr().out
+        assert code == 0, printed
+        chance[key] = _number(printed, f"{key}: ")
     with capsys.disabled():
-        print(f"demo cohort subtyping AUC with shuffled labels: {chance:.3f}")
-    assert code == 0 and 0.25 < chance < 0.7, printed  # measured ≈ 0.5 ± 0.1 across seeds
+        print(f"demo cohort with shuffled labels: {chance}")
+    assert all(0.35 < v < 0.65 for v in chance.values()), chance  # chance is 0.5: the gain is not leakage
 
 
 def test_search_puts_the_query_first_and_its_planted_class_ahead(demo, capsys):

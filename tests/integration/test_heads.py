@@ -60,9 +60,11 @@ def test_subtyping_well_above_chance_and_shuffled_near_chance(cohort, tmp_path, 
     assert "cohort: 80 cases, 80 slides (model m1); 1 labelled slides without embeddings: not-embedded" in text
     # The planted shift is ~14σ of the per-case noise along one direction: measured AUC 1.0.
     assert auc > 0.9, text
-    knn = float(text.split("probe knn AUC: ")[1].split(" ")[0])
-    logreg = float(text.split("probe logreg AUC: ")[1].split(" ")[0])
+    knn = float(text.split("baseline KNN on mean embeddings: ")[1].split(" ")[0])
+    logreg = float(text.split("baseline logistic regression on mean embeddings: ")[1].split(" ")[0])
     assert knn > 0.9 and logreg > 0.9, text  # the planted direction is linear: probes see it too
+    low, high = (float(v) for v in text.split("pooled out-of-fold ")[1].split("CI ")[1].split(")")[0].split("–"))
+    assert low <= float(text.split("pooled out-of-fold ")[1].split(" ")[0]) <= high, text
     assert (cohort / "heads" / "subtyping-abmil" / "roc.png").stat().st_size > 10_000
     preds = pd.read_csv(cohort / "heads" / "subtyping-abmil" / "predictions.csv")
     assert sorted(preds["case_id"]) == sorted(f"c{i}" for i in range(N_CASES))  # each case validated once
@@ -91,6 +93,9 @@ def test_survival_cindex_above_chance_and_mlflow_run(cohort, capsys):
     run = runs[0]
     assert run.data.params["model_id"] == "m1" and len(run.data.params["split_hash"]) == 16
     assert "c_index" in run.data.metrics and "fold0_c_index" in run.data.metrics
+    # the penalised Cox baseline on the same folds, and the CIs, sit next to the head's result
+    assert "baseline penalised Cox on mean embeddings: " in text
+    assert {"cox_c_index", "cox_pooled_ci_low", "pooled_ci_high", "val_c_index"} <= set(run.data.metrics)
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "c_index")
     assert len(history) == 20
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
@@ -128,12 +133,20 @@ def test_two_trial_sweep_logs_every_trial_to_mlflow(ray_local, cohort, capsys):
                  "sweep.space={lr: {loguniform: [1.0e-3, 3.0e-3]}, head: {choice: [abmil, mean_mlp]}}"])
     text = capsys.readouterr().out
     assert code == 0, text
-    assert "best auc:" in text and (cohort / "heads" / "s2" / "results.csv").is_file()
+    assert "best val_auc:" in text and "honest auc: " in text and (cohort / "heads" / "s2" / "results.csv").is_file()
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{cohort / 'mlflow.db'}")
-    trials = mlflow.search_runs(experiment_names=["hipt-ray"], output_format="list", filter_string="tags.sweep = 's2'")
-    assert len(trials) == 2
-    for run in trials:
-        assert "auc" in run.data.metrics and run.data.params["heads.head"] in ("abmil", "mean_mlp")
+    runs = mlflow.search_runs(experiment_names=["hipt-ray"], output_format="list", filter_string="tags.sweep = 's2'")
+    parent = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("kind") != "sweep"]
+    assert len(parent) == 1 and len(trials) == 2
+    assert {"honest_auc", "selection_val_auc"} <= set(parent[0].data.metrics)
+    for run in trials:  # nested under the sweep's run, as MLflow nests runs
+        assert run.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+        assert {"auc", "val_auc", "fold0_val_auc"} <= set(run.data.metrics)
+        assert run.data.params["heads.head"] in ("abmil", "mean_mlp")
+    refit = mlflow.search_runs(experiment_names=["hipt-ray"], output_format="list",
+                               filter_string="attributes.run_name = 's2-best'")[0]
+    assert refit.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
     assert (cohort / "heads" / "s2-best" / "roc.png").is_file()
