@@ -20,9 +20,15 @@ def _fit_cox(x: np.ndarray, times: np.ndarray, events: np.ndarray, penalizer: fl
     import pandas as pd
     from lifelines import CoxPHFitter
 
+    import warnings
+
+    from lifelines.exceptions import ConvergenceWarning
+
     cols = [f"f{j}" for j in range(x.shape[1])]
     df = pd.DataFrame(x, columns=cols).assign(T=times, E=events)
-    return CoxPHFitter(penalizer=penalizer).fit(df, duration_col="T", event_col="E"), cols
+    with warnings.catch_warnings():  # more features than cases is the usual case here: the ridge is why
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return CoxPHFitter(penalizer=penalizer).fit(df, duration_col="T", event_col="E"), cols
 
 
 def baselines(task: str, cohort: Cohort, folds: list[dict], *, k: int = 20, seed: int = 0) -> dict[str, dict]:

@@ -48,7 +48,8 @@ class HIPTLGP(nn.Module):
         self.freeze_local = freeze_local
         if self.local_vit is not None and freeze_local:
             self.local_vit.requires_grad_(False)
-        self.prep: nn.Module = nn.Identity()  # heads.features.FeatureTransform on emb4k, set by fit.build_head
+        # heads.features.FeatureTransform on the region embeddings (emb4k, or the frozen ViT-4K's)
+        self.prep: nn.Module = nn.Identity()
         self.global_phi = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout))
         self.global_transformer = nn.TransformerEncoder(
             nn.TransformerEncoderLayer(d_model=dim, nhead=n_heads, dim_feedforward=dim, dropout=dropout,
@@ -83,7 +84,7 @@ class HIPTLGP(nn.Module):
         return torch.stack(out)  # (M, 192)
 
     def forward(self, bag: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        bag = self.embed_regions(bag) if self.local_vit is not None else self.prep(bag)
+        bag = self.prep(self.embed_regions(bag) if self.local_vit is not None else bag)
         h = self.global_phi(bag)
         h = self.global_transformer(h.unsqueeze(1)).squeeze(1)  # sequence of M regions, batch 1
         attn = F.softmax(self.global_attn_pool(h), dim=0)  # (M,)
