@@ -85,3 +85,24 @@ def test_leftovers_of_an_earlier_file_version_are_orphans(tmp_path):
     assert store.remove_orphans("h1") == ["a"]
     assert store.read(REGIONS)["slide_version"].to_pylist() == ["12:new", "12:new"]
     assert store.remove_orphans("h1") == []
+
+
+def test_current_regions_keeps_each_slides_current_rows_once_in_order():
+    """Every rule of the selection at once, on a table in several chunks: a slide's rows of its
+    current version only; unversioned rows only where a slide has no versioned row; unwanted
+    slides dropped; duplicates once; rows sorted by slide then region index whatever they came in."""
+    import pyarrow as pa
+
+    from hipt_ray.store.tables import current_regions
+
+    rows = [("b", 1, "v2", "b1"), ("a", 0, None, "a0"), ("b", 0, "v1", "old"), ("c", 2, None, "c2"),
+            ("b", 0, "v2", "b0"), ("a", 1, None, "a1"), ("z", 0, "v1", "no"), ("b", 1, "v2", "dup"),
+            ("c", 0, "v9", "c0"), ("a", 0, None, "dup"), ("c", 1, None, "c1-unversioned")]
+    cols = list(zip(*rows))
+    table = pa.Table.from_arrays([pa.array(c) for c in cols], ["slide_id", "region_index", "slide_version", "tag"])
+    table = pa.concat_tables([table.slice(0, 4), table.slice(4, 3), table.slice(7)])  # three chunks
+    got = current_regions(table, {"a": "v1", "b": "v2", "c": "v9"})
+    assert list(zip(got["slide_id"].to_pylist(), got["region_index"].to_pylist(), got["tag"].to_pylist())) == [
+        ("a", 0, "a0"), ("a", 1, "a1"), ("b", 0, "b0"), ("b", 1, "b1"), ("c", 0, "c0")]
+    assert current_regions(table, {}).num_rows == 0
+    assert current_regions(table.slice(0, 0), {"a": "v1"}).num_rows == 0
