@@ -13,7 +13,6 @@ import traceback
 from collections.abc import Sequence
 
 from hipt_ray.config import Config, ConfigError, load_config
-from hipt_ray.models.checkpoints import CheckpointError
 from hipt_ray.slides.manifest import ManifestError
 from hipt_ray.storage import OutputStoreError
 
@@ -21,9 +20,11 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SLIDES_FAILED = 0, 1, 2, 3
 log = logging.getLogger("hipt_ray")
 
 
-def init_ray(cfg: Config) -> None:
+def init_ray(cfg: Config, *, dashboard: bool = False) -> None:
     """Check the output is writable in principle, then join ``ray.address`` / ``RAY_ADDRESS``,
-    or start the command's own local Ray."""
+    or start the command's own local Ray (with its dashboard when ``dashboard``: Ray Train needs
+    the State API it serves). Ray's console chatter is turned down unless ``--verbose``."""
+    from hipt_ray.console import quiet_ray
     from hipt_ray.runtime import ray_address, start_ray
     from hipt_ray.storage import StorageError, check_output
 
@@ -32,7 +33,8 @@ def init_ray(cfg: Config) -> None:
             check_output(cfg.out, cfg.storage.s3_endpoint_url)
         except StorageError as exc:
             raise ConfigError(str(exc)) from None
-    start_ray(address=ray_address(cfg.ray.address), num_cpus=cfg.ray.num_cpus)
+    quiet_ray()
+    start_ray(address=ray_address(cfg.ray.address), num_cpus=cfg.ray.num_cpus, dashboard=dashboard)
 
 
 def _common(p: argparse.ArgumentParser, *, uses_ray: bool = True) -> None:
@@ -175,7 +177,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     stage_file = CONFIG_DIR / "pretrain" / f"{args.stage}.yaml"
     files = ([stage_file] if stage_file.is_file() else []) + list(args.config)
     cfg = load_config(None, files=files, overrides=args.overrides, values=values)
-    init_ray(cfg)
+    init_ray(cfg, dashboard=True)
     from hipt_ray.train.run import run
 
     summary = run(cfg)
@@ -246,9 +248,11 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
             from hipt_ray.viz.heatmaps import slide_heatmaps
 
             files = slide_heatmaps(cfg, args.head_run, args.out, slide_ids=[args.slide] if args.slide else None)
-            print(f"{len(files)} slide heatmaps:")
-            for f in files:
+            print(f"{len(files)} slide heatmaps in {args.out}:")
+            for f in files[:3]:
                 print(f"  {f}")
+            if len(files) > 3:
+                print(f"  … and {len(files) - 3} more (<slide_id>_slide_attention.png)")
             return EXIT_OK
         if not (args.slide and args.region):
             raise ConfigError("give --slide and --region X,Y (a region's attention), or --head-run (slide heatmaps)")
@@ -295,17 +299,42 @@ COMMANDS = {"tile": _cmd_tile, "embed": _cmd_embed, "pretrain": _cmd_pretrain,
             "make-demo-data": _cmd_make_demo_data}
 
 
+class _Short(logging.Formatter):
+    """``message`` for information, ``warning: message`` above it (the full format with --verbose)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {text}"
+
+
+def _setup_logging(verbose: bool) -> None:
+    from hipt_ray import console
+
+    console.set_verbose(verbose)
+    handler = console.ConsoleHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s") if verbose
+                         else _Short("%(message)s"))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, console.ConsoleHandler)]:
+        root.removeHandler(old)  # main() called again in one process (the demo, tests)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:  # libraries' notes ("Found credentials…", "Creating initial MLflow database
+        # tables…") are not the run's: below warnings, only hipt-ray's own messages are shown
+        handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.startswith("hipt_ray"))
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # it has a console handler of its own
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed the usage line
         return int(exc.code or 0)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _setup_logging(args.verbose)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, ManifestError, CheckpointError) as exc:
+    except (ConfigError, ManifestError) as exc:
         print(f"hipt-ray {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OutputStoreError as exc:  # one line: the URI, the cause, the fix
@@ -315,6 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
+        # imported here: hipt_ray.models brings torch and timm (3 s), which --help does not need
+        from hipt_ray.models.checkpoints import CheckpointError
+
+        if isinstance(exc, CheckpointError):
+            print(f"hipt-ray {args.command}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         traceback.print_exc()
         print(f"hipt-ray {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR

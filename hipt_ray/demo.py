@@ -26,6 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     data, tables = out / "data", out / "tables"
+    # One Ray for every step, with its dashboard: pretraining's Ray Train asks the State API it
+    # serves (without it Train's placement-group cleaner logs a warning every few seconds).
+    from hipt_ray.console import quiet_ray
+    from hipt_ray.runtime import ray_address, start_ray
+
+    quiet_ray()
+    start_ray(address=ray_address(), dashboard=True)
     if not (data / "labels.csv").is_file():
         # Small slides (1–4 regions each) so that the cohort has enough cases for the heads.
         if code := _step(["make-demo-data", str(data), "--n-slides", str(args.n_slides), "--seed", "0",

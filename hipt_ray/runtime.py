@@ -20,17 +20,24 @@ def ray_address(configured: str | None = None) -> str | None:
 
 
 def start_ray(*, address: str | None = None, num_cpus: int | None = None,
-              logging_level: int = logging.WARNING) -> None:
+              logging_level: int = logging.WARNING, dashboard: bool = False) -> None:
     """Join ``address`` or start a private local Ray (never the machine's "current" cluster).
 
-    Does nothing when Ray is already initialised in this process (a test's session instance,
-    or a driver that called ``ray.init`` itself).
+    ``dashboard``: start the local Ray's dashboard too. Ray Train needs it: its placement-group
+    cleaner asks the State API, which the dashboard serves, whether the controller is alive, and
+    without one logs "Failed to query Ray Train Controller actor state" every few seconds.
+    Workers' output reaches this console only with ``--verbose`` (it is always in the session's
+    log folder). Does nothing when Ray is already initialised in this process (a test's session
+    instance, or a driver that called ``ray.init`` itself).
     """
     import ray
+
+    from hipt_ray.console import verbose
 
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, logging_level=logging_level)
+        ray.init(address=address, logging_level=logging_level, log_to_driver=verbose())
         return
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging_level)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, logging_level=logging_level,
+             log_to_driver=verbose())

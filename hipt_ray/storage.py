@@ -163,7 +163,10 @@ def is_transient(exc: BaseException) -> bool:
         return False
     permanent = ("accessdenied", "access denied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden",
                  "nosuchbucket", "nosuchkey", "invalidbucketname", "nocredentials", "unable to locate credentials",
-                 "403", "404", "was not found", "precondition", "pre-condition")
+                 "403", "404", "was not found", "precondition", "pre-condition",
+                 # a local file system's answer does not change on retry (Lance: "(os error N)")
+                 "not a directory", "is a directory", "permission denied", "read-only file system",
+                 "no space left on device", "file name too long")
     return not any(s in low for s in permanent)
 
 

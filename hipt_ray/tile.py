@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import ray
 
 from hipt_ray.config import Config
+from hipt_ray.console import Progress
 from hipt_ray.slides.manifest import SlideSpec, list_slides
 from hipt_ray.slides.tiler import TileResult, make_cache, tile_slide
 from hipt_ray.store import Store
@@ -136,6 +137,7 @@ def _run(cfg: Config, specs: list[SlideSpec] | None) -> TileSummary:
     pending: dict[ray.ObjectRef, SlideSpec] = {}
     buffer: list[TileResult] = []
     queue = list(reversed(todo))
+    progress = Progress("tile", total=len(todo), unit="slides") if todo else None
 
     def flush() -> None:
         if buffer:
@@ -161,12 +163,13 @@ def _run(cfg: Config, specs: list[SlideSpec] | None) -> TileSummary:
             if status == "failed":
                 log.warning("failed: %s", result.slide["error"])
             buffer.append(result)
-            finished = summary.ok + summary.failed + summary.no_tissue
-            log.info("tile: %d/%d slides (%d failed), %d regions", finished, len(todo),
-                     summary.failed, summary.regions)
+            progress.update(summary.ok + summary.failed + summary.no_tissue, regions=summary.regions,
+                            failed=summary.failed or None)
             if len(buffer) >= cfg.ray.write_batch_slides:
                 flush()
     flush()
+    if progress:
+        progress.close()
     if cfg.qc.enabled:
         from hipt_ray.viz.qc_page import write_qc_page
 

@@ -20,16 +20,17 @@ import pyarrow as pa
 import ray
 
 from hipt_ray import tile
-from hipt_ray.tile import TileSummary
-from hipt_ray.config import Config, ConfigError
+from hipt_ray.config import Config
+from hipt_ray.console import Progress
 from hipt_ray.data.regions import RegionEmbedder, read_region
 from hipt_ray.models.loading import build_model
 from hipt_ray.slides.manifest import list_slides
 from hipt_ray.slides.reader import recorded_override
 from hipt_ray.store import REGIONS_SCHEMA, Store
-from hipt_ray.store.lease import writer_lease
 from hipt_ray.store.fragments import RegionCommitter, write_region_fragments
+from hipt_ray.store.lease import writer_lease
 from hipt_ray.store.tables import REGIONS, embedding_fields, row_version
+from hipt_ray.tile import TileSummary
 
 log = logging.getLogger(__name__)
 _COORDS = [f.name for f in REGIONS_SCHEMA if f.name not in ("model_id",)]
@@ -129,7 +130,6 @@ def _run(cfg: Config) -> EmbedSummary:
                            + embedding_fields(dim4k, dim256)
                            + [pa.field(n, pa.string()) for n in ("error", "read_node", "model_node")])
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    t_embed = time.perf_counter()
 
     # One streaming pipeline for the whole run: the driver holds only the region coordinates
     # (≈ 200 bytes a region) and the metadata that comes back.
@@ -141,14 +141,14 @@ def _run(cfg: Config) -> EmbedSummary:
     per_task = cfg.embed.regions_per_task
     blocks = [coords.slice(i, per_task) for i in range(0, coords.num_rows, per_task)]
 
+    progress = Progress("embed", total=coords.num_rows, unit="regions")
+
     def finished(sid: str, status: str, error: str, n: int) -> None:
         setattr(summary, status, getattr(summary, status) + 1)
         summary.regions += n
         if status == "failed":
             log.warning("failed: %s", error)
-        log.info("embed: %d/%d slides (%d failed), %d regions, %.2f regions/s", summary.ok + summary.failed,
-                 len(todo), summary.failed, summary.regions,
-                 summary.regions / max(time.perf_counter() - t_embed, 1e-9))
+        progress.update(slides=f"{summary.ok + summary.failed}/{len(todo)}", failed=summary.failed or None)
 
     committer = RegionCommitter(
         store, expected={s: int(tiled[s]["n_regions"]) for s in todo}, batch_slides=cfg.ray.write_batch_slides,
@@ -157,13 +157,14 @@ def _run(cfg: Config) -> EmbedSummary:
         replaces=replaces, on_finished=finished)
     if blocks:
         read_resources = dict(cfg.embed.read_resources) or None
+        weights = ray.put(state)  # held here for the whole run: restarted actors fetch it again
         ds = ray.data.from_arrow(blocks)
         ds = ds.map(read_region, fn_kwargs={"cfg_dict": cfg.to_dict()}, num_cpus=cfg.embed.read_cpus,
                     resources=read_resources)
         ds = ds.map_batches(
             RegionEmbedder,
             fn_constructor_kwargs=dict(
-                model_name=cfg.model.name, state_dict=state, micro_batch=cfg.model.micro_batch,
+                model_name=cfg.model.name, state_dict=[weights], micro_batch=cfg.model.micro_batch,
                 precision=cfg.embed.precision, compile=cfg.embed.compile, use_gpu=use_gpu,
                 store_tokens=cfg.embed.store_tokens, schema=out_schema,
                 threads=max(1, int(cfg.embed.actor_cpus)),
@@ -184,13 +185,16 @@ def _run(cfg: Config) -> EmbedSummary:
         cpu0, wall0 = time.process_time(), time.perf_counter()  # all the driver's threads
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                progress.done += batch.num_rows  # drawn by the update below or the committer's callback
                 committer.add(batch)
+                progress.update()
             summary.driver_cpu = time.process_time() - cpu0
             summary.pipeline_seconds = time.perf_counter() - wall0
         except BaseException:
             committer.flush()  # what finished stays committed; a rerun does the rest
             raise
     committer.finish()
+    progress.close(slides=f"{summary.ok + summary.failed}/{len(todo)}")
     summary.fragments, summary.commits = committer.fragments, committer.commits
     summary.duplicates = committer.duplicates
     summary.driver_bytes, summary.commit_seconds = committer.bytes_in, committer.commit_seconds

@@ -17,11 +17,10 @@ def _case_means(cohort: Cohort) -> np.ndarray:
 
 
 def _fit_cox(x: np.ndarray, times: np.ndarray, events: np.ndarray, penalizer: float):
-    import pandas as pd
-    from lifelines import CoxPHFitter
-
     import warnings
 
+    import pandas as pd
+    from lifelines import CoxPHFitter
     from lifelines.exceptions import ConvergenceWarning
 
     cols = [f"f{j}" for j in range(x.shape[1])]

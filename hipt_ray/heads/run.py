@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 from hipt_ray.config import Config, check_name
-from hipt_ray.heads.cohort import load_cohort
 from hipt_ray.heads.baselines import baselines
+from hipt_ray.heads.cohort import load_cohort
 from hipt_ray.heads.fit import cross_validate, make_folds
 from hipt_ray.heads.metrics import km_split, pooled_ci, pooled_metric
 from hipt_ray.storage import is_remote, local_path
@@ -45,7 +45,9 @@ class HeadResult:
                 lines += [f"{label}: {m[f'{name}_{key}']:.3f} ± {m[f'{name}_{key}_std']:.3f}; pooled "
                           f"{m[f'{name}_pooled']:.3f} (95 % CI {m[f'{name}_pooled_ci_low']:.3f}–"
                           f"{m[f'{name}_pooled_ci_high']:.3f})"]
-        lines += [f"  fold {i}: " + ", ".join(f"{k} {v:.3f}" for k, v in f.items()) for i, f in enumerate(self.per_fold)]
+        if self.per_fold:  # one line, fold by fold (results.csv and MLflow hold every figure)
+            lines += ["  per fold: " + "; ".join(f"{k} " + " ".join(f"{f[k]:.3f}" for f in self.per_fold)
+                                                for k in self.per_fold[0])]
         lines += [f"results: {self.results_csv}", f"plot: {self.plot}", f"MLflow run: {self.run_id}"]
         return lines
 

@@ -13,13 +13,14 @@ import torch
 
 from hipt_ray import tile
 from hipt_ray.config import Config
+from hipt_ray.console import Progress
 from hipt_ray.data.pretrain import build_grid_dataset, build_patch_dataset
 from hipt_ray.models import create_model, export_checkpoint
 from hipt_ray.models.checkpoints import load_state_dict_strict, load_trusted
 from hipt_ray.slides.manifest import list_slides
 from hipt_ray.storage import is_remote, join, local_path
 from hipt_ray.tracking import setup_tracking, tracking_uri
-from hipt_ray.train.dino import CKPT_FILE, stage_arch, train_loop
+from hipt_ray.train.dino import CKPT_FILE, STEP_LOG, stage_arch, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,50 @@ def export_teacher(cfg: Config, checkpoint_dir: str, uri: str) -> torch.nn.Modul
     return model
 
 
+class _StepFollower:
+    """The driver's progress line for a pretraining run: follows the rank-0 worker's step log
+    (``run_dir/steps.jsonl``) where the driver can see it (the embedded default, or a worker on
+    the driver's node); elsewhere the line shows only the time."""
+
+    def __init__(self, path: str, total: int, stage: str):
+        import threading
+
+        self.path, self.progress = path, Progress(f"pretrain {stage}", total=total, unit="steps")
+        self.offset = os.path.getsize(path) if os.path.exists(path) else 0  # earlier runs' lines
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._follow, name="pretrain-progress", daemon=True)
+
+    def _read(self) -> None:
+        import json
+
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as fh:
+            fh.seek(self.offset)
+            chunk = fh.read()
+        whole = chunk[:chunk.rfind("\n") + 1]  # a line still being written waits for the next look
+        self.offset += len(whole.encode())
+        for line in whole.splitlines():
+            rec = json.loads(line)
+            if "loss" in rec:
+                self.progress.update(int(rec["step"]), loss=f"{rec['loss']:.4f}", epoch=rec.get("epoch"))
+
+    def _follow(self) -> None:
+        while not self.stop.wait(1.0):
+            self._read()
+
+    def __enter__(self) -> _StepFollower:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._read()
+        self.progress.close()
+
+
 def run(cfg: Config) -> PretrainSummary:
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -106,7 +149,8 @@ def run(cfg: Config) -> PretrainSummary:
                              failure_config=FailureConfig(max_failures=p.max_failures)),
         datasets={"train": ds},
     )
-    result = trainer.fit()
+    with _StepFollower(os.path.join(run_dir, STEP_LOG), total=p.epochs * spe, stage=p.stage):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"pretraining run {p.run_name} ended without a checkpoint")
     export = join(cfg.out, "pretrain", p.run_name, f"teacher_{p.stage}.pth")

@@ -9,6 +9,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from hipt_ray import console
 from hipt_ray.config import Config, ConfigError, validate_config
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,52 @@ class SweepResult:
                 "refit of the best configuration:", *self.refit_lines]
 
 
+def _n_trials(s) -> int:
+    """Trials a sweep runs: ``num_samples`` draws of every combination of its grid values."""
+    n = s.num_samples
+    for spec in s.space.values():
+        n *= len(spec.get("grid", [None]))
+    return n
+
+
+def _top(df, n: int = 5) -> str:
+    """The ``n`` best trials as a text table (every trial is in results.csv)."""
+    head = df.head(n).to_string(index=False)
+    return head if len(df) <= n else f"{head}\n(the best {n} of {len(df)} trials; every trial in results.csv)"
+
+
+def _TrialProgress(n_trials: int, metric: str):
+    """A Tune callback drawing one line: trials done of ``n_trials``, stopped early, the best
+    ``metric`` so far (a factory: Tune's Callback is imported only where a sweep runs)."""
+    from ray.tune import Callback
+
+    from hipt_ray.console import Progress
+
+    class TrialProgress(Callback):
+        def __init__(self):
+            self.progress = Progress("sweep", total=n_trials, unit="trials")
+            self.best, self.errors = -math.inf, 0
+
+        def _ended(self, trial, failed: bool = False) -> None:
+            self.errors += failed
+            value = (trial.last_result or {}).get(metric)
+            if _finite(value):
+                self.best = max(self.best, float(value))
+            self.progress.update(advance=1, best=f"{metric} {self.best:.3f}" if math.isfinite(self.best) else None,
+                                 failed=self.errors or None)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._ended(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._ended(trial, failed=True)
+
+        def on_experiment_end(self, trials, **info):
+            self.progress.close()
+
+    return TrialProgress()
+
+
 def run_sweep(cfg: Config) -> SweepResult:
     import mlflow
     from ray import tune
@@ -151,7 +198,9 @@ def run_sweep(cfg: Config) -> SweepResult:
                                         search_alg=BasicVariantGenerator(random_state=h.seed),  # reproducible draws
                                         scheduler=ASHAScheduler(max_t=epochs, grace_period=min(s.grace_period, epochs)),
                                         max_concurrent_trials=s.max_concurrent),
-            run_config=tune.RunConfig(name=s.name, storage_path=os.path.join(run_dir, "tune")),
+            run_config=tune.RunConfig(name=s.name, storage_path=os.path.join(run_dir, "tune"),
+                                      verbose=2 if console.verbose() else 0,  # Tune's tables only with --verbose
+                                      callbacks=[_TrialProgress(_n_trials(s), metric)]),
         )
         results = tuner.fit()
         rows = [r.metrics or {} for r in results]
@@ -178,5 +227,5 @@ def run_sweep(cfg: Config) -> SweepResult:
         finally:
             torch.set_num_threads(threads)
         return SweepResult(best_config=best.config, best_metric=float(best.metrics[metric]), metric=metric,
-                           table_csv=table_csv, table=table_df.to_string(index=False), refit_lines=refit.lines(),
+                           table_csv=table_csv, table=_top(table_df), refit_lines=refit.lines(),
                            honest=honest, best_outer=best_outer, n_trials=len(rows), parent_run_id=parent.info.run_id)

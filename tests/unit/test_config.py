@@ -43,7 +43,7 @@ def test_wrong_value_names_key():
 
 def test_config_is_frozen_and_spec_hash_tracks_tiling():
     a, b = load_config(), load_config(overrides=["tiling.mpp=0.25"])
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="frozen"):
         a.tiling.mpp = 1.0  # type: ignore[misc]
     assert a.tiling_spec_hash() != b.tiling_spec_hash()
     c = load_config(overrides=["tiling.mpp_overrides={s1: 0.5}", "ray.num_cpus=1"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hipt_ray.heads import (
-    ABMIL, HIPTLGP, MeanMLP, case_folds, classification_metrics, concordance, cox_loss, create_head,
+    HIPTLGP, case_folds, classification_metrics, concordance, cox_loss, create_head,
     km_split, survival_bins, survival_nll,
 )
 from hipt_ray.heads.losses import risk_from_logits
