@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -322,7 +323,8 @@ def _setup_logging(verbose: bool) -> None:
     if not verbose:  # libraries' notes ("Found credentials…", "Creating initial MLflow database
         # tables…") are not the run's: below warnings, only hipt-ray's own messages are shown
         handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.startswith("hipt_ray"))
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # it has a console handler of its own
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # it has a console handler of its own,
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # set again when mlflow is imported
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -74,12 +74,9 @@ def read_region(row: dict[str, Any], *, cfg_dict: dict) -> dict[str, Any]:
 class RegionEmbedder:
     """A model actor: weights loaded once, regions embedded one at a time (their 256 px patches
     in micro-batches). Returns Arrow rows without the pixels. On CPU, torch uses ``threads``
-    threads (the actor's CPUs; Ray's default for a worker is one). ``state_dict`` may be
-    ``[ref]``, an object-store reference the driver holds for the run: the constructor's own
-    arguments then stay small, and an actor restarted on another node fetches the weights again
-    (Ray warns, rightly, about restartable actors whose large arguments live in the store)."""
+    threads (the actor's CPUs; Ray's default for a worker is one)."""
 
-    def __init__(self, *, model_name: str, state_dict: dict | list, micro_batch: int | None, precision: str,
+    def __init__(self, *, model_name: str, state_dict: dict, micro_batch: int | None, precision: str,
                  compile: bool, use_gpu: bool, store_tokens: bool, schema: pa.Schema, threads: int = 1) -> None:
         import torch
 
@@ -93,10 +90,6 @@ class RegionEmbedder:
             torch.set_num_threads(max(1, threads))
         self.node = _node()
         model = create_model(model_name, micro_batch=default_micro_batch(self.device, micro_batch))
-        if isinstance(state_dict, list):  # [ObjectRef]: weights the driver put in the object store
-            import ray
-
-            state_dict = ray.get(state_dict[0])
         model.load_state_dict(state_dict)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision) or fast_dtype(self.device)
         self.model = prepare_for_inference(model, device=self.device, dtype=dtype, compile=compile)

@@ -157,14 +157,13 @@ def _run(cfg: Config) -> EmbedSummary:
         replaces=replaces, on_finished=finished)
     if blocks:
         read_resources = dict(cfg.embed.read_resources) or None
-        weights = ray.put(state)  # held here for the whole run: restarted actors fetch it again
         ds = ray.data.from_arrow(blocks)
         ds = ds.map(read_region, fn_kwargs={"cfg_dict": cfg.to_dict()}, num_cpus=cfg.embed.read_cpus,
                     resources=read_resources)
         ds = ds.map_batches(
             RegionEmbedder,
             fn_constructor_kwargs=dict(
-                model_name=cfg.model.name, state_dict=[weights], micro_batch=cfg.model.micro_batch,
+                model_name=cfg.model.name, state_dict=state, micro_batch=cfg.model.micro_batch,
                 precision=cfg.embed.precision, compile=cfg.embed.compile, use_gpu=use_gpu,
                 store_tokens=cfg.embed.store_tokens, schema=out_schema,
                 threads=max(1, int(cfg.embed.actor_cpus)),
