@@ -48,11 +48,10 @@ class Progress:
         self.t0 = time.perf_counter()
         self.done = 0
         self.fields: dict[str, object] = {}
-        self._last = float("-inf")  # when a plain line was last written
         self._width = 0
         self._closed = False
         self._first: tuple[float, int] | None = None  # (when, count) of the first update with work done
-        self._written = ""  # the last plain line written
+        self._written: tuple[float, int] | None = None  # (when, count) of the last plain line
 
     def rate(self) -> float:
         """Items a second since the first one came (start-up, a model's warm-up, is not work)."""
@@ -68,7 +67,8 @@ class Progress:
         count = f"{self.done}/{self.total}" if self.total is not None else f"{self.done}"
         parts = [f"{self.stage}: {count} {self.unit}".rstrip()]
         if self.done and elapsed > 0:
-            parts.append(f"{rate:.2f} {self.unit or 'items'}/s" if rate < 100 else f"{rate:.0f} {self.unit or 'items'}/s")
+            parts.append(f"{rate:.2f}" if rate < 100 else f"{rate:.0f}")
+            parts[-1] += f" {self.unit or 'items'}/s"
         parts += [f"{k} {v}" for k, v in self.fields.items() if v is not None and v != ""]
         if self.total is not None and 0 < self.done < self.total and rate > 0:
             parts.append(f"ETA {_seconds((self.total - self.done) / rate)}")
@@ -92,6 +92,8 @@ class Progress:
 
     def _draw(self, final: bool) -> None:
         global _live
+        if self.total == 0:  # a stage with nothing to do (all done before) has no line
+            return
         now = time.perf_counter()
         if self.live:
             text = self.line()
@@ -99,13 +101,11 @@ class Progress:
             self._width = len(text)
             self.stream.write("\r" + text + pad + ("\n" if final else ""))
             _live = None if final else self
-        elif final or now - self._last >= self.every:
-            text = self.line()
-            if final and self._written and text.split(", ")[0] == self._written.split(", ")[0] \
-                    and now - self._last < 1.0:
+        elif final or self._written is None or now - self._written[0] >= self.every:
+            if final and self._written is not None and self._written[1] == self.done and now - self._written[0] < 1.0:
                 return  # the same count was written a moment ago
-            self._last, self._written = now, text
-            self.stream.write(text + "\n")
+            self._written = (now, self.done)
+            self.stream.write(self.line() + "\n")
         else:
             return
         self.stream.flush()
@@ -152,6 +152,6 @@ def quiet_ray() -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
-    for handler in logging.getLogger("ray.data").handlers:  # its file handler keeps everything at DEBUG
-        if "File" not in type(handler).__name__:
+    for handler in logging.getLogger("ray.data").handlers:  # its session-file handler (not a stream
+        if isinstance(handler, logging.StreamHandler):     # handler) keeps everything at DEBUG
             handler.setLevel(logging.ERROR)

@@ -137,7 +137,7 @@ def _run(cfg: Config, specs: list[SlideSpec] | None) -> TileSummary:
     pending: dict[ray.ObjectRef, SlideSpec] = {}
     buffer: list[TileResult] = []
     queue = list(reversed(todo))
-    progress = Progress("tile", total=len(todo), unit="slides") if todo else None
+    progress = Progress("tile", total=len(todo), unit="slides")
 
     def flush() -> None:
         if buffer:
@@ -168,8 +168,7 @@ def _run(cfg: Config, specs: list[SlideSpec] | None) -> TileSummary:
             if len(buffer) >= cfg.ray.write_batch_slides:
                 flush()
     flush()
-    if progress:
-        progress.close()
+    progress.close()
     if cfg.qc.enabled:
         from hipt_ray.viz.qc_page import write_qc_page
 

@@ -184,9 +184,8 @@ def _run(cfg: Config) -> EmbedSummary:
         cpu0, wall0 = time.process_time(), time.perf_counter()  # all the driver's threads
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                progress.done += batch.num_rows  # drawn by the update below or the committer's callback
+                progress.update(advance=batch.num_rows)
                 committer.add(batch)
-                progress.update()
             summary.driver_cpu = time.process_time() - cpu0
             summary.pipeline_seconds = time.perf_counter() - wall0
         except BaseException:

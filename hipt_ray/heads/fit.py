@@ -95,8 +95,8 @@ def evaluate(h: HeadsConfig, head: torch.nn.Module, cohort: Cohort, idx: np.ndar
 
 def fit_transform(h: HeadsConfig, cohort: Cohort, cases: np.ndarray, head: torch.nn.Module | None = None):
     """The fold's feature preprocessing, fitted on every region of ``cases`` (its training part):
-    on emb4k, or with a frozen local ViT-4K on what it makes of the token grids (``head``'s own;
-    standardisation only, the aggregator's width is the ViT's). None when there is nothing to fit
+    on emb4k, or with a frozen local ViT-4K on what ``head``'s own ViT makes of the token grids
+    (standardisation only, the aggregator's width is the ViT's). None when there is nothing to fit
     (nothing asked for, or a ViT-4K being fine-tuned: its outputs move)."""
     from hipt_ray.heads.features import FeatureTransform
 
@@ -105,7 +105,7 @@ def fit_transform(h: HeadsConfig, cohort: Cohort, cases: np.ndarray, head: torch
         return FeatureTransform.fit(rows, standardize=h.standardize, pca=h.pca, whiten=h.whiten)
     if h.pca:
         raise ValueError("heads.pca reduces emb4k and cannot be combined with heads.local_vit")
-    if head is None or not h.freeze_local or not h.standardize:
+    if not h.freeze_local or not h.standardize:
         return None
     head.eval()
     with torch.no_grad():
@@ -186,9 +186,11 @@ def cross_validate(h: HeadsConfig, cohort: Cohort) -> Iterator[tuple[int, list[F
     for f, fold in enumerate(folds):
         train, inner = inner_split(h, cohort, np.array([index[c] for c in fold["train"]]), f)
         torch.manual_seed(h.seed * 1000 + f)
-        head = build_head(h, cohort, fit_transform(h, cohort, train))
-        if h.local_vit:  # fitted on the frozen ViT-4K's region embeddings
+        if h.local_vit:  # fitted on the embeddings of the head's own frozen ViT-4K
+            head = build_head(h, cohort)
             head.prep = fit_transform(h, cohort, train, head) or head.prep
+        else:
+            head = build_head(h, cohort, fit_transform(h, cohort, train))
         bins = (survival_bins(cohort.times[train], cohort.events[train], h.n_bins)
                 if h.task == "survival" and h.survival_loss == "nll" else None)
         # fused: one kernel for all parameters (hipt_lgp 4.8 → 2.7 ms a step on CPU, 1 thread)

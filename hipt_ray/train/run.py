@@ -89,12 +89,12 @@ class _StepFollower:
 
         if not os.path.exists(self.path):
             return
-        with open(self.path) as fh:
+        with open(self.path, "rb") as fh:
             fh.seek(self.offset)
             chunk = fh.read()
-        whole = chunk[:chunk.rfind("\n") + 1]  # a line still being written waits for the next look
-        self.offset += len(whole.encode())
-        for line in whole.splitlines():
+        whole = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for the next look
+        self.offset += len(whole)
+        for line in whole.decode().splitlines():
             rec = json.loads(line)
             if "loss" in rec:
                 self.progress.update(int(rec["step"]), loss=f"{rec['loss']:.4f}", epoch=rec.get("epoch"))

@@ -131,15 +131,13 @@ def _top(df, n: int = 5) -> str:
 
 
 def _TrialProgress(n_trials: int, metric: str):
-    """A Tune callback drawing one line: trials done of ``n_trials``, stopped early, the best
+    """A Tune callback drawing one line: trials ended of ``n_trials``, failed ones, the best
     ``metric`` so far (a factory: Tune's Callback is imported only where a sweep runs)."""
     from ray.tune import Callback
 
-    from hipt_ray.console import Progress
-
     class TrialProgress(Callback):
         def __init__(self):
-            self.progress = Progress("sweep", total=n_trials, unit="trials")
+            self.progress = console.Progress("sweep", total=n_trials, unit="trials")
             self.best, self.errors = -math.inf, 0
 
         def _ended(self, trial, failed: bool = False) -> None:
