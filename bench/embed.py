@@ -70,7 +70,7 @@ def efficiency(args: argparse.Namespace) -> None:
     import ray
     import torch
 
-    from hipt_ray import tile
+    from hipt_ray.tile.job import run as tile_run
     from hipt_ray.config import load_config
     from hipt_ray.data.regions import RegionEmbedder, read_region
     from hipt_ray.embed.job import build_model, run as embed_run
@@ -99,7 +99,7 @@ def efficiency(args: argparse.Namespace) -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     print(f"{args.slides} slides on {args.storage}, reader.backend={args.backend}, model {cfg.model.name} "
           f"(precision {cfg.embed.precision}, compile {cfg.embed.compile}), {ray.cluster_resources().get('CPU')} CPUs")
-    tile.run(cfg)
+    tile_run(cfg)
     store = Store(cfg.out)
     regions = store.regions(cfg.tiling_spec_hash()).to_pylist()
     for r in regions:

@@ -112,7 +112,7 @@ def main() -> None:
 
     from hipt_ray.slides.manifest import list_slides
     from hipt_ray.store import read_embeddings
-    from hipt_ray.tile import changed_slides
+    from hipt_ray.tile.job import changed_slides
 
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")

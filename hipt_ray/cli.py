@@ -140,9 +140,9 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     _with_address(values, args)
     cfg = load_config("tile", files=args.config, overrides=args.overrides, values=values)
     init_ray(cfg)
-    from hipt_ray import tile  # after ray.init: Lance warns about forks made after its import
+    from hipt_ray.tile.job import run  # after ray.init: Lance warns about forks made after its import
 
-    summary = tile.run(cfg)
+    summary = run(cfg)
     for line in summary.lines():
         print(line)
     return summary.exit_code

@@ -14,12 +14,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import pyarrow as pa
 import ray
 
-from hipt_ray import tile
 from hipt_ray.config import Config
 from hipt_ray.console import Progress
 from hipt_ray.data.regions import RegionEmbedder, read_region
@@ -27,10 +25,12 @@ from hipt_ray.models.loading import build_model
 from hipt_ray.slides.manifest import list_slides
 from hipt_ray.slides.reader import recorded_override
 from hipt_ray.store import REGIONS_SCHEMA, Store
+from hipt_ray.store.commit import status_row
 from hipt_ray.store.fragments import RegionCommitter, write_region_fragments
 from hipt_ray.store.lease import writer_lease
 from hipt_ray.store.tables import REGIONS, embedding_fields, row_version
-from hipt_ray.tile import TileSummary
+from hipt_ray.tile.job import TileSummary
+from hipt_ray.tile.job import run as tile_run
 
 log = logging.getLogger(__name__)
 _COORDS = [f.name for f in REGIONS_SCHEMA if f.name not in ("model_id",)]
@@ -76,11 +76,6 @@ def _use_gpu(cfg: Config) -> bool:
     return bool(cfg.embed.use_gpu)
 
 
-def _status_row(tile_row: dict, *, mid: str, status: str, error: str, n_regions: int, t0: float) -> dict:
-    return {**tile_row, "model_id": mid, "status": status, "error": error, "n_regions": n_regions,
-            "seconds": round(time.perf_counter() - t0, 3), "time": datetime.now(timezone.utc)}
-
-
 def run(cfg: Config) -> EmbedSummary:
     """Embed every slide of ``cfg.slides`` into the tables under ``cfg.out``, holding the
     output's writer lease (also across the tiling it starts with).
@@ -95,7 +90,7 @@ def run(cfg: Config) -> EmbedSummary:
 def _run(cfg: Config) -> EmbedSummary:
     t0 = time.perf_counter()
     listed = list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)
-    tiling = tile.run(cfg, listed)  # skips slides already tiled with the same spec
+    tiling = tile_run(cfg, listed)  # skips slides already tiled with the same spec
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
     spec = cfg.tiling_spec_hash()
     model, mid = build_model(cfg)
@@ -109,14 +104,25 @@ def _run(cfg: Config) -> EmbedSummary:
     done = {sid for sid, r in earlier.items() if sid in tiled and row_version(r) == row_version(tiled[sid])}
     replaces = set(earlier) - done
     summary.skipped = sum(1 for s in specs if s in done)
-    # Slides that tiling already failed (or found empty) get their status for this model too.
-    carried = [_status_row(r, mid=mid, status=r["status"], error=r["error"], n_regions=0, t0=t0)
-               for sid, r in tiled.items() if sid not in done and r["status"] != "ok"]
-    for r in carried:
-        setattr(summary, r["status"], getattr(summary, r["status"]) + 1)
-    store.append_slides(carried, [], replaces=replaces)
     todo = sorted(sid for sid, r in tiled.items() if sid not in done and r["status"] == "ok")
+    # Slides that tiling already failed (or found empty) get their status for this model too.
+    carried = [r for sid, r in tiled.items() if sid not in done and r["status"] != "ok"]
+    progress = Progress("embed", total=0, unit="regions")  # drawn once there are regions to embed
+
+    def status_for(sid: str, status: str, error: str, n: int) -> dict:
+        return status_row(tiled[sid], status=status, error=error, n_regions=n, model_id=mid,
+                          seconds=time.perf_counter() - t0)
+
+    committer = RegionCommitter(
+        store, expected={s: int(tiled[s]["n_regions"]) for s in todo}, batch_slides=cfg.ray.write_batch_slides,
+        status_row=status_for, replaces=replaces,
+        on_finished=lambda *_: progress.update(slides=f"{committer.counts.total()}/{len(todo) + len(carried)}",
+                                               failed=committer.counts["failed"] or None))
+    for r in carried:
+        committer.add_slide(status_for(r["slide_id"], r["status"], r["error"], 0))
     if not todo:
+        committer.close()
+        summary.count(committer)
         summary.seconds = time.perf_counter() - t0
         return summary
 
@@ -140,21 +146,8 @@ def _run(cfg: Config) -> EmbedSummary:
     coords = coords.append_column("mpp_override", pa.array([overrides[s] for s in sids], pa.float64()))
     per_task = cfg.embed.regions_per_task
     blocks = [coords.slice(i, per_task) for i in range(0, coords.num_rows, per_task)]
+    progress.total = coords.num_rows
 
-    progress = Progress("embed", total=coords.num_rows, unit="regions")
-
-    def finished(sid: str, status: str, error: str, n: int) -> None:
-        setattr(summary, status, getattr(summary, status) + 1)
-        summary.regions += n
-        if status == "failed":
-            log.warning("failed: %s", error)
-        progress.update(slides=f"{summary.ok + summary.failed}/{len(todo)}", failed=summary.failed or None)
-
-    committer = RegionCommitter(
-        store, expected={s: int(tiled[s]["n_regions"]) for s in todo}, batch_slides=cfg.ray.write_batch_slides,
-        status_row=lambda sid, status, error, n: _status_row(tiled[sid], mid=mid, status=status, error=error,
-                                                             n_regions=n, t0=t0),
-        replaces=replaces, on_finished=finished)
     if blocks:
         read_resources = dict(cfg.embed.read_resources) or None
         ds = ray.data.from_arrow(blocks)
@@ -191,8 +184,9 @@ def _run(cfg: Config) -> EmbedSummary:
         except BaseException:
             committer.flush()  # what finished stays committed; a rerun does the rest
             raise
-    committer.finish()
-    progress.close(slides=f"{summary.ok + summary.failed}/{len(todo)}")
+    committer.close()
+    summary.count(committer)
+    progress.close()
     summary.fragments, summary.commits = committer.fragments, committer.commits
     summary.duplicates = committer.duplicates
     summary.driver_bytes, summary.commit_seconds = committer.bytes_in, committer.commit_seconds

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import fsspec
 
@@ -16,6 +15,7 @@ from hipt_ray.slides.manifest import SlideSpec
 from hipt_ray.slides.qc import qc_thumbnail
 from hipt_ray.slides.reader import SlideError, open_slide
 from hipt_ray.slides.tissue import tissue_mask, tissue_method
+from hipt_ray.store.commit import status_row
 from hipt_ray.store.tables import slide_version
 from hipt_ray.storage import StagingCache, StorageError, describe_error, is_remote, join, storage_options
 
@@ -49,11 +49,9 @@ def tile_slide(spec: SlideSpec, cfg: Config, *, cache: StagingCache, spec_hash: 
     act on) or ``no_tissue``.
     """
     t0 = time.perf_counter()
-    row = {
-        "slide_id": spec.slide_id, "uri": spec.uri, "size": None, "etag": "", "vendor": "",
-        "mpp": None, "mpp_source": "", "width": None, "height": None, "n_regions": 0,
-        "status": "failed", "error": "", "spec_hash": spec_hash, "model_id": "", "qc_uri": "",
-    }
+    row = {"slide_id": spec.slide_id, "uri": spec.uri, "spec_hash": spec_hash, "etag": "", "vendor": "",
+           "mpp_source": "", "qc_uri": ""}  # what was found; the status comes last
+    status, error = "failed", ""
     regions: list[dict] = []
     try:
         override = spec.mpp if spec.mpp is not None else cfg.tiling.mpp_overrides.get(spec.slide_id)
@@ -92,12 +90,11 @@ def tile_slide(spec: SlideSpec, cfg: Config, *, cache: StagingCache, spec_hash: 
                                    title=f"{spec.slide_id}  {len(grid)} regions  mpp {slide.mpp:g}")
                 _write_bytes(qc_uri, png, cfg.storage.s3_endpoint_url)
                 row["qc_uri"] = qc_uri
-        row["n_regions"] = len(regions)
         if regions:
-            row["status"] = "ok"
+            status = "ok"
         else:
-            row["status"] = "no_tissue"
-            row["error"] = (
+            status = "no_tissue"
+            error = (
                 f"{spec.uri}: no region reaches tiling.min_tissue_fraction="
                 f"{cfg.tiling.min_tissue_fraction} (tissue {mask.mean():.1%} of the slide at "
                 f"{method} threshold {threshold:.3f}); if the slide does hold tissue, lower "
@@ -105,13 +102,11 @@ def tile_slide(spec: SlideSpec, cfg: Config, *, cache: StagingCache, spec_hash: 
                 + (" (or tissue.method=luminance for a slide without colour)" if method == "saturation" else "")
             )
     except (SlideError, StorageError) as exc:
-        row["error"] = str(exc)
+        error = str(exc)
         regions = []
     except Exception as exc:  # one bad slide never stops the job: record why and go on
         log.warning("slide %s failed", spec.uri, exc_info=True)
-        row["error"] = describe_error(spec.uri, exc)
+        error = describe_error(spec.uri, exc)
         regions = []
-    row["n_regions"] = len(regions)
-    row["seconds"] = round(time.perf_counter() - t0, 3)
-    row["time"] = datetime.now(timezone.utc)
-    return TileResult(row, regions)
+    return TileResult(status_row(row, status=status, error=error, n_regions=len(regions), model_id="",
+                                 seconds=time.perf_counter() - t0), regions)

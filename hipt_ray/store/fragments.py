@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import pyarrow as pa
 
+from hipt_ray.store.commit import SlideCommitter
 from hipt_ray.storage import describe_error, with_retries
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def write_region_fragments(batch: pa.Table, *, uri: str, schema: pa.Schema, mode
                     schema=META_SCHEMA)
 
 
-class RegionCommitter:
+class RegionCommitter(SlideCommitter):
     """The driver's side: slides complete when all their regions came back; finished slides are
     committed in batches of ``batch_slides``, fragments first, then status rows.
 
@@ -93,32 +93,32 @@ class RegionCommitter:
     fragment per slide, so that is its slide), and a slide's status row only once all its
     fragments are committed, so a status row never names regions that are not in the table.
     Rows of a slide that failed (one of its regions did) are deleted right after their fragments
-    are committed.
+    are committed. Slides that finished without reaching the pipeline (tiling failed them, say)
+    come in through :meth:`add_slide <hipt_ray.store.commit.SlideCommitter.add_slide>` and
+    share the batches.
 
     Args:
-        store: the output's :class:`~hipt_ray.store.tables.Store`.
+        store, batch_slides, replaces, on_finished: as for
+            :class:`~hipt_ray.store.commit.SlideCommitter`.
         expected: slide_id → the number of regions it was tiled with.
         status_row: (slide_id, status, error, n_regions) → its ``slides`` row.
-        replaces: slides completed before whose file changed (see ``Store.append_slides``).
-        on_finished: called with (slide_id, status, error, n_regions) as each slide finishes.
     """
 
     def __init__(self, store, *, expected: dict[str, int], status_row: Callable[..., dict],
-                 batch_slides: int, replaces: set[str] = frozenset(),
+                 batch_slides: int, replaces: Iterable[str] = (),
                  on_finished: Callable[[str, str, str, int], None] | None = None) -> None:
-        self.store, self.expected, self.status_row = store, expected, status_row
-        self.batch_slides, self.replaces, self.on_finished = batch_slides, set(replaces), on_finished
+        super().__init__(store, batch_slides=batch_slides, replaces=replaces, on_finished=on_finished)
+        self.expected, self.status_row = expected, status_row
         self.got: dict[str, set[int]] = defaultdict(set)
         self.error: dict[str, str] = {}
         self.slide_frags: dict[str, set[str]] = defaultdict(set)
         self.frag_slides: dict[str, set[str]] = defaultdict(set)
         self.frag_meta: dict[str, str] = {}
-        self.finished: dict[str, str] = {}  # slide → ok | failed, not yet committed
+        self.done: dict[str, str] = {}  # slide → ok | failed, not yet committed
         self.committed_frags: set[str] = set()
         self.committed: set[str] = set()
         self.duplicates = 0
-        self.fragments = self.commits = self.bytes_in = 0
-        self.commit_seconds = 0.0  # wall time the driver spent committing
+        self.fragments = self.bytes_in = 0
         self.nodes: dict[str, dict[str, int]] = {"read": defaultdict(int), "model": defaultdict(int)}
 
     def add(self, meta: pa.Table) -> None:
@@ -144,57 +144,52 @@ class RegionCommitter:
                 if r[f"{kind}_node"]:
                     self.nodes[kind][r[f"{kind}_node"]] += 1
         for sid in touched:
-            if sid not in self.finished and len(self.got[sid]) >= self.expected.get(sid, 0):
-                self._finish(sid, "failed" if sid in self.error else "ok", self.error.get(sid, ""))
-        if len(self._ready()[1]) >= self.batch_slides:
+            if sid not in self.done and len(self.got[sid]) >= self.expected.get(sid, 0):
+                self._done(sid, "failed" if sid in self.error else "ok", self.error.get(sid, ""))
+        if len(self._ready()[1]) + len(self._rows) >= self.batch_slides:
             self.flush()
 
-    def _finish(self, sid: str, status: str, error: str) -> None:
-        self.finished[sid] = status
+    def _done(self, sid: str, status: str, error: str) -> None:
+        self.done[sid] = status
         self.error.setdefault(sid, error)
-        if self.on_finished:
-            self.on_finished(sid, status, error, len(self.got[sid]) if status == "ok" else 0)
+        self._finished(sid, status, error, len(self.got[sid]) if status == "ok" else 0)
 
     def _ready(self) -> tuple[list[str], list[str]]:
         """(fragments that may be committed, finished slides whose fragments all are)."""
         frags = [k for k, slides in self.frag_slides.items()
-                 if k not in self.committed_frags and all(s in self.finished or s in self.committed for s in slides)]
+                 if k not in self.committed_frags and all(s in self.done or s in self.committed for s in slides)]
         can = self.committed_frags | set(frags)
-        slides = [s for s in self.finished if self.slide_frags.get(s, set()) <= can]
+        slides = [s for s in self.done if self.slide_frags.get(s, set()) <= can]
         return frags, slides
 
     def flush(self) -> None:
         from lance.fragment import FragmentMetadata
 
         frags, slides = self._ready()
-        if not slides and not frags:
-            return
-        t0 = time.perf_counter()
         missing = [k for k in frags if k not in self.frag_meta]
         if missing:  # cannot happen: a fragment's metadata travels with its rows
             raise RuntimeError(f"fragments without metadata: {missing[:3]}")
-        rows = [self.status_row(s, self.finished[s], self.error.get(s, ""),
-                                len(self.got[s]) if self.finished[s] == "ok" else 0) for s in slides]
-        failed_with_rows = [s for s in slides if self.finished[s] == "failed" and self.slide_frags.get(s)]
-        self.store.append_slides(
-            rows, fragments=[FragmentMetadata.from_json(self.frag_meta[k]) for k in frags],
-            replaces=self.replaces | set(failed_with_rows))
-        self.commits += (1 if frags else 0) + (1 if rows else 0)
+        rows = [self.status_row(s, self.done[s], self.error.get(s, ""),
+                                len(self.got[s]) if self.done[s] == "ok" else 0) for s in slides]
+        failed_with_rows = [s for s in slides if self.done[s] == "failed" and self.slide_frags.get(s)]
+        self._commit(self._rows + rows, self._region_rows,
+                     fragments=[FragmentMetadata.from_json(self.frag_meta[k]) for k in frags],
+                     replaces=failed_with_rows)
+        self._rows, self._region_rows = [], []
         self.committed_frags.update(frags)
         for k in frags:
             del self.frag_slides[k], self.frag_meta[k]
         for s in slides:
-            del self.finished[s]
+            del self.done[s]
             self.committed.add(s)
             self.got.pop(s, None)
             self.slide_frags.pop(s, None)
-        self.commit_seconds += time.perf_counter() - t0
 
-    def finish(self) -> None:
+    def close(self) -> None:
         """End of the stream: slides with regions missing fail with that reason; all commit."""
         for sid, n in self.expected.items():
-            if sid not in self.finished and sid not in self.committed:
+            if sid not in self.done and sid not in self.committed:
                 have = len(self.got.get(sid, ()))
-                self._finish(sid, "failed", self.error.get(sid) or (
+                self._done(sid, "failed", self.error.get(sid) or (
                     f"{sid}: only {have} of {n} regions came back from the pipeline; rerun to retry"))
         self.flush()

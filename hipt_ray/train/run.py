@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from hipt_ray import tile
 from hipt_ray.config import Config
 from hipt_ray.console import Progress
 from hipt_ray.data.pretrain import build_grid_dataset, build_patch_dataset
@@ -19,6 +18,7 @@ from hipt_ray.models import create_model, export_checkpoint
 from hipt_ray.models.checkpoints import load_state_dict_strict, load_trusted
 from hipt_ray.slides.manifest import list_slides
 from hipt_ray.storage import is_remote, join, local_path
+from hipt_ray.tile.job import run as tile_run
 from hipt_ray.tracking import setup_tracking, tracking_uri
 from hipt_ray.train.dino import CKPT_FILE, STEP_LOG, stage_arch, train_loop
 
@@ -122,7 +122,7 @@ def run(cfg: Config) -> PretrainSummary:
     t0 = time.perf_counter()
     if p.stage == "vit256":
         specs = list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)
-        tile.run(cfg, specs)  # reuses tiling already under --out
+        tile_run(cfg, specs)  # reuses tiling already under --out
         ds, n_items = build_patch_dataset(cfg, specs)
     else:
         ds, n_items, _ = build_grid_dataset(cfg)

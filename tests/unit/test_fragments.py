@@ -64,7 +64,7 @@ def test_rows_become_visible_with_their_slide_and_failed_slides_leave_nothing(st
     assert np.asarray(rows["emb4k"].to_pylist())[:, 0].tolist() == [0.0, 1.0, 2.0]
     committer.add(write_region_fragments(_embedded([("a", 1, "")]), **kw))  # a retried region
     assert committer.duplicates == 1
-    committer.finish()
+    committer.close()
     latest = {r["slide_id"]: r for r in store.latest_slides(SPEC, MID).to_pylist()}
     assert {s: r["status"] for s, r in latest.items()} == {"a": "ok", "b": "failed", "c": "failed"}
     assert latest["b"]["error"] == "b: failed to decode"
@@ -88,7 +88,7 @@ def test_a_failed_write_fails_its_slide_and_the_others_go_on(store, tmp_path, ca
     finished: list = []
     committer = _committer(store, {"a": 1, "b": 1}, finished)
     committer.add(meta)
-    committer.finish()
+    committer.close()
     assert {r["slide_id"]: r["status"] for r in store.latest_slides(SPEC, MID).to_pylist()} == {
         "a": "failed", "b": "failed"}
 
@@ -111,7 +111,7 @@ def test_tidy_merges_the_fragments_of_many_commits_and_keeps_every_row(store):
     committer = _committer(store, {f"s{i}": 2 for i in range(6)}, [])
     for i in range(6):
         committer.add(write_region_fragments(_embedded([(f"s{i}", 0, ""), (f"s{i}", 1, "")]), **kw))
-    committer.finish()
+    committer.close()
     before = store.regions(SPEC, model_id=MID)
     assert len(store.dataset(REGIONS).get_fragments()) >= 6 and len(store.dataset(SLIDES).get_fragments()) == 6
     line = store.tidy(keep_versions_days=0)

@@ -18,6 +18,7 @@ from hipt_ray.console import Progress
 from hipt_ray.slides.manifest import SlideSpec, list_slides
 from hipt_ray.slides.tiler import TileResult, make_cache, tile_slide
 from hipt_ray.store import Store
+from hipt_ray.store.commit import STATUSES, SlideCommitter, status_row
 from hipt_ray.store.lease import writer_lease
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,12 @@ class TileSummary:
     seconds: float = 0.0
     out: str = ""
     qc_page: str = ""
+
+    def count(self, committer: SlideCommitter) -> None:
+        """Take the finished slides' counts from the run's committer."""
+        for status in STATUSES:
+            setattr(self, status, getattr(self, status) + committer.counts[status])
+        self.regions += committer.regions
 
     @property
     def exit_code(self) -> int:
@@ -59,16 +66,13 @@ def _tile_task(spec: SlideSpec, cfg_dict: dict, spec_hash: str) -> TileResult:
     return tile_slide(spec, cfg, cache=make_cache(cfg), spec_hash=spec_hash)
 
 
-def _failed(spec: SlideSpec, spec_hash: str, error: str) -> dict:
-    from datetime import datetime, timezone
-
-    return {"slide_id": spec.slide_id, "uri": spec.uri, "status": "failed", "n_regions": 0, "error": error,
-            "spec_hash": spec_hash, "model_id": "", "time": datetime.now(timezone.utc)}
+def _base(spec: SlideSpec, spec_hash: str) -> dict:
+    return {"slide_id": spec.slide_id, "uri": spec.uri, "spec_hash": spec_hash}
 
 
 def _crashed(spec: SlideSpec, spec_hash: str, exc: BaseException) -> TileResult:
     """A status row for a slide whose task died (e.g. a decoder crash took the worker down)."""
-    return TileResult(_failed(spec, spec_hash, (
+    return TileResult(status_row(_base(spec, spec_hash), status="failed", error=(
         f"{spec.uri}: the worker processing this slide died ({type(exc).__name__}); "
         "the file may crash the slide decoder: check it opens with OpenSlide")))
 
@@ -127,24 +131,19 @@ def _run(cfg: Config, specs: list[SlideSpec] | None) -> TileSummary:
     todo = [s for s in specs if s.slide_id not in done or done[s.slide_id]["uri"] != s.uri or s.slide_id in changed]
     replaces = {s.slide_id for s in todo if s.slide_id in done}
     summary = TileSummary(total=len(specs) + len(refused), skipped=len(specs) - len(todo), changed=len(changed),
-                          out=cfg.out, failed=len(refused))
+                          out=cfg.out)
+    progress = Progress("tile", total=len(todo) + len(refused), unit="slides")
+    committer = SlideCommitter(
+        store, batch_slides=cfg.ray.write_batch_slides,
+        replaces=replaces | {s.slide_id for s in refused if s.slide_id in done},
+        on_finished=lambda *_: progress.update(committer.counts.total(), regions=committer.regions,
+                                               failed=committer.counts["failed"] or None))
     for spec in refused:
-        log.warning("failed: %s", spec.error)
-    store.append_slides([_failed(spec, spec_hash, spec.error) for spec in refused], [],
-                        replaces={s.slide_id for s in refused if s.slide_id in done})
+        committer.add_slide(status_row(_base(spec, spec_hash), status="failed", error=spec.error))
     cfg_dict = cfg.to_dict()
     max_in_flight = cfg.ray.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending: dict[ray.ObjectRef, SlideSpec] = {}
-    buffer: list[TileResult] = []
     queue = list(reversed(todo))
-    progress = Progress("tile", total=len(todo), unit="slides")
-
-    def flush() -> None:
-        if buffer:
-            store.append_slides([r.slide for r in buffer], [g for r in buffer for g in r.regions],
-                                replaces=replaces)
-            buffer.clear()
-
     while queue or pending:
         while queue and len(pending) < max_in_flight:
             spec = queue.pop()
@@ -157,18 +156,10 @@ def _run(cfg: Config, specs: list[SlideSpec] | None) -> TileSummary:
             except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError,
                     ray.exceptions.RayError) as exc:
                 result = _crashed(spec, spec_hash, exc)
-            status = result.slide["status"]
-            setattr(summary, status, getattr(summary, status) + 1)
-            summary.regions += len(result.regions)
-            if status == "failed":
-                log.warning("failed: %s", result.slide["error"])
-            buffer.append(result)
-            progress.update(summary.ok + summary.failed + summary.no_tissue, regions=summary.regions,
-                            failed=summary.failed or None)
-            if len(buffer) >= cfg.ray.write_batch_slides:
-                flush()
-    flush()
+            committer.add_slide(result.slide, result.regions)
+    committer.close()
     progress.close()
+    summary.count(committer)
     if cfg.qc.enabled:
         from hipt_ray.viz.qc_page import write_qc_page
 

@@ -1,0 +1,1 @@
+"""The tile stage: slides → tissue, region grids and QC thumbnails in Lance, as Ray tasks."""
