@@ -76,6 +76,9 @@ def describe_error(uri: str, exc: BaseException) -> str:
             f"{uri}: access denied ({text}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
             "or the bucket policy"
         )
+    if is_transient(exc):
+        return (f"{uri}: {_gist(str(exc))} ({type(exc).__name__}), still failing after retries: the object store "
+                "is throttling or unavailable; rerun later to retry this slide (finished slides are kept)")
     return f"{uri}: {text}"
 
 

@@ -89,3 +89,105 @@ def test_bad_tiles_fail_the_slide_with_a_reason(slide_set, tmp_path):
     if result.slide["status"] == "failed":  # the probe patch may or may not touch the bad tile
         assert "failed to decode" in result.slide["error"] and str(tmp_path / "junk.tiff") in result.slide["error"]
     assert result.slide["backend"] == "tiles"
+
+
+def _split_jpeg(stream: bytes) -> tuple[bytes, bytes]:
+    """A whole JPEG → (tables-only stream: SOI, DQT/DHT, EOI; abbreviated stream without them),
+    as scanners write TIFF tiles that share one JPEGTables tag."""
+    import struct
+
+    tables, rest, i = [], [], 2
+    while True:
+        marker, length = stream[i + 1], struct.unpack(">H", stream[i + 2 : i + 4])[0]
+        part = stream[i : i + 2 + length]
+        if marker == 0xDA:  # start of scan: the entropy-coded data and EOI follow
+            rest.append(stream[i:])
+            break
+        (tables if marker in (0xDB, 0xC4) else rest).append(part)
+        i += 2 + length
+    return b"\xff\xd8" + b"".join(tables) + b"\xff\xd9", b"\xff\xd8" + b"".join(rest)
+
+
+def _write_abbreviated(src: str, dest, *, with_tables: bool = True) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """``src``'s level 0 rewritten with abbreviated tiles and one JPEGTables tag (or none);
+    returns the tiles' pixels as written and the tile shape."""
+    import simplejpeg
+
+    with tifffile.TiffFile(src) as tif:
+        page = tif.pages[0]
+        data = open(src, "rb").read()
+        tiles = [data[o : o + n] for o, n in zip(page.dataoffsets, page.databytecounts)]
+        shape, tile, res = (page.imagelength, page.imagewidth, 3), (page.tilelength, page.tilewidth), page.tags[282].value
+    # every tile encoded with the same tables, as a scanner does
+    pixels = [simplejpeg.decode_jpeg(t, colorspace="RGB") for t in tiles]
+    encoded = [simplejpeg.encode_jpeg(p, quality=90, colorspace="RGB", colorsubsampling="420") for p in pixels]
+    tables = _split_jpeg(encoded[0])[0]
+    abbreviated = [_split_jpeg(e)[1] for e in encoded]
+    extratags = [(347, 7, len(tables), tables, True)] if with_tables else []
+    tifffile.imwrite(dest, iter(abbreviated), shape=shape, dtype=np.uint8, tile=tile, compression="jpeg",
+                     photometric="ycbcr", subsampling=(2, 2), resolution=(res[0] / res[1], res[0] / res[1]),
+                     resolutionunit="CENTIMETER", extratags=extratags)
+    return [simplejpeg.decode_jpeg(e, colorspace="RGB") for e in encoded], tile
+
+
+def test_abbreviated_tiles_read_with_the_shared_jpeg_tables_and_fail_without_them(slide_set, tmp_path):
+    pixels, (th, tw) = _write_abbreviated(str(slide_set["small"]), tmp_path / "abbr.tiff")
+    src = TiledTiff(str(tmp_path / "abbr.tiff"))
+    assert src._levels[0].jpegtables  # the tables came from the tag, the tiles lack them
+    first = src.read_rgb((0, 0), 0, (tw, th))
+    assert int(np.abs(first.astype(int) - pixels[0]).max()) <= 1
+    ref = Slide(str(tmp_path / "abbr.tiff"))  # OpenSlide reads the same file the same way
+    assert np.array_equal(ref.read_region((0, 0), (1024, 768), 0.5)[0],
+                          Slide("abbr", source=src).read_region((0, 0), (1024, 768), 0.5)[0])
+    # scaled decoding splices the tables in front of each tile too
+    assert src.can_scale(0, 2)
+    half = src.read_rgb((0, 0), 0, (tw // 2, th // 2), scale=2)
+    exact = np.asarray(ref._osr.read_region((0, 0), 0, (tw, th)))[..., :3].reshape(th // 2, 2, tw // 2, 2, 3)
+    assert np.abs(half.astype(float) - exact.mean(axis=(1, 3))).mean() < 3
+    _write_abbreviated(str(slide_set["small"]), tmp_path / "notables.tiff", with_tables=False)
+    with Slide("notables", source=TiledTiff(str(tmp_path / "notables.tiff"))) as s:
+        with pytest.raises(SlideError, match=r"tile \(0, 0\) of level 0 failed to decode.*corrupt"):
+            s.read_region((0, 0), (512, 512), 0.5)
+
+
+def test_an_ifd_loop_fails_the_slide_with_a_reason(slide_set, tmp_path):
+    import struct
+
+    path = slide_set["good"]
+    with tifffile.TiffFile(path) as tif:
+        offsets = [p.offset for p in tif.pages]
+        last = tif.pages[-1]
+        next_at = last.offset + 8 + 20 * len(last.tags) if tif.is_bigtiff else last.offset + 2 + 12 * len(last.tags)
+        fmt = "<Q" if tif.is_bigtiff else "<I"
+    data = bytearray(path.read_bytes())
+    assert struct.unpack_from(fmt, data, next_at)[0] == 0  # the last IFD ends the chain …
+    struct.pack_into(fmt, data, next_at, offsets[0])  # … now it points back to the first
+    (tmp_path / "loop.tiff").write_bytes(bytes(data))
+    cfg = load_config("tile", values={"slides": "x", "out": str(tmp_path / "o")},
+                      overrides=[f"storage.cache_dir={tmp_path / 'c'}"])
+    result = tile_slide(SlideSpec("loop", str(tmp_path / "loop.tiff")), cfg, cache=make_cache(cfg), spec_hash="h")
+    assert result.slide["status"] == "failed"
+    assert f"directory {len(offsets) - 1} (at offset {offsets[-1]}) loops back to directory 0" in result.slide["error"]
+    assert "corrupt or truncated; re-export or re-upload it" in result.slide["error"]
+    assert result.slide["error"].startswith(str(tmp_path / "loop.tiff"))
+
+
+def test_scaled_decode_is_opt_in_close_to_exact_and_exact_off_the_grid(slide_set, tmp_path):
+    path = str(slide_set["forty"])  # 0.25 µm/px: a 0.5 µm/px region reads level 0 and halves it
+    exact, scaled = Slide(path, source=TiledTiff(path)), Slide(path, source=TiledTiff(path), scaled_decode=True)
+    assert (exact.backend, scaled.backend) == ("tiles", "tiles+scaled")
+    assert Slide(path, scaled_decode=True).backend == "openslide"  # OpenSlide has no scaled path
+    w, h = exact.dimensions
+    for xy in ((0, 0), (w - 2000, h - 1000)):  # interior and across the slide's corner
+        a, b = exact.read_region(xy, (2048, 2048), 0.5)[0], scaled.read_region(xy, (2048, 2048), 0.5)[0]
+        psnr = 10 * np.log10(255**2 / np.mean((a.astype(float) - b) ** 2))
+        assert psnr > 40, (xy, psnr)  # close …
+        assert xy != (0, 0) or psnr < 80  # … and really another decoder
+    assert (b[500:, :] == 255).all() and (b[:, 1000:] == 255).all()  # beyond the corner: white
+    odd = (1001, 777)  # not on the 20× pixel grid: read exactly rather than half a pixel off
+    assert np.array_equal(exact.read_region(odd, (512, 512), 0.5)[0], scaled.read_region(odd, (512, 512), 0.5)[0])
+    assert not scaled._osr.can_scale(0, 3)
+    cfg = load_config("tile", values={"slides": "x", "out": str(tmp_path / "o")})
+    on = load_config("tile", values={"slides": "x", "out": str(tmp_path / "o")}, overrides=["reader.scaled_decode=true"])
+    assert cfg.tiling_spec_hash() != on.tiling_spec_hash()  # scaled pixels never mix with exact ones
+    assert open_slide(path, on, cache=make_cache(on))[0].backend == "tiles+scaled"
