@@ -126,7 +126,7 @@ def scaled_decode(path: Path, repeats: int, real: bool) -> None:
         cosines = []
         for model in models.values():
             with torch.inference_mode():
-                ea, eb = (model.eval()(normalize_uint8(torch.from_numpy(np.ascontiguousarray(img))[None]))[0]
+                ea, eb = (model.eval()(normalize_uint8(torch.from_numpy(img.copy())[None]))[0]
                           for img in (a, b))
             cosines.append(f"{torch.nn.functional.cosine_similarity(ea, eb, dim=0).item():.6f}")
         print(f"{'':40}{str(xy):14} {t_exact:8.3f} {t_scaled:9.3f} {t_exact / t_scaled:8.1f}x {psnr:8.2f} "
