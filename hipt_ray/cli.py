@@ -246,7 +246,7 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
     cfg = load_config("embed", files=args.config, overrides=args.overrides, values=_model_values(args))
     try:
         if args.head_run:
-            from hipt_ray.viz.heatmaps import slide_heatmaps
+            from hipt_ray.explain.heatmap import slide_heatmaps
 
             files = slide_heatmaps(cfg, args.head_run, args.out, slide_ids=[args.slide] if args.slide else None)
             print(f"{len(files)} slide heatmaps in {args.out}:")
@@ -257,7 +257,7 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
             return EXIT_OK
         if not (args.slide and args.region):
             raise ConfigError("give --slide and --region X,Y (a region's attention), or --head-run (slide heatmaps)")
-        from hipt_ray.viz.heatmaps import region_heatmaps
+        from hipt_ray.explain.heatmap import region_heatmaps
 
         files = region_heatmaps(cfg, args.slide, _xy(args.region), args.out, shifts=args.shifts)
     except ValueError as exc:
@@ -269,7 +269,7 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     cfg = load_config(None, files=args.config, overrides=args.overrides, values={"out": args.out})
-    from hipt_ray.viz.mosaic import search_similar
+    from hipt_ray.explain.search import search_similar
 
     try:
         result = search_similar(cfg, args.slide, _xy(args.region), k=args.k, labels=args.labels, dest=args.dest,

@@ -1,24 +1,15 @@
-"""``hipt-ray heatmap``: region attention figures (ViT-256 heads, ViT-4K heads, hierarchical) and
-slide heatmaps of a trained slide-level head's attention over its regions."""
+"""Drawing attention: maps blended over region pixels, the region figures (ViT-256 heads, ViT-4K
+heads, hierarchical) and a slide thumbnail coloured by a slide-level head's attention. The stage
+that computes what is drawn is :mod:`hipt_ray.explain.heatmap`."""
 
 from __future__ import annotations
-
-import logging
-import os
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from hipt_ray.config import Config  # noqa: E402
-from hipt_ray.models.checkpoints import load_trusted  # noqa: E402
-from hipt_ray.viz.attention import percentile_map, smoothed_attention, upsample, window_offsets  # noqa: E402
-
-log = logging.getLogger(__name__)
 CMAP = "jet"
 
 
@@ -34,20 +25,20 @@ def blend(image: np.ndarray, values: np.ndarray, *, alpha: float = 0.5, cmap: st
     return out.round().astype(np.uint8)
 
 
-def _renormalised(maps: np.ndarray, valid_w: int, valid_h: int, size: int) -> np.ndarray:
+def renormalised_over_content(maps: np.ndarray, valid_w: int, valid_h: int, size: int) -> np.ndarray:
     """Per-head attention ``[heads, rows, cols]`` over the cells with slide content only,
     summing to 1 there (0 on padding)."""
-    cells = np.outer(_valid(maps.shape[1], valid_h, size), _valid(maps.shape[2], valid_w, size))
+    cells = np.outer(content_cells(maps.shape[1], valid_h, size), content_cells(maps.shape[2], valid_w, size))
     kept = np.where(cells, maps, 0.0)
     return kept / np.maximum(kept.sum(axis=(1, 2), keepdims=True), 1e-12)
 
 
-def _valid(n: int, extent: float, size: int) -> np.ndarray:
+def content_cells(n: int, extent: float, size: int) -> np.ndarray:
     """Which of ``n`` equal cells across ``size`` region pixels start inside the first ``extent``."""
     return np.arange(n) * (size / n) < extent
 
 
-def _figure(image: np.ndarray, panels: list[tuple[str, np.ndarray]], path: str, title: str,
+def region_figure(image: np.ndarray, panels: list[tuple[str, np.ndarray]], path: str, title: str,
             ncols: int = 4) -> str:
     """The region and one blended panel per map (percentile colour scale), with a colour bar."""
     n = len(panels) + 1
@@ -73,191 +64,23 @@ def _figure(image: np.ndarray, panels: list[tuple[str, np.ndarray]], path: str, 
     return path
 
 
-def region_heatmaps(cfg: Config, slide_uri: str, xy: tuple[int, int], out_dir: str, *, shifts: int = 2,
-                    display_px: int = 1024) -> dict[str, str]:
-    """Attention figures of the region at level-0 ``xy`` of ``slide_uri`` (``tiling.region_px``
-    at ``tiling.mpp``), smoothed over ``shifts``² shifted windows. Returns name → file path."""
-    import torch
-
-    from hipt_ray.models.hipt4k import default_micro_batch
-    from hipt_ray.models.loading import build_model
-    from hipt_ray.slides.manifest import slide_id_from_uri
-    from hipt_ray.slides.reader import open_slide
-    from hipt_ray.slides.tiler import make_cache
-
-    model, mid = build_model(cfg)
-    use_gpu = cfg.embed.use_gpu is True or (cfg.embed.use_gpu == "auto" and torch.cuda.is_available())
-    if use_gpu and torch.cuda.is_available():
-        model = model.cuda()
-        model.micro_batch = default_micro_batch("cuda", cfg.model.micro_batch)
-    size = cfg.tiling.region_px
-    offsets = window_offsets(cfg.tiling.patch_px, shifts)
-    margin = max(offsets)
-    slide_id = slide_id_from_uri(slide_uri)
-    slide, _ = open_slide(slide_uri, cfg, cache=make_cache(cfg), mpp_override=cfg.tiling.mpp_overrides.get(slide_id),
-                          slide_id=slide_id)
-    with slide:
-        scale = cfg.tiling.mpp / slide.mpp
-        w0, h0 = slide.dimensions
-        x, y = xy
-        if not (0 <= x < w0 and 0 <= y < h0):
-            raise ValueError(f"{slide_uri}: region {x},{y} lies outside the slide ({w0}×{h0} level-0 pixels)")
-        origin = (int(round(x - margin * scale)), int(round(y - margin * scale)))
-        canvas, _ = slide.read_region(origin, (size + margin, size + margin), cfg.tiling.mpp)
-        # region pixels holding slide content; the rest is white padding beyond the slide edge
-        valid_w, valid_h = min(size, int(np.ceil((w0 - x) / scale))), min(size, int(np.ceil((h0 - y) / scale)))
-    att, n_windows = smoothed_attention(model, canvas, (size, size), margin, offsets)
-    region = canvas[margin:, margin:]
-    image = np.asarray(Image.fromarray(region).resize((display_px, display_px), Image.Resampling.LANCZOS))
-    shape = (display_px, display_px)
-    stem = f"{Path(slide_uri).stem}_{x}_{y}"
-    os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, stem)
-    smooth = f"{n_windows} shifted windows" if n_windows > 1 else "no smoothing"
-
-    shown = np.outer(_valid(display_px, valid_h, size), _valid(display_px, valid_w, size))
-
-    def pct(m: np.ndarray) -> np.ndarray:
-        """Percentiles over the cells with slide content, upsampled; padding is NaN (grey)."""
-        cells = np.outer(_valid(m.shape[0], valid_h, size), _valid(m.shape[1], valid_w, size))
-        up = upsample(np.nan_to_num(percentile_map(m, cells), nan=0.0), shape)
-        return np.where(shown, up, np.nan)
-
-    v256 = [(f"ViT-256 head {i}", pct(m)) for i, m in enumerate(att.vit256)]
-    v4k = [(f"ViT-4K head {i}", pct(m)) for i, m in enumerate(att.vit4k)]
-    hier = att.hierarchical()
-    files = {
-        "vit256": _figure(image, v256, base + "_vit256.png",
-                          f"{stem}: ViT-256 CLS attention inside each 256 px patch ({smooth}, model {mid})"),
-        "vit4k": _figure(image, v4k, base + "_vit4k.png",
-                         f"{stem}: ViT-4K CLS attention over the patch grid ({smooth}, model {mid})"),
-        "hierarchical": _figure(image, [("ViT-4K (mean of heads)", pct(att.vit4k.mean(0))),
-                                        ("ViT-256 (mean of heads)", pct(att.vit256.mean(0))),
-                                        ("hierarchical: 4K × 256", pct(hier))],
-                                base + "_hierarchical.png", f"{stem}: hierarchical attention ({smooth})"),
-    }
-    overlay = base + "_hierarchical_overlay.png"
-    Image.fromarray(blend(image, pct(hier))).save(overlay)
-    files["overlay"] = overlay
-    np.savez_compressed(base + "_attention.npz", vit256=att.vit256, vit4k=att.vit4k, hierarchical=hier,
-                        region=region, windows=n_windows, valid_w=valid_w, valid_h=valid_h,
-                        vit4k_tissue=_renormalised(att.vit4k, valid_w, valid_h, size))
-    files["npz"] = base + "_attention.npz"
-    return files
 
 
-def _load_heads(head_run: str, cfg: Config) -> dict:
-    """``heads.pt`` from a run directory, the file itself, or an MLflow run id."""
-    candidates = [head_run, os.path.join(head_run, "heads.pt")]
-    for c in candidates:
-        if os.path.isfile(c):
-            return load_trusted(c, allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
-    if os.path.exists(head_run):
-        raise ValueError(f"{head_run} holds no heads.pt: pass a train-head/sweep run directory "
-                         "(e.g. OUT/heads/<name>) or an MLflow run id")
-    import mlflow
-
-    from hipt_ray.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    try:
-        local = mlflow.artifacts.download_artifacts(run_id=head_run, artifact_path="heads.pt")
-    except Exception as exc:
-        raise ValueError(f"{head_run} is neither a run directory nor an MLflow run with a heads.pt artifact "
-                         f"in {tracking_uri(cfg)} ({type(exc).__name__}); for a run id pass the store it is in, "
-                         "e.g. tracking.mlflow_uri=sqlite:///OUT/mlflow.db") from None
-    return load_trusted(local, name=f"heads.pt of MLflow run {head_run}",
-                        allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
-
-
-def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[str] | None = None,
-                   thumb_px: int = 1024) -> list[str]:
-    """Each slide's regions coloured by the slide-level head's attention, drawn over the slide
-    thumbnail. Every case is scored by the fold model that never trained on it (out-of-fold)."""
-    import torch
-
-    from hipt_ray.config import validate_config
-    from hipt_ray.heads.cohort import load_cohort
-    from hipt_ray.heads.features import FeatureTransform
-    from hipt_ray.heads.fit import build_head
-    from hipt_ray.slides.reader import open_slide
-    from hipt_ray.slides.tiler import make_cache
-    from hipt_ray.store import Store
-    from hipt_ray.store.tables import resolve_embedding
-
-    saved = _load_heads(head_run, cfg)
-    run_cfg = validate_config(saved["config"])
-    h = run_cfg.heads
-    cohort = load_cohort(run_cfg)
-    store = Store(run_cfg.out, endpoint_url=run_cfg.storage.s3_endpoint_url)
-    mid, spec = resolve_embedding(store, cohort.model_id)
-    regions = store.regions(spec, model_id=mid, columns=["slide_id", "region_index", "x", "y", "level0_w", "level0_h"])
-    by_slide: dict[str, list[dict]] = {}
-    for r in regions.to_pylist():
-        by_slide.setdefault(r["slide_id"], []).append(r)
-    uris = store.completed(spec, mid)
-    overrides = store.recorded_overrides(spec)
-    fold_of = {c: f for f, fold in enumerate(saved["folds"]) for c in fold["val"]}
-    heads = []
-    for fold in saved["folds"]:
-        head = build_head(h, cohort, FeatureTransform.from_state_dict(fold["state_dict"]))
-        head.load_state_dict(fold["state_dict"])
-        heads.append(head.eval())
-    wanted = set(slide_ids) if slide_ids else None
-    os.makedirs(out_dir, exist_ok=True)
-    cache = make_cache(run_cfg)
-    written = []
-    for i, case in enumerate(cohort.case_ids):
-        slides = cohort.slides[case]
-        if wanted is not None and not wanted & set(slides):
-            continue
-        with torch.no_grad():
-            logits, attn = heads[fold_of[case]](cohort.inputs[i])
-        attn = attn.numpy()
-        uniform = np.ptp(attn) <= 1e-6 * attn.max()  # mean pooling: no attention to show
-        pct = percentile_map(attn)
-        if h.task == "subtyping":
-            probs = torch.softmax(logits, 1)[0].numpy()
-            k = int(probs.argmax())
-            what = (f"label {cohort.classes[cohort.labels[i]]}, predicted {saved['classes'][k]} ({probs[k]:.2f})")
-        else:
-            what = f"{cohort.times[i]:.1f} months, event {cohort.events[i]}"
-        start = 0
-        for sid in slides:
-            rows = by_slide.get(sid, [])
-            part, part_attn = pct[start:start + len(rows)], attn[start:start + len(rows)]
-            start += len(rows)
-            if wanted is not None and sid not in wanted:
-                continue
-            slide, _ = open_slide(uris[sid], run_cfg, cache=cache, mpp_override=overrides.get(sid), slide_id=sid)
-            with slide:
-                w0, h0 = slide.dimensions
-                thumb, thumb_mpp = slide.read_lowres(slide.mpp * max(w0, h0) / thumb_px)
-                k0 = slide.mpp / thumb_mpp  # thumbnail px per level-0 px
-            values = np.full(thumb.shape[:2], np.nan, np.float32)
-            for r, v in zip(rows, part):
-                x0, y0 = int(r["x"] * k0), int(r["y"] * k0)
-                values[y0:y0 + max(1, int(r["level0_h"] * k0)), x0:x0 + max(1, int(r["level0_w"] * k0))] = v
-            shown = np.where(np.isnan(values)[..., None], thumb, blend(thumb, np.nan_to_num(values), alpha=0.45))
-            fig, ax = plt.subplots(figsize=(7, 7 * thumb.shape[0] / thumb.shape[1] + 0.6), dpi=120)
-            ax.imshow(shown)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            top = int(np.argmax(part_attn)) if len(part_attn) and not uniform else None
-            if top is not None:
-                r = rows[top]
-                ax.add_patch(plt.Rectangle((r["x"] * k0, r["y"] * k0), r["level0_w"] * k0, r["level0_h"] * k0,
-                                           fill=False, ec="white", lw=2, ls="--"))
-            sm = plt.cm.ScalarMappable(cmap=CMAP, norm=matplotlib.colors.Normalize(0, 100))
-            fig.colorbar(sm, ax=ax, fraction=0.04, pad=0.01, label="attention percentile within the case")
-            ax.set_title(f"{sid} (case {case}, fold {fold_of[case]} model, out-of-fold)\n{h.head} {h.task}: {what}; "
-                         f"{len(rows)} regions" + (", equal weights (mean pooling)" if uniform else
-                                                   ", top one dashed"), fontsize=9)
-            fig.tight_layout()
-            dest = os.path.join(out_dir, f"{sid}_slide_attention.png")
-            fig.savefig(dest)
-            plt.close(fig)
-            written.append(dest)
-    if wanted is not None and not written:
-        raise ValueError(f"none of {sorted(wanted)} is in the head run's cohort")
-    return written
+def slide_attention_png(thumb: np.ndarray, values: np.ndarray, path: str, *, title: str,
+                        top_box: tuple[float, float, float, float] | None = None) -> str:
+    """A slide thumbnail with ``values`` (percentiles in [0, 1], NaN where no region lies)
+    blended over it, the top region ``(x, y, w, h)`` in thumbnail pixels dashed, a colour bar."""
+    shown = np.where(np.isnan(values)[..., None], thumb, blend(thumb, np.nan_to_num(values), alpha=0.45))
+    fig, ax = plt.subplots(figsize=(7, 7 * thumb.shape[0] / thumb.shape[1] + 0.6), dpi=120)
+    ax.imshow(shown)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if top_box is not None:
+        ax.add_patch(plt.Rectangle(top_box[:2], *top_box[2:], fill=False, ec="white", lw=2, ls="--"))
+    sm = plt.cm.ScalarMappable(cmap=CMAP, norm=matplotlib.colors.Normalize(0, 100))
+    fig.colorbar(sm, ax=ax, fraction=0.04, pad=0.01, label="attention percentile within the case")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
