@@ -1,8 +1,9 @@
 """One DINO loop for both HIPT pretraining stages, run per Ray Train worker.
 
-The stage only picks the backbone, the crops and the data: stage 1 trains ViT-256 on pixel
-crops of 256 px patches, stage 2 trains ViT-4K on crops of ``[384, 16, 16]`` token grids.
-Rank 0 checkpoints student, teacher, optimiser, scaler, DINO centre, step, epoch and RNG state
+The stage only picks the backbone, the crops and the data (:class:`StageSpec`): stage 1 trains
+ViT-256 on pixel crops of 256 px patches, stage 2 trains ViT-4K on crops of ``[384, 16, 16]``
+token grids. One optimisation step is :func:`dino_step` (no Ray: unit-tested on its own). Rank 0
+checkpoints student, teacher, optimiser, DINO centre, step, epoch and RNG state
 every ``checkpoint_every_steps`` through ``ray.train.report``; a restarted worker group (lost
 worker) or a rerun of the same run (lost driver) resumes from the newest checkpoint.
 """
@@ -16,6 +17,8 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,9 +36,27 @@ CKPT_FILE = "dino.pt"
 STEP_LOG = "steps.jsonl"
 
 
+@dataclass(frozen=True)
+class StageSpec:
+    """What differs between the two stages; everything else is one loop."""
+
+    arch: str  # backbone in the model registry
+    key: str  # the dataset column a batch's items come in
+    channels_last: bool  # items are HWC (pixels) and become CHW
+    transform: Callable[[torch.Tensor], list[torch.Tensor]]  # one item → its crops, global first
+
+
 def stage_arch(cfg: Config) -> str:
     real = {"vit256": "vit256_s16", "vit4k": "vit4k_xs"}[cfg.pretrain.stage]
     return real if cfg.pretrain.size == "real" else f"{cfg.pretrain.stage}_tiny"
+
+
+def stage_spec(cfg: Config) -> StageSpec:
+    p = cfg.pretrain
+    if p.stage == "vit256":
+        return StageSpec(stage_arch(cfg), "patch", True, PixelCrops(
+            n_local=p.n_local_crops, global_scale=p.global_crop_scale, local_scale=p.local_crop_scale))
+    return StageSpec(stage_arch(cfg), "grid", False, GridCrops(n_local=p.n_local_crops, rotate=p.rotate_grids))
 
 
 def build_student_teacher(cfg: Config) -> tuple[MultiCrop, MultiCrop]:
@@ -74,17 +95,71 @@ def schedules(cfg: Config, steps_per_epoch: int, world_size: int) -> dict[str, n
     }
 
 
-def _crops(cfg: Config, batch: dict, transform) -> list[torch.Tensor]:
+def batch_crops(spec: StageSpec, batch: dict) -> list[torch.Tensor]:
     """A batch of patches or grids → per-crop-index stacked tensors (crop-major lists)."""
-    key = "patch" if cfg.pretrain.stage == "vit256" else "grid"
-    items = batch[key]
     views = []
-    for item in items:
+    for item in batch[spec.key]:
         t = torch.from_numpy(np.array(item))
-        if key == "patch":
+        if spec.channels_last:
             t = t.permute(2, 0, 1)  # HWC uint8 → CHW
-        views.append(transform(t))
+        views.append(spec.transform(t))
     return [torch.stack([v[i] for v in views]) for i in range(len(views[0]))]
+
+
+@dataclass
+class DinoState:
+    """Everything one DINO run updates, and what its checkpoint holds."""
+
+    student: torch.nn.Module  # what trains (DDP-wrapped on several workers)
+    teacher: MultiCrop
+    optimizer: torch.optim.Optimizer
+    loss_fn: DINOLoss
+    step: int = 0
+
+    @property
+    def student_module(self) -> MultiCrop:
+        return self.student.module if hasattr(self.student, "module") else self.student
+
+    def state_dict(self, epoch: int, rng: dict) -> dict:
+        return {"student": self.student_module.state_dict(), "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "center": self.loss_fn.center.detach().cpu(),
+                "step": self.step, "epoch": epoch, "rng": rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        """From :meth:`state_dict` (a checkpoint written with a ``scaler`` entry loads too)."""
+        self.student_module.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loss_fn.center.copy_(state["center"].to(self.loss_fn.center.device))
+        self.step = state["step"]
+
+
+def dino_step(state: DinoState, crops: list[torch.Tensor], sched: dict[str, np.ndarray], *, epoch: int,
+              clip_grad: float, freeze_last_layer: int, use_amp: bool) -> float:
+    """One DINO update at ``state.step``: the scheduled lr/wd, the teacher on the two global
+    crops and the student on all, the loss, gradient clipping and the frozen last layer, then the
+    EMA teacher. Returns the loss and advances ``state.step``."""
+    step, device = state.step, crops[0].device
+    for i, group in enumerate(state.optimizer.param_groups):
+        group["lr"] = float(sched["lr"][step])
+        if i == 0:  # weight decay on the matrices' group only
+            group["weight_decay"] = float(sched["wd"][step])
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):  # bf16: no grad scaling
+        teacher_out = state.teacher(crops[:2])
+        student_out = state.student(crops)
+        loss = state.loss_fn(student_out, teacher_out, float(sched["teacher_temp"][step]))
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"loss is {value} at step {step}; lower pretrain.lr")
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(state.student.parameters(), clip_grad)
+    cancel_last_layer_gradients(state.student_module.head, epoch, freeze_last_layer)
+    state.optimizer.step()
+    ema_update(state.student_module, state.teacher, float(sched["momentum"][step]))
+    state.step += 1
+    return value
 
 
 def _rng_state() -> dict:
@@ -105,7 +180,6 @@ def train_loop(config: dict) -> None:
     """Ray Train worker entry point: ``config = {"cfg": Config dict, "steps_per_epoch": int,
     "tracking_uri": str | None, "run_dir": str}``."""
     import ray.train
-    from ray.train import Checkpoint
     from ray.train.torch import get_device, prepare_model
 
     cfg = validate_config(config["cfg"])
@@ -123,89 +197,63 @@ def train_loop(config: dict) -> None:
     loss_fn = DINOLoss(out_dim=p.out_dim, n_global=2, student_temp=p.student_temp,
                        center_momentum=p.center_momentum).to(device)
     student = prepare_model(student)  # DDP (gloo on CPU, NCCL on GPU) when world > 1
-    student_module = student.module if hasattr(student, "module") else student
-    optimizer = torch.optim.AdamW(param_groups(student))
+    state = DinoState(student, teacher, torch.optim.AdamW(param_groups(student)), loss_fn)
     use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=False)  # bf16 needs no scaling; kept for resume
     spe = int(config["steps_per_epoch"])
     sched = schedules(cfg, spe, world)
     total = len(sched["lr"])
-    step = 0
 
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            state = load_trusted(os.path.join(d, CKPT_FILE), allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
-        student_module.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        loss_fn.center.copy_(state["center"].to(device))
-        step = state["step"]
-        if state.get("rng") and state["rng"].get(rank) is not None:
-            _set_rng_state(state["rng"][rank])
-        log.info("rank %d resumed from step %d", rank, step)
+            saved = load_trusted(os.path.join(d, CKPT_FILE), allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
+        state.load_state_dict(saved)
+        if saved.get("rng") and saved["rng"].get(rank) is not None:
+            _set_rng_state(saved["rng"][rank])
+        log.info("rank %d resumed from step %d", rank, state.step)
 
-    transform = (PixelCrops(n_local=p.n_local_crops, global_scale=p.global_crop_scale, local_scale=p.local_crop_scale)
-                 if p.stage == "vit256" else GridCrops(n_local=p.n_local_crops, rotate=p.rotate_grids))
+    spec = stage_spec(cfg)
     shard = ray.train.get_dataset_shard("train")
     tracker = _Tracker(cfg, config, rank) if rank == 0 else None
     if tracker:
-        tracker.event({"event": "start", "step": step, "world_size": world})
+        tracker.event({"event": "start", "step": state.step, "world_size": world})
     t_last = time.perf_counter()
 
-    while step < total:
-        epoch = step // spe
-        step_at_pass_start = step
+    while state.step < total:
+        step_at_pass_start = state.step
         for batch in shard.iter_batches(batch_size=p.batch_size_per_worker, batch_format="numpy",
                                         drop_last=True, local_shuffle_buffer_size=p.shuffle_buffer or None):
-            if step >= total:
+            if state.step >= total:
                 break
-            epoch = step // spe
-            for i, group in enumerate(optimizer.param_groups):
-                group["lr"] = float(sched["lr"][step])
-                if i == 0:
-                    group["weight_decay"] = float(sched["wd"][step])
-            crops = [c.to(device, non_blocking=True) for c in _crops(cfg, batch, transform)]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                teacher_out = teacher(crops[:2])
-                student_out = student(crops)
-                loss = loss_fn(student_out, teacher_out, float(sched["teacher_temp"][step]))
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower pretrain.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if p.clip_grad:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), p.clip_grad)
-            cancel_last_layer_gradients(student_module.head, epoch, p.freeze_last_layer)
-            optimizer.step()
-            ema_update(student_module, teacher, float(sched["momentum"][step]))
-            step += 1
+            step, epoch = state.step, state.step // spe
+            crops = [c.to(device, non_blocking=True) for c in batch_crops(spec, batch)]
+            loss = dino_step(state, crops, sched, epoch=epoch, clip_grad=p.clip_grad,
+                             freeze_last_layer=p.freeze_last_layer, use_amp=use_amp)
             now = time.perf_counter()
-            metrics = {"loss": loss.item(), "lr": float(sched["lr"][step - 1]), "wd": float(sched["wd"][step - 1]),
-                       "momentum": float(sched["momentum"][step - 1]),
-                       "teacher_temp": float(sched["teacher_temp"][step - 1]), "step": step, "epoch": epoch,
-                       "step_seconds": now - t_last}
+            metrics = {"loss": loss, "step": state.step, "epoch": epoch, "step_seconds": now - t_last,
+                       **{k: float(sched[k][step]) for k in ("lr", "wd", "momentum", "teacher_temp")}}
             t_last = now
             if tracker:
                 tracker.step(metrics)
-            if step % p.checkpoint_every_steps == 0 or step == total:
-                _report(metrics, step, rank, world, student_module, teacher, optimizer, scaler, loss_fn, Checkpoint)
-            if step % spe == 0:
+            if state.step % p.checkpoint_every_steps == 0 or state.step == total:
+                _report(metrics, state, rank, world)
+            if state.step % spe == 0:
                 break  # epoch boundary: the next pass starts a new epoch
-        if step == step_at_pass_start:
+        if state.step == step_at_pass_start:
             raise ValueError(
                 f"a pass over the training data gave no full batch of {p.batch_size_per_worker} per "
                 f"worker ({world} workers); lower pretrain.batch_size_per_worker or add data"
             )
     if tracker:
-        tracker.event({"event": "end", "step": step})
+        tracker.event({"event": "end", "step": state.step})
         tracker.close()
 
 
-def _report(metrics, step, rank, world, student, teacher, optimizer, scaler, loss_fn, Checkpoint) -> None:
+def _report(metrics: dict, state: DinoState, rank: int, world: int) -> None:
+    """Every rank reports; rank 0 with a checkpoint that holds every rank's RNG state."""
     import ray.train
     import torch.distributed as dist
+    from ray.train import Checkpoint
 
     rng = [None] * world
     if dist.is_available() and dist.is_initialized():
@@ -216,12 +264,7 @@ def _report(metrics, step, rank, world, student, teacher, optimizer, scaler, los
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        torch.save({
-            "student": student.state_dict(), "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "center": loss_fn.center.detach().cpu(), "step": step, "epoch": metrics["epoch"],
-            "rng": dict(enumerate(rng)),
-        }, os.path.join(d, CKPT_FILE))
+        torch.save(state.state_dict(metrics["epoch"], dict(enumerate(rng))), os.path.join(d, CKPT_FILE))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 
