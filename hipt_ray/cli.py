@@ -11,7 +11,8 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from hipt_ray.config import Config, ConfigError, load_config
 from hipt_ray.slides.manifest import ManifestError
@@ -135,33 +136,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_tile(args: argparse.Namespace) -> int:
+# ---------------------------------------------------------------- commands
+# Each command: argv → its config (and Ray, when it needs it) → the stage's result. What is
+# shared lives in one place: printing the result's lines, its exit code, and which of the
+# stage's errors are the user's input (exit 2, one line) rather than a failure.
+
+
+@dataclass(frozen=True)
+class Command:
+    run: Callable[[argparse.Namespace], object]  # → a result with lines() (and exit_code, if slides can fail)
+    input_errors: tuple[type[Exception], ...] = ()  # raised for input that does not fit: a usage error
+
+
+@dataclass
+class _Lines:
+    """A result that is only lines to print."""
+
+    text: list[str]
+
+    def lines(self) -> list[str]:
+        return self.text
+
+
+def _tile(args: argparse.Namespace):
     values = {"slides": args.slides, "out": args.out}
     _with_address(values, args)
     cfg = load_config("tile", files=args.config, overrides=args.overrides, values=values)
     init_ray(cfg)
     from hipt_ray.tile.job import run  # after ray.init: Lance warns about forks made after its import
 
-    summary = run(cfg)
-    for line in summary.lines():
-        print(line)
-    return summary.exit_code
+    return run(cfg)
 
 
-def _cmd_embed(args: argparse.Namespace) -> int:
+def _embed(args: argparse.Namespace):
     values: dict = {"slides": args.slides, "out": args.out, **_model_values(args)}
     _with_address(values, args)
     cfg = load_config("embed", files=args.config, overrides=args.overrides, values=values)
     init_ray(cfg)
     from hipt_ray.embed.job import run
 
-    summary = run(cfg)
-    for line in summary.lines():
-        print(line)
-    return summary.exit_code
+    return run(cfg)
 
 
-def _cmd_pretrain(args: argparse.Namespace) -> int:
+def _pretrain(args: argparse.Namespace):
     from hipt_ray.config import CONFIG_DIR
 
     pre: dict = {"stage": args.stage}
@@ -181,10 +198,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     init_ray(cfg, dashboard=True)
     from hipt_ray.train.run import run
 
-    summary = run(cfg)
-    for line in summary.lines():
-        print(line)
-    return EXIT_OK
+    return run(cfg)
 
 
 def _head_config(args: argparse.Namespace, values: dict):
@@ -205,33 +219,21 @@ def _head_config(args: argparse.Namespace, values: dict):
     return cfg
 
 
-def _cmd_train_head(args: argparse.Namespace) -> int:
+def _train_head(args: argparse.Namespace):
     cfg = _head_config(args, {"out": args.out, "heads": {"labels": args.labels}})
     from hipt_ray.heads.run import train_head
 
-    try:
-        result = train_head(cfg, run_name=args.run_name)
-    except ValueError as exc:  # labels/embeddings that do not fit together: a usage error
-        raise ConfigError(str(exc)) from None
-    for line in result.lines():
-        print(line)
-    return EXIT_OK
+    return train_head(cfg, run_name=args.run_name)
 
 
-def _cmd_sweep(args: argparse.Namespace) -> int:
+def _sweep(args: argparse.Namespace):
     values: dict = {"out": args.out, "heads": {"labels": args.labels}}
     _with_address(values, args)
     cfg = _head_config(args, values)
     init_ray(cfg)
     from hipt_ray.tune.sweep import run_sweep
 
-    try:
-        result = run_sweep(cfg)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    for line in result.lines():
-        print(line)
-    return EXIT_OK
+    return run_sweep(cfg)
 
 
 def _xy(text: str | None, flag: str = "--region") -> tuple[int, int]:
@@ -242,46 +244,31 @@ def _xy(text: str | None, flag: str = "--region") -> tuple[int, int]:
     return x, y
 
 
-def _cmd_heatmap(args: argparse.Namespace) -> int:
+def _heatmap(args: argparse.Namespace):
     cfg = load_config("embed", files=args.config, overrides=args.overrides, values=_model_values(args))
-    try:
-        if args.head_run:
-            from hipt_ray.explain.heatmap import slide_heatmaps
+    if args.head_run:
+        from hipt_ray.explain.heatmap import slide_heatmaps
 
-            files = slide_heatmaps(cfg, args.head_run, args.out, slide_ids=[args.slide] if args.slide else None)
-            print(f"{len(files)} slide heatmaps in {args.out}:")
-            for f in files[:3]:
-                print(f"  {f}")
-            if len(files) > 3:
-                print(f"  … and {len(files) - 3} more (<slide_id>_slide_attention.png)")
-            return EXIT_OK
-        if not (args.slide and args.region):
-            raise ConfigError("give --slide and --region X,Y (a region's attention), or --head-run (slide heatmaps)")
-        from hipt_ray.explain.heatmap import region_heatmaps
+        files = slide_heatmaps(cfg, args.head_run, args.out, slide_ids=[args.slide] if args.slide else None)
+        more = [f"  … and {len(files) - 3} more (<slide_id>_slide_attention.png)"] if len(files) > 3 else []
+        return _Lines([f"{len(files)} slide heatmaps in {args.out}:"] + [f"  {f}" for f in files[:3]] + more)
+    if not (args.slide and args.region):
+        raise ConfigError("give --slide and --region X,Y (a region's attention), or --head-run (slide heatmaps)")
+    from hipt_ray.explain.heatmap import region_heatmaps
 
-        files = region_heatmaps(cfg, args.slide, _xy(args.region), args.out, shifts=args.shifts)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    for name, path in files.items():
-        print(f"{name}: {path}")
-    return EXIT_OK
+    files = region_heatmaps(cfg, args.slide, _xy(args.region), args.out, shifts=args.shifts)
+    return _Lines([f"{name}: {path}" for name, path in files.items()])
 
 
-def _cmd_search(args: argparse.Namespace) -> int:
+def _search(args: argparse.Namespace):
     cfg = load_config(None, files=args.config, overrides=args.overrides, values={"out": args.out})
     from hipt_ray.explain.search import search_similar
 
-    try:
-        result = search_similar(cfg, args.slide, _xy(args.region), k=args.k, labels=args.labels, dest=args.dest,
-                                rebuild_index=args.rebuild_index)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    for line in result.lines():
-        print(line)
-    return EXIT_OK
+    return search_similar(cfg, args.slide, _xy(args.region), k=args.k, labels=args.labels, dest=args.dest,
+                          rebuild_index=args.rebuild_index)
 
 
-def _cmd_make_demo_data(args: argparse.Namespace) -> int:
+def _make_demo_data(args: argparse.Namespace):
     from hipt_ray.slides.synthetic import make_demo_data
 
     if args.n_slides < 1:
@@ -291,13 +278,31 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
         raise ConfigError(f"--size-um takes MIN MAX with 0 < MIN <= MAX (µm), got {lo:g} {hi:g}")
     out = make_demo_data(args.out, n_slides=args.n_slides, seed=args.seed, n_subtypes=args.n_subtypes,
                          size_um=tuple(args.size_um))
-    print(f"wrote {args.n_slides} slides to {out / 'slides'} and labels to {out / 'labels.csv'}")
-    return EXIT_OK
+    return _Lines([f"wrote {args.n_slides} slides to {out / 'slides'} and labels to {out / 'labels.csv'}"])
 
 
-COMMANDS = {"tile": _cmd_tile, "embed": _cmd_embed, "pretrain": _cmd_pretrain,
-            "train-head": _cmd_train_head, "sweep": _cmd_sweep, "heatmap": _cmd_heatmap, "search": _cmd_search,
-            "make-demo-data": _cmd_make_demo_data}
+# Heads, heatmaps and search raise ValueError for labels, runs and regions that do not fit the
+# embeddings (a missing column, an unknown slide, a region outside the slide): the user's input.
+COMMANDS = {
+    "tile": Command(_tile),
+    "embed": Command(_embed),
+    "pretrain": Command(_pretrain),
+    "train-head": Command(_train_head, (ValueError,)),
+    "sweep": Command(_sweep, (ValueError,)),
+    "heatmap": Command(_heatmap, (ValueError,)),
+    "search": Command(_search, (ValueError,)),
+    "make-demo-data": Command(_make_demo_data),
+}
+
+
+def _run(command: Command, args: argparse.Namespace) -> int:
+    try:
+        result = command.run(args)
+    except command.input_errors as exc:
+        raise ConfigError(str(exc)) from None
+    for line in result.lines():
+        print(line)
+    return getattr(result, "exit_code", EXIT_OK)
 
 
 class _Short(logging.Formatter):
@@ -335,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     _setup_logging(args.verbose)
     try:
-        return COMMANDS[args.command](args)
+        return _run(COMMANDS[args.command], args)
     except (ConfigError, ManifestError) as exc:
         print(f"hipt-ray {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
