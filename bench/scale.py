@@ -125,22 +125,37 @@ def main() -> None:
 def project(fits: list[tuple[float, int, float]]) -> None:
     """The embed driver's CPU while the pipeline runs, fitted as a·seconds + b·regions over the
     runs (a: Ray Data's scheduling loop, whatever the rate; b: per region), applied to TCGA at
-    HIPT's scale on a 16-GPU cluster."""
+    HIPT's scale on a 16-GPU cluster, for the compiled and the eager bf16 model (GPU rates from
+    the H100 run in bench/results/)."""
+    import json
+
     import numpy as np
 
     A = np.array([[t, r] for t, r, _ in fits], float)
     a, b = np.linalg.lstsq(A, np.array([c for _, _, c in fits]), rcond=None)[0]
     per_region = max(b, 0.0)
-    slides, regions, gpus, gpu_rate = 10_678, 408_218, 16, 73.0  # HIPT's TCGA; bench/gpu.py, one H100
-    warmup = 139.0  # real-size model, compile + first batches (measured on CPU; paid once per actor now)
-    gpu_s = regions / (gpus * gpu_rate)
+    slides, regions, gpus = 10_678, 408_218, 16  # HIPT's TCGA
+    gpu_run = json.loads(next((ROOT / "bench" / "results").glob("gpu_h100_*.json")).read_text())
+    rate = {(t["variant"], t["micro_batch"]): t["regions_per_s"] for t in gpu_run["throughput"]}
+    variants = {  # name: (regions/s on one H100, actor warm-up s)
+        # compile + first batches: 139 s measured on CPU (no GPU compile time measured yet)
+        "bf16 + torch.compile (embed.compile=true)": (rate[("bf16+compile", 256)], 139.0),
+        # no compilation: CUDA context and the first batch only, ≈ 5 s assumed (not measured here)
+        "bf16 eager (embed.compile=false)": (rate[("bf16", 256)], 5.0),
+    }
     driver_s = regions * per_region
-    wall = warmup + max(gpu_s, driver_s)
     print(f"embed driver CPU while the pipeline runs: {a:.3f} cores of scheduling loop + {b * 1e3:.2f} ms "
           "per region (least squares over the runs)")
-    print(f"projection, {slides} slides / {regions} regions on {gpus} GPUs: GPU compute {gpu_s / 60:.1f} min, "
-          f"driver {driver_s / 60:.1f} min at one core, actor warm-up once {warmup / 60:.1f} min → GPUs busy "
-          f"{gpu_s / wall:.0%} of the run (was < 10 % with chunk restarts and the driver regrouping rows)")
+    for name, (gpu_rate, warmup) in variants.items():
+        gpu_s = regions / (gpus * gpu_rate)
+        wall = warmup + max(gpu_s, driver_s)
+        print(f"projection, {slides} slides / {regions} regions on {gpus} GPUs, {name}: GPU compute "
+              f"{gpu_s / 60:.1f} min at {gpu_rate:.1f} regions/s a GPU, driver {driver_s / 60:.1f} min at one core, "
+              f"actor warm-up once {warmup / 60:.1f} min → {wall / 60:.1f} min, GPUs busy {gpu_s / wall:.0%} of the run")
+    (c_rate, c_warm), (e_rate, e_warm) = variants.values()
+    even = (c_warm - e_warm) / (1 / e_rate - 1 / c_rate)
+    print(f"compiling pays off above {even:,.0f} regions per GPU ({regions / gpus:,.0f} here); before one "
+          "pipeline for the whole run, chunk restarts and the driver regrouping rows kept GPUs < 10 % busy")
 
 
 def _cpu() -> str:
