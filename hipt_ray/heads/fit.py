@@ -140,21 +140,27 @@ def build_head(h: HeadsConfig, cohort: Cohort, transform: torch.nn.Module | None
 
 def inner_split(h: HeadsConfig, cohort: Cohort, train: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray | None]:
     """``(inner training, inner validation)`` cases of one outer training fold: stratified by
-    label (or event), seeded, at least one case of each stratum left on both sides when it can."""
+    label (or event), seeded, at least one case of each stratum left on both sides when it can; a
+    stratum with one case only stays on the training side."""
     if h.val_fraction <= 0:
         return train, None
     from sklearn.model_selection import train_test_split
 
-    strata = cohort.labels[train] if h.task == "subtyping" else cohort.events[train]
-    counts = np.bincount(np.asarray(strata))
-    n_val = max(int(round(h.val_fraction * len(train))), int((counts > 0).sum()))
-    if n_val >= len(train) - int((counts > 0).sum()):
+    strata = np.asarray(cohort.labels[train] if h.task == "subtyping" else cohort.events[train])
+    # A class with a single case here stays on the training side: held out, the head would never
+    # see it, and the outer fold it is then scored on would hold a class it never trained on.
+    single = np.isin(strata, np.flatnonzero(np.bincount(strata) == 1))
+    pool, strata = train[~single], strata[~single]
+    counts = np.bincount(strata) if len(strata) else np.zeros(1, int)
+    present = int((counts > 0).sum())
+    n_val = max(int(round(h.val_fraction * len(train))), present)
+    if n_val >= len(pool) - present:
         return train, None  # too few cases to hold any out
     stratify = strata if counts[counts > 0].min() >= 2 else None
-    tr, va = train_test_split(train, test_size=n_val, random_state=h.seed * 1000 + fold, stratify=stratify)
+    tr, va = train_test_split(pool, test_size=n_val, random_state=h.seed * 1000 + fold, stratify=stratify)
     if h.task == "survival" and not cohort.events[va].any():
         return train, None  # no event to validate on (a Cox loss would be 0 every epoch): the last epoch
-    return np.sort(tr), np.sort(va)
+    return np.sort(np.concatenate([tr, train[single]])), np.sort(va)
 
 
 def _class_weights(h: HeadsConfig, cohort: Cohort, train: np.ndarray) -> torch.Tensor | None:

@@ -108,3 +108,23 @@ def test_bootstrap_ci_brackets_the_pooled_metric():
     auc = classification_metrics(y, probs)["auc"]
     lo, hi = bootstrap_ci(lambda a, b: classification_metrics(a, b)["auc"], y, probs, n=300)
     assert lo < auc < hi and hi - lo < 0.25
+
+
+def test_no_fold_meets_a_class_its_training_part_never_saw():
+    # a rare class of 2 cases among 40, 10 folds asked for: the folds drop to what the rarest
+    # class allows, so every outer and inner training part holds every class
+    n = 40
+    labels = np.where(np.arange(n) < 2, 2, np.arange(n) % 2)
+    base = _cohort(n, dim=4)
+    cohort = Cohort(base.case_ids, base.inputs, labels=labels, classes=["a", "b", "rare"])
+    index = {c: i for i, c in enumerate(cohort.case_ids)}
+    for seed in range(10):  # the inner split used to hold the lone rare case out in ~1 fold of 4
+        h = HeadsConfig(folds=10, val_fraction=0.2, seed=seed)
+        folds, _ = make_folds(h, cohort)
+        assert len(folds) == 2
+        for f, fold in enumerate(folds):
+            train = np.array([index[c] for c in fold["train"]])
+            assert set(cohort.labels[train]) == {0, 1, 2}
+            assert set(cohort.labels[[index[c] for c in fold["val"]]]) <= set(cohort.labels[train])
+            tr, va = inner_split(h, cohort, train, f)
+            assert set(cohort.labels[tr]) == {0, 1, 2} and set(tr) | set(va) == set(train)
