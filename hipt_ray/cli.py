@@ -41,7 +41,7 @@ def init_ray(cfg: Config, *, dashboard: bool = False) -> None:
 
 def _common(p: argparse.ArgumentParser, *, uses_ray: bool = True) -> None:
     p.add_argument("--config", action="append", default=[], metavar="YAML",
-                   help="extra config file(s), layered over configs/base.yaml")
+                   help="extra config file(s), layered over the defaults (configs/base.yaml lists them)")
     if uses_ray:  # commands that run without Ray do not take an address they would ignore
         p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("overrides", nargs="*", metavar="key=value",

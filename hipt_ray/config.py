@@ -1,8 +1,12 @@
-"""Typed, strict configuration: ``base.yaml`` + a command's YAML + ``key=value`` overrides.
+"""Typed, strict configuration: the defaults below + a command's YAML + ``key=value`` overrides.
 
 Every section is a frozen pydantic model with ``extra="forbid"``, so a misspelt key is an error
 that names the key instead of a silently ignored setting. Configs cross Ray boundaries as plain
 dicts (``cfg.model_dump(mode="json")``) and are re-validated on the other side.
+
+The defaults are written here only: ``configs/base.yaml`` is generated from these classes and the
+comments beside their fields (``python -m hipt_ray.config > configs/base.yaml``; a test checks it
+is current) for people to read, and is not loaded.
 """
 
 from __future__ import annotations
@@ -41,8 +45,8 @@ class _Section(BaseModel):
 class StorageConfig(_Section):
     """Where remote slides are staged for OpenSlide, which only reads local files."""
 
-    cache_dir: str = "~/.cache/hipt-ray/slides"
-    cache_max_bytes: int = Field(default=50 * 2**30, gt=0, le=2**50)
+    cache_dir: str = "~/.cache/hipt-ray/slides"  # local staging of s3:// slides for OpenSlide
+    cache_max_bytes: int = Field(default=50 * 2**30, gt=0, le=2**50)  # 50 GiB, least-recently-used eviction
     # Any S3-compatible endpoint (MinIO, Ceph, moto). None: the standard AWS variables/config.
     s3_endpoint_url: str | None = None
     retries: int = Field(default=3, ge=0, le=20)
@@ -115,6 +119,7 @@ class ReaderConfig(_Section):
     SVS); ``openslide`` stages remote slides whole and reads through OpenSlide; ``auto`` uses
     ``tiles`` where the format allows it and OpenSlide for everything else."""
 
+    # tiles (byte-range TIFF tiles, no staging) | openslide | auto: tiles where the format allows
     backend: Literal["auto", "tiles", "openslide"] = "auto"
     # Tile byte ranges closer than this are fetched in one request (fewer requests, a few more bytes).
     range_gap_bytes: int = Field(default=64 * 1024, ge=0, le=64 * 2**20)
@@ -134,9 +139,9 @@ class QCConfig(_Section):
 class ModelConfig(_Section):
     """Which HIPT model embeds, and with which weights."""
 
-    name: str = "hipt4k"
+    name: str = "hipt4k"  # hipt4k (ViT-S/16 + ViT-4K XS) or hipt4k_tiny (tests, demo)
     checkpoint_256: str | None = None  # official vit256_small_dino.pth layout, path or s3://
-    checkpoint_4k: str | None = None
+    checkpoint_4k: str | None = None  # vit4k_xs_dino.pth
     # Without checkpoints the job refuses to run unless this is true (then the model id says so).
     allow_random_weights: bool = False
     seed: int = 0  # for random weights: every actor builds the same model
@@ -171,6 +176,7 @@ class EmbedConfig(_Section):
 class PretrainConfig(_Section):
     """Two-stage DINO pretraining (published DINO/HIPT defaults)."""
 
+    # vit256: 256 px patches from slides; vit4k: token grids from an embed output
     stage: Literal["vit256", "vit4k"] = "vit256"
     size: Literal["real", "tiny"] = "real"  # real: vit256_s16 / vit4k_xs; tiny twins for tests
     regions_from: str | None = None  # stage 2: an `embed` output holding tokens256 (default: out)
@@ -224,15 +230,15 @@ class HeadsConfig(_Section):
     task: Literal["subtyping", "survival"] = "subtyping"
     labels: str | None = None  # CSV/Parquet: slide_id, case_id, label | survival_months + event
     label_column: str = "label"
-    head: Literal["hipt_lgp", "abmil", "mean_mlp"] = "hipt_lgp"
+    head: Literal["hipt_lgp", "abmil", "mean_mlp"] = "hipt_lgp"  # hipt_lgp | abmil | mean_mlp
     # hipt_lgp only: run this ViT-4K (e.g. vit4k_xs) over the stored tokens256 of each region
     # instead of reading emb4k; weights from local_vit_checkpoint (official layout), else random.
     local_vit: str | None = None
-    local_vit_checkpoint: str | None = None
-    freeze_local: bool = True
+    local_vit_checkpoint: str | None = None  # its weights (official vit4k_xs_dino.pth layout); None: random
+    freeze_local: bool = True  # false: fine-tune the ViT-4K with the head
     folds: int | None = Field(default=None, ge=2)  # None: 10 for subtyping, 5 for survival
     train_fraction: float = Field(default=1.0, gt=0, le=1)
-    epochs: int = Field(default=50, gt=0)
+    epochs: int = Field(default=50, gt=0)  # defaults measured on the planted demo cohort (heads/*.yaml: per task)
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-5, ge=0)
     dropout: float = Field(default=0.25, ge=0, lt=1)
@@ -247,7 +253,7 @@ class HeadsConfig(_Section):
     # with the lowest validation loss is the fold's model; the outer fold is never looked at.
     val_fraction: float = Field(default=0.2, ge=0, lt=1)  # 0: no inner split, the last epoch
     patience: int | None = Field(default=20, gt=0)  # stop a fold after this many epochs without improvement
-    survival_loss: Literal["nll", "cox"] = "nll"
+    survival_loss: Literal["nll", "cox"] = "nll"  # nll (4 discrete-time bins) | cox
     alpha_surv: float = Field(default=0.0, ge=0, le=1)
     n_bins: int = Field(default=4, ge=2)
     model_id: str | None = None  # which embeddings under --out (None: the only one)
@@ -260,6 +266,8 @@ class SweepConfig(_Section):
 
     num_samples: int = Field(default=8, gt=0)
     metric: str | None = None  # None: auc (subtyping) or c_index (survival), maximised
+    # heads.* key → one of choice | grid | uniform | loguniform | randint,
+    # e.g. {lr: {loguniform: [1.0e-4, 1.0e-2]}, head: {grid: [abmil, hipt_lgp]}}
     space: dict[str, dict[str, list]] = Field(default_factory=dict)
     grace_period: int = Field(default=5, gt=0)  # ASHA: epochs before a trial can be stopped
     max_concurrent: int | None = Field(default=None, gt=0)
@@ -281,6 +289,7 @@ class TrackingConfig(_Section):
 class SearchConfig(_Section):
     """Similar-region search: a vector index on ``regions.emb4k`` (refreshed after every embed)."""
 
+    # IVF_PQ | IVF_HNSW_SQ | IVF_HNSW_PQ | IVF_FLAT
     index_type: Literal["IVF_PQ", "IVF_HNSW_SQ", "IVF_HNSW_PQ", "IVF_FLAT"] = "IVF_PQ"
     metric: Literal["cosine", "L2", "dot"] = "cosine"
     num_partitions: int | None = Field(default=None, gt=0)  # None: about √rows
@@ -393,13 +402,13 @@ def load_config(
     overrides: list[str] = (),
     values: dict[str, Any] | None = None,
 ) -> Config:
-    """Layer ``configs/base.yaml``, ``configs/<command>.yaml`` (if present), ``files``,
-    ``values`` (from CLI flags) and ``key=value`` overrides, then validate once.
+    """Layer ``configs/<command>.yaml`` (if present), ``files``, ``values`` (from CLI flags) and
+    ``key=value`` overrides over the defaults, then validate once.
 
     Raises:
         ConfigError: a missing file, bad YAML, an unknown key or a value of the wrong kind.
     """
-    data = _read_yaml(CONFIG_DIR / "base.yaml")
+    data: dict[str, Any] = {}
     if command and (CONFIG_DIR / f"{command}.yaml").is_file():
         data = _deep_merge(data, _read_yaml(CONFIG_DIR / f"{command}.yaml"))
     for f in files:
@@ -416,3 +425,67 @@ def validate_config(data: dict[str, Any]) -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc)) from None
+
+
+_HEADER = """\
+# The defaults of every hipt-ray setting, with what each one means. Generated from
+# hipt_ray/config.py (python -m hipt_ray.config > configs/base.yaml): change a default there, not
+# here; this file is for reading and is not loaded. Layering: these defaults < configs/<command>.yaml
+# < --config files < key=value overrides on the command line. Unknown keys are errors.
+"""
+
+
+def _field_comments(section: type[BaseModel]) -> dict[str, tuple[list[str], str]]:
+    """field → (comment lines just above it, comment at the end of its line) in this module."""
+    import inspect
+    import io
+    import re
+    import textwrap
+    import tokenize
+
+    found: dict[str, tuple[list[str], str]] = {}
+    above: list[str] = []
+    for line in textwrap.dedent(inspect.getsource(section)).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text[1:].strip())
+            continue
+        name = re.match(r"(\w+)\s*:", text)
+        if name and name.group(1) in section.model_fields:
+            tokens = tokenize.generate_tokens(io.StringIO(text + "\n").readline)
+            trailing = next((t.string[1:].strip() for t in tokens if t.type == tokenize.COMMENT), "")
+            found[name.group(1)] = (above, trailing)
+        above = []
+    return found
+
+
+def _yaml_words(comment: str) -> str:
+    """A comment written beside Python code, as read beside YAML (None is null there)."""
+    import re
+
+    return re.sub(r"\bNone\b", "null", comment)
+
+
+def defaults_yaml() -> str:
+    """``configs/base.yaml``: every section's defaults with the comments written beside them."""
+    def scalar(value: Any) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10_000).split("\n...")[0].strip()
+
+    defaults = Config().model_dump(mode="json")
+    out = [_HEADER.rstrip("\n")]
+    for name, field in Config.model_fields.items():
+        section = field.annotation
+        if not (isinstance(section, type) and issubclass(section, _Section)):
+            continue
+        out.append(f"{name}:")
+        comments = _field_comments(section)
+        for key, value in defaults[name].items():
+            above, trailing = comments.get(key, ([], ""))
+            out += [f"  # {_yaml_words(c)}" for c in above]
+            line = f"  {key}: {scalar(value)}"
+            out.append(f"{line:<32} # {_yaml_words(trailing)}" if trailing else line)
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(defaults_yaml(), end="")
