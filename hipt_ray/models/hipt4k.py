@@ -49,13 +49,23 @@ class HIPT4K(nn.Module):
         self.vit256, self.vit4k = vit256, vit4k
         self.patch_px, self.micro_batch = patch_px, default_micro_batch("cpu", micro_batch)
         self.embed_dim = vit4k.embed_dim
+        # > 0: a region's last ViT-256 batch is padded to a multiple of this many patches (the
+        # padding's outputs dropped), so that a compiled ViT-256 sees a few batch shapes instead
+        # of one per region size; per-sample layers make the kept outputs the same either way.
+        self.pad_patches = 0
 
     def tokens256(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` → per-patch CLS tokens ``[B, N, D256]`` in row-major patch order."""
         b = x.shape[0]
         patches = patchify(x, self.patch_px)
-        tokens = torch.cat([self.vit256(chunk) for chunk in patches.split(self.micro_batch)])
+        tokens = torch.cat([self._vit256_padded(chunk) for chunk in patches.split(self.micro_batch)])
         return tokens.reshape(b, -1, tokens.shape[-1])
+
+    def _vit256_padded(self, chunk: torch.Tensor) -> torch.Tensor:
+        n, short = chunk.shape[0], -chunk.shape[0] % self.pad_patches if self.pad_patches else 0
+        if short:
+            chunk = torch.cat([chunk, chunk.new_zeros((short, *chunk.shape[1:]))])
+        return self.vit256(chunk)[:n]
 
     def grid(self, tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         """``[B, N, D]`` → ``[B, D, rows, cols]`` (the ViT-4K input)."""

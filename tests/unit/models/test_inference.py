@@ -33,6 +33,24 @@ def test_compiled_default_path_agrees_with_fp32():
     assert fast_dtype("cpu") in (torch.bfloat16, torch.float32)
 
 
+def test_compiled_path_compiles_once_whatever_the_region_size():
+    # Edge regions come in many sizes; each used to recompile both models (minutes on a CPU).
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    m = _model()
+    fast = prepare_for_inference(m, dtype=torch.float32)
+    assert fast.pad_patches == 8  # the micro-batch (8) is below 32
+    with torch.no_grad():
+        for h, w in ((512, 768), (256, 1280), (768, 768), (256, 256)):
+            x = torch.randn(1, 3, h, w)
+            out, ref = fast.forward_features(x), m.forward_features(x)
+            assert torch.allclose(out["tokens256"], ref["tokens256"], atol=1e-4)  # padding changes nothing
+            assert torch.allclose(out["emb4k"], ref["emb4k"], atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_compile_failure_falls_back_to_eager():
     from hipt_ray.models.inference import CastInputs
 
