@@ -215,11 +215,10 @@ class Slide:
         lw, lh = max(1, round(w * level_scale)), max(1, round(h * level_scale))
         factor = lw // w
         exact_factor = factor > 1 and (lw, lh) == (w * factor, h * factor)
-        ds = self._osr.level_downsamples[level]
-        # the corner on the shrunk level's pixel grid (regions of a grid are; an arbitrary point
-        # is read exactly, not half a pixel off)
-        aligned = all(round(v / ds) % factor == 0 for v in level0_xy)
-        if exact_factor and aligned and self.scaled_decode and self._osr.can_scale(level, factor):
+        # scaled decoding only with the corner on the shrunk level's pixel grid (regions of a grid
+        # are; an arbitrary point is read exactly, not half a pixel off)
+        if exact_factor and self.scaled_decode and self._osr.can_scale(level, factor) and all(
+                round(v / self._osr.level_downsamples[level]) % factor == 0 for v in level0_xy):
             return self._read(level0_xy, level, (w, h), scale=factor), level
         rgb = self._read(level0_xy, level, (lw, lh))
         if (lw, lh) == (w, h):

@@ -108,5 +108,5 @@ def tile_slide(spec: SlideSpec, cfg: Config, *, cache: StagingCache, spec_hash: 
         log.warning("slide %s failed", spec.uri, exc_info=True)
         error = describe_error(spec.uri, exc)
         regions = []
-    return TileResult(status_row(row, status=status, error=error, n_regions=len(regions), model_id="",
+    return TileResult(status_row(row, status=status, error=error, n_regions=len(regions),
                                  seconds=time.perf_counter() - t0), regions)

@@ -324,14 +324,15 @@ def _check_chain_ends(tif, pages: list, uri: str) -> None:
     import struct
 
     fmt, fh = tif.tiff, tif.filehandle
-    offset, seen = pages[0].offset, []
+    offset, seen = pages[0].offset, {}  # directory offset → its number
     while offset:
-        if offset in seen or offset + fmt.tagnosize > fh.size or len(seen) > 10_000:
-            what = (f"loops back to directory {seen.index(offset)}" if offset in seen
-                    else f"points to offset {offset}, past the end of the file ({fh.size} bytes)")
-            raise TileError(f"{uri}: TIFF directory {len(seen) - 1} (at offset {seen[-1]}) {what}: "
+        what = (f"loops back to directory {seen[offset]}" if offset in seen
+                else f"points to offset {offset}, past the end of the file ({fh.size} bytes)"
+                if offset + fmt.tagnosize > fh.size else None)
+        if what:
+            raise TileError(f"{uri}: TIFF directory {len(seen) - 1} (at offset {list(seen)[-1]}) {what}: "
                             "the file is corrupt or truncated; re-export or re-upload it")
-        seen.append(offset)
+        seen[offset] = len(seen)
         fh.seek(offset)
         (n,) = struct.unpack(fmt.tagnoformat, fh.read(fmt.tagnosize))
         fh.seek(offset + fmt.tagnosize + n * fmt.tagsize)
