@@ -55,11 +55,13 @@ def tissue_tile(*, subtype: int = 0, risk: float = 0.0, seed: int = 0) -> np.nda
     tile = np.clip(tile * (1.0 - 0.35 * float(np.clip(risk, 0, 1))), 0, 255)
     n_nuclei = int(round(np.clip(risk, 0, 1) * 480))  # up to ~25 % of the area
     if n_nuclei:
-        yy, xx = np.mgrid[0:512, 0:512]
         for cy, cx, r in zip(rng.integers(0, 512, n_nuclei), rng.integers(0, 512, n_nuclei),
                              rng.uniform(4, 8, n_nuclei)):
+            # each disk drawn in its own bounding box (r < 8), not tested over the whole tile
+            y0, x0 = max(0, cy - 8), max(0, cx - 8)
+            yy, xx = np.ogrid[y0:min(512, cy + 9), x0:min(512, cx + 9)]
             disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-            tile[disk] = (70, 35, 95)
+            tile[y0:y0 + disk.shape[0], x0:x0 + disk.shape[1]][disk] = (70, 35, 95)
     return tile.astype(np.uint8)
 
 

@@ -106,6 +106,30 @@ def test_classification_metrics_and_km():
     assert km["n_high"] == 30 and km["p_value"] < 1e-3 and km["km_high"].median_survival_time_ < km["km_low"].median_survival_time_
 
 
+def test_metrics_equal_scikit_learns_with_ties_and_several_classes():
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    for n_classes in (2, 3, 4):
+        for _ in range(20):
+            y = rng.integers(0, n_classes, 30)
+            counts = rng.integers(1, 4, (30, n_classes))  # coarse scores: many ties, which count half in both
+            probs = counts / counts.sum(1, keepdims=True)
+            if len(set(y)) < n_classes:
+                with pytest.raises(ValueError):
+                    classification_metrics(y, probs)
+                continue
+            ours = classification_metrics(y, probs)
+            ref = (roc_auc_score(y, probs[:, 1]) if n_classes == 2 else
+                   roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(n_classes))))
+            assert ours["auc"] == pytest.approx(ref, abs=1e-12)
+            assert ours["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, probs.argmax(1)), abs=1e-12)
+    with pytest.raises(ValueError, match="one class"):
+        classification_metrics(np.zeros(4, int), np.full((4, 2), 0.5))
+    with pytest.raises(ValueError, match="not finite"):
+        classification_metrics(np.array([0, 1]), np.array([[0.5, np.nan], [0.2, 0.8]]))
+
+
 def test_case_folds_are_stratified_without_leakage_and_hashed():
     cases = [f"c{i:02d}" for i in range(40)]
     labels = [i % 2 for i in range(40)]
