@@ -1,6 +1,6 @@
 """Embedding-job pipeline efficiency and driver memory, measured side by side in one run.
 
-    .venv/bin/python bench/embed.py [--slides 8] [--model tiny|real] [--storage local|s3]
+    .venv/bin/python bench/embed.py [--slides 8] [--model tiny|real] [--storage local|s3] [--compile false]
     .venv/bin/python bench/embed.py --rss        # driver peak RSS, 4 vs 16 slides
 
 For N synthetic slides (each a few 4096² regions at 0.5 µm/px) it measures, on the same local Ray:
@@ -93,7 +93,7 @@ def efficiency(args: argparse.Namespace) -> None:
         files = [ROOT / "configs" / "tiny.yaml"]
     else:
         files = []
-        overrides += ["model.name=hipt4k", "model.allow_random_weights=true", "embed.compile=true"]
+        overrides += ["model.name=hipt4k", "model.allow_random_weights=true", f"embed.compile={args.compile}"]
     cfg = load_config("embed", files=files, overrides=overrides,
                       values={"slides": src, "out": str(work / "out")})
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
@@ -195,6 +195,8 @@ def main() -> None:
     ap.add_argument("--model-regions", type=int, default=6, help="regions timed for model-only")
     ap.add_argument("--backend", choices=("auto", "tiles", "openslide", "both"), default="auto",
                     help="reader.backend; both: OpenSlide then the tile backend, one after the other")
+    ap.add_argument("--compile", choices=("true", "false"), default="true",
+                    help="embed.compile for --model real (on an AVX2-only CPU it gains nothing: false)")
     ap.add_argument("--rss", action="store_true")
     args = ap.parse_args()
     if args.rss:
