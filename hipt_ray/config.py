@@ -161,7 +161,7 @@ class EmbedConfig(_Section):
     use_gpu: bool | Literal["auto"] = "auto"  # auto: when the cluster has GPUs
     model_actors: int | None = Field(default=None, gt=0)  # None: one per GPU, else 1
     actor_cpus: float = Field(default=1.0, gt=0)
-    actor_memory_gb: float = Field(default=2.0, gt=0)
+    actor_memory_gb: float = Field(default=2.5, gt=0)  # the real-size model actor peaked at 1.9 GiB on CPU
     read_cpus: float = Field(default=1.0, gt=0)
     store_tokens: bool = True  # tokens256 column: needed by stage-2 pretraining and ViT-4K heads
     regions_per_task: int = Field(default=16, gt=0)  # regions one read task reads (≈ 1 s from JPEG tiles)
