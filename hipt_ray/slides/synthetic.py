@@ -214,7 +214,8 @@ def make_demo_data(out: str | Path, *, n_slides: int = 12, seed: int = 0, n_subt
         })
     # Each slide has its own seed: rendered side by side (numpy, PIL and the JPEG encoder release
     # the GIL for most of the work), the files are the same as one after the other.
-    with ThreadPoolExecutor(max_workers=min(4, len(os.sched_getaffinity(0)))) as pool:  # ≈ 1 GB a slide in flight
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # not on macOS
+    with ThreadPoolExecutor(max_workers=min(4, cpus)) as pool:  # ≈ 1 GB a slide in flight
         list(pool.map(lambda kw: make_slide(**kw), slides))
     with open(out / "labels.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
