@@ -45,21 +45,25 @@ def patch_slides(tmp_path_factory):
     return d
 
 
-def test_stage1_from_s3_with_two_workers_overfits(ray_local, patch_slides, s3fs_client, tmp_path, capsys):
+def test_stage1_from_s3_with_two_workers_learns(ray_local, patch_slides, s3fs_client, tmp_path, capsys):
     s3fs_client.mkdir("pre-bkt")
     s3fs_client.put(str(patch_slides) + "/", "pre-bkt/slides/", recursive=True)
     out = tmp_path / "out"
     code = main(["pretrain", "--stage", "vit256", "--slides", "s3://pre-bkt/slides/", "--out", str(out),
                  "--config", TINY, f"storage.cache_dir={tmp_path / 'c'}", "pretrain.num_workers=2",
                  "pretrain.patches_per_region=4", "pretrain.cache_dataset=true", "pretrain.steps_per_epoch=8",
-                 "pretrain.epochs=3", "pretrain.lr=4.0", "pretrain.checkpoint_every_steps=8",
+                 "pretrain.epochs=3", "pretrain.checkpoint_every_steps=8",
                  "pretrain.teacher_temp=0.04", "pretrain.momentum_teacher=0.9"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     steps = [s["loss"] for s in _steps(out / "pretrain" / "hipt-pretrain") if "loss" in s]
     assert len(steps) == 24
-    first, last = sum(steps[:4]) / 4, sum(steps[-4:]) / 4
-    assert last < first - 0.1, (first, last)  # it overfits its 8 patches
+    # Learning through DDP on 2 workers, at the tiny config's lr. Seen over 2 runs: 3.9 at first,
+    # 0.5–1.8 over steps 9–14, then back up towards log(out_dim) as the centre catches up with the
+    # teacher on so few patches (as in the unit test). The end of the run is no measure of
+    # learning: at lr 4.0 the last steps sat above the first in 1 of 4 runs (CI, exit 2).
+    first, middle = sum(steps[:2]) / 2, sum(steps[8:14]) / 6
+    assert middle < 0.6 * first, steps
     teacher = load_checkpoint(create_model("vit256_tiny"), str(out / "pretrain" / "hipt-pretrain" / "teacher_vit256.pth"))
     assert torch.isfinite(teacher(torch.randn(1, 3, 256, 256))).all()
     import mlflow
