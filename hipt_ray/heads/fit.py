@@ -23,7 +23,7 @@ class FoldState:
     train: np.ndarray  # indices into the cohort: the inner training part the head learns from
     val: np.ndarray  # the outer (test) fold: never used for training, preprocessing or selection
     head: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None for folds restored from a finished run
     bins: np.ndarray | None = None  # survival: inner bin edges of this fold's training part
     last: dict | None = None  # outer-fold outputs of the selected epoch
     inner: np.ndarray | None = None  # inner validation cases (part of the outer training fold)
@@ -240,10 +240,51 @@ def cross_validate(h: HeadsConfig, cohort: Cohort) -> Iterator[tuple[int, list[F
         if final:
             for st in states:
                 st.head.load_state_dict(st.best_state)
-        mean = _mean([st.last["metrics"] for st in states])
-        mean.update(_mean([st.inner_metrics for st in states], prefix="val_"))
-        mean["train_loss"] = float(np.mean([st.train_loss for st in states]))
-        mean["best_epoch"] = float(np.mean([st.best_epoch for st in states]))
-        yield epoch, states, mean
+        yield epoch, states, summarise(states)
         if final:
             return
+
+
+def summarise(states: list[FoldState]) -> dict:
+    """Mean ± std over folds of the outer-fold and inner-validation metrics of the selected epochs."""
+    mean = _mean([st.last["metrics"] for st in states])
+    mean.update(_mean([st.inner_metrics for st in states], prefix="val_"))
+    mean["train_loss"] = float(np.mean([st.train_loss for st in states]))
+    mean["best_epoch"] = float(np.mean([st.best_epoch for st in states]))
+    return mean
+
+
+def fold_records(states: list[FoldState], split_hash: str) -> list[dict]:
+    """The trained folds as tensors and plain types (loadable with ``weights_only``), so a sweep's
+    refit can take the best trial's folds instead of training them again."""
+    return [{"split_hash": split_hash, "train": torch.as_tensor(st.train), "val": torch.as_tensor(st.val),
+             "inner": None if st.inner is None else torch.as_tensor(st.inner),
+             "bins": None if st.bins is None else torch.as_tensor(st.bins),
+             "state_dict": {k: v.detach().clone() for k, v in st.head.state_dict().items()},
+             "inner_metrics": dict(st.inner_metrics), "best_loss": float(st.best_loss),
+             "best_epoch": int(st.best_epoch), "train_loss": float(st.train_loss)} for st in states]
+
+
+def restore_folds(h: HeadsConfig, cohort: Cohort, records: list[dict]) -> list[FoldState]:
+    """``FoldState``s from :func:`fold_records`: each head rebuilt with its saved weights and its
+    outer-fold outputs evaluated again (evaluation is deterministic: the same outputs the trial
+    scored). Raises ValueError when the records were made on other folds than ``h`` gives."""
+    from hipt_ray.heads.features import FeatureTransform
+
+    _, split_hash = make_folds(h, cohort)
+    if not records or any(r["split_hash"] != split_hash for r in records):
+        raise ValueError(f"the saved folds were split differently (split {records[0]['split_hash'] if records else '-'}, "
+                         f"now {split_hash})")
+    states = []
+    for r in records:
+        head = build_head(h, cohort, FeatureTransform.from_state_dict(r["state_dict"]))
+        head.load_state_dict(r["state_dict"])
+        bins = None if r["bins"] is None else r["bins"].numpy()
+        train, val = r["train"].numpy(), r["val"].numpy()
+        inner = None if r["inner"] is None else r["inner"].numpy()
+        st = FoldState(train, val, head, optimizer=None, bins=bins, inner=inner,
+                       weights=_class_weights(h, cohort, train), inner_metrics=dict(r["inner_metrics"]),
+                       best_loss=r["best_loss"], best_epoch=r["best_epoch"], train_loss=r["train_loss"])
+        st.last = evaluate(h, head, cohort, val)
+        states.append(st)
+    return states

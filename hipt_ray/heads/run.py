@@ -13,7 +13,7 @@ import pandas as pd
 from hipt_ray.config import Config, check_name
 from hipt_ray.heads.baselines import baselines
 from hipt_ray.heads.cohort import load_cohort
-from hipt_ray.heads.fit import cross_validate, make_folds
+from hipt_ray.heads.fit import cross_validate, make_folds, restore_folds, summarise
 from hipt_ray.heads.metrics import km_split, pooled_ci, pooled_metric
 from hipt_ray.storage import is_remote, local_path
 
@@ -29,6 +29,7 @@ class HeadResult:
     results_csv: str
     plot: str
     cohort: str = ""
+    reused: bool = False  # the folds came trained (a sweep trial's), not trained here
 
     def lines(self) -> list[str]:
         m = self.metrics
@@ -70,7 +71,11 @@ def run_dir_for(cfg: Config, name: str) -> str:
     return path
 
 
-def train_head(cfg: Config, *, run_name: str | None = None, parent_run_id: str | None = None) -> HeadResult:
+def train_head(cfg: Config, *, run_name: str | None = None, parent_run_id: str | None = None,
+               trained: list[dict] | None = None) -> HeadResult:
+    """Cross-validate ``cfg.heads`` and log it; with ``trained`` (a sweep trial's
+    :func:`~hipt_ray.heads.fit.fold_records` of this very configuration) its folds are taken as
+    trained, and everything after training (baselines, CIs, predictions, plots) is done on them."""
     import mlflow
 
     from hipt_ray.tracking import setup_tracking
@@ -89,10 +94,24 @@ def train_head(cfg: Config, *, run_name: str | None = None, parent_run_id: str |
         mlflow.log_params({f"heads.{k}": v for k, v in h.model_dump(mode="json").items()})
         mlflow.log_params({"split_hash": split_hash, "n_cases": len(cohort.case_ids), "model_id": cohort.model_id,
                            "regions_table_version": cohort.table_version, "n_folds": len(folds)})
-        for epoch, states, mean in cross_validate(h, cohort):
-            mlflow.log_metrics(mean, step=epoch)
+        states = None
+        if trained is not None:
+            try:
+                states = restore_folds(h, cohort, trained)
+            except ValueError as exc:  # not these folds: train them here instead
+                log.warning("the sweep trial's trained folds do not fit this run (%s): training them again", exc)
+        reused = states is not None
+        if reused:
+            mean = summarise(states)
+            mlflow.log_metrics(mean)
             for f, st in enumerate(states):
-                mlflow.log_metrics({f"fold{f}_{k}": v for k, v in st.last["metrics"].items()}, step=epoch)
+                mlflow.log_metrics({f"fold{f}_{k}": v for k, v in st.last["metrics"].items()})
+            mlflow.set_tag("folds", "taken from the sweep trial that trained them (per-epoch metrics in its run)")
+        else:
+            for epoch, states, mean in cross_validate(h, cohort):
+                mlflow.log_metrics(mean, step=epoch)
+                for f, st in enumerate(states):
+                    mlflow.log_metrics({f"fold{f}_{k}": v for k, v in st.last["metrics"].items()}, step=epoch)
         per_fold = [st.last["metrics"] for st in states]
         oof = pooled_outputs(h.task, states)
         summary = {"pooled": pooled_metric(h.task, oof)}
@@ -136,7 +155,8 @@ def train_head(cfg: Config, *, run_name: str | None = None, parent_run_id: str |
         mlflow.log_artifact(results_csv)
         mlflow.log_artifact(plot)
         return HeadResult(metrics=mean, per_fold=per_fold, split_hash=split_hash, run_id=run.info.run_id,
-                          results_csv=results_csv, plot=plot, cohort=describe_cohort(cohort))
+                          results_csv=results_csv, plot=plot, cohort=describe_cohort(cohort),
+                          reused=reused)
 
 
 def describe_cohort(cohort) -> str:

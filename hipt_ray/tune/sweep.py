@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 
 from hipt_ray import console
@@ -14,6 +15,7 @@ from hipt_ray.config import Config, ConfigError, validate_config
 
 log = logging.getLogger(__name__)
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+FOLDS_FILE = "folds.pt"
 
 
 def search_space(space: dict[str, dict[str, list]]) -> dict:
@@ -39,7 +41,7 @@ def _trial(config: dict, *, base: dict, cohort, tracking_uri: str, experiment: s
     import torch
     from ray import tune
 
-    from hipt_ray.heads.fit import cross_validate, make_folds
+    from hipt_ray.heads.fit import cross_validate, fold_records, make_folds
 
     torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers; a trial owns its CPUs
     cfg = validate_config({**base, "heads": {**base["heads"], **config}})
@@ -59,7 +61,28 @@ def _trial(config: dict, *, base: dict, cohort, tracking_uri: str, experiment: s
                 per_fold.update({f"fold{f}_{k}": v for k, v in st.last["metrics"].items()})
                 per_fold.update({f"fold{f}_val_{k}": v for k, v in st.inner_metrics.items()})
             mlflow.log_metrics({**mean, **per_fold}, step=epoch)
-            tune.report({**mean, **per_fold, "epoch": epoch})
+            if epoch == h.epochs or all(st.done for st in states):  # the selected weights are loaded
+                # The trained folds go with the last report (ASHA may stop the trial at it), so the
+                # refit of the best configuration takes them instead of training it again.
+                with tempfile.TemporaryDirectory() as d:
+                    torch.save(fold_records(states, split_hash), os.path.join(d, FOLDS_FILE))
+                    tune.report({**mean, **per_fold, "epoch": epoch}, checkpoint=tune.Checkpoint.from_directory(d))
+            else:
+                tune.report({**mean, **per_fold, "epoch": epoch})
+
+
+def trained_folds(result, cfg: Config) -> list[dict] | None:
+    """The best trial's trained folds from its last checkpoint; None when it has none (stopped by
+    ASHA before its last epoch)."""
+    from hipt_ray.models.checkpoints import load_trusted
+
+    if result.checkpoint is None:
+        return None
+    with result.checkpoint.as_directory() as d:
+        path = os.path.join(d, FOLDS_FILE)
+        if not os.path.isfile(path):
+            return None
+        return load_trusted(path, allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
 
 
 def nested_score(rows: list[dict], key: str, n_folds: int) -> tuple[float, list[int]]:
@@ -104,6 +127,7 @@ class SweepResult:
     best_outer: float = float("nan")
     n_trials: int = 0
     parent_run_id: str = ""
+    refit_reused: bool = False
 
     def lines(self) -> list[str]:
         key = self.metric.removeprefix("val_")
@@ -113,7 +137,8 @@ class SweepResult:
                 f"honest {key}: {self.honest:.3f} (nested: each outer fold scored by the trial best on its "
                 f"inner validation); the best trial's out-of-fold {key}: {self.best_outer:.3f}",
                 f"results table: {self.table_csv}", f"MLflow sweep run: {self.parent_run_id}",
-                "refit of the best configuration:", *self.refit_lines]
+                "refit of the best configuration" + (" (the best trial's trained folds, not trained again):"
+                                                      if self.refit_reused else ":"), *self.refit_lines]
 
 
 def _n_trials(s) -> int:
@@ -218,12 +243,15 @@ def run_sweep(cfg: Config) -> SweepResult:
         best_cfg = validate_config({**cfg.to_dict(), "heads": {**cfg.to_dict()["heads"], **best.config}})
         import torch
 
+        trained = trained_folds(best, cfg)
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, int(s.cpus_per_trial)))  # as in the trial: the same sums, the same epochs
         try:
-            refit = train_head(best_cfg, run_name=f"{s.name}-best", parent_run_id=parent.info.run_id)
+            refit = train_head(best_cfg, run_name=f"{s.name}-best", parent_run_id=parent.info.run_id,
+                               trained=trained)
         finally:
             torch.set_num_threads(threads)
         return SweepResult(best_config=best.config, best_metric=float(best.metrics[metric]), metric=metric,
                            table_csv=table_csv, table=_top(table_df), refit_lines=refit.lines(),
-                           honest=honest, best_outer=best_outer, n_trials=len(rows), parent_run_id=parent.info.run_id)
+                           honest=honest, best_outer=best_outer, n_trials=len(rows), parent_run_id=parent.info.run_id,
+                           refit_reused=refit.reused)

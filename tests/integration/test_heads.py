@@ -1,5 +1,6 @@
 """`hipt-ray train-head` on a Lance embeddings table with planted signal: cross-validated
-metrics well above chance, chance-level with shuffled labels, and an MLflow run with artifacts."""
+metrics well above chance next to their baselines, sweeps, bad labels, and MLflow runs with artifacts
+(shuffled labels at chance: test_demo_cohort.py)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def _run(out, *args, capsys):
     return text
 
 
-def test_subtyping_well_above_chance_and_shuffled_near_chance(cohort, tmp_path, capsys):
+def test_subtyping_well_above_chance_with_baselines_and_predictions(cohort, capsys):
     text = _run(cohort, "heads.head=abmil", "heads.epochs=15", "heads.lr=0.001", "heads.folds=5", capsys=capsys)
     auc = float(text.split("auc: ")[1].split(" ")[0])
     assert "cohort: 80 cases, 80 slides (model m1); 1 labelled slides without embeddings: not-embedded" in text
@@ -68,15 +69,7 @@ def test_subtyping_well_above_chance_and_shuffled_near_chance(cohort, tmp_path, 
     assert (cohort / "heads" / "subtyping-abmil" / "roc.png").stat().st_size > 10_000
     preds = pd.read_csv(cohort / "heads" / "subtyping-abmil" / "predictions.csv")
     assert sorted(preds["case_id"]) == sorted(f"c{i}" for i in range(N_CASES))  # each case validated once
-    shuffled = cohort / "shuffled.csv"
-    df = pd.read_csv(cohort / "labels.csv")
-    df["label"] = np.random.default_rng(1).permutation(df["label"].to_numpy())
-    df.to_csv(shuffled, index=False)
-    code = main(["train-head", "--out", str(cohort), "--labels", str(shuffled), "--run-name", "shuffled",
-                 "heads.head=abmil", "heads.epochs=15", "heads.lr=0.001", "heads.folds=5"])
-    text = capsys.readouterr().out
-    chance = float(text.split("auc: ")[1].split(" ")[0])
-    assert code == 0 and 0.2 < chance < 0.8, text  # measured ≈ 0.5 ± 0.15 across seeds
+    # Shuffled labels at chance: the demo cohort's test, on both tasks (0.35–0.65).
 
 
 def test_survival_cindex_above_chance_and_mlflow_run(cohort, capsys):
@@ -150,3 +143,11 @@ def test_two_trial_sweep_logs_every_trial_to_mlflow(ray_local, cohort, capsys):
                                filter_string="attributes.run_name = 's2-best'")[0]
     assert refit.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
     assert (cohort / "heads" / "s2-best" / "roc.png").is_file()
+    # The refit takes the best trial's trained folds when the trial ran to its last epoch (ASHA
+    # may stop one at epoch 2): then its out-of-fold AUC is the trial's, exactly.
+    table = pd.read_csv(cohort / "heads" / "s2" / "results.csv")
+    best_epoch = int(table.loc[np.isclose(table["config/lr"], float(parent[0].data.params["best.lr"])), "epoch"].iloc[0])
+    reused = "(the best trial's trained folds, not trained again)" in text
+    assert reused == (best_epoch == 4), (best_epoch, text)
+    if reused:
+        assert refit.data.metrics["auc"] == pytest.approx(parent[0].data.metrics["best_trial_auc"], abs=1e-12)

@@ -11,7 +11,8 @@ import torch
 from hipt_ray.config import HeadsConfig
 from hipt_ray.heads.cohort import Cohort
 from hipt_ray.heads.features import FeatureTransform
-from hipt_ray.heads.fit import _class_weights, build_head, cross_validate, inner_split, make_folds
+from hipt_ray.heads.fit import (_class_weights, build_head, cross_validate, fold_records, inner_split, make_folds,
+                               restore_folds, summarise)
 from hipt_ray.heads.metrics import bootstrap_ci, classification_metrics
 from hipt_ray.tune.sweep import nested_score
 
@@ -74,6 +75,24 @@ def test_preprocessing_sees_only_training_cases_and_the_selected_epoch_is_kept()
         assert 1 <= st.best_epoch <= 12 and st.inner_metrics["loss"] == st.best_loss
     # standardised, the planted axis is learned; raw features at 50 ± 20 swamp a fresh head
     assert mean["auc"] > 0.8, mean
+
+
+def test_trained_folds_saved_and_restored_give_the_same_outputs_and_summary():
+    import io
+
+    h = HeadsConfig(head="abmil", folds=3, epochs=4, val_fraction=0.25)
+    cohort = _cohort(n=30)
+    _, states, mean = list(cross_validate(h, cohort))[-1]
+    buf = io.BytesIO()
+    torch.save(fold_records(states, make_folds(h, cohort)[1]), buf)
+    records = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)  # as a sweep's checkpoint loads
+    again = restore_folds(h, cohort, records)
+    for st, re in zip(states, again):
+        assert np.array_equal(st.val, re.val) and np.array_equal(st.fit_cases, re.fit_cases)
+        assert np.allclose(st.last["probs"], re.last["probs"], atol=1e-6) and st.last["metrics"] == re.last["metrics"]
+    assert summarise(again) == mean
+    with pytest.raises(ValueError, match="split differently"):  # other folds: not these heads
+        restore_folds(HeadsConfig(head="abmil", folds=3, seed=1), cohort, records)
 
 
 def test_early_stopping_ends_when_no_fold_improves():
