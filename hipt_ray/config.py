@@ -239,11 +239,13 @@ class HeadsConfig(_Section):
     folds: int | None = Field(default=None, ge=2)  # None: 10 for subtyping, 5 for survival
     train_fraction: float = Field(default=1.0, gt=0, le=1)
     epochs: int = Field(default=50, gt=0)  # defaults measured on the planted demo cohort (heads/*.yaml: per task)
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=2e-3, gt=0)
     weight_decay: float = Field(default=1e-5, ge=0)
     dropout: float = Field(default=0.25, ge=0, lt=1)
     hidden: int = Field(default=128, gt=0)  # abmil / mean_mlp hidden size (hipt_lgp keeps its 192)
-    batch_bags: int = Field(default=1, gt=0)  # bags (cases) per optimiser step
+    # Bags (cases) per optimiser step, run as one padded batch: 8 trains 3–4× faster than 1 at
+    # the same AUC on the demo cohort (bench/heads.py), with lr 2e-3 for the fewer steps.
+    batch_bags: int = Field(default=8, gt=0)
     # Preprocessing fitted on each fold's training cases only, saved with the fold's head.
     standardize: bool = True
     pca: int | None = Field(default=None, gt=0)  # keep this many principal components

@@ -14,8 +14,10 @@ from hipt_ray.config import HeadsConfig
 from hipt_ray.heads.cohort import Cohort
 from hipt_ray.heads.losses import cox_loss, risk_from_logits, survival_bins, survival_nll
 from hipt_ray.heads.metrics import classification_metrics, concordance
-from hipt_ray.heads.models import create_head
+from hipt_ray.heads.models import create_head, forward_bags
 from hipt_ray.heads.splits import case_folds
+
+EVAL_BAGS = 32  # bags evaluated in one padded call
 
 
 @dataclass
@@ -77,7 +79,8 @@ def evaluate(h: HeadsConfig, head: torch.nn.Module, cohort: Cohort, idx: np.ndar
     subtyping / Cox) also the loss, as training computes it."""
     head.eval()
     with torch.no_grad():
-        logits = torch.cat([head(cohort.inputs[i])[0] for i in idx])
+        logits = torch.cat([forward_bags(head, [cohort.inputs[i] for i in idx[k:k + EVAL_BAGS]])
+                            for k in range(0, len(idx), EVAL_BAGS)])
         loss = (float(_loss(h, logits, cohort, list(idx), bins, weights))
                 if h.task == "subtyping" or h.survival_loss == "cox" or bins is not None else float("nan"))
     if h.task == "subtyping":
@@ -216,7 +219,7 @@ def cross_validate(h: HeadsConfig, cohort: Cohort) -> Iterator[tuple[int, list[F
             losses = []
             for start in range(0, len(order), size):
                 group = list(order[start:start + size])
-                logits = torch.cat([st.head(cohort.inputs[i])[0] for i in group])
+                logits = forward_bags(st.head, [cohort.inputs[i] for i in group])
                 loss = _loss(h, logits, cohort, group, st.bins, st.weights)
                 st.optimizer.zero_grad()
                 loss.backward()

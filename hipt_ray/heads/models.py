@@ -1,5 +1,12 @@
 """Slide-level heads. Each takes one bag (all regions of a case) and returns logits ``[1, C]``
-and the attention over the bag's regions ``[M]`` (uniform for the mean-pool head)."""
+and the attention over the bag's regions ``[M]`` (uniform for the mean-pool head).
+
+``forward_padded(x [B, M, D], mask [B, M])`` runs a batch of bags zero-padded to one length, the
+padding masked out of attention, pooling and the transformer's keys: the same outputs as ``B``
+calls of ``forward`` (to float rounding), in one call — a batch of bags a step costs about what
+one bag does (a step on these small bags is mostly per-call overhead). :func:`forward_bags` picks
+the path.
+"""
 
 from __future__ import annotations
 
@@ -91,6 +98,16 @@ class HIPTLGP(nn.Module):
         slide = self.global_rho(attn.unsqueeze(0) @ h)  # (1, dim)
         return self.classifier(slide), attn
 
+    def forward_padded(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Region embeddings ``[B, M, D]`` (not tokens: a local ViT-4K takes bags one by one)."""
+        if self.local_vit is not None:
+            raise ValueError("forward_padded takes region embeddings; a head with a local ViT-4K runs bag by bag")
+        h = self.global_phi(self.prep(x))
+        h = self.global_transformer(h.transpose(0, 1), src_key_padding_mask=~mask).transpose(0, 1)
+        attn = _masked_softmax(self.global_attn_pool(h), mask)  # (B, M)
+        slide = self.global_rho(torch.bmm(attn.unsqueeze(1), h).squeeze(1))  # (B, dim)
+        return self.classifier(slide), attn
+
 
 class ABMIL(nn.Module):
     """Gated-attention MIL: embed → gated attention pooling → classifier."""
@@ -107,6 +124,11 @@ class ABMIL(nn.Module):
         attn = F.softmax(self.attn(h), dim=0)
         return self.classifier(attn.unsqueeze(0) @ h), attn
 
+    def forward_padded(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.phi(self.prep(x))
+        attn = _masked_softmax(self.attn(h), mask)
+        return self.classifier(torch.bmm(attn.unsqueeze(1), h).squeeze(1)), attn
+
 
 class MeanMLP(nn.Module):
     """Mean of the bag → MLP."""
@@ -120,8 +142,32 @@ class MeanMLP(nn.Module):
         attn = torch.full((bag.shape[0],), 1.0 / bag.shape[0], device=bag.device)
         return self.mlp(self.prep(bag).mean(dim=0, keepdim=True)), attn
 
+    def forward_padded(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = mask.float() / mask.sum(1, keepdim=True)
+        return self.mlp(torch.bmm(attn.unsqueeze(1), self.prep(x)).squeeze(1)), attn
+
 
 HEADS = {"hipt_lgp": HIPTLGP, "abmil": ABMIL, "mean_mlp": MeanMLP}
+
+
+def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return F.softmax(scores.masked_fill(~mask, float("-inf")), dim=1)
+
+
+def pad_bags(bags: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bags ``[M_i, D]`` → zeros-padded ``[B, max M, D]`` and ``mask [B, max M]`` (True: a region)."""
+    lengths = torch.tensor([len(b) for b in bags])
+    x = torch.nn.utils.rnn.pad_sequence(bags, batch_first=True)
+    return x, torch.arange(x.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def forward_bags(head: nn.Module, bags: list) -> torch.Tensor:
+    """Logits ``[B, C]`` of ``B`` bags: one padded call, or bag by bag where a bag is not a matrix
+    of region embeddings (a head that runs its own ViT-4K over tokens)."""
+    if len(bags) > 1 and getattr(head, "local_vit", None) is None and all(
+            isinstance(b, torch.Tensor) and b.dim() == 2 for b in bags):
+        return head.forward_padded(*pad_bags(bags))[0]
+    return torch.cat([head(b)[0] for b in bags])
 
 
 def create_head(name: str, **kwargs) -> nn.Module:

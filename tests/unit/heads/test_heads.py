@@ -57,6 +57,33 @@ def test_heads_are_invariant_to_region_order(name):
         create_head("transmil", n_classes=2)
 
 
+@pytest.mark.parametrize("name", ["hipt_lgp", "abmil", "mean_mlp"])
+def test_a_padded_batch_of_bags_gives_each_bag_its_own_outputs_and_gradients(name):
+    from hipt_ray.heads.features import FeatureTransform
+    from hipt_ray.heads.models import forward_bags, pad_bags
+
+    torch.manual_seed(2)
+    head = create_head(name, n_classes=3, dropout=0.0)
+    head.prep = FeatureTransform(torch.full((192,), 0.5), torch.full((192,), 2.0))  # padding is not zero after it
+    bags = [torch.randn(m, 192) for m in (5, 1, 9, 3)]
+    x, mask = pad_bags(bags)
+    assert x.shape == (4, 9, 192) and mask.sum(1).tolist() == [5, 1, 9, 3]
+    for mode in (head.eval, head.train):  # eval: PyTorch's fused transformer path; train: autograd's
+        mode()
+        logits, attn = head.forward_padded(x, mask)
+        one = [head(b) for b in bags]
+        assert torch.allclose(logits, torch.cat([o[0] for o in one]), atol=1e-5)
+        for k, (b, o) in enumerate(zip(bags, one)):
+            assert torch.allclose(attn[k, :len(b)], o[1], atol=1e-6) and (attn[k, len(b):] == 0).all()
+    # a step on the batch moves the weights as the bag-by-bag step does
+    grads = []
+    for run in (lambda: forward_bags(head, bags), lambda: torch.cat([head(b)[0] for b in bags])):
+        head.zero_grad()
+        torch.nn.functional.cross_entropy(run(), torch.tensor([0, 1, 2, 0])).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in head.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
 def test_survival_nll_by_hand():
     logits = torch.tensor([[0.0, 1.0, -1.0, 0.5], [0.2, -0.3, 0.1, 0.0]])
     h = torch.sigmoid(logits)
