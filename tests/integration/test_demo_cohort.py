@@ -187,7 +187,7 @@ def test_hipt_lgp_runs_its_own_vit4k_over_the_stored_tokens(demo, capsys):
     auc = float(printed.split("auc: ")[1].split(" ")[0])
     with capsys.disabled():
         print(f"demo cohort subtyping AUC, hipt_lgp over tokens256 with a frozen random ViT-4K: {auc:.3f}")
-    assert auc > 0.6, printed  # measured 1.000 with standardisation fitted on the frozen ViT-4K (0.583 without; chance 0.5)
+    assert auc > 0.6, printed  # measured 0.981 (batches of 8 bags; 1.000 one bag a step) with standardisation fitted on the frozen ViT-4K (0.583 without; chance 0.5)
     import torch
 
     saved = torch.load(Path(demo["out"]) / "heads" / "local-vit" / "heads.pt", weights_only=False)
