@@ -160,7 +160,7 @@ class EmbedConfig(_Section):
     compile: bool = True  # torch.compile + freezing (falls back to eager if it fails)
     use_gpu: bool | Literal["auto"] = "auto"  # auto: when the cluster has GPUs
     model_actors: int | None = Field(default=None, gt=0)  # None: one per GPU, else 1
-    actor_cpus: float = Field(default=1.0, gt=0)  # its torch threads: rounded up (1.5 → 2)
+    actor_cpus: float = Field(default=1.0, gt=0)
     actor_memory_gb: float = Field(default=2.5, gt=0)  # the real-size model actor peaked at 1.9 GiB on CPU
     read_cpus: float = Field(default=1.0, gt=0)
     store_tokens: bool = True  # tokens256 column: needed by stage-2 pretraining and ViT-4K heads

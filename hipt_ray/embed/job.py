@@ -12,7 +12,6 @@ half-embedded slide visible and a rerun resumes with exactly one row per region.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -160,7 +159,7 @@ def _run(cfg: Config) -> EmbedSummary:
                 model_name=cfg.model.name, state_dict=state, micro_batch=cfg.model.micro_batch,
                 precision=cfg.embed.precision, compile=cfg.embed.compile, use_gpu=use_gpu,
                 store_tokens=cfg.embed.store_tokens, schema=out_schema,
-                threads=max(1, math.ceil(cfg.embed.actor_cpus)),  # 1.5 CPUs may run 2 threads
+                threads=max(1, int(cfg.embed.actor_cpus)),
             ),
             batch_size=cfg.embed.actor_batch_regions, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=n_actors),
