@@ -123,8 +123,7 @@ def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[
 
     from hipt_ray.config import validate_config
     from hipt_ray.heads.cohort import load_cohort
-    from hipt_ray.heads.features import FeatureTransform
-    from hipt_ray.heads.fit import build_head
+    from hipt_ray.heads.fit import load_head
     from hipt_ray.slides.reader import open_slide
     from hipt_ray.slides.tiler import make_cache
     from hipt_ray.store import Store
@@ -145,9 +144,7 @@ def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[
     fold_of = {c: f for f, fold in enumerate(saved["folds"]) for c in fold["val"]}
     heads = []
     for fold in saved["folds"]:
-        head = build_head(h, cohort, FeatureTransform.from_state_dict(fold["state_dict"]))
-        head.load_state_dict(fold["state_dict"])
-        heads.append(head.eval())
+        heads.append(load_head(h, cohort, fold["state_dict"]).eval())
     wanted = set(slide_ids) if slide_ids else None
     os.makedirs(out_dir, exist_ok=True)
     cache = make_cache(run_cfg)

@@ -239,13 +239,27 @@ def cross_validate(h: HeadsConfig, cohort: Cohort) -> Iterator[tuple[int, list[F
                 st.last = evaluate(h, st.head, cohort, st.val)
             elif h.patience and epoch - st.best_epoch >= h.patience:
                 st.done = True
-        final = epoch == h.epochs or all(st.done for st in states)
+        final = is_final(h, epoch, states)
         if final:
             for st in states:
                 st.head.load_state_dict(st.best_state)
         yield epoch, states, summarise(states)
         if final:
             return
+
+
+def is_final(h: HeadsConfig, epoch: int, states: list[FoldState]) -> bool:
+    """The epoch after which :func:`cross_validate` stops, with the selected weights loaded."""
+    return epoch == h.epochs or all(st.done for st in states)
+
+
+def load_head(h: HeadsConfig, cohort: Cohort, state_dict: dict) -> torch.nn.Module:
+    """A head saved as ``state_dict`` (its fitted preprocessing included), rebuilt for ``cohort``."""
+    from hipt_ray.heads.features import FeatureTransform
+
+    head = build_head(h, cohort, FeatureTransform.from_state_dict(state_dict))
+    head.load_state_dict(state_dict)
+    return head
 
 
 def summarise(states: list[FoldState]) -> dict:
@@ -263,7 +277,7 @@ def fold_records(states: list[FoldState], split_hash: str) -> list[dict]:
     return [{"split_hash": split_hash, "train": torch.as_tensor(st.train), "val": torch.as_tensor(st.val),
              "inner": None if st.inner is None else torch.as_tensor(st.inner),
              "bins": None if st.bins is None else torch.as_tensor(st.bins),
-             "state_dict": {k: v.detach().clone() for k, v in st.head.state_dict().items()},
+             "state_dict": st.head.state_dict(),
              "inner_metrics": dict(st.inner_metrics), "best_loss": float(st.best_loss),
              "best_epoch": int(st.best_epoch), "train_loss": float(st.train_loss)} for st in states]
 
@@ -272,16 +286,13 @@ def restore_folds(h: HeadsConfig, cohort: Cohort, records: list[dict]) -> list[F
     """``FoldState``s from :func:`fold_records`: each head rebuilt with its saved weights and its
     outer-fold outputs evaluated again (evaluation is deterministic: the same outputs the trial
     scored). Raises ValueError when the records were made on other folds than ``h`` gives."""
-    from hipt_ray.heads.features import FeatureTransform
-
     _, split_hash = make_folds(h, cohort)
     if not records or any(r["split_hash"] != split_hash for r in records):
         raise ValueError(f"the saved folds were split differently (split {records[0]['split_hash'] if records else '-'}, "
                          f"now {split_hash})")
     states = []
     for r in records:
-        head = build_head(h, cohort, FeatureTransform.from_state_dict(r["state_dict"]))
-        head.load_state_dict(r["state_dict"])
+        head = load_head(h, cohort, r["state_dict"])
         bins = None if r["bins"] is None else r["bins"].numpy()
         train, val = r["train"].numpy(), r["val"].numpy()
         inner = None if r["inner"] is None else r["inner"].numpy()

@@ -164,8 +164,7 @@ def pad_bags(bags: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 def forward_bags(head: nn.Module, bags: list) -> torch.Tensor:
     """Logits ``[B, C]`` of ``B`` bags: one padded call, or bag by bag where a bag is not a matrix
     of region embeddings (a head that runs its own ViT-4K over tokens)."""
-    if len(bags) > 1 and getattr(head, "local_vit", None) is None and all(
-            isinstance(b, torch.Tensor) and b.dim() == 2 for b in bags):
+    if len(bags) > 1 and all(isinstance(b, torch.Tensor) and b.dim() == 2 for b in bags):
         return head.forward_padded(*pad_bags(bags))[0]
     return torch.cat([head(b)[0] for b in bags])
 

@@ -103,15 +103,11 @@ def train_head(cfg: Config, *, run_name: str | None = None, parent_run_id: str |
         reused = states is not None
         if reused:
             mean = summarise(states)
-            mlflow.log_metrics(mean)
-            for f, st in enumerate(states):
-                mlflow.log_metrics({f"fold{f}_{k}": v for k, v in st.last["metrics"].items()})
+            _log_folds(mean, states)
             mlflow.set_tag("folds", "taken from the sweep trial that trained them (per-epoch metrics in its run)")
         else:
             for epoch, states, mean in cross_validate(h, cohort):
-                mlflow.log_metrics(mean, step=epoch)
-                for f, st in enumerate(states):
-                    mlflow.log_metrics({f"fold{f}_{k}": v for k, v in st.last["metrics"].items()}, step=epoch)
+                _log_folds(mean, states, step=epoch)
         per_fold = [st.last["metrics"] for st in states]
         oof = pooled_outputs(h.task, states)
         summary = {"pooled": pooled_metric(h.task, oof)}
@@ -157,6 +153,15 @@ def train_head(cfg: Config, *, run_name: str | None = None, parent_run_id: str |
         return HeadResult(metrics=mean, per_fold=per_fold, split_hash=split_hash, run_id=run.info.run_id,
                           results_csv=results_csv, plot=plot, cohort=describe_cohort(cohort),
                           reused=reused)
+
+
+def _log_folds(mean: dict, states, step: int | None = None) -> None:
+    """The mean metrics and each fold's outer-fold metrics, to the active MLflow run."""
+    import mlflow
+
+    mlflow.log_metrics(mean, step=step)
+    for f, st in enumerate(states):
+        mlflow.log_metrics({f"fold{f}_{k}": v for k, v in st.last["metrics"].items()}, step=step)
 
 
 def describe_cohort(cohort) -> str:

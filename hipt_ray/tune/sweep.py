@@ -41,7 +41,7 @@ def _trial(config: dict, *, base: dict, cohort, tracking_uri: str, experiment: s
     import torch
     from ray import tune
 
-    from hipt_ray.heads.fit import cross_validate, fold_records, make_folds
+    from hipt_ray.heads.fit import cross_validate, fold_records, is_final, make_folds
 
     torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers; a trial owns its CPUs
     cfg = validate_config({**base, "heads": {**base["heads"], **config}})
@@ -61,7 +61,7 @@ def _trial(config: dict, *, base: dict, cohort, tracking_uri: str, experiment: s
                 per_fold.update({f"fold{f}_{k}": v for k, v in st.last["metrics"].items()})
                 per_fold.update({f"fold{f}_val_{k}": v for k, v in st.inner_metrics.items()})
             mlflow.log_metrics({**mean, **per_fold}, step=epoch)
-            if epoch == h.epochs or all(st.done for st in states):  # the selected weights are loaded
+            if is_final(h, epoch, states):  # the selected weights are loaded
                 # The trained folds go with the last report (ASHA may stop the trial at it), so the
                 # refit of the best configuration takes them instead of training it again.
                 with tempfile.TemporaryDirectory() as d:
