@@ -1,6 +1,7 @@
 """Throughput of ViT-256 and HIPT-4K on this machine, every variant measured side by side.
 
     .venv/bin/python bench/models.py [--reps 3] [--quick]
+    .venv/bin/python bench/models.py --pixels [--model hipt4k_tiny] [--reps 5]
 
 Prints patches/s (ViT-256) and regions/s (HIPT-4K) for fp32 vs bf16 (bf16 only where the CPU runs it
 natively: on AVX2-only CPUs torch emulates it ≈ 60× slower than fp32), fused vs naive attention,
@@ -8,6 +9,10 @@ eager vs ``torch.compile`` (inductor freezing for inference) and several batch s
 achieved GFLOP/s against large-matmul rates measured in the same run. FLOPs are counted by hand
 (torch's FlopCounter misses fused attention on CPU): ViT-256 = 12.28 GFLOP per 256 px patch,
 ViT-4K = 1.71 GFLOP per region, so a 4096² region ≈ 3.15 TFLOP. Medians of ``--reps`` runs.
+
+``--pixels`` compares the two routes from a uint8 region to its embedding, on 1 and 2 threads:
+normalise the whole region in float and patchify it (what the model actors did), or cut uint8
+patches and normalise one micro-batch at a time (``HIPT4K.forward_uint8``, what they do now).
 
 glibc's allocator settings move CPU throughput by 10–20 %, so this script fixes them (it
 re-executes itself with the MALLOC_* values below unless they are already set).
@@ -33,7 +38,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from hipt_ray.models import create_model, set_fused_attention  # noqa: E402
+from hipt_ray.models import create_model, normalize_uint8, set_fused_attention  # noqa: E402
 from hipt_ray.models.inference import compile_for_inference, fast_dtype, prepare_for_inference  # noqa: E402
 
 GFLOP_VIT256 = 12.28  # per 256 px patch
@@ -58,12 +63,40 @@ def matmul_gflops(dtype: torch.dtype, reps: int, n: int = 4096) -> float:
     return 2 * n**3 / timed(lambda: a @ b, reps) / 1e9
 
 
+def pixels(model_name: str, reps: int) -> None:
+    """Seconds a 4096² uint8 region takes by the float route and by the uint8 route."""
+    model = create_model(model_name).eval()
+    img = torch.randint(0, 256, (1, 4096, 4096, 3), dtype=torch.uint8)
+    print(f"{model_name}, one 4096² uint8 region, micro-batch {model.micro_batch}, medians of {reps}:")
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out = {}
+
+        def by_float():
+            with torch.inference_mode():
+                out["float"] = model.forward_features(normalize_uint8(img))["emb4k"]
+
+        def by_uint8():
+            with torch.inference_mode():
+                out["uint8"] = model.forward_uint8(img)["emb4k"]
+
+        t_float, t_uint8 = timed(by_float, reps), timed(by_uint8, reps)
+        diff = (out["float"] - out["uint8"]).abs().max().item()
+        print(f"  {threads} thread{'s' if threads > 1 else ''}: float route {t_float:.3f} s, uint8 route "
+              f"{t_uint8:.3f} s ({t_float / t_uint8:.2f}×), max difference {diff:.1e}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="skip the full-region HIPT-4K runs")
+    ap.add_argument("--pixels", action="store_true", help="only the float vs uint8 route of a region")
+    ap.add_argument("--model", default="hipt4k_tiny", help="the model --pixels runs")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.pixels:
+        pixels(args.model, args.reps)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, allocator: "
           + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()))

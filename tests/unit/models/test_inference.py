@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from hipt_ray.models import create_model
+from hipt_ray.models import create_model, normalize_uint8
 from hipt_ray.models.inference import fast_dtype, prepare_for_inference
 
 
@@ -42,10 +42,10 @@ def test_compiled_path_compiles_once_whatever_the_region_size():
     m = _model()
     fast = prepare_for_inference(m, dtype=torch.float32)
     assert fast.pad_patches == 8  # the micro-batch (8) is below 32
-    with torch.no_grad():
+    with torch.no_grad():  # the route the model actors take: uint8 pixels
         for h, w in ((512, 768), (256, 1280), (768, 768), (256, 256)):
-            x = torch.randn(1, 3, h, w)
-            out, ref = fast.forward_features(x), m.forward_features(x)
+            img = torch.randint(0, 256, (1, h, w, 3), dtype=torch.uint8)
+            out, ref = fast.forward_uint8(img), m.forward_features(normalize_uint8(img))
             assert torch.allclose(out["tokens256"], ref["tokens256"], atol=1e-4)  # padding changes nothing
             assert torch.allclose(out["emb4k"], ref["emb4k"], atol=1e-4)
     assert counters["stats"]["unique_graphs"] == 1

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from hipt_ray.models import (
     CheckpointError, create_model, export_checkpoint, list_models, load_checkpoint, model_id,
-    normalize_uint8, patchify, resize_pos_embed, set_fused_attention,
+    normalize_uint8, patchify, patchify_uint8, resize_pos_embed, set_fused_attention,
 )
 
 from ... import reference_hipt as ref
@@ -153,6 +153,26 @@ def test_patchify_and_normalize():
     assert torch.allclose(x[0, :, 0, 0], torch.full((3,), -1.0))
     p = patchify(torch.arange(2 * 3, dtype=torch.float32).reshape(1, 1, 2, 3).repeat_interleave(4, 2).repeat_interleave(4, 3), 4)
     assert p.shape == (6, 1, 4, 4) and p[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_uint8_path_equals_normalise_then_patchify():
+    # The model actors cut uint8 patches and normalise a micro-batch at a time; the outputs
+    # must be those of the float route (normalise the whole region, then patchify).
+    m = _randomize(create_model("hipt4k_tiny", micro_batch=5), seed=6)
+    g = torch.Generator().manual_seed(1)
+    img = torch.randint(0, 256, (2, 768, 1024, 3), dtype=torch.uint8, generator=g)
+    p8 = patchify_uint8(img, 256)
+    assert p8.dtype == torch.uint8 and p8.shape == (24, 256, 256, 3)
+    assert torch.equal(normalize_uint8(p8), patchify(normalize_uint8(img), 256))  # same order, same values
+    with torch.no_grad():
+        ours, ref = m.forward_uint8(img), m.forward_features(normalize_uint8(img))
+        m.pad_patches = 4  # the compiled path pads each micro-batch; the padding's outputs are dropped
+        padded = m.forward_uint8(img)
+    for k in ("emb4k", "tokens256", "mean256"):
+        assert torch.allclose(ours[k], ref[k], atol=1e-5), (k, (ours[k] - ref[k]).abs().max())
+        assert torch.allclose(padded[k], ref[k], atol=1e-5), k
+    with pytest.raises(ValueError, match="multiple of the 256 px"):
+        patchify_uint8(img[:, :700], 256)
 
 
 def test_fused_and_naive_attention_agree_and_bf16_is_close():
