@@ -154,6 +154,7 @@ def efficiency(args: argparse.Namespace) -> None:
     steady = summary.regions / max(e2e_seconds - t_warm, 1e-9)
     print(f"  actor start-up (model build + first region{', compiled' if cfg.embed.compile else ''}, measured "
           f"in-process): {t_warm:.1f} s; end-to-end without it: {steady:7.3f} regions/s")
+    print(f"  in the pipeline, {summary.stages_line()}")
     print(f"  efficiency = end-to-end / min(read, model) = {e2e_rate / bound:.2f} (target ≥ 0.9); "
           f"{'read' if read_rate < model_rate else 'model'}-bound")
     # On one small node reads and model share the same cores, so the attainable rate is the

@@ -8,6 +8,7 @@ an ``error`` instead of raising, so one bad slide never stops the dataset.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections import OrderedDict
 from typing import Any
@@ -56,8 +57,9 @@ def _node() -> str:
 
 
 def read_region(row: dict[str, Any], *, cfg_dict: dict) -> dict[str, Any]:
-    """One region spec → the same row plus ``image`` (uint8 [h, w, 3]), ``error`` and
-    ``read_node`` (the Ray node that read it)."""
+    """One region spec → the same row plus ``image`` (uint8 [h, w, 3]), ``error``,
+    ``read_node`` (the Ray node that read it) and ``read_seconds``."""
+    t0 = time.perf_counter()
     cfg = validate_config(cfg_dict)  # 35 µs: not worth caching per worker
     row["read_node"] = _node()
     try:
@@ -68,13 +70,15 @@ def read_region(row: dict[str, Any], *, cfg_dict: dict) -> dict[str, Any]:
         _OPEN.pop(_key(row), None)
         row["image"] = np.zeros((0, 0, 3), np.uint8)
         row["error"] = str(exc) if isinstance(exc, SlideError) else describe_error(row["uri"], exc)
+    row["read_seconds"] = time.perf_counter() - t0
     return row
 
 
 class RegionEmbedder:
     """A model actor: weights loaded once, regions embedded one at a time (their 256 px patches
-    in micro-batches). Returns Arrow rows without the pixels. On CPU, torch uses ``threads``
-    threads (the actor's CPUs; Ray's default for a worker is one)."""
+    cut from the uint8 pixels and normalised in micro-batches). Returns Arrow rows without the
+    pixels, with each region's ``model_seconds``. On CPU, torch uses ``threads`` threads (the
+    actor's CPUs; Ray's default for a worker is one)."""
 
     def __init__(self, *, model_name: str, state_dict: dict, micro_batch: int | None, precision: str,
                  compile: bool, use_gpu: bool, store_tokens: bool, schema: pa.Schema, threads: int = 1) -> None:
@@ -96,21 +100,20 @@ class RegionEmbedder:
         self.store_tokens, self.schema = store_tokens, schema
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        from hipt_ray.models import normalize_uint8
-
         n = len(batch["slide_id"])
-        emb4k, mean256, tokens = [], [], []
+        emb4k, mean256, tokens, seconds = [], [], [], [0.0] * n
         errors = [str(e) for e in batch["error"]]
         for i in range(n):
             if errors[i]:
                 emb4k.append(None), mean256.append(None), tokens.append(None)
                 continue
+            t0 = time.perf_counter()
             try:
                 with warnings.catch_warnings():  # Ray's buffers are read-only; the model only reads
                     warnings.simplefilter("ignore", UserWarning)
                     img = self.torch.from_numpy(np.ascontiguousarray(batch["image"][i])).to(self.device)
                 with self.torch.inference_mode():
-                    out = self.model.forward_features(normalize_uint8(img[None]))
+                    out = self.model.forward_uint8(img[None])
                 emb4k.append(out["emb4k"][0].cpu().numpy())
                 mean256.append(out["mean256"][0].cpu().numpy())
                 tokens.append(out["tokens256"][0].half().cpu().numpy().ravel() if self.store_tokens else None)
@@ -118,6 +121,8 @@ class RegionEmbedder:
                 log.warning("embedding failed for %s region %s", batch["slide_id"][i], batch["region_index"][i], exc_info=True)
                 errors[i] = f"{batch['uri'][i]}: embedding failed: {type(exc).__name__}: {exc}"
                 emb4k.append(None), mean256.append(None), tokens.append(None)
+            seconds[i] = time.perf_counter() - t0
         columns = {name: list(batch[name]) for name in self.schema.names if name in batch}
-        columns.update(emb4k=emb4k, mean256=mean256, tokens256=tokens, error=errors, model_node=[self.node] * n)
+        columns.update(emb4k=emb4k, mean256=mean256, tokens256=tokens, error=errors, model_node=[self.node] * n,
+                       model_seconds=seconds)
         return pa.Table.from_pydict({f.name: columns[f.name] for f in self.schema}, schema=self.schema)

@@ -48,6 +48,9 @@ class EmbedSummary(TileSummary):
     pipeline_seconds: float = 0.0  # how long the pipeline ran
     commit_seconds: float = 0.0  # of which the driver spent committing finished slides
     nodes: dict[str, dict[str, int]] = field(default_factory=dict)  # read|model → node id → regions
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # read|model → seconds, summed
+    returned: int = 0  # regions that came back from the pipeline (ok or not): stage_seconds' count
+    model_actors: int = 0
     tables: str = ""  # fragments and versions left after tidying
 
     def lines(self) -> list[str]:
@@ -64,10 +67,22 @@ class EmbedSummary(TileSummary):
               f"{per_region:.0f} bytes and {1e3 * self.driver_cpu / max(self.regions, 1):.1f} ms of driver CPU "
               f"per region (driver CPU {self.driver_cpu:.1f} s over {self.pipeline_seconds:.1f} s of pipeline, "
               f"{self.commit_seconds:.1f} s of it committing)" + (f"; {placed}" if placed else "")]
-             if self.fragments else []) + ([f"tables: {self.tables}"] if self.tables else []) + [
+             if self.fragments else []) + ([self.stages_line()] if self.stage_seconds else []) + (
+            [f"tables: {self.tables}"] if self.tables else []) + [
             f"model: {self.model_id}",
             f"outputs: {self.out}/regions.lance (emb4k, mean256, tokens256), {self.out}/slides.lance",
         ] + ([f"search: {self.index}"] if self.index else [])
+
+    def stages_line(self) -> str:
+        """Where a region's time goes: its read and its model call (means over the regions
+        that came back), and how busy the model actors were while the pipeline ran — below
+        ≈ 90 % on a model-bound run, the model waits for reads or for Ray to move the pixels."""
+        n = max(self.returned, 1)
+        read, model = self.stage_seconds.get("read", 0.0), self.stage_seconds.get("model", 0.0)
+        actors = max(self.model_actors, 1)
+        busy = model / (actors * self.pipeline_seconds) if self.pipeline_seconds else 0.0
+        return (f"stages: read {read / n:.3g} s and model {model / n:.3g} s a region; "
+                f"{actors} model actor{'s' if actors > 1 else ''} busy {100 * busy:.0f} % of the pipeline")
 
 
 def _use_gpu(cfg: Config) -> bool:
@@ -134,7 +149,8 @@ def _run(cfg: Config) -> EmbedSummary:
     table_schema = store.prepare_regions(pa.schema(list(REGIONS_SCHEMA) + embedding_fields(dim4k, dim256)))
     out_schema = pa.schema([REGIONS_SCHEMA.field(n) for n in _COORDS] + [pa.field("uri", pa.string())]
                            + embedding_fields(dim4k, dim256)
-                           + [pa.field(n, pa.string()) for n in ("error", "read_node", "model_node")])
+                           + [pa.field(n, pa.string()) for n in ("error", "read_node", "model_node")]
+                           + [pa.field(n, pa.float32()) for n in ("read_seconds", "model_seconds")])
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
     # One streaming pipeline for the whole run: the driver holds only the region coordinates
@@ -191,6 +207,9 @@ def _run(cfg: Config) -> EmbedSummary:
     summary.duplicates = committer.duplicates
     summary.driver_bytes, summary.commit_seconds = committer.bytes_in, committer.commit_seconds
     summary.nodes = {k: dict(v) for k, v in committer.nodes.items()}
+    if blocks:
+        summary.stage_seconds, summary.returned = dict(committer.stage_seconds), committer.returned
+        summary.model_actors = n_actors
     summary.tables = store.tidy(cfg.storage.keep_versions_days)
     if summary.ok:
         from hipt_ray.store.vectors import refresh_index

@@ -35,6 +35,8 @@ META_SCHEMA = pa.schema([
     ("fragment_json", pa.string()),  # the fragment's metadata, on its first row only
     ("read_node", pa.string()),
     ("model_node", pa.string()),
+    ("read_seconds", pa.float32()),  # how long the region's read and its model call took
+    ("model_seconds", pa.float32()),
 ])
 
 
@@ -78,10 +80,11 @@ def write_region_fragments(batch: pa.Table, *, uri: str, schema: pa.Schema, mode
                 for j in mine:
                     errors[rows[j]] = f"writing region rows to {uri}: {start} of {len(mine)} rows written"
                     frag_keys[rows[j]] = frag_json[rows[j]] = ""
-    nodes = {c: batch[c] if c in batch.column_names else pa.nulls(n, pa.string())
-             for c in ("read_node", "model_node")}
+    passed = {c: batch[c].cast(META_SCHEMA.field(c).type) if c in batch.column_names
+              else pa.nulls(n, META_SCHEMA.field(c).type)
+              for c in ("read_node", "model_node", "read_seconds", "model_seconds")}
     return pa.table({"slide_id": batch["slide_id"], "region_index": batch["region_index"].cast(pa.int32()),
-                     "error": errors, "fragment": frag_keys, "fragment_json": frag_json, **nodes},
+                     "error": errors, "fragment": frag_keys, "fragment_json": frag_json, **passed},
                     schema=META_SCHEMA)
 
 
@@ -120,6 +123,8 @@ class RegionCommitter(SlideCommitter):
         self.duplicates = 0
         self.fragments = self.bytes_in = 0
         self.nodes: dict[str, dict[str, int]] = {"read": defaultdict(int), "model": defaultdict(int)}
+        self.stage_seconds = {"read": 0.0, "model": 0.0}  # summed over the regions that came back
+        self.returned = 0  # regions that came back once (ok or failed)
 
     def add(self, meta: pa.Table) -> None:
         """One batch of :data:`META_SCHEMA` rows."""
@@ -131,6 +136,7 @@ class RegionCommitter(SlideCommitter):
                 self.duplicates += 1  # readers still return each region once
                 continue
             self.got[sid].add(idx)
+            self.returned += 1
             touched.add(sid)
             if r["error"] and sid not in self.error:
                 self.error[sid] = r["error"]
@@ -143,6 +149,7 @@ class RegionCommitter(SlideCommitter):
             for kind in ("read", "model"):
                 if r[f"{kind}_node"]:
                     self.nodes[kind][r[f"{kind}_node"]] += 1
+                self.stage_seconds[kind] += r[f"{kind}_seconds"] or 0.0
         for sid in touched:
             if sid not in self.done and len(self.got[sid]) >= self.expected.get(sid, 0):
                 self._done(sid, "failed" if sid in self.error else "ok", self.error.get(sid, ""))

@@ -117,5 +117,9 @@ def _submit_tile_and_embed(src: Path, out: Path, tmp_path: Path, env: dict, dash
     placed = dict(re.findall(r"(read|model) on ([^;]+)", line))
     assert placed["read"].count("×") == placed["model"].count("×") == 1, line  # one node each
     assert placed["read"].split("×")[0] != placed["model"].split("×")[0], line  # not the same one
+    # where a region's time went, measured by the workers and carried back with the metadata
+    stages = re.search(r"^stages: read (\S+) s and model (\S+) s a region; "
+                       r"1 model actor busy (\d+) % of the pipeline$", job.stdout, re.M)
+    assert stages and float(stages[1]) > 0 and float(stages[2]) > 0 and 0 < int(stages[3]) <= 100, job.stdout
     emb = read_embeddings(str(out))
     assert set(emb) == {"good", "small"} and emb["small"]["emb4k"].shape == (1, 32)

@@ -22,6 +22,7 @@ def _embedded(rows: list[tuple[str, int, str]]) -> pa.Table:
         "slide_version": ["10:e"] * n, "emb4k": [np.full(4, r[1], np.float32) for r in rows],
         "mean256": [np.zeros(2, np.float32)] * n, "tokens256": [np.zeros(3, np.float16)] * n,
         "error": [r[2] for r in rows], "read_node": ["nodeA"] * n, "model_node": ["nodeB"] * n,
+        "model_seconds": [0.5] * n,  # float64 here, as the actors return it (no read_seconds)
     })
 
 
@@ -73,6 +74,7 @@ def test_rows_become_visible_with_their_slide_and_failed_slides_leave_nothing(st
     assert sorted(left) == ["a", "a", "a"]  # the rows b and c wrote were deleted with their failure
     assert store.remove_orphans(SPEC, MID) == []
     assert committer.fragments == 4 and committer.nodes["read"] == {"nodeA": 6}
+    assert committer.stage_seconds == {"read": 0.0, "model": 3.0} and committer.returned == 6  # not the duplicate
     assert committer.bytes_in / 6 < 2048  # what reached the driver per region
 
 
