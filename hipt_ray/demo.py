@@ -9,14 +9,28 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from hipt_ray.cli import main as cli
 
+_TIMES: list[tuple[str, float]] = []  # (command, wall seconds) of each step run
+
 
 def _step(argv: list[str]) -> int:
     print(f"\n$ hipt-ray {shlex.join(argv)}", flush=True)
-    return cli(argv)
+    t0 = time.perf_counter()
+    try:
+        return cli(argv)
+    finally:
+        _TIMES.append((argv[0], time.perf_counter() - t0))
+
+
+def _times() -> str:
+    """One line: where the demo's time went, step by step."""
+    total = sum(t for _, t in _TIMES)
+    steps = " · ".join(f"{name} {t:.0f} s" for name, t in _TIMES)
+    return f"wall time per step: {steps} · total {int(total // 60)}:{int(total % 60):02d}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         if code := _step(argv):
             return code
     print(f"""
+{_times()}
+
 demo outputs under {out}:
   slides + labels : {data}/slides/, {data}/labels.csv
   Lance tables    : {tables}/slides.lance (one row per slide and model), {tables}/regions.lance
