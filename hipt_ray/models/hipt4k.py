@@ -17,7 +17,11 @@ def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
 
     Run it on the model's device: it is the only per-pixel work between the reader and the model.
     """
-    x = images.permute(0, 3, 1, 2).float()
+    return _scale_(images.permute(0, 3, 1, 2).float())
+
+
+def _scale_(x: torch.Tensor) -> torch.Tensor:
+    """Pixel values 0–255 held in float → [-1, 1], in place."""
     return x.div_(255.0 * PIXEL_STD).sub_(PIXEL_MEAN / PIXEL_STD)
 
 
@@ -32,17 +36,12 @@ def patchify(x: torch.Tensor, patch_px: int) -> torch.Tensor:
 
 
 def patchify_uint8(images: torch.Tensor, patch_px: int) -> torch.Tensor:
-    """uint8 ``[B, H, W, 3]`` → ``[B·R·Cn, p, p, 3]`` in :func:`patchify`'s patch order.
+    """uint8 ``[B, H, W, 3]`` → uint8 ``[B·R·Cn, 3, p, p]`` in :func:`patchify`'s patch order.
 
     Cutting the pixels before normalising moves a quarter of the bytes: a 4096² region is
     50 MB as uint8 and 200 MB as float.
     """
-    b, h, w, c = images.shape
-    if h % patch_px or w % patch_px:
-        raise ValueError(f"region {w}×{h} is not a multiple of the {patch_px} px patch size")
-    rows, cols = h // patch_px, w // patch_px
-    x = images.reshape(b, rows, patch_px, cols, patch_px, c)  # (B, R, p, Cn, p, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(b * rows * cols, patch_px, patch_px, c)
+    return patchify(images.permute(0, 3, 1, 2), patch_px)
 
 
 def default_micro_batch(device: "str | torch.device" = "cpu", configured: int | None = None) -> int:
@@ -77,13 +76,12 @@ class HIPT4K(nn.Module):
         return tokens.reshape(b, -1, tokens.shape[-1])
 
     def _vit256_padded(self, chunk: torch.Tensor) -> torch.Tensor:
-        """ViT-256 over one micro-batch of float patches, or of uint8 ``[n, p, p, 3]`` patches
-        normalised here (after padding, so that every compiled batch has the same layout)."""
+        """ViT-256 over one micro-batch of patches, float or uint8 (normalised here)."""
         n, short = chunk.shape[0], -chunk.shape[0] % self.pad_patches if self.pad_patches else 0
         if short:
             chunk = torch.cat([chunk, chunk.new_zeros((short, *chunk.shape[1:]))])
         if chunk.dtype == torch.uint8:
-            chunk = normalize_uint8(chunk)
+            chunk = _scale_(chunk.float())
         return self.vit256(chunk)[:n]
 
     def grid(self, tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

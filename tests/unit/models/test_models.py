@@ -162,8 +162,8 @@ def test_uint8_path_equals_normalise_then_patchify():
     g = torch.Generator().manual_seed(1)
     img = torch.randint(0, 256, (2, 768, 1024, 3), dtype=torch.uint8, generator=g)
     p8 = patchify_uint8(img, 256)
-    assert p8.dtype == torch.uint8 and p8.shape == (24, 256, 256, 3)
-    assert torch.equal(normalize_uint8(p8), patchify(normalize_uint8(img), 256))  # same order, same values
+    assert p8.dtype == torch.uint8 and p8.shape == (24, 3, 256, 256)
+    assert torch.equal(normalize_uint8(p8.permute(0, 2, 3, 1)), patchify(normalize_uint8(img), 256))  # same order
     with torch.no_grad():
         ours, ref = m.forward_uint8(img), m.forward_features(normalize_uint8(img))
         m.pad_patches = 4  # the compiled path pads each micro-batch; the padding's outputs are dropped
