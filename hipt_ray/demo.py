@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         ["heatmap", "--head-run", str(tables / "heads" / "demo-abmil"), "--out", str(figures / "slides"),
          "--config", "configs/demo.yaml"],
         ["search", "--out", str(tables), "--slide", best["slide_id"], "--region", f"{best['x']},{best['y']}",
-         "--labels", str(data / "labels.csv"), "--dest", str(figures / "search"), "--config", "configs/demo.yaml"],
+         "--labels", str(data / "labels.csv"), "--dest", str(figures / "search"), "--config", "configs/demo.yaml",
+         "search.k=8"],  # a 3×3 mosaic with the query; the console keeps to a screen
     ]
     for argv in steps:
         if code := _step(argv):
