@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
          "--config", "configs/demo.yaml"],
         ["search", "--out", str(tables), "--slide", best["slide_id"], "--region", f"{best['x']},{best['y']}",
          "--labels", str(data / "labels.csv"), "--dest", str(figures / "search"), "--config", "configs/demo.yaml",
-         "search.k=8"],  # a 3×3 mosaic with the query; the console keeps to a screen
+         "search.k=8"],  # 8 rows in the console, not 16; the CSV and mosaic show the same 8
     ]
     for argv in steps:
         if code := _step(argv):
