@@ -145,22 +145,22 @@ def efficiency(args: argparse.Namespace) -> None:
     assert summary.regions == n, (summary.regions, n)
     bound = min(read_rate, model_rate)
     print(f"  regions: {n}")
-    print(f"  read-only : {read_rate:7.3f} regions/s")
-    print(f"  model-only: {model_rate:7.3f} regions/s")
-    print(f"  end-to-end: {e2e_rate:7.3f} regions/s (includes model actor start-up"
+    print(f"  read-only : {read_rate:8.4g} regions/s")
+    print(f"  model-only: {model_rate:8.4g} regions/s")
+    print(f"  end-to-end: {e2e_rate:8.4g} regions/s (includes model actor start-up"
           f"{' and compilation' if cfg.embed.compile else ''})")
     # The actor builds and warms its model once per run (compilation: minutes on a CPU); taken
     # apart as the warm-up measured in-process above, that leaves the steady pipeline.
     steady = summary.regions / max(e2e_seconds - t_warm, 1e-9)
     print(f"  actor start-up (model build + first region{', compiled' if cfg.embed.compile else ''}, measured "
-          f"in-process): {t_warm:.1f} s; end-to-end without it: {steady:7.3f} regions/s")
+          f"in-process): {t_warm:.1f} s; end-to-end without it: {steady:8.4g} regions/s")
     print(f"  in the pipeline, {summary.stages_line()}")
     print(f"  efficiency = end-to-end / min(read, model) = {e2e_rate / bound:.2f} (target ≥ 0.9); "
           f"{'read' if read_rate < model_rate else 'model'}-bound")
     # On one small node reads and model share the same cores, so the attainable rate is the
     # harmonic combination of the two, not their minimum; printed for context.
     shared = 1 / (1 / read_rate + 1 / model_rate)
-    print(f"  shared-CPU bound 1/(1/read + 1/model) = {shared:.3f} regions/s; end-to-end / that = "
+    print(f"  shared-CPU bound 1/(1/read + 1/model) = {shared:.4g} regions/s; end-to-end / that = "
           f"{e2e_rate / shared:.2f}, without start-up {steady / shared:.2f}")
     staged = sum(p.stat().st_size for p in (work / "cache").glob("*") if p.is_file())
     print(f"  staged on local disk: {staged / 1e6:.1f} MB")
@@ -200,6 +200,7 @@ def main() -> None:
                     help="embed.compile for --model real (on an AVX2-only CPU it gains nothing: false)")
     ap.add_argument("--rss", action="store_true")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # figures appear as they are measured, even in a log
     if args.rss:
         rss(args)
         return
