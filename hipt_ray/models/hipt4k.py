@@ -97,7 +97,7 @@ class HIPT4K(nn.Module):
     def forward_uint8(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """:meth:`forward_features` of uint8 ``[B, H, W, 3]`` pixels as read from a slide,
         normalised one micro-batch of patches at a time: the region is never held in float.
-        Same outputs as ``forward_features(normalize_uint8(images))``, and faster (1.3–1.5× for
+        Same outputs as ``forward_features(normalize_uint8(images))``, and faster (1.2–1.5× for
         the tiny model on a CPU, where the float copies of a whole region cost memory bandwidth).
         """
         rows, cols = images.shape[1] // self.patch_px, images.shape[2] // self.patch_px
