@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo_out")
     parser.add_argument("--n-slides", type=int, default=40)
     args = parser.parse_args(argv)
+    _TIMES.clear()  # this run's steps only, if main runs twice in one process
     out = Path(args.out).resolve()
     data, tables = out / "data", out / "tables"
     # One Ray for every step, with its dashboard: pretraining's Ray Train asks the State API it
