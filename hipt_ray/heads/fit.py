@@ -131,11 +131,14 @@ def build_head(h: HeadsConfig, cohort: Cohort, transform: torch.nn.Module | None
     if h.head == "hipt_lgp":  # 3 heads as published (192-d); fewer for small test models
         kwargs["n_heads"] = 3 if dim % 3 == 0 else (2 if dim % 2 == 0 else 1)
         if h.local_vit:
-            kwargs.update(local_vit=h.local_vit, local_vit_checkpoint=h.local_vit_checkpoint,
-                          freeze_local=h.freeze_local, seed=h.seed)
+            kwargs.update(local_vit=h.local_vit, freeze_local=h.freeze_local, seed=h.seed)
     else:
         kwargs["hidden"] = h.hidden
     head = create_head(h.head, **kwargs)
+    if h.local_vit and h.local_vit_checkpoint:  # the module holds no file access: its weights are loaded here
+        from hipt_ray.models import load_checkpoint
+
+        load_checkpoint(head.local_vit, h.local_vit_checkpoint)
     if transform is not None:
         head.prep = transform
     return head

@@ -147,3 +147,22 @@ def test_no_fold_meets_a_class_its_training_part_never_saw():
             assert set(cohort.labels[[index[c] for c in fold["val"]]]) <= set(cohort.labels[train])
             tr, va = inner_split(h, cohort, train, f)
             assert set(cohort.labels[tr]) == {0, 1, 2} and set(tr) | set(va) == set(train)
+
+
+def test_the_builder_loads_the_local_vit_checkpoint_not_the_module(tmp_path):
+    import inspect
+
+    from hipt_ray.heads.models import HIPTLGP
+    from hipt_ray.models import create_model
+    from hipt_ray.models.checkpoints import export_checkpoint
+
+    assert "local_vit_checkpoint" not in inspect.signature(HIPTLGP).parameters  # no file access in the module
+    torch.manual_seed(7)
+    vit = create_model("vit4k_tiny")
+    export_checkpoint(vit, str(tmp_path / "vit4k.pth"))
+    cohort = Cohort(["a", "b"], [torch.zeros(1, 4)] * 2, labels=np.array([0, 1]), classes=["a", "b"])
+    h = HeadsConfig(local_vit="vit4k_tiny", local_vit_checkpoint=str(tmp_path / "vit4k.pth"))
+    head = build_head(h, cohort)
+    assert all(torch.equal(v, vit.state_dict()[k]) for k, v in head.local_vit.state_dict().items())
+    random = build_head(h.model_copy(update={"local_vit_checkpoint": None}), cohort)
+    assert not torch.equal(random.local_vit.state_dict()["cls_token"], vit.state_dict()["cls_token"])
