@@ -10,6 +10,7 @@ import torch
 
 from hipt_ray.config import Config
 from hipt_ray.heads.labels import check_cohort, check_labels, read_labels
+from hipt_ray.heads.tasks import task_for
 from hipt_ray.store import REGIONS, Store, read_embeddings
 from hipt_ray.store.tables import resolve_embedding
 
@@ -75,10 +76,7 @@ def load_cohort(cfg: Config) -> Cohort:
                     ", ".join(cohort.missing_embeddings[:10]))
     df = df[df["slide_id"].isin(emb)]
     check_cohort(df, task=h.task, label_column=h.label_column)
-    if h.task == "subtyping":
-        cohort.classes = sorted(df[h.label_column].unique())
     per_case = df.groupby("case_id", sort=True)
-    labels, times, events = [], [], []
     tokens = (read_token_grids(store, spec_hash, model_id, sorted(set(df["slide_id"])), cfg.tiling.patch_px)
               if h.local_vit else None)
     if tokens is not None:
@@ -89,15 +87,7 @@ def load_cohort(cfg: Config) -> Cohort:
         cohort.bags.append(torch.from_numpy(np.concatenate([emb[s]["emb4k"] for s in rows["slide_id"]])))
         if tokens is not None:
             cohort.token_bags.append([g for s in rows["slide_id"] for g in tokens[s]])
-        if h.task == "subtyping":  # check_labels: one label, time and event per case
-            labels.append(cohort.classes.index(rows[h.label_column].iloc[0]))
-        else:
-            times.append(float(rows["survival_months"].iloc[0]))
-            events.append(int(rows["event"].iloc[0]))
-    if h.task == "subtyping":
-        cohort.labels = np.asarray(labels)
-    else:
-        cohort.times, cohort.events = np.asarray(times), np.asarray(events)
+    task_for(h).attach_targets(cohort, per_case.first())  # check_labels: one label, time and event per case
     ds = store.dataset(REGIONS)
     cohort.table_version = ds.version if ds is not None else 0
     return cohort

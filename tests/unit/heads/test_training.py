@@ -11,9 +11,10 @@ import torch
 from hipt_ray.config import HeadsConfig
 from hipt_ray.heads.cohort import Cohort
 from hipt_ray.heads.features import FeatureTransform
-from hipt_ray.heads.fit import (_class_weights, build_head, cross_validate, fold_records, inner_split, make_folds,
-                               restore_folds, summarise)
+from hipt_ray.heads.fit import build_head, cross_validate, inner_split, make_folds, restore_folds, summarise
 from hipt_ray.heads.metrics import bootstrap_ci, classification_metrics
+from hipt_ray.heads.saved import load_folds, save_folds
+from hipt_ray.heads.tasks import class_weights as _class_weights
 from hipt_ray.tune.sweep import nested_score
 
 
@@ -77,15 +78,16 @@ def test_preprocessing_sees_only_training_cases_and_the_selected_epoch_is_kept()
     assert mean["auc"] > 0.8, mean
 
 
-def test_trained_folds_saved_and_restored_give_the_same_outputs_and_summary():
-    import io
+def test_trained_folds_saved_and_restored_give_the_same_outputs_and_summary(tmp_path):
+    from hipt_ray.config import validate_config
 
     h = HeadsConfig(head="abmil", folds=3, epochs=4, val_fraction=0.25)
     cohort = _cohort(n=30)
     _, states, mean = list(cross_validate(h, cohort))[-1]
-    buf = io.BytesIO()
-    torch.save(fold_records(states, make_folds(h, cohort)[1]), buf)
-    records = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)  # as a sweep's checkpoint loads
+    cfg = validate_config({"heads": h.model_dump(mode="json")})
+    save_folds(str(tmp_path / "heads.pt"), cfg, cohort, states, make_folds(h, cohort)[1])
+    records = load_folds(str(tmp_path / "heads.pt"))  # weights_only, as heatmap and the sweep's refit load it
+    assert records["folds"][0]["val"] == [cohort.case_ids[i] for i in states[0].val]  # heatmaps: case ids
     again = restore_folds(h, cohort, records)
     for st, re in zip(states, again):
         assert np.array_equal(st.val, re.val) and np.array_equal(st.fit_cases, re.fit_cases)
