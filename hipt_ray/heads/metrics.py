@@ -49,8 +49,12 @@ def concordance(times: np.ndarray, events: np.ndarray, risk: np.ndarray) -> floa
     """
     from sksurv.metrics import concordance_index_censored
 
-    return float(concordance_index_censored(np.asarray(events).astype(bool), np.asarray(times, np.float64),
-                                            np.asarray(risk, np.float64))[0])
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 when every pair is tied: raised below
+        c = float(concordance_index_censored(np.asarray(events).astype(bool), np.asarray(times, np.float64),
+                                             np.asarray(risk, np.float64))[0])
+    if not np.isfinite(c):
+        raise ValueError("no comparable pair of cases")
+    return c
 
 
 def harrell_c(times: np.ndarray, events: np.ndarray, risk: np.ndarray) -> float:

@@ -246,9 +246,13 @@ class CoxSurvival(Survival):
     def survival_at(self, out, aux, train_out, times):
         from sksurv.linear_model.coxph import BreslowEstimator
 
+        if len(times) == 0:
+            return np.ones((len(out["risk"]), 0))
         base = BreslowEstimator().fit(train_out["risk"], train_out["events"].astype(bool), train_out["times"])
         s0 = base.baseline_survival_
-        s0_t = s0(np.clip(times, *s0.domain))  # beyond the training follow-up: its last value
+        # 1 before the first training time (sksurv's StepFunction gives its first value there);
+        # beyond the training follow-up, its last value
+        s0_t = np.where(times < s0.x[0], 1.0, s0(np.clip(times, *s0.domain)))
         return s0_t[None, :] ** np.exp(out["risk"])[:, None]
 
 
