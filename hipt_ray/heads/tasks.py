@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from hipt_ray.config import HeadsConfig
 from hipt_ray.heads import metrics as M
+from hipt_ray.heads.labels import LabelError, as_numbers, check_group_sizes, where_rows
 from hipt_ray.heads.losses import cox_loss, risk_from_logits, survival_bins, survival_nll
 
 if TYPE_CHECKING:
@@ -40,7 +41,21 @@ class Task:
     def __init__(self, h: HeadsConfig) -> None:
         self.h = h
 
-    # --- cohort and folds
+    label_hint: str = ""  # what the error of a missing label column adds
+
+    # --- labels table and cohort
+    def label_fields(self) -> list[str]:
+        """The labels table's columns this task reads (one value per case)."""
+        raise NotImplementedError
+
+    def parse_labels(self, df: pd.DataFrame, src: str) -> pd.DataFrame:
+        """``df`` with the label columns typed and checked (none empty: checked before)."""
+        raise NotImplementedError
+
+    def check_cases(self, cases: pd.DataFrame, src: str) -> None:
+        """Raise :class:`LabelError` when the embedded cases (one row each) cannot be cross-validated."""
+        raise NotImplementedError
+
     def attach_targets(self, cohort: Cohort, first_rows: pd.DataFrame) -> None:
         """Set the cohort's per-case targets from one labels row per case (in ``case_ids`` order)."""
         raise NotImplementedError
@@ -100,6 +115,22 @@ class Subtyping(Task):
     baselines = {"probe_logreg": "baseline logistic regression on mean embeddings",
                  "probe_knn": "baseline KNN on mean embeddings"}
     output_keys = ("probs", "labels")
+    label_hint = "; set heads.label_column=… for another label column"
+
+    def label_fields(self) -> list[str]:
+        return [self.h.label_column]
+
+    def parse_labels(self, df, src):
+        df[self.h.label_column] = df[self.h.label_column].map(lambda v: str(v).strip())
+        return df
+
+    def check_cases(self, cases, src):
+        col = self.h.label_column
+        counts = cases[col].value_counts()
+        if len(counts) < 2:
+            raise LabelError(f"labels {src}: every embedded case has {col}={counts.index[0]!r}; "
+                             "a classifier needs at least two classes")
+        check_group_sizes(counts, col, src)
 
     def attach_targets(self, cohort: Cohort, first_rows: pd.DataFrame) -> None:
         col = self.h.label_column
@@ -154,6 +185,35 @@ class Survival(Task):
     name, metric, default_folds = "survival", "c_index", 5
     baselines = {"cox": "baseline penalised Cox on mean embeddings"}
     output_keys = ("risk", "times", "events")
+
+    def label_fields(self) -> list[str]:
+        return ["survival_months", "event"]
+
+    def parse_labels(self, df, src):
+        months = as_numbers(df["survival_months"])
+        bad = ~np.isfinite(months) | (months < 0)
+        if bad.any():
+            raise LabelError(f"labels {src}: column survival_months must be a number ≥ 0 (months); "
+                             f"{where_rows(df, bad)} hold {sorted(set(df['survival_months'][bad].astype(str)))[:5]}")
+        event = as_numbers(df["event"])
+        bad = ~np.isin(event, (0.0, 1.0))
+        if bad.any():
+            raise LabelError(f"labels {src}: column event must be 1 (event observed) or 0 (censored); "
+                             f"{where_rows(df, bad)} hold {sorted(set(df['event'][bad].astype(str)))[:5]}")
+        df["survival_months"], df["event"] = months, event.astype(int)
+        return df
+
+    def check_cases(self, cases, src):
+        counts = cases["event"].value_counts()
+        if counts.get(1, 0) == 0:
+            raise LabelError(f"labels {src}: no embedded case has event=1; survival models and the c-index need "
+                             "observed events")
+        if len(counts) > 1:  # all events: one group, folds stratify by nothing
+            check_group_sizes(counts, "event", src)
+        times, events = cases["survival_months"].to_numpy(), cases["event"].to_numpy()
+        if not any(e and (times > t).any() for t, e in zip(times, events)):
+            raise LabelError(f"labels {src}: no pair of cases can be ordered (every event is at the longest "
+                             "time); the c-index needs an event earlier than another case's time")
 
     def attach_targets(self, cohort: Cohort, first_rows: pd.DataFrame) -> None:
         cohort.times = first_rows["survival_months"].to_numpy(dtype=float)
