@@ -4,9 +4,13 @@ features) and a penalised Cox model (survival). Every head result is reported ne
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from hipt_ray.heads.cohort import Cohort
+if TYPE_CHECKING:
+    from hipt_ray.heads.cohort import Cohort
+    from hipt_ray.heads.tasks import Subtyping, Survival
 
 COX_PENALIZER = 0.1  # ridge penalty of the Cox baseline on standardised features (lifelines)
 
@@ -34,7 +38,7 @@ def _indices(cohort: Cohort, fold: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.array([index[c] for c in fold["train"]]), np.array([index[c] for c in fold["val"]])
 
 
-def _summary(task, per_fold: list[dict], pooled: dict[str, list], seed: int) -> dict:
+def _summary(task: Subtyping | Survival, per_fold: list[dict], pooled: dict[str, list], seed: int) -> dict:
     """``{"metrics": {metric: mean, metric_std: …}, "per_fold": [...], "pooled": out-of-fold metric
     over every case, "ci": (low, high)}`` (means over the folds where a metric is defined)."""
     metrics = {}
@@ -47,18 +51,15 @@ def _summary(task, per_fold: list[dict], pooled: dict[str, list], seed: int) -> 
             "ci": (p["pooled_ci_low"], p["pooled_ci_high"])}
 
 
-def probe_baselines(cohort: Cohort, folds: list[dict], *, k: int = 20, seed: int = 0) -> dict[str, dict]:
-    """A logistic-regression and a KNN probe (``probe_logreg``, ``probe_knn``) per fold, each
-    summarised as :func:`_summary` says."""
+def probe_baselines(task: Subtyping, cohort: Cohort, folds: list[dict], *, k: int = 20,
+                    seed: int = 0) -> dict[str, dict]:
+    """A logistic-regression and a KNN probe (``probe_logreg``, ``probe_knn``) per fold, scored as
+    ``task`` scores a head, each summarised as :func:`_summary` says."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from hipt_ray.config import HeadsConfig
-    from hipt_ray.heads.tasks import Subtyping
-
-    task = Subtyping(HeadsConfig())
     x, y = _case_means(cohort), cohort.labels
     per_fold: dict[str, list[dict]] = {"probe_logreg": [], "probe_knn": []}
     pooled: dict[str, dict[str, list]] = {n: {} for n in per_fold}
@@ -76,15 +77,12 @@ def probe_baselines(cohort: Cohort, folds: list[dict], *, k: int = 20, seed: int
     return {name: _summary(task, per_fold[name], pooled[name], seed) for name in per_fold}
 
 
-def cox_baseline(cohort: Cohort, folds: list[dict], *, seed: int = 0) -> dict[str, dict]:
-    """A penalised Cox model (``cox``) per fold, summarised as :func:`_summary` says."""
+def cox_baseline(task: Survival, cohort: Cohort, folds: list[dict], *, seed: int = 0) -> dict[str, dict]:
+    """A penalised Cox model (``cox``) per fold, scored as ``task`` scores a head's risk,
+    summarised as :func:`_summary` says."""
     import pandas as pd
     from sklearn.preprocessing import StandardScaler
 
-    from hipt_ray.config import HeadsConfig
-    from hipt_ray.heads.tasks import CoxSurvival
-
-    task = CoxSurvival(HeadsConfig(task="survival", survival_loss="cox"))
     x = _case_means(cohort)
     per_fold, pooled = [], {}
     for fold in folds:

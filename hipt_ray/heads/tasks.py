@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from hipt_ray.config import HeadsConfig
 from hipt_ray.heads import metrics as M
+from hipt_ray.heads.baselines import cox_baseline, probe_baselines
 from hipt_ray.heads.labels import LabelError, as_numbers, check_group_sizes, where_rows
 from hipt_ray.heads.losses import cox_loss, risk_from_logits, survival_bins, survival_nll
 
@@ -162,9 +163,7 @@ class Subtyping(Task):
         return {"pooled": M.auc_score(oof["labels"], oof["probs"]), "pooled_ci_low": low, "pooled_ci_high": high}
 
     def run_baselines(self, cohort, folds, *, seed):
-        from hipt_ray.heads.baselines import probe_baselines
-
-        return probe_baselines(cohort, folds, seed=seed)
+        return probe_baselines(self, cohort, folds, seed=seed)
 
     def prediction_row(self, cohort, i, out, j):
         return {"label": cohort.classes[cohort.labels[i]],
@@ -247,9 +246,7 @@ class Survival(Task):
                 "pooled_ci_low": low, "pooled_ci_high": high}
 
     def run_baselines(self, cohort, folds, *, seed):
-        from hipt_ray.heads.baselines import cox_baseline
-
-        return cox_baseline(cohort, folds, seed=seed)
+        return cox_baseline(self, cohort, folds, seed=seed)
 
     def report_metrics(self, cohort, states, train_outputs):
         per_fold = []
