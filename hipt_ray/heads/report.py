@@ -28,7 +28,8 @@ class Report:
 def report(h: HeadsConfig, cohort: Cohort, states: list[FoldState], folds: list[dict], run_dir: str) -> Report:
     task = task_for(h)
     # Each fold model's outputs on the cases it trained on: risk-group thresholds, survival curves.
-    train_outputs = [evaluate(task, st.head, cohort, st.fit_cases) for st in states]
+    train_outputs = [evaluate(task, st.head, cohort, st.fit_cases) if task.needs_train_outputs else {}
+                     for st in states]
     oof = {k: np.concatenate([st.last[k] for st in states]) for k in task.output_keys}
     summary = task.pooled(oof, seed=h.seed)
     per_fold, pooled_extra = task.report_metrics(cohort, states, train_outputs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class Task:
+class Task(ABC):
     """The task-specific parts of cross-validating a slide-level head (subclasses fill them in)."""
 
     name: str  # heads.task
@@ -43,30 +44,37 @@ class Task:
         self.h = h
 
     label_hint: str = ""  # what the error of a missing label column adds
+    needs_train_outputs: bool = False  # whether the report needs each fold model's outputs on its training cases
 
     # --- labels table and cohort
+    @abstractmethod
     def label_fields(self) -> list[str]:
         """The labels table's columns this task reads (one value per case)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def parse_labels(self, df: pd.DataFrame, src: str) -> pd.DataFrame:
         """``df`` with the label columns typed and checked (none empty: checked before)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def check_cases(self, cases: pd.DataFrame, src: str) -> None:
         """Raise :class:`LabelError` when the embedded cases (one row each) cannot be cross-validated."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def attach_targets(self, cohort: Cohort, first_rows: pd.DataFrame) -> None:
         """Set the cohort's per-case targets from one labels row per case (in ``case_ids`` order)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def strata(self, cohort: Cohort) -> np.ndarray:
         """One value per case that folds and inner splits are stratified by."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def n_outputs(self, cohort: Cohort) -> int:
-        raise NotImplementedError
+        ...
 
     def fold_aux(self, cohort: Cohort, train: np.ndarray) -> dict:
         """What the loss needs from the fold's training part (class weights, bin edges)."""
@@ -80,35 +88,42 @@ class Task:
         return True
 
     # --- training and evaluation
+    @abstractmethod
     def loss(self, logits: torch.Tensor, cohort: Cohort, idx: list[int], aux: dict) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def outputs(self, logits: torch.Tensor, cohort: Cohort, idx: np.ndarray) -> dict:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def metrics(self, out: dict) -> dict[str, float]:
         """The per-epoch metrics of one part of a fold; NaN where undefined on that part."""
-        raise NotImplementedError
+        ...
 
     # --- report
+    @abstractmethod
     def pooled(self, oof: dict, *, seed: int) -> dict[str, float]:
         """``pooled`` (the primary metric over every out-of-fold case) and its bootstrap CI."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def run_baselines(self, cohort: Cohort, folds: list[dict], *, seed: int) -> dict[str, dict]:
-        raise NotImplementedError
+        ...
 
     def report_metrics(self, cohort: Cohort, states: list, train_outputs: list[dict]) -> tuple[list[dict], dict]:
         """Metrics computed once, on the selected models: per fold, and out-of-fold."""
         return [{} for _ in states], {}
 
+    @abstractmethod
     def prediction_row(self, cohort: Cohort, i: int, out: dict, j: int) -> dict:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def plot(self, cohort: Cohort, states: list, oof: dict, train_outputs: list[dict], run_dir: str
              ) -> tuple[str, dict[str, float]]:
         """The task's figure of the pooled out-of-fold outputs, and the metrics it shows."""
-        raise NotImplementedError
+        ...
 
 
 class Subtyping(Task):
@@ -182,6 +197,7 @@ class Survival(Task):
     IPCW c-index, the time-dependent AUC and the integrated Brier score, per fold and out-of-fold."""
 
     name, metric, default_folds = "survival", "c_index", 5
+    needs_train_outputs = True  # risk-group thresholds, censoring distributions, Breslow's baseline
     baselines = {"cox": "baseline penalised Cox on mean embeddings"}
     output_keys = ("risk", "times", "events")
 
@@ -224,12 +240,14 @@ class Survival(Task):
     def can_validate(self, cohort: Cohort, cases: np.ndarray) -> bool:
         return bool(cohort.events[cases].any())  # no event: a Cox loss is 0 every epoch
 
+    @abstractmethod
     def risk(self, logits: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def survival_at(self, out: dict, aux: dict, train_out: dict, times: np.ndarray) -> np.ndarray:
         """Survival probabilities ``[n, len(times)]`` of the cases in ``out``."""
-        raise NotImplementedError
+        ...
 
     def outputs(self, logits, cohort, idx):
         return {"risk": self.risk(logits).numpy(), "times": cohort.times[idx], "events": cohort.events[idx],
