@@ -136,7 +136,7 @@ def inner_split(h: HeadsConfig, cohort: Cohort, train: np.ndarray, fold: int) ->
     return np.sort(np.concatenate([tr, train[single]])), np.sort(va)
 
 
-def _mean(per_fold: list[dict], prefix: str = "") -> dict:
+def fold_means(per_fold: list[dict], prefix: str = "") -> dict:
     """Mean and std over the folds where each metric is defined (NaN where it is in none)."""
     out = {}
     for k in sorted({k for m in per_fold for k in m}):
@@ -232,8 +232,8 @@ def load_head(h: HeadsConfig, cohort: Cohort, state_dict: dict) -> torch.nn.Modu
 
 def summarise(states: list[FoldState]) -> dict:
     """Mean ± std over folds of the outer-fold and inner-validation metrics of the selected epochs."""
-    mean = _mean([st.last["metrics"] for st in states])
-    mean.update(_mean([st.inner_metrics for st in states], prefix="val_"))
+    mean = fold_means([st.last["metrics"] for st in states])
+    mean.update(fold_means([st.inner_metrics for st in states], prefix="val_"))
     mean["train_loss"] = float(np.mean([st.train_loss for st in states]))
     mean["best_epoch"] = float(np.mean([st.best_epoch for st in states]))
     return mean

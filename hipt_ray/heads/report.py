@@ -13,7 +13,7 @@ import pandas as pd
 
 from hipt_ray.config import HeadsConfig
 from hipt_ray.heads.cohort import Cohort
-from hipt_ray.heads.fit import FoldState, _mean, evaluate
+from hipt_ray.heads.fit import FoldState, evaluate, fold_means
 from hipt_ray.heads.tasks import task_for
 
 
@@ -33,7 +33,7 @@ def report(h: HeadsConfig, cohort: Cohort, states: list[FoldState], folds: list[
     oof = {k: np.concatenate([st.last[k] for st in states]) for k in task.output_keys}
     summary = task.pooled(oof, seed=h.seed)
     per_fold, pooled_extra = task.report_metrics(cohort, states, train_outputs)
-    summary.update({**_mean(per_fold), **pooled_extra})
+    summary.update({**fold_means(per_fold), **pooled_extra})
     for name, b in task.run_baselines(cohort, folds, seed=h.seed).items():  # same embeddings, same folds
         summary.update({f"{name}_{k}": v for k, v in b["metrics"].items()})
         summary[f"{name}_pooled"] = b["pooled"]
