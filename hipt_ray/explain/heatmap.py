@@ -11,7 +11,6 @@ import numpy as np
 from PIL import Image
 
 from hipt_ray.config import Config
-from hipt_ray.models.checkpoints import load_trusted
 from hipt_ray.viz.attention import percentile_map, smoothed_attention, upsample, window_offsets
 from hipt_ray.viz.heatmaps import (
     blend, content_cells, region_figure, renormalised_over_content, slide_attention_png,
@@ -93,10 +92,12 @@ def region_heatmaps(cfg: Config, slide_uri: str, xy: tuple[int, int], out_dir: s
 
 def load_heads(head_run: str, cfg: Config) -> dict:
     """``heads.pt`` from a run directory, the file itself, or an MLflow run id."""
-    candidates = [head_run, os.path.join(head_run, "heads.pt")]
+    from hipt_ray.heads.saved import HEADS_FILE, load_folds
+
+    candidates = [head_run, os.path.join(head_run, HEADS_FILE)]
     for c in candidates:
         if os.path.isfile(c):
-            return load_trusted(c, allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
+            return load_folds(c, allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
     if os.path.exists(head_run):
         raise ValueError(f"{head_run} holds no heads.pt: pass a train-head/sweep run directory "
                          "(e.g. OUT/heads/<name>) or an MLflow run id")
@@ -111,8 +112,8 @@ def load_heads(head_run: str, cfg: Config) -> dict:
         raise ValueError(f"{head_run} is neither a run directory nor an MLflow run with a heads.pt artifact "
                          f"in {tracking_uri(cfg)} ({type(exc).__name__}); for a run id pass the store it is in, "
                          "e.g. tracking.mlflow_uri=sqlite:///OUT/mlflow.db") from None
-    return load_trusted(local, name=f"heads.pt of MLflow run {head_run}",
-                        allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
+    return load_folds(local, name=f"heads.pt of MLflow run {head_run}",
+                      allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
 
 
 def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[str] | None = None,

@@ -4,10 +4,13 @@ features) and a penalised Cox model (survival). Every head result is reported ne
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from hipt_ray.heads.cohort import Cohort
-from hipt_ray.heads.metrics import classification_metrics, concordance, pooled_ci, pooled_metric
+if TYPE_CHECKING:
+    from hipt_ray.heads.cohort import Cohort
+    from hipt_ray.heads.tasks import Subtyping, Survival
 
 COX_PENALIZER = 0.1  # ridge penalty of the Cox baseline on standardised features (lifelines)
 
@@ -30,51 +33,65 @@ def _fit_cox(x: np.ndarray, times: np.ndarray, events: np.ndarray, penalizer: fl
         return CoxPHFitter(penalizer=penalizer).fit(df, duration_col="T", event_col="E"), cols
 
 
-def baselines(task: str, cohort: Cohort, folds: list[dict], *, k: int = 20, seed: int = 0) -> dict[str, dict]:
-    """Per baseline: ``{"metrics": {metric: mean, metric_std: …}, "per_fold": [...], "pooled":
-    out-of-fold metric over every case, "ci": (low, high)}``; names ``probe_logreg``,
-    ``probe_knn`` (subtyping) or ``cox`` (survival)."""
+def _indices(cohort: Cohort, fold: dict) -> tuple[np.ndarray, np.ndarray]:
+    index = {c: i for i, c in enumerate(cohort.case_ids)}
+    return np.array([index[c] for c in fold["train"]]), np.array([index[c] for c in fold["val"]])
+
+
+def _summary(task: Subtyping | Survival, per_fold: list[dict], pooled: dict[str, list], seed: int) -> dict:
+    """``{"metrics": {metric: mean, metric_std: …}, "per_fold": [...], "pooled": out-of-fold metric
+    over every case, "ci": (low, high)}`` (means over the folds where a metric is defined)."""
+    metrics = {}
+    for key in sorted({k for m in per_fold for k in m}):
+        vals = [m[key] for m in per_fold if key in m and np.isfinite(m[key])]
+        metrics[key] = float(np.mean(vals)) if vals else float("nan")
+        metrics[f"{key}_std"] = float(np.std(vals)) if vals else float("nan")
+    p = task.pooled({key: np.concatenate(v) for key, v in pooled.items()}, seed=seed)
+    return {"metrics": metrics, "per_fold": per_fold, "pooled": p["pooled"],
+            "ci": (p["pooled_ci_low"], p["pooled_ci_high"])}
+
+
+def probe_baselines(task: Subtyping, cohort: Cohort, folds: list[dict], *, k: int = 20,
+                    seed: int = 0) -> dict[str, dict]:
+    """A logistic-regression and a KNN probe (``probe_logreg``, ``probe_knn``) per fold, scored as
+    ``task`` scores a head, each summarised as :func:`_summary` says."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    x = _case_means(cohort)
-    index = {c: i for i, c in enumerate(cohort.case_ids)}
-    names = ["probe_logreg", "probe_knn"] if task == "subtyping" else ["cox"]
-    per_fold: dict[str, list[dict]] = {n: [] for n in names}
-    pooled: dict[str, dict[str, list]] = {n: {} for n in names}
+    x, y = _case_means(cohort), cohort.labels
+    per_fold: dict[str, list[dict]] = {"probe_logreg": [], "probe_knn": []}
+    pooled: dict[str, dict[str, list]] = {n: {} for n in per_fold}
     for fold in folds:
-        tr = np.array([index[c] for c in fold["train"]])
-        va = np.array([index[c] for c in fold["val"]])
-        if task == "subtyping":
-            y = cohort.labels
-            models = {"probe_logreg": make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed)),
-                      "probe_knn": KNeighborsClassifier(n_neighbors=min(k, len(tr)))}
-            for name, model in models.items():
-                model.fit(x[tr], y[tr])
-                probs = np.zeros((len(va), len(cohort.classes)))
-                probs[:, model.classes_] = model.predict_proba(x[va])
-                per_fold[name].append(classification_metrics(y[va], probs) if len(set(y[va])) > 1 else {})
-                pooled[name].setdefault("probs", []).append(probs)
-                pooled[name].setdefault("labels", []).append(y[va])
-        else:
-            scaler = StandardScaler().fit(x[tr])
-            model, cols = _fit_cox(scaler.transform(x[tr]), cohort.times[tr], cohort.events[tr], COX_PENALIZER)
-            import pandas as pd
+        tr, va = _indices(cohort, fold)
+        models = {"probe_logreg": make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed)),
+                  "probe_knn": KNeighborsClassifier(n_neighbors=min(k, len(tr)))}
+        for name, model in models.items():
+            model.fit(x[tr], y[tr])
+            probs = np.zeros((len(va), len(cohort.classes)))
+            probs[:, model.classes_] = model.predict_proba(x[va])
+            per_fold[name].append(task.metrics({"probs": probs, "labels": y[va]}))
+            pooled[name].setdefault("probs", []).append(probs)
+            pooled[name].setdefault("labels", []).append(y[va])
+    return {name: _summary(task, per_fold[name], pooled[name], seed) for name in per_fold}
 
-            risk = np.asarray(model.predict_log_partial_hazard(pd.DataFrame(scaler.transform(x[va]), columns=cols)))
-            per_fold["cox"].append({"c_index": concordance(cohort.times[va], cohort.events[va], risk)}
-                                   if cohort.events[va].any() else {})
-            for key, value in (("risk", risk), ("times", cohort.times[va]), ("events", cohort.events[va])):
-                pooled["cox"].setdefault(key, []).append(value)
-    out = {}
-    for name in names:
-        metrics = {}
-        for key in sorted({k for m in per_fold[name] for k in m}):
-            vals = [m[key] for m in per_fold[name] if key in m]
-            metrics[key], metrics[f"{key}_std"] = float(np.mean(vals)), float(np.std(vals))
-        outputs = {key: np.concatenate(v) for key, v in pooled[name].items()}
-        out[name] = {"metrics": metrics, "per_fold": per_fold[name], "pooled": pooled_metric(task, outputs),
-                     "ci": pooled_ci(task, outputs, seed=seed)}
-    return out
+
+def cox_baseline(task: Survival, cohort: Cohort, folds: list[dict], *, seed: int = 0) -> dict[str, dict]:
+    """A penalised Cox model (``cox``) per fold, scored as ``task`` scores a head's risk,
+    summarised as :func:`_summary` says."""
+    import pandas as pd
+    from sklearn.preprocessing import StandardScaler
+
+    x = _case_means(cohort)
+    per_fold, pooled = [], {}
+    for fold in folds:
+        tr, va = _indices(cohort, fold)
+        scaler = StandardScaler().fit(x[tr])
+        model, cols = _fit_cox(scaler.transform(x[tr]), cohort.times[tr], cohort.events[tr], COX_PENALIZER)
+        risk = np.asarray(model.predict_log_partial_hazard(pd.DataFrame(scaler.transform(x[va]), columns=cols)))
+        out = {"risk": risk, "times": cohort.times[va], "events": cohort.events[va]}
+        per_fold.append(task.metrics(out))
+        for key, value in out.items():
+            pooled.setdefault(key, []).append(value)
+    return {"cox": _summary(task, per_fold, pooled, seed)}

@@ -10,6 +10,7 @@ import torch
 
 from hipt_ray.config import Config
 from hipt_ray.heads.labels import check_cohort, check_labels, read_labels
+from hipt_ray.heads.tasks import task_for
 from hipt_ray.store import REGIONS, Store, read_embeddings
 from hipt_ray.store.tables import resolve_embedding
 
@@ -62,8 +63,8 @@ def load_cohort(cfg: Config) -> Cohort:
     h = cfg.heads
     if not h.labels:
         raise ValueError("heads.labels (--labels) is required: a CSV/Parquet with slide_id, case_id and labels")
-    df, excluded = check_labels(read_labels(h.labels, cfg.storage.s3_endpoint_url), task=h.task,
-                                label_column=h.label_column)
+    task = task_for(h)
+    df, excluded = check_labels(read_labels(h.labels, cfg.storage.s3_endpoint_url), task=task)
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
     model_id, spec_hash = resolve_embedding(store, h.model_id)
     emb = read_embeddings(cfg.out, model_id=model_id, spec_hash=spec_hash, endpoint_url=cfg.storage.s3_endpoint_url)
@@ -74,11 +75,8 @@ def load_cohort(cfg: Config) -> Cohort:
         log.warning("%d labelled slides have no embeddings: %s", len(cohort.missing_embeddings),
                     ", ".join(cohort.missing_embeddings[:10]))
     df = df[df["slide_id"].isin(emb)]
-    check_cohort(df, task=h.task, label_column=h.label_column)
-    if h.task == "subtyping":
-        cohort.classes = sorted(df[h.label_column].unique())
+    check_cohort(df, task=task)
     per_case = df.groupby("case_id", sort=True)
-    labels, times, events = [], [], []
     tokens = (read_token_grids(store, spec_hash, model_id, sorted(set(df["slide_id"])), cfg.tiling.patch_px)
               if h.local_vit else None)
     if tokens is not None:
@@ -89,15 +87,7 @@ def load_cohort(cfg: Config) -> Cohort:
         cohort.bags.append(torch.from_numpy(np.concatenate([emb[s]["emb4k"] for s in rows["slide_id"]])))
         if tokens is not None:
             cohort.token_bags.append([g for s in rows["slide_id"] for g in tokens[s]])
-        if h.task == "subtyping":  # check_labels: one label, time and event per case
-            labels.append(cohort.classes.index(rows[h.label_column].iloc[0]))
-        else:
-            times.append(float(rows["survival_months"].iloc[0]))
-            events.append(int(rows["event"].iloc[0]))
-    if h.task == "subtyping":
-        cohort.labels = np.asarray(labels)
-    else:
-        cohort.times, cohort.events = np.asarray(times), np.asarray(events)
+    task.attach_targets(cohort, per_case.first())  # check_labels: one label, time and event per case
     ds = store.dataset(REGIONS)
     cohort.table_version = ds.version if ds is not None else 0
     return cohort

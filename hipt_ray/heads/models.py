@@ -40,18 +40,14 @@ class HIPTLGP(nn.Module):
     """
 
     def __init__(self, *, n_classes: int, dim: int = 192, local_vit: str | None = None,
-                 local_vit_checkpoint: str | None = None, freeze_local: bool = True, dropout: float = 0.25,
-                 n_heads: int = 3, n_layers: int = 2, seed: int = 0) -> None:
+                 freeze_local: bool = True, dropout: float = 0.25, n_heads: int = 3, n_layers: int = 2,
+                 seed: int = 0) -> None:
         super().__init__()
         self.local_vit = None
-        if local_vit:
+        if local_vit:  # random weights: the builder (heads.fit.build_head) loads a checkpoint into it
             with torch.random.fork_rng():  # the same random ViT-4K in every fold when no weights are given
                 torch.manual_seed(seed)
                 self.local_vit = create_model(local_vit)
-            if local_vit_checkpoint:
-                from hipt_ray.models import load_checkpoint
-
-                load_checkpoint(self.local_vit, local_vit_checkpoint)
         self.freeze_local = freeze_local
         if self.local_vit is not None and freeze_local:
             self.local_vit.requires_grad_(False)

@@ -15,7 +15,6 @@ from hipt_ray.config import Config, ConfigError, validate_config
 
 log = logging.getLogger(__name__)
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
-FOLDS_FILE = "folds.pt"
 
 
 def search_space(space: dict[str, dict[str, list]]) -> dict:
@@ -41,48 +40,45 @@ def _trial(config: dict, *, base: dict, cohort, tracking_uri: str, experiment: s
     import torch
     from ray import tune
 
-    from hipt_ray.heads.fit import cross_validate, fold_records, is_final, make_folds
+    from hipt_ray.heads.fit import cross_validate, is_final, make_folds
+    from hipt_ray.heads.saved import HEADS_FILE, save_folds
+    from hipt_ray.tracking import CrossValidationLog
 
     torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers; a trial owns its CPUs
     cfg = validate_config({**base, "heads": {**base["heads"], **config}})
     h = cfg.heads
-    _, split_hash = make_folds(h, cohort)
+    folds, split_hash = make_folds(h, cohort)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(experiment)
     trial = tune.get_context().get_trial_name()
     # A child of the sweep's run (MLflow's nesting: the parent's id as a tag, across processes).
     with mlflow.start_run(run_name=trial, tags={"sweep": sweep_name, "mlflow.parentRunId": parent_run_id}):
-        mlflow.log_params({f"heads.{k}": v for k, v in h.model_dump(mode="json").items()})
-        mlflow.log_params({"split_hash": split_hash, "model_id": cohort.model_id,
-                           "regions_table_version": cohort.table_version, "n_cases": len(cohort.case_ids)})
+        cv_log = CrossValidationLog(h.model_dump(mode="json"), split_hash=split_hash, n_cases=len(cohort.case_ids),
+                                    n_folds=len(folds), model_id=cohort.model_id, table_version=cohort.table_version)
         for epoch, states, mean in cross_validate(h, cohort):
-            per_fold = {}
-            for f, st in enumerate(states):
-                per_fold.update({f"fold{f}_{k}": v for k, v in st.last["metrics"].items()})
-                per_fold.update({f"fold{f}_val_{k}": v for k, v in st.inner_metrics.items()})
-            mlflow.log_metrics({**mean, **per_fold}, step=epoch)
+            metrics = {**cv_log.log_epoch(states, mean, step=epoch), "epoch": epoch}
             if is_final(h, epoch, states):  # the selected weights are loaded
                 # The trained folds go with the last report (ASHA may stop the trial at it), so the
                 # refit of the best configuration takes them instead of training it again.
                 with tempfile.TemporaryDirectory() as d:
-                    torch.save(fold_records(states, split_hash), os.path.join(d, FOLDS_FILE))
-                    tune.report({**mean, **per_fold, "epoch": epoch}, checkpoint=tune.Checkpoint.from_directory(d))
+                    save_folds(os.path.join(d, HEADS_FILE), cfg, cohort, states, split_hash)
+                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
             else:
-                tune.report({**mean, **per_fold, "epoch": epoch})
+                tune.report(metrics)
 
 
-def trained_folds(result, cfg: Config) -> list[dict] | None:
+def trained_folds(result, cfg: Config) -> dict | None:
     """The best trial's trained folds from its last checkpoint; None when it has none (stopped by
     ASHA before its last epoch)."""
-    from hipt_ray.models.checkpoints import load_trusted
+    from hipt_ray.heads.saved import HEADS_FILE, load_folds
 
     if result.checkpoint is None:
         return None
     with result.checkpoint.as_directory() as d:
-        path = os.path.join(d, FOLDS_FILE)
+        path = os.path.join(d, HEADS_FILE)
         if not os.path.isfile(path):
             return None
-        return load_trusted(path, allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
+        return load_folds(path, allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
 
 
 def nested_score(rows: list[dict], key: str, n_folds: int) -> tuple[float, list[int]]:
@@ -186,18 +182,18 @@ def _TrialProgress(n_trials: int, metric: str):
 
 
 def run_sweep(cfg: Config) -> SweepResult:
+    """Tune the heads of ``cfg.sweep.space``, pick the best trial on inner validation, score the
+    sweep honestly (nested), and refit the best configuration with ``train-head``."""
     import mlflow
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from hipt_ray.heads.cohort import load_cohort
     from hipt_ray.heads.fit import make_folds
-    from hipt_ray.heads.run import run_dir_for, train_head
+    from hipt_ray.heads.run import run_dir_for
+    from hipt_ray.heads.tasks import task_for
     from hipt_ray.tracking import setup_tracking
 
     s, h = cfg.sweep, cfg.heads
-    key = "auc" if h.task == "subtyping" else "c_index"
+    key = task_for(h).metric
     # Trials are chosen on the inner validation split of each training fold, never on the test folds.
     metric = s.metric or f"val_{key}"
     space = search_space(s.space)
@@ -208,30 +204,11 @@ def run_sweep(cfg: Config) -> SweepResult:
     with mlflow.start_run(run_name=s.name, tags={"sweep": s.name, "kind": "sweep"}) as parent:
         mlflow.log_params({"sweep.space": str(s.space)[:6000], "sweep.num_samples": s.num_samples,
                            "sweep.metric": metric, "heads.task": h.task, "n_cases": len(cohort.case_ids)})
-        trainable = tune.with_resources(
-            tune.with_parameters(_trial, base=cfg.to_dict(), cohort=cohort, tracking_uri=uri,
-                                 experiment=cfg.tracking.experiment, sweep_name=s.name,
-                                 parent_run_id=parent.info.run_id, threads=max(1, int(s.cpus_per_trial))),
-            {"cpu": s.cpus_per_trial},
-        )
-        epochs = max([h.epochs] + [int(max(v)) for k, spec in s.space.items() if k == "epochs" for v in spec.values()])
-        tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=s.num_samples,
-                                        search_alg=BasicVariantGenerator(random_state=h.seed),  # reproducible draws
-                                        scheduler=ASHAScheduler(max_t=epochs, grace_period=min(s.grace_period, epochs)),
-                                        max_concurrent_trials=s.max_concurrent),
-            run_config=tune.RunConfig(name=s.name, storage_path=os.path.join(run_dir, "tune"),
-                                      verbose=2 if console.verbose() else 0,  # Tune's tables only with --verbose
-                                      callbacks=[_TrialProgress(_n_trials(s), metric)]),
-        )
-        results = tuner.fit()
+        results = _tuner(cfg, cohort, space, uri, parent.info.run_id, metric, run_dir).fit()
         rows = [r.metrics or {} for r in results]
         best = pick_best([r for r in results if r.metrics and _finite(r.metrics.get(metric))], metric)
         honest, _ = nested_score(rows, key, n_folds)
-        df = results.get_dataframe()  # the last report of every trial
-        cols = [c for c in df.columns if c.startswith("config/")] + [metric, key, f"{key}_std", "epoch"]
-        table_df = df[[c for c in dict.fromkeys(cols) if c in df.columns]].sort_values(metric, ascending=False)
+        table_df = _results_table(results.get_dataframe(), metric, key)  # the last report of every trial
         table_csv = os.path.join(run_dir, "results.csv")
         table_df.to_csv(table_csv, index=False)
         best_outer = float(best.metrics.get(key, math.nan))
@@ -240,18 +217,57 @@ def run_sweep(cfg: Config) -> SweepResult:
                             if math.isfinite(v)})
         mlflow.log_params({f"best.{k}": v for k, v in best.config.items()})
         mlflow.log_artifact(table_csv)
-        best_cfg = validate_config({**cfg.to_dict(), "heads": {**cfg.to_dict()["heads"], **best.config}})
-        import torch
-
-        trained = trained_folds(best, cfg)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, int(s.cpus_per_trial)))  # as in the trial: the same sums, the same epochs
-        try:
-            refit = train_head(best_cfg, run_name=f"{s.name}-best", parent_run_id=parent.info.run_id,
-                               trained=trained)
-        finally:
-            torch.set_num_threads(threads)
+        refit = _refit(cfg, best, parent.info.run_id)
         return SweepResult(best_config=best.config, best_metric=float(best.metrics[metric]), metric=metric,
                            table_csv=table_csv, table=_top(table_df), refit_lines=refit.lines(),
                            honest=honest, best_outer=best_outer, n_trials=len(rows), parent_run_id=parent.info.run_id,
                            refit_reused=refit.reused)
+
+
+def _tuner(cfg: Config, cohort, space: dict, tracking_uri: str, parent_run_id: str, metric: str, run_dir: str):
+    """Ray Tune's tuner of the sweep: one trial per drawn configuration (all folds each), ASHA
+    stopping on ``metric`` per epoch, reproducible draws."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    s, h = cfg.sweep, cfg.heads
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=cfg.to_dict(), cohort=cohort, tracking_uri=tracking_uri,
+                             experiment=cfg.tracking.experiment, sweep_name=s.name,
+                             parent_run_id=parent_run_id, threads=max(1, int(s.cpus_per_trial))),
+        {"cpu": s.cpus_per_trial},
+    )
+    epochs = max([h.epochs] + [int(max(v)) for k, spec in s.space.items() if k == "epochs" for v in spec.values()])
+    return tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=s.num_samples,
+                                    search_alg=BasicVariantGenerator(random_state=h.seed),  # reproducible draws
+                                    scheduler=ASHAScheduler(max_t=epochs, grace_period=min(s.grace_period, epochs)),
+                                    max_concurrent_trials=s.max_concurrent),
+        run_config=tune.RunConfig(name=s.name, storage_path=os.path.join(run_dir, "tune"),
+                                  verbose=2 if console.verbose() else 0,  # Tune's tables only with --verbose
+                                  callbacks=[_TrialProgress(_n_trials(s), metric)]),
+    )
+
+
+def _results_table(df, metric: str, key: str):
+    """The trials' configurations and metrics, best first."""
+    cols = [c for c in df.columns if c.startswith("config/")] + [metric, key, f"{key}_std", "epoch"]
+    return df[[c for c in dict.fromkeys(cols) if c in df.columns]].sort_values(metric, ascending=False)
+
+
+def _refit(cfg: Config, best, parent_run_id: str):
+    """``train-head`` on the best configuration, taking the best trial's trained folds when it has them."""
+    import torch
+
+    from hipt_ray.heads.run import train_head
+
+    best_cfg = validate_config({**cfg.to_dict(), "heads": {**cfg.to_dict()["heads"], **best.config}})
+    trained = trained_folds(best, cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.sweep.cpus_per_trial)))  # as in the trial: the same sums, the same epochs
+    try:
+        return train_head(best_cfg, run_name=f"{cfg.sweep.name}-best", parent_run_id=parent_run_id, trained=trained)
+    finally:
+        torch.set_num_threads(threads)

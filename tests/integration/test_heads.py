@@ -151,3 +151,20 @@ def test_two_trial_sweep_logs_every_trial_to_mlflow(ray_local, cohort, capsys):
     assert reused == (best_epoch == 4), (best_epoch, text)
     if reused:
         assert refit.data.metrics["auc"] == pytest.approx(parent[0].data.metrics["best_trial_auc"], abs=1e-12)
+
+
+def test_a_four_case_survival_cohort_reports_an_undefined_fold_not_a_traceback(cohort, tmp_path, capsys):
+    # Issue 31: 4 cases, 2 folds; one fold holds a case censored at 5 months and an event at 20:
+    # no pair of its cases can be ordered, so that fold has no c-index. It used to end in a
+    # traceback (ZeroDivisionError: No admissable pairs), exit 1.
+    pd.DataFrame({"slide_id": ["s0", "s1", "s2", "s3"], "case_id": ["c0", "c1", "c2", "c3"],
+                  "survival_months": [5.0, 10.0, 20.0, 30.0], "event": [0, 1, 1, 0]}).to_csv(tmp_path / "four.csv",
+                                                                                           index=False)
+    code = main(["train-head", "--out", str(cohort), "--labels", str(tmp_path / "four.csv"), "--task", "survival",
+                 "--run-name", "four-cases", "heads.epochs=2", "heads.head=mean_mlp"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "Traceback" not in err, err
+    assert "c_index undefined (Data has no comparable pairs" in err, err
+    assert "over the 1 of 2 case-level folds where it is defined" in out, out
+    per_fold = next(line for line in out.splitlines() if line.strip().startswith("per fold:"))
+    assert "n/a" in per_fold.split("c_index ")[1].split(";")[0], per_fold

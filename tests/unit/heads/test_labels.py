@@ -6,9 +6,15 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from hipt_ray.config import HeadsConfig
 from hipt_ray.heads.labels import LabelError, check_cohort, check_labels, read_labels
+from hipt_ray.heads.tasks import task_for
 
 SURV = "slide_id,case_id,survival_months,event\n"
+
+
+def _task(task: str, label_column: str = "label"):
+    return task_for(HeadsConfig(task=task, label_column=label_column))
 
 
 def _csv(tmp_path, text: str, name: str = "labels.csv") -> pd.DataFrame:
@@ -17,11 +23,11 @@ def _csv(tmp_path, text: str, name: str = "labels.csv") -> pd.DataFrame:
 
 
 def _survival(tmp_path, body: str) -> tuple[pd.DataFrame, list[str]]:
-    return check_labels(_csv(tmp_path, SURV + body), task="survival", label_column="label")
+    return check_labels(_csv(tmp_path, SURV + body), task=_task("survival"))
 
 
 def _subtyping(tmp_path, body: str) -> tuple[pd.DataFrame, list[str]]:
-    return check_labels(_csv(tmp_path, "slide_id,case_id,label\n" + body), task="subtyping", label_column="label")
+    return check_labels(_csv(tmp_path, "slide_id,case_id,label\n" + body), task=_task("subtyping"))
 
 
 @pytest.mark.parametrize("body, match", [
@@ -48,7 +54,7 @@ def test_subtyping_tables_that_are_refused(tmp_path):
     with pytest.raises(LabelError, match=r"column label is empty at line 3"):
         _subtyping(tmp_path, "a,c1,luad\nb,c2,NA\n")
     with pytest.raises(LabelError, match=r"lacks column\(s\) \['grade'\].*heads.label_column"):
-        check_labels(_csv(tmp_path, "slide_id,case_id,label\na,c1,x\n"), task="subtyping", label_column="grade")
+        check_labels(_csv(tmp_path, "slide_id,case_id,label\na,c1,x\n"), task=_task("subtyping", "grade"))
     with pytest.raises(LabelError, match="no such file"):
         read_labels(str(tmp_path / "nope.csv"))
 
@@ -63,31 +69,31 @@ def test_ids_stay_text_and_exact_duplicates_are_counted_out(tmp_path):
 
 def test_parquet_numeric_ids_become_text(tmp_path):
     pd.DataFrame({"slide_id": [1, 2], "case_id": [10, 20], "label": ["a", "b"]}).to_parquet(tmp_path / "l.parquet")
-    df, _ = check_labels(read_labels(str(tmp_path / "l.parquet")), task="subtyping", label_column="label")
+    df, _ = check_labels(read_labels(str(tmp_path / "l.parquet")), task=_task("subtyping"))
     assert df["slide_id"].tolist() == ["1", "2"] and df["case_id"].tolist() == ["10", "20"]
     bad = pd.DataFrame({"slide_id": ["a", "b"], "case_id": ["c1", "c2"], "survival_months": [1.0, None],
                         "event": [1, 0]})
     bad.to_parquet(tmp_path / "s.parquet")
     with pytest.raises(LabelError, match="survival_months is empty at row 2"):
-        check_labels(read_labels(str(tmp_path / "s.parquet")), task="survival", label_column="label")
+        check_labels(read_labels(str(tmp_path / "s.parquet")), task=_task("survival"))
 
 
 def test_what_the_embedded_cases_must_hold(tmp_path):
     rows = "".join(f"s{i},c{i},{'luad' if i < 6 else 'lusc'}\n" for i in range(8))
     df, _ = _subtyping(tmp_path, rows)
-    check_cohort(df, task="subtyping", label_column="label")  # 6 + 2 cases: fine
+    check_cohort(df, task=_task("subtyping"))  # 6 + 2 cases: fine
     with pytest.raises(LabelError, match="at least two classes"):
-        check_cohort(df[df["label"] == "luad"], task="subtyping", label_column="label")
+        check_cohort(df[df["label"] == "luad"], task=_task("subtyping"))
     with pytest.raises(LabelError, match="label='lusc' has 1 embedded case"):
-        check_cohort(df.iloc[:7], task="subtyping", label_column="label")
+        check_cohort(df.iloc[:7], task=_task("subtyping"))
     with pytest.raises(LabelError, match="only 3 labelled case"):
-        check_cohort(df.iloc[:3], task="subtyping", label_column="label")
+        check_cohort(df.iloc[:3], task=_task("subtyping"))
     surv, _ = _survival(tmp_path, "".join(f"s{i},c{i},{10 + i},0\n" for i in range(6)))
     with pytest.raises(LabelError, match="no embedded case has event=1"):
-        check_cohort(surv, task="survival", label_column="label")
+        check_cohort(surv, task=_task("survival"))
     # events only at the longest time: no admissible pair for the c-index
     surv, _ = _survival(tmp_path, "".join(f"s{i},c{i},{10 + i},0\n" for i in range(4)) + "s8,c8,50,1\ns9,c9,50,1\n")
     with pytest.raises(LabelError, match="no pair of cases can be ordered"):
-        check_cohort(surv, task="survival", label_column="label")
+        check_cohort(surv, task=_task("survival"))
     surv, _ = _survival(tmp_path, "".join(f"s{i},c{i},{10 + i},{i % 2}\n" for i in range(6)))
-    check_cohort(surv, task="survival", label_column="label")
+    check_cohort(surv, task=_task("survival"))

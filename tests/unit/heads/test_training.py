@@ -11,9 +11,10 @@ import torch
 from hipt_ray.config import HeadsConfig
 from hipt_ray.heads.cohort import Cohort
 from hipt_ray.heads.features import FeatureTransform
-from hipt_ray.heads.fit import (_class_weights, build_head, cross_validate, fold_records, inner_split, make_folds,
-                               restore_folds, summarise)
+from hipt_ray.heads.fit import build_head, cross_validate, inner_split, make_folds, restore_folds, summarise
 from hipt_ray.heads.metrics import bootstrap_ci, classification_metrics
+from hipt_ray.heads.saved import load_folds, save_folds
+from hipt_ray.heads.tasks import class_weights as _class_weights
 from hipt_ray.tune.sweep import nested_score
 
 
@@ -77,15 +78,16 @@ def test_preprocessing_sees_only_training_cases_and_the_selected_epoch_is_kept()
     assert mean["auc"] > 0.8, mean
 
 
-def test_trained_folds_saved_and_restored_give_the_same_outputs_and_summary():
-    import io
+def test_trained_folds_saved_and_restored_give_the_same_outputs_and_summary(tmp_path):
+    from hipt_ray.config import validate_config
 
     h = HeadsConfig(head="abmil", folds=3, epochs=4, val_fraction=0.25)
     cohort = _cohort(n=30)
     _, states, mean = list(cross_validate(h, cohort))[-1]
-    buf = io.BytesIO()
-    torch.save(fold_records(states, make_folds(h, cohort)[1]), buf)
-    records = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)  # as a sweep's checkpoint loads
+    cfg = validate_config({"heads": h.model_dump(mode="json")})
+    save_folds(str(tmp_path / "heads.pt"), cfg, cohort, states, make_folds(h, cohort)[1])
+    records = load_folds(str(tmp_path / "heads.pt"))  # weights_only, as heatmap and the sweep's refit load it
+    assert records["folds"][0]["val"] == [cohort.case_ids[i] for i in states[0].val]  # heatmaps: case ids
     again = restore_folds(h, cohort, records)
     for st, re in zip(states, again):
         assert np.array_equal(st.val, re.val) and np.array_equal(st.fit_cases, re.fit_cases)
@@ -147,3 +149,22 @@ def test_no_fold_meets_a_class_its_training_part_never_saw():
             assert set(cohort.labels[[index[c] for c in fold["val"]]]) <= set(cohort.labels[train])
             tr, va = inner_split(h, cohort, train, f)
             assert set(cohort.labels[tr]) == {0, 1, 2} and set(tr) | set(va) == set(train)
+
+
+def test_the_builder_loads_the_local_vit_checkpoint_not_the_module(tmp_path):
+    import inspect
+
+    from hipt_ray.heads.models import HIPTLGP
+    from hipt_ray.models import create_model
+    from hipt_ray.models.checkpoints import export_checkpoint
+
+    assert "local_vit_checkpoint" not in inspect.signature(HIPTLGP).parameters  # no file access in the module
+    torch.manual_seed(7)
+    vit = create_model("vit4k_tiny")
+    export_checkpoint(vit, str(tmp_path / "vit4k.pth"))
+    cohort = Cohort(["a", "b"], [torch.zeros(1, 4)] * 2, labels=np.array([0, 1]), classes=["a", "b"])
+    h = HeadsConfig(local_vit="vit4k_tiny", local_vit_checkpoint=str(tmp_path / "vit4k.pth"))
+    head = build_head(h, cohort)
+    assert all(torch.equal(v, vit.state_dict()[k]) for k, v in head.local_vit.state_dict().items())
+    random = build_head(h.model_copy(update={"local_vit_checkpoint": None}), cohort)
+    assert not torch.equal(random.local_vit.state_dict()["cls_token"], vit.state_dict()["cls_token"])
