@@ -15,14 +15,14 @@ from hipt_ray.slides.grid import planned_regions, region_grid
 from hipt_ray.slide_ref import SlideRef, slide_version
 from hipt_ray.slides.manifest import SlideSpec
 from hipt_ray.slides.qc import qc_thumbnail
-from hipt_ray.slides.reader import SlideError, make_cache, open_slide
+from hipt_ray.slides.reader import Slide, SlideError, make_cache, open_slide, override_hint
 from hipt_ray.slides.tissue import tissue_mask, tissue_method
 from hipt_ray.storage import StagingCache, StorageError, describe_error, is_remote, join, storage_options
 
 log = logging.getLogger(__name__)
 
 
-__all__ = ["TileResult", "make_cache", "tile_slide"]
+__all__ = ["TileResult", "check_plausible", "make_cache", "tile_slide"]
 
 
 @dataclass
@@ -41,6 +41,35 @@ def _write_bytes(uri: str, data: bytes, endpoint_url: str | None) -> None:
     else:
         with fsspec.open(uri, "wb", auto_mkdir=True) as fh:
             fh.write(data)
+
+
+# The largest scanned area a real slide can have, in mm (long side, short side): a 75 × 25 mm
+# glass slide, or a 75 × 50 mm double-width one, with room for the scanner's margins.
+MAX_GLASS_MM = (80.0, 55.0)
+
+
+def check_plausible(ref: SlideRef, slide: Slide, cfg: Config) -> None:
+    """Refuse a slide whose resolved MPP makes it larger than any glass slide (a wrong MPP:
+    a widened ``tiling.mpp_range`` once turned a 300×250 px image into 1,146 regions), or
+    whose grid holds more than ``tiling.max_regions_per_slide`` regions.
+
+    Raises:
+        SlideError: with the computed size and what to check.
+    """
+    w_mm, h_mm = (d * slide.mpp / 1000 for d in slide.dimensions)
+    if max(w_mm, h_mm) > MAX_GLASS_MM[0] or min(w_mm, h_mm) > MAX_GLASS_MM[1]:
+        raise SlideError(
+            f"{ref.uri}: at {slide.mpp:g} µm/px (from {slide.mpp_info.source}) its "
+            f"{slide.dimensions[0]}×{slide.dimensions[1]} pixels would measure {w_mm:,.0f} × {h_mm:,.0f} mm, "
+            "larger than any glass slide (75 × 25 mm, or 75 × 50 mm); its MPP is wrong: "
+            + override_hint(ref.slide_id))
+    planned = planned_regions(slide.dimensions, slide.mpp, cfg.tiling)
+    if planned > cfg.tiling.max_regions_per_slide:
+        raise SlideError(
+            f"{ref.uri}: its grid would hold {planned:,} regions at tiling.mpp={cfg.tiling.mpp:g}, "
+            f"more than tiling.max_regions_per_slide={cfg.tiling.max_regions_per_slide:,}; check "
+            "tiling.mpp and the slide's MPP, or raise the cap"
+        )
 
 
 def tile_slide(spec: SlideSpec | SlideRef, cfg: Config, *, cache: StagingCache, spec_hash: str) -> TileResult:
@@ -62,13 +91,7 @@ def tile_slide(spec: SlideSpec | SlideRef, cfg: Config, *, cache: StagingCache, 
         with slide:
             row.update(backend=slide.backend, vendor=slide.vendor, mpp=slide.mpp, mpp_source=slide.mpp_info.source,
                        width=slide.dimensions[0], height=slide.dimensions[1])
-            planned = planned_regions(slide.dimensions, slide.mpp, cfg.tiling)
-            if planned > cfg.tiling.max_regions_per_slide:  # refused before any pixel is read
-                raise SlideError(
-                    f"{ref.uri}: its grid would hold {planned:,} regions at tiling.mpp={cfg.tiling.mpp:g}, "
-                    f"more than tiling.max_regions_per_slide={cfg.tiling.max_regions_per_slide:,}; check "
-                    "tiling.mpp and the slide's MPP, or raise the cap"
-                )
+            check_plausible(ref, slide, cfg)  # refused before any pixel is read
             lowres, lowres_mpp = slide.read_lowres(cfg.tissue.mask_mpp)
             mask, threshold = tissue_mask(lowres, lowres_mpp, cfg.tissue)
             method = tissue_method(lowres, cfg.tissue)
