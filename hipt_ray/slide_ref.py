@@ -21,6 +21,16 @@ def slide_version(size: int | None, etag: str | None) -> str:
     return f"{size}:{etag or ''}"
 
 
+def same_version(recorded: str, now: str) -> bool:
+    """Whether a file whose version is ``now`` is the one a table recorded as ``recorded``.
+    Local versions carry a content fingerprint (``mtime#hash``, see
+    :func:`hipt_ray.storage.stat`); tables written before it record the mtime alone, and for
+    those the fingerprint is left out of the comparison rather than every slide redone."""
+    if recorded == now:
+        return True
+    return "#" not in recorded and "#" in now and now.rsplit("#", 1)[0] == recorded
+
+
 @dataclass(frozen=True)
 class SlideRef:
     """One slide, as every reader opens it.

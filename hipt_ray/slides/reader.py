@@ -17,7 +17,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from hipt_ray.slide_ref import SlideRef, slide_version
+from hipt_ray.slide_ref import SlideRef, same_version, slide_version
 from hipt_ray.slides.manifest import slide_id_from_uri
 from hipt_ray.slides.tiles import TileError, open_tiled
 from hipt_ray.storage import ObjectInfo, StagingCache, stat, with_retries
@@ -265,9 +265,9 @@ def open_slide(ref: SlideRef, cfg, *, cache: StagingCache) -> tuple[Slide, Objec
         StorageError, OSError: the object cannot be reached (callers describe it).
     """
     slide, info = _open(ref, cfg, cache)
-    if ref.version is not None and slide_version(info.size, info.version) != ref.version:
+    if ref.version is not None and not same_version(ref.version, slide_version(info.size, info.version)):
         slide.close()
-        raise SlideError(f"{ref.uri}: the file changed after it was tiled (size or ETag/mtime differ); "
+        raise SlideError(f"{ref.uri}: the file changed after it was tiled (its size, ETag/mtime or content differ); "
                          "rerun the command to tile and embed it again")
     return slide, info
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from hipt_ray.slide_ref import SlideRef, slide_version
+from hipt_ray.slide_ref import SlideRef, same_version, slide_version
 from hipt_ray.storage import stat, with_retries
 from hipt_ray.store.commit import status_row
 from hipt_ray.store.tables import Store, row_version, slide_ref
@@ -97,14 +97,14 @@ def plan_run(store: Store, slides: Sequence[SlideRef], *, spec_hash: str, model_
     for sid, ref in current.items():
         earlier = done.get(sid)
         same = earlier is not None and earlier["uri"] == ref.uri
-        if same and ref.version not in (None, row_version(earlier)):
+        if same and ref.version is not None and not same_version(row_version(earlier), ref.version):
             plan.changed += 1
         elif same:
             plan.skipped += 1
             continue
         plan.todo.append(ref if model_id else SlideRef(ref.slide_id, ref.uri, ref.mpp_override))
     if plan.changed:
-        log.info("%d slides changed since they were %s (size or ETag/mtime): doing them again", plan.changed,
+        log.info("%d slides changed since they were %s (size, ETag/mtime or content): doing them again", plan.changed,
                  "embedded" if model_id else "tiled")
     plan.replaces = {r.slide_id for r in plan.todo if r.slide_id in done} | {
         row["slide_id"] for row in plan.carried if row["slide_id"] in done}

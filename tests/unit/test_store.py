@@ -191,3 +191,31 @@ def test_tokens_to_grid_is_row_major():
     grid = tokens_to_grid(tokens, 2, 3)
     assert grid.shape == (4, 2, 3) and grid.flags.c_contiguous
     assert grid[:, 1, 2].tolist() == tokens[(1 * 3 + 2) * 4:(1 * 3 + 3) * 4].tolist()  # patch k = row·cols + col
+
+
+def test_a_copy_that_keeps_size_and_mtime_is_seen_as_changed(tmp_path):
+    # #31.4: cp -p / rsync -a keep the mtime; a different slide of the same size must not keep
+    # the old one's regions
+    import os
+
+    from hipt_ray.slide_ref import SlideRef, same_version
+    from hipt_ray.storage import stat
+    from hipt_ray.store.run import plan_run
+
+    path = _file(tmp_path, "a.svs", b"A" * 200_000)
+    before = stat(path)
+    store = Store(str(tmp_path / "out"))
+    store.append_slides([{**_slide("a", "ok"), "uri": path, "size": before.size, "etag": before.version}])
+    assert plan_run(store, [SlideRef("a", path)], spec_hash="h1").skipped == 1
+    mtime = os.stat(path).st_mtime_ns
+    with open(path, "r+b") as fh:  # another slide's bytes, same size, mtime put back
+        fh.seek(199_000)
+        fh.write(b"B")
+    os.utime(path, ns=(mtime, mtime))
+    now = stat(path)
+    assert now.size == before.size and now.version.split("#")[0] == before.version.split("#")[0]
+    plan = plan_run(store, [SlideRef("a", path)], spec_hash="h1")
+    assert plan.changed == 1 and [r.slide_id for r in plan.todo] == ["a"]
+    # a table written before fingerprints recorded the mtime alone: not every slide is redone
+    assert same_version(f"10:{mtime}", f"10:{mtime}#abc") and not same_version(f"10:{mtime}#abd", f"10:{mtime}#abc")
+    assert not same_version("10:1", "10:2#abc")
