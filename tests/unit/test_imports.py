@@ -6,7 +6,7 @@ def test_core_packages_do_not_import_ray():
     # slides/, models/, ssl/ and store/ must stay usable without Ray (DESIGN.md).
     code = (
         "import sys, importlib, pkgutil, hipt_ray\n"
-        "for pkg in ('slides', 'store', 'models', 'ssl', 'viz', 'console'):\n"
+        "for pkg in ('slides', 'store', 'models', 'ssl', 'viz', 'console', 'slide_ref'):\n"
         "    m = importlib.import_module('hipt_ray.' + pkg)  # a package that cannot be imported fails the test\n"
         "    for info in pkgutil.walk_packages(getattr(m, '__path__', []), m.__name__ + '.'):\n"
         "        importlib.import_module(info.name)\n"
