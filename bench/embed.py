@@ -72,7 +72,8 @@ def efficiency(args: argparse.Namespace) -> None:
 
     from hipt_ray.tile.job import run as tile_run
     from hipt_ray.config import load_config
-    from hipt_ray.data.regions import RegionEmbedder, read_region
+    from hipt_ray.data.regions import read_region, reader_kwargs
+    from hipt_ray.embed.embedder import RegionEmbedder
     from hipt_ray.embed.job import build_model, run as embed_run
     from hipt_ray.store import Store
 
@@ -106,11 +107,11 @@ def efficiency(args: argparse.Namespace) -> None:
         r["uri"] = f"{src.rstrip('/')}/{r['slide_id']}.tiff" if args.storage == "s3" else str(slides / f"{r['slide_id']}.tiff")
         r["mpp_override"] = None
     n = len(regions)
-    cfg_dict = cfg.to_dict()
+    read_kwargs = reader_kwargs(cfg)
 
     # (b) read-only: the Ray Data read stage alone
     t0 = time.perf_counter()
-    ds = ray.data.from_items(regions, override_num_blocks=n).map(read_region, fn_kwargs={"cfg_dict": cfg_dict},
+    ds = ray.data.from_items(regions, override_num_blocks=n).map(read_region, fn_kwargs=read_kwargs,
                                                                   num_cpus=cfg.embed.read_cpus)
     assert ds.materialize().count() == n  # pixels stay in the object store, as for the model
     read_rate = n / (time.perf_counter() - t0)
@@ -128,7 +129,7 @@ def efficiency(args: argparse.Namespace) -> None:
                               micro_batch=cfg.model.micro_batch, precision=cfg.embed.precision,
                               compile=cfg.embed.compile, use_gpu=torch.cuda.is_available(),
                               store_tokens=True, schema=schema)
-    sample = [read_region(dict(r), cfg_dict=cfg_dict) for r in regions[: min(n, args.model_regions)]]
+    sample = [read_region(dict(r), **read_kwargs) for r in regions[: min(n, args.model_regions)]]
     batch = lambda r: {k: [r[k]] for k in ("slide_id", "region_index", "uri", "error")} | {"image": [r["image"]]}  # noqa: E731
     embedder(batch(sample[0]))  # warm-up (and compilation)
     t_warm = time.perf_counter() - t_warm

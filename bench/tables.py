@@ -112,7 +112,8 @@ def main() -> None:
 
     from hipt_ray.slides.manifest import list_slides
     from hipt_ray.store import read_embeddings
-    from hipt_ray.tile.job import changed_slides
+    from hipt_ray.store.run import file_versions
+    from hipt_ray.store.tables import row_version
 
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
@@ -125,7 +126,8 @@ def main() -> None:
         store = Store(str(d / "out"))
         t_list, specs = timed(lambda: list_slides(str(manifest)))
         t_done, done = timed(lambda: store.done_rows(SPEC))
-        t_changed, changed = timed(lambda: changed_slides(specs, done, None))
+        t_changed, now = timed(lambda: file_versions([s.to_ref() for s in specs if s.slide_id in done], None))
+        changed = [sid for sid, v in now.items() if v != row_version(done[sid])]
         assert not changed, f"{len(changed)} reported changed"
         t_plan, coords = timed(lambda: store.regions(SPEC, sorted(done), model_id="",
                                                      columns=["slide_id", "region_index", "x", "y"]))

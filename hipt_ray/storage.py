@@ -190,16 +190,39 @@ def with_retries(fn, *, what: str, retries: int = 3, base_delay: float = 0.5):
 class ObjectInfo:
     uri: str
     size: int
-    version: str  # ETag for object storage, mtime for local files
+    version: str  # ETag for object storage; mtime and a content fingerprint for local files
+
+
+FINGERPRINT_BYTES = 64 * 1024  # read at each end of a local file (see :func:`stat`)
+
+
+def _fingerprint(fs, path: str, size: int) -> str:
+    """A hash of the first and last 64 KiB of a file: where slide formats keep their header and
+    tile directories, so a different slide differs here even with its size and mtime kept."""
+    h = hashlib.blake2b(digest_size=8)
+    with fs.open(path, "rb") as fh:
+        h.update(fh.read(FINGERPRINT_BYTES))
+        if size > FINGERPRINT_BYTES:
+            fh.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            h.update(fh.read(FINGERPRINT_BYTES))
+    return h.hexdigest()
 
 
 def stat(uri: str, endpoint_url: str | None = None) -> ObjectInfo:
+    """``uri``'s size and version: its ETag on object storage (a content hash already); for a
+    local file its mtime and a fingerprint of its content (``mtime#hash``), because ``cp -p``,
+    ``rsync -a`` and restore tools keep the mtime of a file they replace."""
     fs, path = filesystem(uri, endpoint_url)
     info = fs.info(path, refresh=True)  # never a listing cached earlier in this process: the file may have changed
     if info.get("type") == "directory":
         raise IsADirectoryError(f"{uri} is a directory, not a slide file")
-    version = info.get("ETag") or info.get("etag") or str(info.get("mtime") or info.get("LastModified") or "")
-    return ObjectInfo(uri=uri, size=int(info.get("size") or 0), version=str(version).strip('"'))
+    size = int(info.get("size") or 0)
+    version = str(info.get("ETag") or info.get("etag") or "").strip('"')
+    if not version:
+        version = str(info.get("mtime") or info.get("LastModified") or "")
+        if not is_remote(uri):
+            version += "#" + _fingerprint(fs, path, size)
+    return ObjectInfo(uri=uri, size=size, version=version)
 
 
 class StagingCache:

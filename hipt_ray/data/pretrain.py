@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import zlib
 
+import lance_ray
 import numpy as np
 import ray
 
 from hipt_ray.config import Config
-from hipt_ray.data.regions import read_region
+from hipt_ray.data.regions import read_region, reader_kwargs
 from hipt_ray.slides.manifest import SlideSpec
 from hipt_ray.slides.tissue import DARKNESS_RANGE, darkness, is_grayscale, saturation
 from hipt_ray.store import REGIONS, Store
-from hipt_ray.store.tables import resolve_embedding
+from hipt_ray.store.tables import resolve_embedding, sql_string, tokens_to_grid
 
 
 def _patch_rows(row: dict, *, patch_px: int, per_region: int, min_tissue: float, threshold: float,
@@ -38,29 +39,23 @@ def build_patch_dataset(cfg: Config, specs: list[SlideSpec]) -> tuple[ray.data.D
     """Stage 1: 256 px tissue patches of the tiled regions of ``specs`` (the slides of
     ``cfg.slides``); and an estimate of the number of patches (for the schedules)."""
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
-    specs = {s.slide_id: s for s in specs}
-    regions = store.regions(cfg.tiling_spec_hash(), slide_ids=list(specs)).to_pylist()
+    tiled = store.slide_refs(cfg.tiling_spec_hash())  # opened as tiled: its override, its file version
+    refs = [tiled[s.slide_id] for s in specs if s.slide_id in tiled]
+    regions = store.region_reads(cfg.tiling_spec_hash(), refs, ["region_index", "x", "y", "read_w", "read_h",
+                                                                 "mpp", "tissue_fraction"]).to_pylist()
     if not regions:
         raise ValueError(f"no tiled regions with tissue for {cfg.slides} under {cfg.out}")
     estimate = 0
-    overrides = store.recorded_overrides(cfg.tiling_spec_hash())
     for r in regions:
-        r["uri"] = specs[r["slide_id"]].uri
-        r["mpp_override"] = overrides.get(r["slide_id"])  # what its tiling used
         n = (r["read_w"] // cfg.tiling.patch_px) * (r["read_h"] // cfg.tiling.patch_px)
         estimate += min(cfg.pretrain.patches_per_region, int(n * r["tissue_fraction"]))
     ds = ray.data.from_items(regions, override_num_blocks=len(regions))
-    ds = ds.map(read_region, fn_kwargs={"cfg_dict": cfg.to_dict()}, num_cpus=cfg.embed.read_cpus)
+    ds = ds.map(read_region, fn_kwargs=reader_kwargs(cfg), num_cpus=cfg.embed.read_cpus)
     ds = ds.flat_map(_patch_rows, fn_kwargs=dict(
         patch_px=cfg.tiling.patch_px, per_region=cfg.pretrain.patches_per_region,
         min_tissue=cfg.pretrain.min_patch_tissue, threshold=cfg.tissue.min_saturation * 2,
         seed=cfg.pretrain.seed))
     return ds.randomize_block_order(seed=cfg.pretrain.seed), max(1, estimate)
-
-
-def tokens_to_grid(tokens: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Flattened row-major patch tokens ``[rows·cols·D]`` → grid ``[D, rows, cols]``."""
-    return np.ascontiguousarray(tokens.reshape(rows, cols, -1).transpose(2, 0, 1))
 
 
 def _grid_row(row: dict, *, patch_px: int) -> dict:
@@ -71,8 +66,6 @@ def _grid_row(row: dict, *, patch_px: int) -> dict:
 def build_grid_dataset(cfg: Config) -> tuple[ray.data.Dataset, int, str]:
     """Stage 2: ``[D, 16, 16]`` token grids of full regions from an ``embed`` output; the number
     of grids and the embedding model id they come from."""
-    import lance_ray
-
     src = cfg.pretrain.regions_from or cfg.out
     store = Store(src, endpoint_url=cfg.storage.s3_endpoint_url)
     model_id, _ = resolve_embedding(store, cfg.pretrain.model_id, cfg.tiling_spec_hash())
@@ -81,8 +74,8 @@ def build_grid_dataset(cfg: Config) -> tuple[ray.data.Dataset, int, str]:
     done = sorted(store.completed(cfg.tiling_spec_hash(), model_id))
     if not done:
         raise ValueError(f"{src} has no slides embedded by model {model_id} with this tiling")
-    quoted = ", ".join("'" + s.replace("'", "''") + "'" for s in done)
-    where = (f"model_id = '{model_id}' AND read_w = {full} AND read_h = {full} "
+    quoted = ", ".join(sql_string(s) for s in done)
+    where = (f"model_id = {sql_string(model_id)} AND read_w = {full} AND read_h = {full} "
              f"AND slide_id IN ({quoted})")
     n = store.dataset(REGIONS).count_rows(filter=where)
     if n == 0:

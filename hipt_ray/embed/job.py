@@ -15,29 +15,31 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import pyarrow as pa
 import ray
 
 from hipt_ray.config import Config
 from hipt_ray.console import Progress
-from hipt_ray.data.regions import RegionEmbedder, read_region
+from hipt_ray.data.regions import read_region, reader_kwargs
+from hipt_ray.embed.embedder import READ_COLUMNS, RegionEmbedder, output_schema, regions_schema
+from hipt_ray.models.inference import wants_gpu
 from hipt_ray.models.loading import build_model
 from hipt_ray.slides.manifest import list_slides
-from hipt_ray.slides.reader import recorded_override
-from hipt_ray.store import REGIONS_SCHEMA, Store
-from hipt_ray.store.commit import status_row
+from hipt_ray.store import Store
 from hipt_ray.store.fragments import RegionCommitter, write_region_fragments
 from hipt_ray.store.lease import writer_lease
-from hipt_ray.store.tables import REGIONS, embedding_fields, row_version
-from hipt_ray.tile.job import TileSummary
+from hipt_ray.store.run import RunPlan, finish_run, plan_run
+from hipt_ray.store.tables import REGIONS
+from hipt_ray.tile.job import SlideCounts, TileSummary
 from hipt_ray.tile.job import run as tile_run
 
 log = logging.getLogger(__name__)
-_COORDS = [f.name for f in REGIONS_SCHEMA if f.name not in ("model_id",)]
 
 
 @dataclass
-class EmbedSummary(TileSummary):
+class EmbedSummary(SlideCounts):
+    tiling: TileSummary = field(default_factory=TileSummary)  # the tiling this run started with
+    seconds: float = 0.0
+    out: str = ""
     model_id: str = ""
     index: str = ""  # what the vector index refresh did
     fragments: int = 0  # Lance fragments the workers wrote and the driver committed
@@ -52,6 +54,20 @@ class EmbedSummary(TileSummary):
     returned: int = 0  # regions that came back from the pipeline (ok or not): stage_seconds' count
     model_actors: int = 0
     tables: str = ""  # fragments and versions left after tidying
+
+    @property
+    def total(self) -> int:
+        return self.tiling.total
+
+    def take(self, committer: RegionCommitter) -> None:
+        """The run's figures from its committer."""
+        self.count(committer)
+        self.fragments, self.commits = committer.fragments, committer.commits
+        self.duplicates = committer.duplicates
+        self.driver_bytes, self.commit_seconds = committer.bytes_in, committer.commit_seconds
+        self.nodes = {k: dict(v) for k, v in committer.nodes.items()}
+        if self.model_actors:  # a pipeline ran
+            self.stage_seconds, self.returned = dict(committer.stage_seconds), committer.returned
 
     def lines(self) -> list[str]:
         rate = self.regions / self.seconds if self.seconds else 0.0
@@ -85,12 +101,6 @@ class EmbedSummary(TileSummary):
                 f"{actors} model actor{'s' if actors > 1 else ''} busy {100 * busy:.0f} % of the pipeline")
 
 
-def _use_gpu(cfg: Config) -> bool:
-    if cfg.embed.use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return bool(cfg.embed.use_gpu)
-
-
 def run(cfg: Config) -> EmbedSummary:
     """Embed every slide of ``cfg.slides`` into the tables under ``cfg.out``, holding the
     output's writer lease (also across the tiling it starts with).
@@ -107,116 +117,73 @@ def _run(cfg: Config) -> EmbedSummary:
     listed = list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)
     tiling = tile_run(cfg, listed)  # skips slides already tiled with the same spec
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
-    spec = cfg.tiling_spec_hash()
     model, mid = build_model(cfg)
-    summary = EmbedSummary(total=tiling.total, model_id=mid, out=cfg.out)
-    if orphans := store.remove_orphans(spec, mid):
-        log.info("removed regions of %d slides left half-written by an earlier run", len(orphans))
-    specs = {s.slide_id: s for s in listed}
-    tiled = {r["slide_id"]: r for r in store.latest_slides(spec, "").to_pylist() if r["slide_id"] in specs}
-    # Embedded already: the same file version as tiled now (a changed file was tiled again).
-    earlier = store.done_rows(spec, mid)
-    done = {sid for sid, r in earlier.items() if sid in tiled and row_version(r) == row_version(tiled[sid])}
-    replaces = set(earlier) - done
-    summary.skipped = sum(1 for s in specs if s in done)
-    todo = sorted(sid for sid, r in tiled.items() if sid not in done and r["status"] == "ok")
-    # Slides that tiling already failed (or found empty) get their status for this model too.
-    carried = [r for sid, r in tiled.items() if sid not in done and r["status"] != "ok"]
+    dims = model.vit4k.embed_dim, model.vit256.embed_dim
+    plan = plan_run(store, [s.to_ref() for s in listed], spec_hash=cfg.tiling_spec_hash(), model_id=mid,
+                    regions_schema=regions_schema(*dims), keep_versions_days=cfg.storage.keep_versions_days)
+    summary = EmbedSummary(tiling=tiling, model_id=mid, out=cfg.out, skipped=plan.skipped)
     progress = Progress("embed", total=0, unit="regions")  # drawn once there are regions to embed
-
-    def status_for(sid: str, status: str, error: str, n: int) -> dict:
-        return status_row(tiled[sid], status=status, error=error, n_regions=n, model_id=mid,
-                          seconds=time.perf_counter() - t0)
-
+    n_slides = len(plan.todo) + len(plan.carried)
     committer = RegionCommitter(
-        store, expected={s: int(tiled[s]["n_regions"]) for s in todo}, batch_slides=cfg.ray.write_batch_slides,
-        status_row=status_for, replaces=replaces,
-        on_finished=lambda *_: progress.update(slides=f"{committer.counts.total()}/{len(todo) + len(carried)}",
+        store, expected=plan.expected, batch_slides=cfg.ray.write_batch_slides, replaces=plan.replaces,
+        status_row=lambda sid, status, error, n: plan.status_row(
+            sid, status=status, error=error, n_regions=n, seconds=time.perf_counter() - t0),
+        on_finished=lambda *_: progress.update(slides=f"{committer.counts.total()}/{n_slides}",
                                                failed=committer.counts["failed"] or None))
-    for r in carried:
-        committer.add_slide(status_for(r["slide_id"], r["status"], r["error"], 0))
-    if not todo:
-        committer.close()
-        summary.count(committer)
-        summary.seconds = time.perf_counter() - t0
-        return summary
-
-    use_gpu = _use_gpu(cfg)
-    n_actors = cfg.embed.model_actors or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else 1)
-    dim4k, dim256 = model.vit4k.embed_dim, model.vit256.embed_dim
-    if removed := store.remove_uncommitted(cfg.storage.keep_versions_days):
-        log.info("removed %.1f MB of region files an earlier run wrote but never committed", removed / 1e6)
-    table_schema = store.prepare_regions(pa.schema(list(REGIONS_SCHEMA) + embedding_fields(dim4k, dim256)))
-    out_schema = pa.schema([REGIONS_SCHEMA.field(n) for n in _COORDS] + [pa.field("uri", pa.string())]
-                           + embedding_fields(dim4k, dim256)
-                           + [pa.field(n, pa.string()) for n in ("error", "read_node", "model_node")]
-                           + [pa.field(n, pa.float32()) for n in ("read_seconds", "model_seconds")])
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-    # One streaming pipeline for the whole run: the driver holds only the region coordinates
-    # (≈ 200 bytes a region) and the metadata that comes back.
-    coords = store.regions(spec, todo, model_id="", columns=_COORDS)
-    sids = coords["slide_id"].to_pylist()
-    coords = coords.append_column("uri", pa.array([specs[s].uri for s in sids], pa.string()))
-    overrides = {s: recorded_override(tiled[s]) for s in todo}  # what each slide's tiling used
-    coords = coords.append_column("mpp_override", pa.array([overrides[s] for s in sids], pa.float64()))
-    per_task = cfg.embed.regions_per_task
-    blocks = [coords.slice(i, per_task) for i in range(0, coords.num_rows, per_task)]
-    progress.total = coords.num_rows
-
-    if blocks:
-        read_resources = dict(cfg.embed.read_resources) or None
-        ds = ray.data.from_arrow(blocks)
-        ds = ds.map(read_region, fn_kwargs={"cfg_dict": cfg.to_dict()}, num_cpus=cfg.embed.read_cpus,
-                    resources=read_resources)
-        ds = ds.map_batches(
-            RegionEmbedder,
-            fn_constructor_kwargs=dict(
-                model_name=cfg.model.name, state_dict=state, micro_batch=cfg.model.micro_batch,
-                precision=cfg.embed.precision, compile=cfg.embed.compile, use_gpu=use_gpu,
-                store_tokens=cfg.embed.store_tokens, schema=out_schema,
-                threads=max(1, int(cfg.embed.actor_cpus)),
-            ),
-            batch_size=cfg.embed.actor_batch_regions, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=n_actors),
-            num_cpus=cfg.embed.actor_cpus, num_gpus=1 if use_gpu else 0,
-            memory=int(cfg.embed.actor_memory_gb * 2**30),  # also keeps reads and model unfused
-            resources=dict(cfg.embed.actor_resources) or None,
-        )
-        ds = ds.map_batches(  # the rows with embeddings go to the table from here, not the driver
-            write_region_fragments,
-            fn_kwargs=dict(uri=store.uri(REGIONS), schema=table_schema, model_id=mid,
-                           storage_options=store.options),
-            batch_size=cfg.embed.write_regions, batch_format="pyarrow", num_cpus=0.25,
-            resources=read_resources,
-        )
+    for row in plan.carried:
+        committer.add_slide(row)
+    if plan.todo:
+        ds, progress.total, summary.model_actors = _pipeline(cfg, store, plan, model, dims)
         cpu0, wall0 = time.process_time(), time.perf_counter()  # all the driver's threads
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 progress.update(advance=batch.num_rows)
                 committer.add(batch)
-            summary.driver_cpu = time.process_time() - cpu0
-            summary.pipeline_seconds = time.perf_counter() - wall0
         except BaseException:
             committer.flush()  # what finished stays committed; a rerun does the rest
             raise
+        summary.driver_cpu, summary.pipeline_seconds = time.process_time() - cpu0, time.perf_counter() - wall0
     committer.close()
-    summary.count(committer)
     progress.close()
-    summary.fragments, summary.commits = committer.fragments, committer.commits
-    summary.duplicates = committer.duplicates
-    summary.driver_bytes, summary.commit_seconds = committer.bytes_in, committer.commit_seconds
-    summary.nodes = {k: dict(v) for k, v in committer.nodes.items()}
-    if blocks:
-        summary.stage_seconds, summary.returned = dict(committer.stage_seconds), committer.returned
-        summary.model_actors = n_actors
-    summary.tables = store.tidy(cfg.storage.keep_versions_days)
-    if summary.ok:
-        from hipt_ray.store.vectors import refresh_index
-
-        try:  # fold the new regions into the similar-region index (searches stay exact meanwhile)
-            summary.index = refresh_index(store, cfg.search)
-        except Exception as exc:
-            log.warning("vector index not refreshed (searches still see every region): %s", exc)
+    summary.take(committer)
+    if plan.todo:
+        summary.tables, summary.index = finish_run(store, keep_versions_days=cfg.storage.keep_versions_days,
+                                                   search=cfg.search if summary.ok else None)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _pipeline(cfg: Config, store: Store, plan: RunPlan, model, dims: tuple[int, int]):
+    """One streaming pipeline for the whole run: read tasks of ``embed.regions_per_task``
+    regions, the model actors, fragment writes. The driver holds only the region coordinates
+    (≈ 200 bytes a region) and the metadata that comes back. Returns the dataset, its number of
+    regions and of model actors."""
+    use_gpu = wants_gpu(cfg.embed.use_gpu, available=ray.cluster_resources().get("GPU", 0) > 0)
+    n_actors = cfg.embed.model_actors or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else 1)
+    coords = store.region_reads(plan.spec_hash, plan.todo, READ_COLUMNS)
+    per_task = cfg.embed.regions_per_task
+    blocks = [coords.slice(i, per_task) for i in range(0, coords.num_rows, per_task)]
+    read_resources = dict(cfg.embed.read_resources) or None
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map(read_region, fn_kwargs=reader_kwargs(cfg), num_cpus=cfg.embed.read_cpus, resources=read_resources)
+    ds = ds.map_batches(
+        RegionEmbedder,
+        fn_constructor_kwargs=dict(
+            model_name=cfg.model.name, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+            micro_batch=cfg.model.micro_batch, precision=cfg.embed.precision, compile=cfg.embed.compile,
+            use_gpu=use_gpu, store_tokens=cfg.embed.store_tokens, schema=output_schema(*dims),
+            threads=max(1, int(cfg.embed.actor_cpus)),
+        ),
+        batch_size=cfg.embed.actor_batch_regions, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=n_actors),
+        num_cpus=cfg.embed.actor_cpus, num_gpus=1 if use_gpu else 0,
+        memory=int(cfg.embed.actor_memory_gb * 2**30),  # also keeps reads and model unfused
+        resources=dict(cfg.embed.actor_resources) or None,
+    )
+    ds = ds.map_batches(  # the rows with embeddings go to the table from here, not the driver
+        write_region_fragments,
+        fn_kwargs=dict(uri=store.uri(REGIONS), schema=plan.regions_schema, model_id=plan.model_id,
+                       storage_options=store.options),
+        batch_size=cfg.embed.write_regions, batch_format="pyarrow", num_cpus=0.25, resources=read_resources,
+    )
+    return ds, coords.num_rows, n_actors

@@ -8,9 +8,17 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-from hipt_ray.config import Config
+from hipt_ray.config import Config, validate_config
+from hipt_ray.models.hipt4k import default_micro_batch
+from hipt_ray.models.inference import inference_device
+from hipt_ray.models.loading import build_model
+from hipt_ray.slides.manifest import SlideSpec, slide_id_from_uri
+from hipt_ray.slides.reader import make_cache, open_slide
+from hipt_ray.store import Store
+from hipt_ray.store.tables import resolve_embedding
 from hipt_ray.viz.attention import percentile_map, smoothed_attention, upsample, window_offsets
 from hipt_ray.viz.heatmaps import (
     blend, content_cells, region_figure, renormalised_over_content, slide_attention_png,
@@ -21,25 +29,16 @@ def region_heatmaps(cfg: Config, slide_uri: str, xy: tuple[int, int], out_dir: s
                     display_px: int = 1024) -> dict[str, str]:
     """Attention figures of the region at level-0 ``xy`` of ``slide_uri`` (``tiling.region_px``
     at ``tiling.mpp``), smoothed over ``shifts``² shifted windows. Returns name → file path."""
-    import torch
-
-    from hipt_ray.models.hipt4k import default_micro_batch
-    from hipt_ray.models.loading import build_model
-    from hipt_ray.slides.manifest import slide_id_from_uri
-    from hipt_ray.slides.reader import open_slide
-    from hipt_ray.slides.tiler import make_cache
-
     model, mid = build_model(cfg)
-    use_gpu = cfg.embed.use_gpu is True or (cfg.embed.use_gpu == "auto" and torch.cuda.is_available())
-    if use_gpu and torch.cuda.is_available():
-        model = model.cuda()
-        model.micro_batch = default_micro_batch("cuda", cfg.model.micro_batch)
+    device = inference_device(cfg.embed.use_gpu)
+    if device.type == "cuda":
+        model = model.to(device)
+        model.micro_batch = default_micro_batch(device, cfg.model.micro_batch)
     size = cfg.tiling.region_px
     offsets = window_offsets(cfg.tiling.patch_px, shifts)
     margin = max(offsets)
-    slide_id = slide_id_from_uri(slide_uri)
-    slide, _ = open_slide(slide_uri, cfg, cache=make_cache(cfg), mpp_override=cfg.tiling.mpp_overrides.get(slide_id),
-                          slide_id=slide_id)
+    ref = SlideSpec(slide_id_from_uri(slide_uri), slide_uri).to_ref(cfg.tiling.mpp_overrides)
+    slide, _ = open_slide(ref, cfg, cache=make_cache(cfg))
     with slide:
         scale = cfg.tiling.mpp / slide.mpp
         w0, h0 = slide.dimensions
@@ -120,15 +119,8 @@ def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[
                    thumb_px: int = 1024) -> list[str]:
     """Each slide's regions coloured by the slide-level head's attention, drawn over the slide
     thumbnail. Every case is scored by the fold model that never trained on it (out-of-fold)."""
-    import torch
-
-    from hipt_ray.config import validate_config
     from hipt_ray.heads.cohort import load_cohort
     from hipt_ray.heads.fit import load_head
-    from hipt_ray.slides.reader import open_slide
-    from hipt_ray.slides.tiler import make_cache
-    from hipt_ray.store import Store
-    from hipt_ray.store.tables import resolve_embedding
 
     saved = load_heads(head_run, cfg)
     run_cfg = validate_config(saved["config"])
@@ -140,8 +132,7 @@ def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[
     by_slide: dict[str, list[dict]] = {}
     for r in regions.to_pylist():
         by_slide.setdefault(r["slide_id"], []).append(r)
-    uris = store.completed(spec, mid)
-    overrides = store.recorded_overrides(spec)
+    refs = store.slide_refs(spec, mid)
     fold_of = {c: f for f, fold in enumerate(saved["folds"]) for c in fold["val"]}
     heads = []
     for fold in saved["folds"]:
@@ -172,7 +163,7 @@ def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[
             start += len(rows)
             if wanted is not None and sid not in wanted:
                 continue
-            slide, _ = open_slide(uris[sid], run_cfg, cache=cache, mpp_override=overrides.get(sid), slide_id=sid)
+            slide, _ = open_slide(refs[sid], run_cfg, cache=cache)
             with slide:
                 w0, h0 = slide.dimensions
                 thumb, thumb_mpp = slide.read_lowres(slide.mpp * max(w0, h0) / thumb_px)

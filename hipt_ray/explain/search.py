@@ -9,6 +9,12 @@ from dataclasses import dataclass
 import pandas as pd
 
 from hipt_ray.config import Config
+from hipt_ray.heads.labels import read_labels
+from hipt_ray.slides.reader import make_cache, open_slide
+from hipt_ray.storage import is_remote, local_path
+from hipt_ray.store import Store
+from hipt_ray.store.tables import resolve_embedding
+from hipt_ray.store.vectors import find_region, refresh_index, search
 from hipt_ray.viz.mosaic import mosaic_png, region_thumbnail
 
 
@@ -26,20 +32,12 @@ class SearchResult:
 def search_similar(cfg: Config, slide: str, xy: tuple[int, int], *, k: int | None = None,
                    labels: str | None = None, dest: str | None = None, rebuild_index: bool = False) -> SearchResult:
     """Query with the region of ``slide`` (id or URI) containing level-0 ``xy``."""
-    from hipt_ray.heads.labels import read_labels
-    from hipt_ray.slides.reader import open_slide
-    from hipt_ray.slides.tiler import make_cache
-    from hipt_ray.storage import is_remote, local_path
-    from hipt_ray.store import Store
-    from hipt_ray.store.tables import resolve_embedding
-    from hipt_ray.store.vectors import find_region, refresh_index, search
-
     sc = cfg.search
     k = k or sc.k
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
     mid, spec = resolve_embedding(store, sc.model_id)
-    uris = store.completed(spec, mid)
-    slide_id = next((s for s, u in uris.items() if u == slide), slide)
+    refs = store.slide_refs(spec, mid)
+    slide_id = next((s for s, r in refs.items() if r.uri == slide), slide)
     index_note = refresh_index(store, sc, rebuild=rebuild_index)
     query = find_region(store, slide_id, xy, model_id=mid, spec_hash=spec)
     hits = search(store, query["emb4k"], model_id=mid, spec_hash=spec, k=k, sc=sc).to_pylist()
@@ -63,11 +61,9 @@ def search_similar(cfg: Config, slide: str, xy: tuple[int, int], *, k: int | Non
     csv = os.path.join(dest, f"{stem}.csv")
     table.to_csv(csv, index=False)
     cache = make_cache(cfg)
-    overrides = store.recorded_overrides(spec)
     tiles = []
     for i, r in enumerate(hits):
-        s, _ = open_slide(uris[r["slide_id"]], cfg, cache=cache, mpp_override=overrides.get(r["slide_id"]),
-                          slide_id=r["slide_id"])
+        s, _ = open_slide(refs[r["slide_id"]], cfg, cache=cache)
         with s:
             image = region_thumbnail(s, r, sc.thumb_px)
         label = f" [{label_of.get(r['slide_id'], '')}]" if label_of else ""

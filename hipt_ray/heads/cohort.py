@@ -12,7 +12,7 @@ from hipt_ray.config import Config
 from hipt_ray.heads.labels import check_cohort, check_labels, read_labels
 from hipt_ray.heads.tasks import task_for
 from hipt_ray.store import REGIONS, Store, read_embeddings
-from hipt_ray.store.tables import resolve_embedding
+from hipt_ray.store.tables import resolve_embedding, tokens_to_grid
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def read_token_grids(store: Store, spec_hash: str, model_id: str, slide_ids: lis
             raise ValueError(f"{store.out}: slide {sid} was embedded without tokens256 (embed.store_tokens="
                              "false); re-embed with embed.store_tokens=true or drop heads.local_vit")
         r, c = h // patch_px, w // patch_px
-        grid = torch.from_numpy(np.asarray(flat, dtype=np.float32).reshape(r, c, -1)).permute(2, 0, 1)
+        grid = torch.from_numpy(tokens_to_grid(np.asarray(flat, dtype=np.float32), r, c))
         out.setdefault(sid, []).append(grid.contiguous())
     return out
 

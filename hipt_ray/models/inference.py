@@ -20,6 +20,20 @@ log = logging.getLogger(__name__)
 PAD_PATCHES = 32  # the compiled ViT-256's batch sizes are multiples of this
 
 
+def wants_gpu(setting: bool | str, *, available: bool) -> bool:
+    """The one GPU decision: ``setting`` is ``embed.use_gpu`` (``True``, ``False`` or ``"auto"``);
+    ``available`` whether GPUs are there to use (the cluster's, for a job that asks Ray for
+    them; this process's, for a model run here). ``"auto"`` uses them when they are there."""
+    return available if setting == "auto" else bool(setting)
+
+
+def inference_device(setting: bool | str) -> torch.device:
+    """Where a model runs in this process: CUDA if :func:`wants_gpu` says so and this process
+    sees a GPU (a GPU actor placed on a node without one falls back to the CPU), else the CPU."""
+    cuda = torch.cuda.is_available()
+    return torch.device("cuda" if cuda and wants_gpu(setting, available=cuda) else "cpu")
+
+
 def fast_dtype(device: torch.device | str) -> torch.dtype:
     """bf16 where the device computes it natively, else fp32."""
     device = torch.device(device)

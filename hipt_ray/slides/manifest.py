@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
 from hipt_ray.config import ConfigError, check_name
+from hipt_ray.slide_ref import SlideRef
 from hipt_ray.storage import filesystem, is_remote
 
 # Extensions of the single- and multi-file formats OpenSlide 4 reads.
@@ -28,6 +30,12 @@ class SlideSpec:
     uri: str
     mpp: float | None = None  # a per-slide override for files without usable MPP metadata
     error: str = ""  # set when the slide cannot be processed as listed (an id two files share)
+
+    def to_ref(self, overrides: Mapping[str, float] | None = None) -> SlideRef:
+        """The reference of this slide as listed, before any tiling: its MPP override is the
+        manifest's ``mpp``, else its entry in ``overrides`` (``tiling.mpp_overrides``)."""
+        mpp = self.mpp if self.mpp is not None else (overrides or {}).get(self.slide_id)
+        return SlideRef(slide_id=self.slide_id, uri=self.uri, mpp_override=mpp)
 
 
 def slide_id_from_uri(uri: str) -> str:

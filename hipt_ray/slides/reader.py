@@ -17,7 +17,10 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from hipt_ray.slide_ref import SlideRef, same_version, slide_version
 from hipt_ray.slides.manifest import slide_id_from_uri
+from hipt_ray.slides.tiles import TileError, open_tiled
+from hipt_ray.storage import ObjectInfo, StagingCache, stat, with_retries
 
 # A level whose downsample is within this factor of the wanted one counts as exact
 # (odd level sizes make stored downsamples like 4.0007).
@@ -185,8 +188,6 @@ class Slide:
     def _read(self, level0_xy: tuple[int, int], level: int, size: tuple[int, int], scale: int = 1) -> np.ndarray:
         """``size`` pixels of ``level`` (shrunk ``scale`` times: the tile backend's scaled
         decoding) at level-0 ``level0_xy``, RGB on white."""
-        from hipt_ray.slides.tiles import TileError
-
         try:
             if hasattr(self._osr, "read_rgb"):  # the tile backend composites on white itself
                 return self._osr.read_rgb(level0_xy, level, size, scale=scale)
@@ -247,21 +248,33 @@ class Slide:
         return rgb, self.mpp * w0 / w
 
 
-def open_slide(uri: str, cfg, *, cache, mpp_override: float | None = None,
-               slide_id: str | None = None):
-    """The one way to open a slide: ``(Slide, ObjectInfo)`` for ``uri`` read by the backend
-    ``cfg.reader.backend`` picks (see :class:`hipt_ray.config.ReaderConfig`); ``cache`` stages
-    the file for OpenSlide when it reads a remote slide.
+def make_cache(cfg) -> StagingCache:
+    """The local staging cache ``cfg.storage`` describes (where OpenSlide reads remote slides)."""
+    s = cfg.storage
+    return StagingCache(s.cache_dir, s.cache_max_bytes, endpoint_url=s.s3_endpoint_url, retries=s.retries)
+
+
+def open_slide(ref: SlideRef, cfg, *, cache: StagingCache) -> tuple[Slide, ObjectInfo]:
+    """The one way to open a slide: ``(Slide, ObjectInfo)`` for ``ref`` read by the backend
+    ``cfg.reader.backend`` picks (see :class:`hipt_ray.config.ReaderConfig`), with the MPP
+    override it names; ``cache`` stages the file for OpenSlide when it reads a remote slide.
 
     Raises:
-        SlideError: the slide cannot be read, with the reason.
+        SlideError: the slide cannot be read, with the reason; or its file is not the version
+            ``ref`` names (it changed after it was tiled).
         StorageError, OSError: the object cannot be reached (callers describe it).
     """
-    from hipt_ray.slides.tiles import TileError, open_tiled
-    from hipt_ray.storage import stat, with_retries
+    slide, info = _open(ref, cfg, cache)
+    if ref.version is not None and not same_version(ref.version, slide_version(info.size, info.version)):
+        slide.close()
+        raise SlideError(f"{ref.uri}: the file changed after it was tiled (its size, ETag/mtime or content differ); "
+                         "rerun the command to tile and embed it again")
+    return slide, info
 
-    s = cfg.storage
-    kwargs = dict(name=uri, mpp_override=mpp_override, mpp_range=cfg.tiling.mpp_range, slide_id=slide_id)
+
+def _open(ref: SlideRef, cfg, cache: StagingCache) -> tuple[Slide, ObjectInfo]:
+    s, uri = cfg.storage, ref.uri
+    kwargs = dict(name=uri, mpp_override=ref.mpp_override, mpp_range=cfg.tiling.mpp_range, slide_id=ref.slide_id)
     if cfg.reader.backend != "openslide":
         info = with_retries(lambda: stat(uri, s.s3_endpoint_url), what=uri, retries=s.retries)
         if info.size == 0:
@@ -278,12 +291,3 @@ def open_slide(uri: str, cfg, *, cache, mpp_override: float | None = None,
                              "file is neither; set reader.backend=auto to read it through OpenSlide")
     path, info = cache.fetch(uri)
     return Slide(path, **kwargs), info
-
-
-def recorded_override(row: dict | None) -> float | None:
-    """The MPP to reopen a tiled slide with, from its ``slides.lance`` row: the override its
-    tiling used (a manifest ``mpp`` or ``tiling.mpp_overrides``), else ``None`` (its metadata
-    gives the recorded MPP again)."""
-    if row and row.get("mpp_source") == "override" and row.get("mpp"):
-        return float(row["mpp"])
-    return None

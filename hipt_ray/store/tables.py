@@ -15,12 +15,15 @@ of that status row, and the old rows are deleted right after. Readers also retur
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
 
 import lance
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hipt_ray.slide_ref import SlideRef, slide_version
 from hipt_ray.storage import OutputStoreError, is_remote, join, output_error, with_retries
 from hipt_ray.store.lease import check_lease
 
@@ -74,18 +77,36 @@ REGIONS_SCHEMA = pa.schema([
 ])
 
 
-def slide_version(size: int | None, etag: str | None) -> str:
-    """The identity of a slide file's content as the tables record it (see the module doc)."""
-    return f"{size}:{etag or ''}"
-
-
 def row_version(row: dict) -> str:
     """:func:`slide_version` of a ``slides.lance`` row."""
     return slide_version(row.get("size"), row.get("etag"))
 
 
+def recorded_override(row: dict | None) -> float | None:
+    """The MPP to reopen a tiled slide with, from its ``slides.lance`` row: the override its
+    tiling used (a manifest ``mpp`` or ``tiling.mpp_overrides``), else ``None`` (its metadata
+    gives the recorded MPP again)."""
+    if row and row.get("mpp_source") == "override" and row.get("mpp"):
+        return float(row["mpp"])
+    return None
+
+
+def slide_ref(row: dict) -> SlideRef:
+    """The reference of the slide a ``slides.lance`` row describes: every later reader opens it
+    with the MPP override its tiling used and refuses a file that is no longer that version."""
+    return SlideRef(slide_id=row["slide_id"], uri=row["uri"], mpp_override=recorded_override(row),
+                    version=row_version(row))
+
+
 def sql_string(value: str) -> str:
+    """``value`` as an SQL string literal (quotes doubled): every value a filter names."""
     return "'" + value.replace("'", "''") + "'"
+
+
+def tokens_to_grid(tokens: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """A region's ``tokens256`` as stored, flattened row-major ``[rows·cols·D]`` → grid
+    ``[D, rows, cols]``."""
+    return np.ascontiguousarray(tokens.reshape(rows, cols, -1).transpose(2, 0, 1))  # (rows, cols, D) → (D, rows, cols)
 
 
 def _in(column: str, values: Iterable[str]) -> str:
@@ -211,8 +232,6 @@ class Store:
         """Delete data files of ``regions.lance`` that no version references (fragments written
         by a run that died before committing them) and versions older than
         ``keep_versions_days``; bytes removed. Safe only under the writer lease."""
-        from datetime import timedelta
-
         ds = self.dataset(REGIONS)
         if ds is None:
             return 0
@@ -226,8 +245,6 @@ class Store:
         fragments (each commit adds one per table, workers one per slide and batch), then
         delete versions older than ``keep_versions_days``. Returns one line on what is left.
         Safe only under the writer lease."""
-        from datetime import timedelta
-
         parts = []
         for table, rows in ((REGIONS, REGION_ROWS_PER_FRAGMENT), (SLIDES, None)):
             ds = self.dataset(table)
@@ -286,9 +303,9 @@ class Store:
         """The newest status row of each slide (optionally for one tiling spec and model)."""
         conds = []
         if spec_hash:
-            conds.append(f"spec_hash = '{spec_hash}'")
+            conds.append(f"spec_hash = {sql_string(spec_hash)}")
         if model_id is not None:
-            conds.append(f"model_id = '{model_id}'")
+            conds.append(f"model_id = {sql_string(model_id)}")
         filt = " AND ".join(conds) or None
         rows = self.read(SLIDES, filter=filt)
         if rows.num_rows == 0:
@@ -305,13 +322,10 @@ class Store:
         done = latest.filter(pc.is_in(latest["status"], pa.array(DONE_STATUSES)))
         return {r["slide_id"]: r for r in done.to_pylist()}
 
-    def recorded_overrides(self, spec_hash: str) -> dict[str, float]:
-        """slide_id → the MPP override its tiling used, for every tiled slide that had one (what
-        every later reader must open it with: see :func:`hipt_ray.slides.reader.recorded_override`)."""
-        from hipt_ray.slides.reader import recorded_override
-
-        rows = self.done_rows(spec_hash, "")
-        return {sid: mpp for sid, r in rows.items() if (mpp := recorded_override(r)) is not None}
+    def slide_refs(self, spec_hash: str, model_id: str = "") -> dict[str, SlideRef]:
+        """slide_id → the reference (see :func:`slide_ref`) of each slide :meth:`done_rows`
+        returns: what every reader of a tiled or embedded slide opens."""
+        return {sid: slide_ref(r) for sid, r in self.done_rows(spec_hash, model_id).items()}
 
     def completed(self, spec_hash: str, model_id: str = "") -> dict[str, str]:
         """slide_id → uri of the slides :meth:`done_rows` returns."""
@@ -366,6 +380,16 @@ class Store:
         rows = current_regions(rows, {sid: row_version(r) for sid, r in done.items()})
         return rows.select(cols)
 
+    def region_reads(self, spec_hash: str, refs: Sequence[SlideRef], columns: Sequence[str]) -> pa.Table:
+        """The tiled regions of the slides ``refs`` name, as rows a region reader takes: the
+        tiling's ``columns`` plus the slide reference's :attr:`SlideRef.COLUMNS`."""
+        by_id = {r.slide_id: r for r in refs}
+        cols = list(dict.fromkeys([*columns, "slide_id", "slide_version"]))
+        rows = self.regions(spec_hash, list(by_id), model_id="", columns=cols)
+        mine = [by_id[s] for s in rows["slide_id"].to_pylist()]
+        rows = rows.append_column("uri", pa.array([r.uri for r in mine], pa.string()))
+        return rows.append_column("mpp_override", pa.array([r.mpp_override for r in mine], pa.float64()))
+
 
 def current_regions(rows: pa.Table, versions: dict[str, str]) -> pa.Table:
     """Of ``rows`` (with ``slide_id``, ``region_index``, ``slide_version``), those of the slides in
@@ -375,8 +399,6 @@ def current_regions(rows: pa.Table, versions: dict[str, str]) -> pa.Table:
     The order is decided on the three key columns alone and the wide columns (emb4k, mean256,
     tokens) are gathered once: filtering and sorting the whole table copied them three times
     (28 of 34 s reading 400,000 regions, bench/tables.py)."""
-    import numpy as np
-
     if rows.num_rows == 0:
         return rows
     wanted = pa.array(sorted(versions), pa.string())
@@ -423,8 +445,6 @@ def read_embeddings(out: str, slide_ids: Iterable[str] | None = None, *, model_i
 
     ``model_id`` / ``spec_hash`` may be left out when the output holds a single one of each.
     """
-    import numpy as np
-
     store = Store(out, endpoint_url=endpoint_url)
     model_id, spec_hash = resolve_embedding(store, model_id, spec_hash)
     rows = store.regions(spec_hash, slide_ids, model_id=model_id,

@@ -13,29 +13,29 @@ from dataclasses import dataclass
 
 import ray
 
-from hipt_ray.config import Config
+from hipt_ray.config import Config, validate_config
 from hipt_ray.console import Progress
 from hipt_ray.slides.manifest import SlideSpec, list_slides
 from hipt_ray.slides.tiler import TileResult, make_cache, tile_slide
+from hipt_ray.slide_ref import SlideRef
 from hipt_ray.store import Store
 from hipt_ray.store.commit import STATUSES, SlideCommitter, status_row
 from hipt_ray.store.lease import writer_lease
+from hipt_ray.store.run import RunPlan, plan_run
+from hipt_ray.viz.qc_page import write_qc_page
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class TileSummary:
-    total: int = 0
-    skipped: int = 0
+class SlideCounts:
+    """How the slides of a run ended (both stages count them the same way)."""
+
     ok: int = 0
     failed: int = 0
     no_tissue: int = 0
-    changed: int = 0  # completed before, but the file changed since: done again
+    skipped: int = 0  # done before with the same file
     regions: int = 0
-    seconds: float = 0.0
-    out: str = ""
-    qc_page: str = ""
 
     def count(self, committer: SlideCommitter) -> None:
         """Take the finished slides' counts from the run's committer."""
@@ -46,6 +46,15 @@ class TileSummary:
     @property
     def exit_code(self) -> int:
         return 3 if self.failed else 0
+
+
+@dataclass
+class TileSummary(SlideCounts):
+    total: int = 0
+    changed: int = 0  # completed before, but the file changed since: done again
+    seconds: float = 0.0
+    out: str = ""
+    qc_page: str = ""
 
     def lines(self) -> list[str]:
         rate = (self.ok + self.failed + self.no_tissue) / self.seconds if self.seconds else 0.0
@@ -59,46 +68,23 @@ class TileSummary:
 
 
 @ray.remote(num_cpus=1, max_retries=1)
-def _tile_task(spec: SlideSpec, cfg_dict: dict, spec_hash: str) -> TileResult:
-    from hipt_ray.config import validate_config
-
+def _tile_task(ref: SlideRef, cfg_dict: dict, spec_hash: str) -> TileResult:
     cfg = validate_config(cfg_dict)
-    return tile_slide(spec, cfg, cache=make_cache(cfg), spec_hash=spec_hash)
+    return tile_slide(ref, cfg, cache=make_cache(cfg), spec_hash=spec_hash)
 
 
-def _base(spec: SlideSpec, spec_hash: str) -> dict:
-    return {"slide_id": spec.slide_id, "uri": spec.uri, "spec_hash": spec_hash}
-
-
-def _crashed(spec: SlideSpec, spec_hash: str, exc: BaseException) -> TileResult:
-    """A status row for a slide whose task died (e.g. a decoder crash took the worker down)."""
-    return TileResult(status_row(_base(spec, spec_hash), status="failed", error=(
-        f"{spec.uri}: the worker processing this slide died ({type(exc).__name__}); "
-        "the file may crash the slide decoder: check it opens with OpenSlide")))
-
-
-def changed_slides(specs: list[SlideSpec], done: dict[str, dict], endpoint_url: str | None) -> set[str]:
-    """Ids of completed slides (``done``: their status rows) whose file now has another size or
-    ETag/mtime. A slide whose file cannot be checked now counts as unchanged (with a warning):
-    a brief storage outage must not retire finished work."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from hipt_ray.storage import stat, with_retries
-    from hipt_ray.store.tables import row_version, slide_version
-
-    check = [s for s in specs if s.slide_id in done and done[s.slide_id]["uri"] == s.uri]
-
-    def probe(spec: SlideSpec) -> str | None:
-        try:
-            info = with_retries(lambda: stat(spec.uri, endpoint_url), what=spec.uri)
-        except Exception as exc:
-            log.warning("%s: cannot check whether it changed since it was tiled (%s); keeping its regions",
-                        spec.uri, exc)
-            return None
-        return spec.slide_id if slide_version(info.size, info.version) != row_version(done[spec.slide_id]) else None
-
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        return {sid for sid in pool.map(probe, check) if sid}
+def _status(plan: RunPlan, ref: SlideRef, task: ray.ObjectRef) -> tuple[dict, list[dict]]:
+    """The status row and region rows of the slide ``task`` tiled; a task that died (a decoder
+    crash took the worker down, say) fails its slide with that reason."""
+    try:
+        result: TileResult = ray.get(task)
+    except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError, ray.exceptions.RayError) as exc:
+        return plan.status_row(ref.slide_id, status="failed", error=(
+            f"{ref.uri}: the worker processing this slide died ({type(exc).__name__}); "
+            "the file may crash the slide decoder: check it opens with OpenSlide")), []
+    found = result.slide
+    return status_row(found, status=found["status"], error=found["error"], n_regions=found["n_regions"],
+                      seconds=found["seconds"]), result.regions
 
 
 def run(cfg: Config, specs: list[SlideSpec] | None = None) -> TileSummary:
@@ -118,54 +104,42 @@ def _run(cfg: Config, specs: list[SlideSpec] | None) -> TileSummary:
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
     if specs is None:
         specs = list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)
-    spec_hash = cfg.tiling_spec_hash()
-    orphans = store.remove_orphans(spec_hash)
-    if orphans:
-        log.info("removed region rows of %d slides left half-written by an earlier run", len(orphans))
-    done = store.done_rows(spec_hash)
-    changed = changed_slides(specs, done, cfg.storage.s3_endpoint_url)
-    if changed:
-        log.info("%d slides changed since they were tiled (size or ETag/mtime): tiling them again", len(changed))
-    refused = [s for s in specs if s.error]  # listed but unusable as they are (a shared id)
-    specs = [s for s in specs if not s.error]
-    todo = [s for s in specs if s.slide_id not in done or done[s.slide_id]["uri"] != s.uri or s.slide_id in changed]
-    replaces = {s.slide_id for s in todo if s.slide_id in done}
-    summary = TileSummary(total=len(specs) + len(refused), skipped=len(specs) - len(todo), changed=len(changed),
-                          out=cfg.out)
-    progress = Progress("tile", total=len(todo) + len(refused), unit="slides")
+    overrides = cfg.tiling.mpp_overrides
+    plan = plan_run(store, [s.to_ref(overrides) for s in specs if not s.error], spec_hash=cfg.tiling_spec_hash(),
+                    refused=[(s.to_ref(overrides), s.error) for s in specs if s.error],
+                    endpoint_url=cfg.storage.s3_endpoint_url)
+    summary = TileSummary(total=len(specs), skipped=plan.skipped, changed=plan.changed, out=cfg.out)
+    progress = Progress("tile", total=len(plan.todo) + len(plan.carried), unit="slides")
     committer = SlideCommitter(
-        store, batch_slides=cfg.ray.write_batch_slides,
-        replaces=replaces | {s.slide_id for s in refused if s.slide_id in done},
+        store, batch_slides=cfg.ray.write_batch_slides, replaces=plan.replaces,
         on_finished=lambda *_: progress.update(committer.counts.total(), regions=committer.regions,
                                                failed=committer.counts["failed"] or None))
-    for spec in refused:
-        committer.add_slide(status_row(_base(spec, spec_hash), status="failed", error=spec.error))
-    cfg_dict = cfg.to_dict()
-    max_in_flight = cfg.ray.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    pending: dict[ray.ObjectRef, SlideSpec] = {}
-    queue = list(reversed(todo))
-    while queue or pending:
-        while queue and len(pending) < max_in_flight:
-            spec = queue.pop()
-            pending[_tile_task.remote(spec, cfg_dict, spec_hash)] = spec
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            spec = pending.pop(ref)
-            try:
-                result = ray.get(ref)
-            except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError,
-                    ray.exceptions.RayError) as exc:
-                result = _crashed(spec, spec_hash, exc)
-            committer.add_slide(result.slide, result.regions)
+    for row in plan.carried:
+        committer.add_slide(row)
+    _tile_all(cfg, plan, committer)
     committer.close()
     progress.close()
     summary.count(committer)
     if cfg.qc.enabled:
-        from hipt_ray.viz.qc_page import write_qc_page
-
         try:
-            summary.qc_page = write_qc_page(cfg.out, spec_hash, endpoint_url=cfg.storage.s3_endpoint_url)
+            summary.qc_page = write_qc_page(cfg.out, plan.spec_hash, endpoint_url=cfg.storage.s3_endpoint_url)
         except Exception:  # the page is a convenience: never fail the run for it
             log.warning("could not write the QC page", exc_info=True)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _tile_all(cfg: Config, plan: RunPlan, committer: SlideCommitter) -> None:
+    """One Ray task per slide of ``plan.todo``, a bounded number in flight (memory does not grow
+    with the number of slides); each finished slide goes to ``committer``."""
+    cfg_dict = cfg.to_dict()
+    max_in_flight = cfg.ray.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending: dict[ray.ObjectRef, SlideRef] = {}
+    queue = list(reversed(plan.todo))
+    while queue or pending:
+        while queue and len(pending) < max_in_flight:
+            ref = queue.pop()
+            pending[_tile_task.remote(ref, cfg_dict, plan.spec_hash)] = ref
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for task in ready:
+            committer.add_slide(*_status(plan, pending.pop(task), task))

@@ -77,3 +77,61 @@ def test_composite_on_white():
     out = composite_on_white(rgba)
     assert out[0, 0].tolist() == [10, 20, 30] and out[0, 1].tolist() == [255, 255, 255]
     assert out[1, 0].tolist() == [127, 127, 127]
+
+
+def _region_row(ref, **kw):
+    return {"slide_id": ref.slide_id, "uri": ref.uri, "mpp_override": ref.mpp_override,
+            "slide_version": ref.version, "region_index": 0, "x": 0, "y": 0, "read_w": 512, "read_h": 256,
+            "mpp": 0.5, **kw}
+
+
+def test_region_reader_opens_each_slide_once_and_refuses_a_changed_file(slide_set, tmp_path):
+    from hipt_ray.config import load_config
+    from hipt_ray.data import regions
+    from hipt_ray.data.regions import RegionReader, read_region, reader_kwargs
+    from hipt_ray.slide_ref import SlideRef, slide_version
+    from hipt_ray.storage import stat
+
+    cfg = load_config("embed", values={"slides": "x", "out": str(tmp_path / "o")},
+                      overrides=[f"storage.cache_dir={tmp_path / 'cache'}"])
+    info = stat(str(slide_set["good"]))
+    ref = SlideRef("good", str(slide_set["good"]), version=slide_version(info.size, info.version))
+    reader = RegionReader(cfg_dict=cfg.to_dict(), max_open=1)
+    first = reader(_region_row(ref))
+    assert first["error"] == "" and first["image"].shape == (256, 512, 3) and first["read_seconds"] > 0
+    handle = reader.slide(ref)
+    assert reader(_region_row(ref, x=512))["error"] == "" and reader.slide(ref) is handle  # kept open
+    stale = SlideRef("good", ref.uri, version="1:not-this-file")
+    bad = reader(_region_row(stale))
+    assert "changed after it was tiled" in bad["error"] and bad["image"].size == 0
+    assert list(reader._open) == [ref]  # the failed open left nothing behind
+    nompp = SlideRef("nompp", str(slide_set["nompp"]), mpp_override=0.5)
+    assert reader(_region_row(nompp))["error"] == "" and list(reader._open) == [nompp]  # LRU of one
+    # the task function keeps one reader per worker process and configuration
+    kwargs = reader_kwargs(cfg)
+    read_region(_region_row(ref), **kwargs)
+    kept = regions._READERS[kwargs["key"]]
+    read_region(_region_row(ref), **kwargs)
+    assert regions._READERS[kwargs["key"]] is kept and reader_kwargs(cfg)["key"] == kwargs["key"]
+
+
+def test_one_gpu_decision():
+    import torch
+
+    from hipt_ray.models.inference import inference_device, wants_gpu
+
+    assert wants_gpu("auto", available=True) and not wants_gpu("auto", available=False)
+    assert wants_gpu(True, available=False) and not wants_gpu(False, available=True)
+    assert inference_device(False).type == "cpu"
+    assert inference_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_a_listed_slide_and_a_region_row_give_one_reference():
+    from hipt_ray.slide_ref import SlideRef
+    from hipt_ray.slides.manifest import SlideSpec
+
+    assert SlideSpec("a", "/s/a.svs", mpp=0.25).to_ref({"a": 0.5}) == SlideRef("a", "/s/a.svs", 0.25)
+    assert SlideSpec("a", "/s/a.svs").to_ref({"a": 0.5}) == SlideRef("a", "/s/a.svs", 0.5)
+    assert SlideSpec("b", "/s/b.svs").to_ref({"a": 0.5}) == SlideRef("b", "/s/b.svs")
+    row = {"slide_id": "a", "uri": "/s/a.svs", "mpp_override": float("nan"), "slide_version": "1:e"}
+    assert SlideRef.of_region(row) == SlideRef("a", "/s/a.svs", None, "1:e")

@@ -1,6 +1,7 @@
 from datetime import datetime, timedelta, timezone
 
 import lance
+import pyarrow as pa
 
 from hipt_ray.store import REGIONS, SLIDES, Store
 
@@ -106,3 +107,115 @@ def test_current_regions_keeps_each_slides_current_rows_once_in_order():
         ("a", 0, "a0"), ("a", 1, "a1"), ("b", 0, "b0"), ("b", 1, "b1"), ("c", 0, "c0")]
     assert current_regions(table, {}).num_rows == 0
     assert current_regions(table.slice(0, 0), {"a": "v1"}).num_rows == 0
+
+
+def _file(tmp_path, name, data=b"x" * 10):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_plan_tiling_skips_done_redoes_changed_and_carries_refused(tmp_path):
+    import os
+
+    from hipt_ray.slide_ref import SlideRef
+    from hipt_ray.storage import stat
+    from hipt_ray.store.run import plan_run
+    from hipt_ray.store.tables import slide_version
+
+    store = Store(str(tmp_path / "out"))
+    a, b, c = (_file(tmp_path, f"{s}.svs") for s in "abc")
+    info = {p: stat(p) for p in (a, b)}
+    store.append_slides([{**_slide(s, "ok"), "uri": p, "size": info[p].size, "etag": info[p].version}
+                         for s, p in (("a", a), ("b", b))], [_region("a", 0), _region("b", 0)])
+    os.utime(b, (1, 1))  # b's file changes after it was tiled
+    refs = [SlideRef("a", a), SlideRef("b", b, mpp_override=0.5), SlideRef("c", c)]
+    plan = plan_run(store, refs, spec_hash="h1", refused=[(SlideRef("a", "/elsewhere/a.svs"), "shared id")])
+    assert [r.slide_id for r in plan.todo] == ["b", "c"] and plan.todo[0].mpp_override == 0.5
+    assert plan.skipped == 1 and plan.changed == 1 and plan.replaces == {"a", "b"}
+    assert [(r["slide_id"], r["status"], r["error"]) for r in plan.carried] == [("a", "failed", "shared id")]
+    row = plan.status_row("c", status="ok", n_regions=3)
+    assert (row["uri"], row["spec_hash"], row["n_regions"], row["model_id"]) == (c, "h1", 3, "")
+    assert all(r.version is None for r in plan.todo)  # new tilings record what they find
+    assert slide_version(info[a].size, info[a].version) == f"{info[a].size}:{info[a].version}"
+
+
+def test_plan_embedding_takes_the_slides_as_tiled(tmp_path):
+    from hipt_ray.slide_ref import SlideRef
+    from hipt_ray.store.run import plan_run
+    from hipt_ray.store.tables import REGIONS_SCHEMA, embedding_fields
+
+    store = Store(str(tmp_path))
+    tiled = [{**_slide_v("a", 10, "e", 0), "n_regions": 2, "mpp": 0.25, "mpp_source": "override"},
+             {**_slide_v("b", 10, "e", 0), "n_regions": 1},
+             {**_slide_v("c", 10, "e", 0, status="failed"), "error": "c: corrupt"},
+             {**_slide_v("d", 10, "e", 0, status="no_tissue")}]
+    store.append_slides(tiled, [_versioned("a", 0, "10:e"), _versioned("a", 1, "10:e"), _versioned("b", 0, "10:e")])
+    # b was embedded from an earlier file; d was found empty for this model already
+    store.append_slides([{**_slide_v("b", 9, "old", 1), "model_id": "m"},
+                         {**_slide_v("d", 10, "e", 1, status="no_tissue"), "model_id": "m"}])
+    schema = pa.schema(list(REGIONS_SCHEMA) + embedding_fields(4, 8))
+    plan = plan_run(store, [SlideRef(s, f"/x/{s}.svs") for s in "abcd"], spec_hash="h1", model_id="m",
+                    regions_schema=schema)
+    assert plan.todo == [SlideRef("a", "/x/a.svs", 0.25, "10:e"), SlideRef("b", "/x/b.svs", None, "10:e")]
+    assert plan.expected == {"a": 2, "b": 1} and plan.changed == 1 and plan.skipped == 1
+    assert [(r["slide_id"], r["status"], r["model_id"]) for r in plan.carried] == [("c", "failed", "m")]
+    assert plan.replaces == {"b"} and plan.regions_schema.field("emb4k").type == pa.list_(pa.float32(), 4)
+    assert plan.status_row("a", status="ok", n_regions=2)["mpp_source"] == "override"
+    assert store.slide_refs("h1")["a"] == plan.todo[0]  # one way from a row to a reference
+
+
+def test_region_reads_carry_the_slide_reference(tmp_path):
+    from hipt_ray.slide_ref import SlideRef
+
+    store = Store(str(tmp_path))
+    store.append_slides([_slide_v("a", 10, "e", 0)], [_versioned("a", 1, "10:e"), _versioned("a", 0, "10:e")])
+    rows = store.region_reads("h1", [SlideRef("a", "/x/a.svs", 0.5, "10:e")], ["region_index", "x"]).to_pylist()
+    assert [SlideRef.of_region(r) for r in rows] == [SlideRef("a", "/x/a.svs", 0.5, "10:e")] * 2
+    assert [r["region_index"] for r in rows] == [0, 1]
+
+
+def test_filters_quote_every_value(tmp_path):
+    store = Store(str(tmp_path))
+    store.append_slides([{**_slide("a", "ok"), "model_id": "it's"}])
+    assert store.latest_slides("h1", "it's")["slide_id"].to_pylist() == ["a"]
+    assert store.latest_slides("h1' OR '1'='1", "")["slide_id"].to_pylist() == []
+
+
+def test_tokens_to_grid_is_row_major():
+    import numpy as np
+
+    from hipt_ray.store.tables import tokens_to_grid
+
+    tokens = np.arange(2 * 3 * 4, dtype=np.float32)  # rows 2, cols 3, D 4
+    grid = tokens_to_grid(tokens, 2, 3)
+    assert grid.shape == (4, 2, 3) and grid.flags.c_contiguous
+    assert grid[:, 1, 2].tolist() == tokens[(1 * 3 + 2) * 4:(1 * 3 + 3) * 4].tolist()  # patch k = row·cols + col
+
+
+def test_a_copy_that_keeps_size_and_mtime_is_seen_as_changed(tmp_path):
+    # #31.4: cp -p / rsync -a keep the mtime; a different slide of the same size must not keep
+    # the old one's regions
+    import os
+
+    from hipt_ray.slide_ref import SlideRef, same_version
+    from hipt_ray.storage import stat
+    from hipt_ray.store.run import plan_run
+
+    path = _file(tmp_path, "a.svs", b"A" * 200_000)
+    before = stat(path)
+    store = Store(str(tmp_path / "out"))
+    store.append_slides([{**_slide("a", "ok"), "uri": path, "size": before.size, "etag": before.version}])
+    assert plan_run(store, [SlideRef("a", path)], spec_hash="h1").skipped == 1
+    mtime = os.stat(path).st_mtime_ns
+    with open(path, "r+b") as fh:  # another slide's bytes, same size, mtime put back
+        fh.seek(199_000)
+        fh.write(b"B")
+    os.utime(path, ns=(mtime, mtime))
+    now = stat(path)
+    assert now.size == before.size and now.version.split("#")[0] == before.version.split("#")[0]
+    plan = plan_run(store, [SlideRef("a", path)], spec_hash="h1")
+    assert plan.changed == 1 and [r.slide_id for r in plan.todo] == ["a"]
+    # a table written before fingerprints recorded the mtime alone: not every slide is redone
+    assert same_version(f"10:{mtime}", f"10:{mtime}#abc") and not same_version(f"10:{mtime}#abd", f"10:{mtime}#abc")
+    assert not same_version("10:1", "10:2#abc")

@@ -94,3 +94,16 @@ def test_a_slide_over_the_region_cap_fails_with_a_reason(slide_set, tmp_path):
     r = tile_slide(SlideSpec("good", str(slide_set["good"])), cfg, cache=make_cache(cfg), spec_hash="h")
     assert r.slide["status"] == "failed" and r.regions == []
     assert "tiling.max_regions_per_slide=1" in r.slide["error"] and str(slide_set["good"]) in r.slide["error"]
+
+
+def test_a_slide_larger_than_any_glass_slide_fails_with_its_size(slide_set, tmp_path):
+    # a widened mpp_range let a wrong MPP turn a small image into hundreds of regions silently
+    cfg = load_config("tile", values={"slides": "unused", "out": str(tmp_path)},
+                      overrides=["tiling.mpp_range=[0.1,300]"])
+    spec = SlideSpec("good", str(slide_set["good"]), mpp=100.0)  # 10000×6000 px → 1000 × 600 mm
+    r = tile_slide(spec, cfg, cache=make_cache(cfg), spec_hash="h")
+    assert r.slide["status"] == "failed" and r.regions == []
+    assert re.search(r"at 100 µm/px \(from override\) its 10000×6000 pixels would measure 1,000 × 600 mm, "
+                     r"larger than any glass slide", r.slide["error"]), r.slide["error"]
+    ok = tile_slide(SlideSpec("good", str(slide_set["good"]), mpp=2.0), cfg, cache=make_cache(cfg), spec_hash="h")
+    assert ok.slide["status"] == "ok", ok.slide["error"]  # 20 × 12 mm: a real slide's size

@@ -9,6 +9,7 @@ import tifffile
 
 from hipt_ray.config import load_config
 from hipt_ray.slides.manifest import SlideSpec
+from hipt_ray.slide_ref import SlideRef
 from hipt_ray.slides.reader import Slide, SlideError, open_slide
 from hipt_ray.slides.tiler import make_cache, tile_slide
 from hipt_ray.slides.tiles import TiledTiff, open_tiled
@@ -48,15 +49,15 @@ def test_auto_falls_back_to_openslide_and_tiles_alone_refuses(slide_set, tmp_pat
     assert open_tiled(str(tmp_path / "gray.tiff")) is None  # one sample per pixel: not this backend's
     cfg = load_config("tile", values={"slides": "x", "out": str(tmp_path / "o")},
                       overrides=[f"storage.cache_dir={tmp_path / 'c'}", "tiling.mpp_overrides={gray: 0.5}"])
-    slide, _ = open_slide(str(tmp_path / "gray.tiff"), cfg, cache=make_cache(cfg), mpp_override=0.5)
+    slide, _ = open_slide(SlideRef("gray", str(tmp_path / "gray.tiff"), 0.5), cfg, cache=make_cache(cfg))
     assert slide.backend == "openslide" and slide.dimensions == (1024, 768)
-    slide, _ = open_slide(str(slide_set["good"]), cfg, cache=make_cache(cfg))
+    slide, _ = open_slide(SlideRef("good", str(slide_set["good"])), cfg, cache=make_cache(cfg))
     assert slide.backend == "tiles"
     tiles_only = load_config("tile", values={"slides": "x", "out": str(tmp_path / "o")}, overrides=["reader.backend=tiles"])
     with pytest.raises(SlideError, match="reader.backend=tiles reads generic tiled TIFF and Aperio SVS only"):
-        open_slide(str(tmp_path / "gray.tiff"), tiles_only, cache=make_cache(cfg), mpp_override=0.5)
+        open_slide(SlideRef("gray", str(tmp_path / "gray.tiff"), 0.5), tiles_only, cache=make_cache(cfg))
     forced = load_config("tile", values={"slides": "x", "out": str(tmp_path / "o")}, overrides=["reader.backend=openslide"])
-    assert open_slide(str(slide_set["good"]), forced, cache=make_cache(cfg))[0].backend == "openslide"
+    assert open_slide(SlideRef("good", str(slide_set["good"])), forced, cache=make_cache(cfg))[0].backend == "openslide"
 
 
 def test_bad_tiles_fail_the_slide_with_a_reason(slide_set, tmp_path):
@@ -190,4 +191,4 @@ def test_scaled_decode_is_opt_in_close_to_exact_and_exact_off_the_grid(slide_set
     cfg = load_config("tile", values={"slides": "x", "out": str(tmp_path / "o")})
     on = load_config("tile", values={"slides": "x", "out": str(tmp_path / "o")}, overrides=["reader.scaled_decode=true"])
     assert cfg.tiling_spec_hash() != on.tiling_spec_hash()  # scaled pixels never mix with exact ones
-    assert open_slide(path, on, cache=make_cache(on))[0].backend == "tiles+scaled"
+    assert open_slide(SlideRef("forty", path), on, cache=make_cache(on))[0].backend == "tiles+scaled"
