@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast demo venv lock clean
+.PHONY: test test-fast lint typecheck demo venv lock clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,19 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/ruff check hipt_ray tests bench jobs
 	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m "not ray and not s3" $(PYTEST_ARGS)
+
+# The habits CI is to check, ready but not yet part of `make test` (the tree is not yet formatted
+# or typed): line length, import order and pyupgrade on top of pyproject's rules, the formatter,
+# and mypy over the paths [tool.mypy] names. Switching them on: move E501, I, UP into pyproject's
+# [tool.ruff.lint] select and make `test` depend on `lint`.
+LINT_PATHS := hipt_ray tests bench jobs
+
+lint: $(STAMP) typecheck
+	$(BIN)/ruff check --extend-select E501,I,UP $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+
+typecheck: $(STAMP)
+	$(BIN)/python -m mypy
 
 demo: $(STAMP)
 	$(BIN)/python -m hipt_ray.demo --out $(DEMO_OUT)
