@@ -37,8 +37,7 @@ def suite(pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
-def test_fixtures_mark_their_tests_and_the_fast_tier_leaves_them_out(suite):
-    suite.makepyfile(test_tiers="""
+TIERS = """
 import pytest
 
 def test_plain():
@@ -53,17 +52,20 @@ def test_on_ray(ray_local):
 @pytest.mark.ray
 def test_marked_by_hand():
     pass
-""")
+"""
+
+
+def test_fixtures_mark_their_tests_and_the_fast_tier_leaves_them_out(suite):
+    suite.makepyfile(test_tiers=TIERS)
     suite.runpytest("-m", "not ray and not s3").assert_outcomes(passed=1, deselected=3)
     suite.runpytest("-m", "s3").assert_outcomes(passed=2, deselected=2)  # ray_local stands on moto too
     suite.runpytest("-m", "ray").assert_outcomes(passed=2, deselected=2)
     assert suite.runpytest("-m", "not ray and not s3", "-k", "on_ray").ret == pytest.ExitCode.NO_TESTS_COLLECTED
 
 
-def test_a_test_that_starts_ray_unmarked_fails(suite):
-    # A stand-in `ray` module (pytester restores sys.modules after the run): "starting" it is
-    # what ray.init does to ray.is_initialized().
-    suite.makepyfile(test_starts="""
+# A stand-in `ray` module (pytester restores sys.modules after the run): "starting" it is what
+# ray.init does to ray.is_initialized().
+STARTS = """
 import sys
 import types
 
@@ -82,7 +84,11 @@ def test_unmarked():
 def test_marked():
     ray.up = True
     ray.shutdown()  # as ray_local does at the end of a run
-""")
+"""
+
+
+def test_a_test_that_starts_ray_unmarked_fails(suite):
+    suite.makepyfile(test_starts=STARTS)
     result = suite.runpytest()
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(["*test_starts.py::test_unmarked started Ray: mark it `@pytest.mark.ray`*"])
