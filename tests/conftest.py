@@ -1,4 +1,11 @@
-"""Shared fixtures: synthetic slides (good and bad), moto's S3 server, a local Ray instance."""
+"""Shared fixtures: synthetic slides (good and bad), moto's S3 server, a local Ray instance; the
+tiny test config; and the markers that split the suite into tiers.
+
+Tiers: ``make test`` runs everything (what CI runs); ``make test-fast`` runs ``-m "not ray and not
+s3"``, the tests that start neither Ray nor moto. A test is marked ``ray`` or ``s3`` by hand or,
+here, by the fixtures it uses (``ray_local``; ``s3_endpoint`` and everything built on it), and a
+test that starts Ray in this process without the ``ray`` marker fails, so the fast tier stays fast.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +27,44 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 from hipt_ray.slides import synthetic  # noqa: E402
 
+pytest_plugins = ["pytester"]  # tests/test_conftest.py runs the tier hooks below on a small suite
+
 VENV_BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_config() -> Path:
+    """The test-size config, wherever the checkout keeps its configs (shipped inside the package,
+    or the older top-level ``configs/``): the one place tests and their subprocesses find it."""
+    for path in (ROOT / "hipt_ray" / "configs" / "tiny.yaml", ROOT / "configs" / "tiny.yaml"):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"tiny.yaml is in neither hipt_ray/configs/ nor configs/ under {ROOT}")
+
+
+TINY_CONFIG = _tiny_config()
+TINY = str(TINY_CONFIG)  # for `--config TINY` in CLI arguments
+
+# fixture → marker: a test using the fixture (directly or through another fixture) gets the marker
+TIER_FIXTURES = {"ray_local": "ray", "s3_endpoint": "s3", "s3_auth_endpoint": "s3"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in sorted(TIER_FIXTURES.keys() & set(getattr(item, "fixturenames", ()))):
+            item.add_marker(TIER_FIXTURES[fixture])
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_when_marked(request):
+    """Fail a test that started Ray in this process without the ``ray`` marker (it would slow the
+    fast tier down by the Ray start-up and leave a Ray running for the tests after it)."""
+    before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    yield
+    ray = sys.modules.get("ray")
+    if not before and ray is not None and ray.is_initialized() and request.node.get_closest_marker("ray") is None:
+        ray.shutdown()
+        pytest.fail(f"{request.node.nodeid} started Ray: mark it `@pytest.mark.ray` or use the ray_local fixture")
 
 
 def free_port() -> int:

@@ -21,9 +21,10 @@ from hipt_ray.cli import main
 from hipt_ray.store import REGIONS, Store, read_embeddings
 from hipt_ray.store.lease import LEASE, LeaseLost, OutputInUse, _ObjectLease, writer_lease
 
+from ..conftest import TINY
+
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "configs" / "tiny.yaml")
 HOLD = """import sys, time
 from hipt_ray.store.lease import writer_lease
 with writer_lease(sys.argv[1], "embed"):

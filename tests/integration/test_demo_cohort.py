@@ -24,10 +24,11 @@ from hipt_ray.store import Store
 from hipt_ray.store.tables import resolve_embedding
 from hipt_ray.store.vectors import index_info
 
+from ..conftest import TINY
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 N_SLIDES = 100
-COMMON = ["--config", str(CONFIGS / "tiny.yaml"), "tiling.region_px=1024", "tiling.min_tissue_fraction=0.05",
+COMMON = ["--config", TINY, "tiling.region_px=1024", "tiling.min_tissue_fraction=0.05",
           "search.min_rows=150"]
 
 

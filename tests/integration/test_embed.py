@@ -23,9 +23,9 @@ from hipt_ray.slides import synthetic
 from hipt_ray.slides.reader import Slide
 from hipt_ray.store import REGIONS, SLIDES, Store, read_embeddings
 
+from ..conftest import TINY
+
 pytestmark = pytest.mark.ray
-ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
 def _latest(out: str, model_id: str) -> dict[str, dict]:

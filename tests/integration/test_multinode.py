@@ -17,9 +17,9 @@ import pytest
 from hipt_ray.slides import synthetic
 from hipt_ray.store import REGIONS, Store
 
+from ..conftest import TINY
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "configs" / "tiny.yaml")
 N_SLIDES = 12
 
 
@@ -79,12 +79,29 @@ def _check_exactly_once(out: Path) -> str:
     return mid
 
 
-def _kill_model_actor() -> int:
-    """SIGKILL the model actor's worker process (found by the process title Ray gives it)."""
+def _kill_model_actor(cluster) -> int:
+    """SIGKILL the worker process of this cluster's live model actor, found in the cluster's own
+    actor table (Ray Data names the actor class ``MapWorker(MapBatches(RegionEmbedder…))``):
+    alive, on one of this cluster's nodes, its PID as the cluster recorded it. Never a process
+    found by name across the machine, where another job's embedding actor may run too."""
     import signal
 
-    pids = [int(p) for p in subprocess.run(["pgrep", "-f", "ray::MapWorker\\(MapBatches\\(RegionEmbedder"],
-                                           capture_output=True, text=True).stdout.split()]
+    from ray._private.state import GlobalState
+    from ray._raylet import GcsClientOptions
+
+    # The GCS's actor table, which ray.util.state.list_actors also serves, read directly: that
+    # API goes through the dashboard, which this cluster's head runs without.
+    state = GlobalState()
+    state._initialize_global_state(GcsClientOptions.create(
+        cluster.address, cluster.head_node.cluster_id.hex(), allow_cluster_id_nil=False,
+        fetch_cluster_id_if_nil=False))
+    try:
+        ours = {node.node_id for node in cluster.list_all_nodes()}
+        pids = [a["Pid"] for a in state.actor_table(None, actor_state_name="ALIVE").values()
+                if a["ActorClassName"].startswith("MapWorker(") and "RegionEmbedder" in a["ActorClassName"]
+                and a["Address"]["NodeID"] in ours]
+    finally:
+        state.disconnect()
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     return len(pids)
@@ -117,7 +134,7 @@ def test_embed_survives_losing_the_decode_node_the_model_node_and_the_actor(clus
         c.remove_node(nodes["model"], allow_graceful=False)
         replaced["model"] = c.add_node(num_cpus=1, resources={"model": 1})
         done.append(_wait_for(store, done[-1] + 1, proc, "killing the model actor"))
-        assert _kill_model_actor() == 1
+        assert _kill_model_actor(c) == 1
         printed, _ = proc.communicate(timeout=400)
     except (subprocess.TimeoutExpired, AssertionError) as exc:
         proc.kill()

@@ -19,9 +19,9 @@ from hipt_ray.cli import main
 from hipt_ray.models import create_model, load_checkpoint
 from hipt_ray.slides import synthetic
 
+from ..conftest import TINY
+
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
-ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
 def _steps(run_dir: Path) -> list[dict]:

@@ -16,8 +16,8 @@ from hipt_ray.slides.manifest import SlideSpec
 from hipt_ray.slides.tiler import make_cache, tile_slide
 from hipt_ray.store import REGIONS, Store
 
+from ..conftest import TINY
 from ..faults import FaultProxy, Rule
-from .test_embed import TINY
 
 
 @pytest.fixture()

@@ -4,7 +4,6 @@ saved mid-run (through its checkpoint bytes) and loaded into a fresh one continu
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,7 +12,8 @@ from hipt_ray.config import load_config
 from hipt_ray.ssl import DINOLoss
 from hipt_ray.train.dino import DinoState, batch_crops, build_student_teacher, dino_step, param_groups, schedules, stage_spec
 
-TINY = str(Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml")
+from ...conftest import TINY
+
 
 
 def _setup(stage: str, steps: int):
