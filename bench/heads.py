@@ -38,7 +38,7 @@ def build_demo_cohort() -> tuple[str, str]:
 
         make_demo_data(data, n_slides=100, seed=3, size_um=(900, 1500))
         code = subprocess.call([sys.executable, "-m", "hipt_ray.cli", "embed", "--slides", str(data / "slides"),
-                                "--out", str(out), "--config", str(ROOT / "configs" / "tiny.yaml"),
+                                "--out", str(out), "--config", str(ROOT / "hipt_ray" / "configs" / "tiny.yaml"),
                                 "tiling.region_px=1024", "tiling.min_tissue_fraction=0.05"])
         if code:
             raise SystemExit(f"embedding the demo cohort failed (exit {code})")
@@ -52,7 +52,7 @@ def one_trial(out: str, labels: str, task: str, head: str, batch_bags: int, extr
     from hipt_ray.heads.cohort import load_cohort
     from hipt_ray.heads.fit import cross_validate
 
-    cfg = load_config("train-head", files=[str(ROOT / "configs" / "heads" / f"{task}.yaml")],
+    cfg = load_config(files=[str(ROOT / "hipt_ray" / "configs" / "heads" / f"{task}.yaml")],
                       values={"out": out, "heads": {"labels": labels}},
                       overrides=["heads.label_column=subtype", f"heads.head={head}", f"heads.batch_bags={batch_bags}", *extra])
     cohort = load_cohort(cfg)

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
-from hipt_ray.config import ConfigError, check_name
+from hipt_ray.config import ConfigError, InputError, check_name
 from hipt_ray.storage import filesystem, is_remote
 
 # Extensions of the single- and multi-file formats OpenSlide 4 reads.
@@ -18,7 +18,7 @@ SLIDE_EXTENSIONS = (
 )
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """The slide source cannot be listed or parsed (a usage error: exit code 2)."""
 
 

@@ -23,7 +23,7 @@ from hipt_ray.store.lease import LEASE, LeaseLost, OutputInUse, _ObjectLease, wr
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "configs" / "tiny.yaml")
+TINY = str(ROOT / "hipt_ray" / "configs" / "tiny.yaml")
 HOLD = """import sys, time
 from hipt_ray.store.lease import writer_lease
 with writer_lease(sys.argv[1], "embed"):

@@ -25,7 +25,7 @@ from hipt_ray.store.tables import resolve_embedding
 from hipt_ray.store.vectors import index_info
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "hipt_ray" / "configs"
 N_SLIDES = 100
 COMMON = ["--config", str(CONFIGS / "tiny.yaml"), "tiling.region_px=1024", "tiling.min_tissue_fraction=0.05",
           "search.min_rows=150"]

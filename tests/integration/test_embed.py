@@ -25,7 +25,7 @@ from hipt_ray.store import REGIONS, SLIDES, Store, read_embeddings
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "configs" / "tiny.yaml")
+TINY = str(ROOT / "hipt_ray" / "configs" / "tiny.yaml")
 
 
 def _latest(out: str, model_id: str) -> dict[str, dict]:

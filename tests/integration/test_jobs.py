@@ -92,7 +92,7 @@ def _submit_tile_and_embed(src: Path, out: Path, tmp_path: Path, env: dict, dash
         job = subprocess.run(
             [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
              "--", "python", "jobs/embed.py", "--slides", str(src), "--out", str(out),
-             "--config", "configs/tiny.yaml", "embed.read_resources={decode: 1}",
+             "--config", "tiny", "embed.read_resources={decode: 1}",
              "embed.actor_resources={model: 1}", f"storage.cache_dir={tmp_path / 'cache'}"],
             env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
         )

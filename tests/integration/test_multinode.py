@@ -19,7 +19,7 @@ from hipt_ray.store import REGIONS, Store
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "configs" / "tiny.yaml")
+TINY = str(ROOT / "hipt_ray" / "configs" / "tiny.yaml")
 N_SLIDES = 12
 
 

@@ -21,7 +21,7 @@ from hipt_ray.slides import synthetic
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "configs" / "tiny.yaml")
+TINY = str(ROOT / "hipt_ray" / "configs" / "tiny.yaml")
 
 
 def _steps(run_dir: Path) -> list[dict]:

@@ -21,7 +21,7 @@ def test_base_yaml_is_generated_from_the_code_defaults():
 
     assert load_config() == Config()
     assert (CONFIG_DIR / "base.yaml").read_text() == defaults_yaml(), \
-        "configs/base.yaml is stale: run .venv/bin/python -m hipt_ray.config > configs/base.yaml"
+        "hipt_ray/configs/base.yaml is stale: run .venv/bin/python -m hipt_ray.config > hipt_ray/configs/base.yaml"
     assert Config.model_validate(yaml.safe_load((CONFIG_DIR / "base.yaml").read_text())) == Config()
     assert "# Any S3-compatible endpoint (MinIO, Ceph, moto). null: the standard AWS" in defaults_yaml()
 

@@ -93,7 +93,7 @@ def test_padding_beyond_the_slide_edge_is_grey_not_attention(tmp_path, capsys):
     out = tmp_path / "hm"
     # a 512 px region at 1100,1000 of a 1400 px slide: 300 × 400 px of slide, the rest padding
     assert main(["heatmap", "--slide", slide.path, "--region", "1100,1000", "--out", str(out), "--shifts", "1",
-                 "--config", "configs/tiny.yaml", "tiling.region_px=512"]) == 0
+                 "--config", "tiny", "tiling.region_px=512"]) == 0
     capsys.readouterr()
     maps = np.load(out / "e_1100_1000_attention.npz")
     assert (int(maps["valid_w"]), int(maps["valid_h"])) == (300, 400)
@@ -115,7 +115,7 @@ def test_heatmap_command_writes_the_figures(tmp_path, capsys):
                        n_blobs=1)
     out = tmp_path / "hm"
     code = main(["heatmap", "--slide", slide.path, "--region", "64,64", "--out", str(out), "--shifts", "2",
-                 "--config", "configs/tiny.yaml", "tiling.region_px=512"])
+                 "--config", "tiny", "tiling.region_px=512"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     overlay = np.asarray(Image.open(out / "s_64_64_hierarchical_overlay.png"))
@@ -126,5 +126,5 @@ def test_heatmap_command_writes_the_figures(tmp_path, capsys):
     maps = np.load(out / "s_64_64_attention.npz")
     assert maps["vit256"].shape == (2, 32, 32) and int(maps["windows"]) == 4
     assert main(["heatmap", "--slide", slide.path, "--region", "99999,5", "--out", str(out),
-                 "--config", "configs/tiny.yaml"]) == 2
+                 "--config", "tiny"]) == 2
     assert "outside the slide" in capsys.readouterr().err

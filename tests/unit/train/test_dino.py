@@ -13,11 +13,11 @@ from hipt_ray.config import load_config
 from hipt_ray.ssl import DINOLoss
 from hipt_ray.train.dino import DinoState, batch_crops, build_student_teacher, dino_step, param_groups, schedules, stage_spec
 
-TINY = str(Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml")
+TINY = str(Path(__file__).resolve().parents[3] / "hipt_ray" / "configs" / "tiny.yaml")
 
 
 def _setup(stage: str, steps: int):
-    cfg = load_config("pretrain", files=[TINY], values={"out": "unused"},
+    cfg = load_config(files=[TINY], values={"out": "unused"},
                       overrides=[f"pretrain.stage={stage}", "pretrain.epochs=1",
                                  "pretrain.teacher_temp=0.04", "pretrain.momentum_teacher=0.9"])
     torch.manual_seed(0)
