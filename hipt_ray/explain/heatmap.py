@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hipt_ray.config import Config
+from hipt_ray.config import Config, InputError
 from hipt_ray.models.checkpoints import load_trusted
 from hipt_ray.viz.attention import percentile_map, smoothed_attention, upsample, window_offsets
 from hipt_ray.viz.heatmaps import (
@@ -46,7 +46,7 @@ def region_heatmaps(cfg: Config, slide_uri: str, xy: tuple[int, int], out_dir: s
         w0, h0 = slide.dimensions
         x, y = xy
         if not (0 <= x < w0 and 0 <= y < h0):
-            raise ValueError(f"{slide_uri}: region {x},{y} lies outside the slide ({w0}×{h0} level-0 pixels)")
+            raise InputError(f"{slide_uri}: region {x},{y} lies outside the slide ({w0}×{h0} level-0 pixels)")
         origin = (int(round(x - margin * scale)), int(round(y - margin * scale)))
         canvas, _ = slide.read_region(origin, (size + margin, size + margin), cfg.tiling.mpp)
         # region pixels holding slide content; the rest is white padding beyond the slide edge
@@ -98,7 +98,7 @@ def load_heads(head_run: str, cfg: Config) -> dict:
         if os.path.isfile(c):
             return load_trusted(c, allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
     if os.path.exists(head_run):
-        raise ValueError(f"{head_run} holds no heads.pt: pass a train-head/sweep run directory "
+        raise InputError(f"{head_run} holds no heads.pt: pass a train-head/sweep run directory "
                          "(e.g. OUT/heads/<name>) or an MLflow run id")
     import mlflow
 
@@ -108,7 +108,7 @@ def load_heads(head_run: str, cfg: Config) -> dict:
     try:
         local = mlflow.artifacts.download_artifacts(run_id=head_run, artifact_path="heads.pt")
     except Exception as exc:
-        raise ValueError(f"{head_run} is neither a run directory nor an MLflow run with a heads.pt artifact "
+        raise InputError(f"{head_run} is neither a run directory nor an MLflow run with a heads.pt artifact "
                          f"in {tracking_uri(cfg)} ({type(exc).__name__}); for a run id pass the store it is in, "
                          "e.g. tracking.mlflow_uri=sqlite:///OUT/mlflow.db") from None
     return load_trusted(local, name=f"heads.pt of MLflow run {head_run}",
@@ -188,5 +188,5 @@ def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[
                                        title=title, top_box=box)
             written.append(dest)
     if wanted is not None and not written:
-        raise ValueError(f"none of {sorted(wanted)} is in the head run's cohort")
+        raise InputError(f"none of {sorted(wanted)} is in the head run's cohort")
     return written

@@ -21,6 +21,7 @@ import lance
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hipt_ray.config import InputError
 from hipt_ray.storage import OutputStoreError, is_remote, join, output_error, with_retries
 from hipt_ray.store.lease import check_lease
 
@@ -409,7 +410,7 @@ def resolve_embedding(store: Store, model_id: str | None = None,
         if value is None:
             values = sorted(set(ok[name].to_pylist()))
             if len(values) != 1:
-                raise ValueError(f"{store.out} holds embeddings for {name} in {values or 'none'}; pass {name}=…")
+                raise InputError(f"{store.out} holds embeddings for {name} in {values or 'none'}; pass {name}=…")
             value = values[0]
         found[name] = value
     return found["model_id"], found["spec_hash"]
