@@ -15,25 +15,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hipt_ray.config import Config, ConfigError, InputError, load_config
-from hipt_ray.storage import OutputStoreError
+from hipt_ray.storage import OutputStoreError, disk_write_error
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SLIDES_FAILED = 0, 1, 2, 3
 log = logging.getLogger("hipt_ray")
 
 
 def init_ray(cfg: Config, *, dashboard: bool = False) -> None:
-    """Check the output is writable in principle, then join ``ray.address`` / ``RAY_ADDRESS``,
+    """Check the output can be written (one line, before Ray starts, if not), then join ``ray.address`` / ``RAY_ADDRESS``,
     or start the command's own local Ray (with its dashboard when ``dashboard``: Ray Train needs
     the State API it serves). Ray's console chatter is turned down unless ``--verbose``."""
     from hipt_ray.console import quiet_ray
     from hipt_ray.runtime import ray_address, start_ray
-    from hipt_ray.storage import StorageError, check_output
+    from hipt_ray.storage import check_output
 
     if cfg.out:
-        try:
-            check_output(cfg.out, cfg.storage.s3_endpoint_url)
-        except StorageError as exc:
-            raise ConfigError(str(exc)) from None
+        check_output(cfg.out, cfg.storage.s3_endpoint_url)  # OutputStoreError: main prints its line
     quiet_ray()
     start_ray(address=ray_address(cfg.ray.address), num_cpus=cfg.ray.num_cpus, dashboard=dashboard)
 
@@ -352,6 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, CheckpointError):
             print(f"hipt-ray {args.command}: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        # a read-only or full disk under the output, wherever it was met: one line, not a traceback
+        if getattr(args, "out", None) and (disk := disk_write_error(args.out, exc)) is not None:
+            print(f"hipt-ray {args.command}: {disk}", file=sys.stderr)
+            return EXIT_ERROR
         traceback.print_exc()
         print(f"hipt-ray {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -7,6 +7,7 @@ rename), and keyed by URI, size and ETag/mtime so that a changed object is fetch
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -52,6 +53,23 @@ def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.Abstra
     protocol = uri.split("://", 1)[0]
     fs = fsspec.filesystem(protocol, **storage_options(uri, endpoint_url))
     return fs, fs._strip_protocol(uri)
+
+
+def local_output_dir(out: str | None, *parts: str) -> str:
+    """The one rule for where a command writes plain local files (head runs, search results, the
+    MLflow store): under ``out`` when it is a local folder, else under the current directory (an
+    ``s3://`` output holds the tables only). Created if missing.
+
+    Raises:
+        OutputStoreError: the folder cannot be made (read-only, full): one line naming it.
+    """
+    base = local_path(out) if out and not is_remote(out) else os.getcwd()
+    path = os.path.join(base, *parts)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise output_error(path, exc) from None
+    return path
 
 
 def join(base: str, *parts: str) -> str:
@@ -104,13 +122,44 @@ def _gist(text: str) -> str:
     return line if len(line) <= 200 else line[:200] + " …"
 
 
+# A local disk's refusals, by errno and as Lance words them ("… (os error 28)").
+_READ_ONLY = (errno.EROFS, ("read-only file system", "(os error 30)"))
+_FULL = (errno.ENOSPC, ("no space left on device", "(os error 28)"))
+_QUOTA = (errno.EDQUOT, ("disk quota exceeded", "(os error 122)"))
+
+
+def _is(exc: BaseException, kind: tuple[int, tuple[str, ...]]) -> bool:
+    code, words = kind
+    low = str(exc).lower()
+    return getattr(exc, "errno", None) == code or any(w in low for w in words)
+
+
+def disk_write_error(out: str, exc: BaseException) -> OutputStoreError | None:
+    """One line for an output a local disk refuses to write (read-only, full, over quota),
+    found anywhere in ``exc``'s chain (a Ray task's error, Lance's ``LanceError(IO)``); else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if any(_is(seen, kind) for kind in (_READ_ONLY, _FULL, _QUOTA)):
+            return output_error(out, seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def output_error(uri: str, exc: BaseException, *, at_start: bool = False) -> OutputStoreError:
     """One line naming ``uri``, the cause and the fix for a failed output-store request.
     ``at_start``: the first contact with the store, where an unreachable endpoint is a setting."""
     text = f"{type(exc).__name__}: {exc}"
     low = text.lower()
-    if "nocredentialserror" in low or "unable to locate credentials" in low:
+    where = f" (writing {exc.filename})" if getattr(exc, "filename", None) else ""
+    if _is(exc, _READ_ONLY):
+        cause, fix, config = f"the file system is read-only{where}", "choose a writable --out", False
+    elif _is(exc, _FULL) or _is(exc, _QUOTA):
+        full = "no space left on the device" if _is(exc, _FULL) else "the disk quota is exceeded"
+        cause, fix, config = f"{full}{where}", "free some space (or choose another --out)", False
+    elif "nocredentialserror" in low or "unable to locate credentials" in low:
         cause, fix, config = "no AWS credentials were found", "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)", True
+    elif isinstance(exc, PermissionError) and not is_remote(uri):
+        cause, fix, config = f"permission denied{where}", "choose a folder you can write as --out", True
     elif isinstance(exc, PermissionError) or any(s in low for s in (
             "accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden", " 403")):
         cause, fix, config = (f"access denied ({_gist(str(exc))})",
@@ -129,8 +178,23 @@ def output_error(uri: str, exc: BaseException, *, at_start: bool = False) -> Out
     return OutputStoreError(f"output {uri}: {cause}; {fix}", config=config)
 
 
+def _check_local_output(path: str) -> None:
+    """Make the output folder and write a probe file in it, so that a read-only or full disk is
+    one line before anything starts (not a traceback from the first table write)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".hipt-ray-probe-")
+        try:
+            os.write(fd, b"probe")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise output_error(path, exc, at_start=True) from None
+
+
 def check_output(out: str, endpoint_url: str | None = None) -> None:
-    """Refuse an output in a bucket that does not exist (never create one: a misspelt bucket
+    """Refuse a local output that cannot be written (read-only, full, not ours), an output in a bucket that does not exist (never create one: a misspelt bucket
     name must not silently become a new bucket), one the credentials cannot reach, or an
     endpoint that does not answer.
 
@@ -138,6 +202,7 @@ def check_output(out: str, endpoint_url: str | None = None) -> None:
         OutputStoreError: one line naming the bucket, the cause and what to do.
     """
     if not is_remote(out):
+        _check_local_output(local_path(out))
         return
     fs, path = filesystem(out, endpoint_url)
     bucket = path.split("/", 1)[0]

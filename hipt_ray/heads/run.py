@@ -15,7 +15,7 @@ from hipt_ray.heads.baselines import baselines
 from hipt_ray.heads.cohort import load_cohort
 from hipt_ray.heads.fit import cross_validate, make_folds, restore_folds, summarise
 from hipt_ray.heads.metrics import km_split, pooled_ci, pooled_metric
-from hipt_ray.storage import is_remote, local_path
+from hipt_ray.storage import local_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,7 @@ def pooled_outputs(task: str, states) -> dict:
 
 
 def run_dir_for(cfg: Config, name: str) -> str:
-    base = local_path(cfg.out) if not is_remote(cfg.out) else os.getcwd()
-    path = os.path.join(base, "heads", name)
-    os.makedirs(path, exist_ok=True)
-    return path
+    return local_output_dir(cfg.out, "heads", name)
 
 
 def train_head(cfg: Config, *, run_name: str | None = None, parent_run_id: str | None = None,
