@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -39,14 +40,38 @@ class ConfigError(InputError):
     """A configuration problem a person can fix; the CLI prints it on one line, exit code 2."""
 
 
+# A name used as one path component under the output (a slide id, a run name) leaves room for
+# the longest suffix added to it (``_slide_attention.png``, ``_<x>_<y>_mosaic.png``) within the
+# 255 bytes a file name may have.
+NAME_MAX_BYTES = 200
+
+
+def name_problem(value: str) -> str | None:
+    """What makes ``value`` unsafe as one file name under the output, or None when it is safe:
+    empty, longer than NAME_MAX_BYTES in UTF-8, a control character, a path separator, or a
+    leading dot (which also rules out ``.`` and ``..``)."""
+    if not value:
+        return "is empty"
+    if len(value.encode()) > NAME_MAX_BYTES:
+        return f"is {len(value.encode())} bytes long (at most {NAME_MAX_BYTES} in UTF-8)"
+    if bad := next((c for c in value if unicodedata.category(c) == "Cc"), None):
+        return f"holds the control character {bad!r}"
+    if bad := next((c for c in value if c in "/\\"), None):
+        return f"holds the path separator {bad!r}"
+    if value.startswith("."):
+        return "starts with '.'"
+    return None
+
+
+NAME_RULE = (f"a name used as a file name under the output: at most {NAME_MAX_BYTES} bytes, no control "
+             "characters, no '/' or '\\', no leading '.'")
+
+
 def check_name(value: str, key: str) -> str:
-    """``value`` if it is safe as one path component (a run name, a slide id), else ConfigError
-    naming ``key``: no path separators, no ``..``, not empty, no leading dot."""
-    if not value or value in (".", "..") or value.startswith(".") or any(c in value for c in "/\\\0"):
-        raise ConfigError(
-            f"{key}={value!r} is used as a file name under the output: use letters, digits, '-', '_' "
-            "or '.', with no '/', no '..' and no leading '.'"
-        )
+    """``value`` if it is safe as one file name under the output (a run name, a slide id), else
+    ConfigError naming ``key``, what is wrong with it and the rule (see :func:`name_problem`)."""
+    if (problem := name_problem(value)) is not None:
+        raise ConfigError(f"{key}={value[:80]!r}{'…' if len(value) > 80 else ''} {problem}: {NAME_RULE}")
     return value
 
 
