@@ -264,16 +264,41 @@ def _search(args: argparse.Namespace, cfg: Config):
                           rebuild_index=args.rebuild_index)
 
 
+def _size(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
+
+
+def _free_bytes(path: str) -> tuple[str, int]:
+    """The nearest existing folder at or above ``path``, and the bytes free on its disk."""
+    import shutil
+
+    folder = os.path.abspath(os.path.expanduser(path))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return folder, shutil.disk_usage(folder).free
+
+
 def _make_demo_data(args: argparse.Namespace, cfg: None):
-    from hipt_ray.slides.synthetic import make_demo_data
+    from hipt_ray.console import Progress
+    from hipt_ray.slides.synthetic import plan_demo_data, write_demo_data
 
     if args.n_slides < 1:
         raise ConfigError("--n-slides must be at least 1")
     lo, hi = args.size_um
     if not 0 < lo <= hi:
         raise ConfigError(f"--size-um takes MIN MAX with 0 < MIN <= MAX (µm), got {lo:g} {hi:g}")
-    out = make_demo_data(args.out, n_slides=args.n_slides, seed=args.seed, n_subtypes=args.n_subtypes,
-                         size_um=tuple(args.size_um))
+    plan = plan_demo_data(args.out, n_slides=args.n_slides, seed=args.seed, n_subtypes=args.n_subtypes,
+                          size_um=tuple(args.size_um))
+    need = plan.estimated_bytes()
+    folder, free = _free_bytes(args.out)
+    if need > free:
+        raise ConfigError(f"--n-slides {args.n_slides} would write about {_size(need)} of slides, more than "
+                          f"the {_size(free)} free at {folder}: ask for fewer or smaller slides "
+                          "(--n-slides, --size-um) or write elsewhere")
+    log.info("make-demo-data: %d slides, about %s, into %s (%s free there)",
+             args.n_slides, _size(need), args.out, _size(free))
+    with Progress("make-demo-data", total=args.n_slides, unit="slides") as progress:
+        out = write_demo_data(plan, on_slide=lambda: progress.update(advance=1))
     return _Lines([f"wrote {args.n_slides} slides to {out / 'slides'} and labels to {out / 'labels.csv'}"])
 
 
