@@ -316,7 +316,12 @@ COMMANDS = {
 
 
 def _run(command: Command, args: argparse.Namespace) -> int:
-    result = command.run(args, command.config(args))
+    cfg = command.config(args)
+    if cfg is not None:  # before Ray starts: its workers inherit the budget through the environment
+        from hipt_ray.storage import set_retry_budget
+
+        set_retry_budget(cfg.storage.retries, cfg.storage.retry_seconds)
+    result = command.run(args, cfg)
     for line in result.lines():
         print(line)
     return getattr(result, "exit_code", EXIT_OK)

@@ -91,7 +91,17 @@ class StorageConfig(_Section):
         default=None,
         description="Any S3-compatible endpoint (MinIO, Ceph, moto). None: the standard AWS variables/config.",
     )
-    retries: int = Field(default=3, ge=0, le=20)
+    retries: int = Field(
+        default=3, ge=0, le=20,
+        description="Retries of an object-store request that failed in a way that may pass (a timeout, a refused "
+        "connection, a 5xx), with backoff 0.5, 1, 2 … s; each retry is one warning line.",
+    )
+    retry_seconds: float = Field(
+        default=60.0, gt=0, le=3600,
+        description="The most time one object-store request spends retrying before it fails with a one-line "
+        "error (Lance's client retries included: its own default was 180 s under each of ours). "
+        "Also read by Ray workers as HIPT_RAY_STORAGE_RETRY_SECONDS.",
+    )
     lease_seconds: float = Field(
         default=120.0, ge=10.0, le=3600.0,
         description="An object-storage output's writer lease expires this long after its run stops renewing it "

@@ -118,6 +118,9 @@ def _gist(text: str) -> str:
     code, msg = re.search(r"<Code>(.*?)</Code>", text), re.search(r"<Message>(.*?)</Message>", text)
     if code:
         return f"{code.group(1)}: {msg.group(1)}" if msg else code.group(1)
+    # Lance's wording: "LanceError(IO): <what>, /path/to/src/file.rs:12:34" → "<what>"
+    text = re.sub(r"LanceError\(\w+\):\s*", "", text)
+    text = re.sub(r",?\s*/\S+\.rs:\d+:\d+", "", text)
     line = text.strip().splitlines()[0] if text.strip() else text
     return line if len(line) <= 200 else line[:200] + " …"
 
@@ -145,9 +148,8 @@ def disk_write_error(out: str, exc: BaseException) -> OutputStoreError | None:
     return None
 
 
-def output_error(uri: str, exc: BaseException, *, at_start: bool = False) -> OutputStoreError:
-    """One line naming ``uri``, the cause and the fix for a failed output-store request.
-    ``at_start``: the first contact with the store, where an unreachable endpoint is a setting."""
+def _cause(uri: str, exc: BaseException, *, at_start: bool = False) -> tuple[str, str, bool]:
+    """(cause in words, the fix, whether only the person can fix it) of a failed request."""
     text = f"{type(exc).__name__}: {exc}"
     low = text.lower()
     where = f" (writing {exc.filename})" if getattr(exc, "filename", None) else ""
@@ -173,6 +175,13 @@ def output_error(uri: str, exc: BaseException, *, at_start: bool = False) -> Out
                               "check AWS_ENDPOINT_URL / storage.s3_endpoint_url and the network", at_start)
     else:
         cause, fix, config = _gist(str(exc)) or type(exc).__name__, "", False
+    return cause, fix, config
+
+
+def output_error(uri: str, exc: BaseException, *, at_start: bool = False) -> OutputStoreError:
+    """One line naming ``uri``, the cause and the fix for a failed output-store request.
+    ``at_start``: the first contact with the store, where an unreachable endpoint is a setting."""
+    cause, fix, config = _cause(uri, exc, at_start=at_start)
     if not config:
         fix = (fix + "; " if fix else "") + "nothing committed is lost: rerun to resume"
     return OutputStoreError(f"output {uri}: {cause}; {fix}", config=config)
@@ -238,16 +247,55 @@ def is_transient(exc: BaseException) -> bool:
     return not any(s in low for s in permanent)
 
 
-def with_retries(fn, *, what: str, retries: int = 3, base_delay: float = 0.5):
-    """``fn()``, retried with exponential backoff (0.5, 1, 2 … s, at most 8 s) on transient errors."""
+# The retry budget of one object-store request: storage.retries and storage.retry_seconds. The
+# CLI sets it for its process through these variables, which the Ray workers it starts inherit
+# (on a cluster started elsewhere, set them in its environment, or the defaults apply).
+RETRIES_ENV, RETRY_SECONDS_ENV = "HIPT_RAY_STORAGE_RETRIES", "HIPT_RAY_STORAGE_RETRY_SECONDS"
+DEFAULT_RETRIES, DEFAULT_RETRY_SECONDS = 3, 60.0
+
+
+def set_retry_budget(retries: int, seconds: float) -> None:
+    """Use ``retries`` and at most about ``seconds`` per object-store request, here and in the
+    Ray workers started after this call."""
+    os.environ[RETRIES_ENV], os.environ[RETRY_SECONDS_ENV] = str(int(retries)), repr(float(seconds))
+
+
+def retry_budget() -> tuple[int, float]:
+    """(retries, seconds) of one object-store request in this process."""
+    return (int(os.environ.get(RETRIES_ENV, DEFAULT_RETRIES)),
+            float(os.environ.get(RETRY_SECONDS_ENV, DEFAULT_RETRY_SECONDS)))
+
+
+def lance_retry_options() -> dict[str, str]:
+    """Lance's own client retries within its share of the budget (its default is 10 retries over
+    180 s, under each of ours: an unreachable store took 3¾ minutes to give up)."""
+    retries, seconds = retry_budget()
+    return {"client_max_retries": "3", "client_retry_timeout": str(max(1, int(seconds / (retries + 1))))}
+
+
+def retry_warning(what: str, exc: BaseException, attempt: int, retries: int, delay: float) -> str:
+    """One line for a retried request: what, the cause in words, which retry and when."""
+    cause = _cause(what, exc)[0]
+    return f"{what}: {cause}; retry {attempt + 1} of {retries} in {delay:.1f} s"
+
+
+def with_retries(fn, *, what: str, retries: int | None = None, seconds: float | None = None,
+                 base_delay: float = 0.5):
+    """``fn()``, retried on transient errors with exponential backoff (0.5, 1, 2 … s, at most
+    8 s), at most ``retries`` times and not past ``seconds`` after the first try (both default to
+    :func:`retry_budget`); each retry is one warning line."""
+    budget_retries, budget_seconds = retry_budget()
+    retries = budget_retries if retries is None else retries
+    deadline = time.monotonic() + (budget_seconds if seconds is None else seconds)
     for attempt in range(retries + 1):
         try:
             return fn()
         except Exception as exc:
-            if attempt == retries or not is_transient(exc):
+            delay = min(base_delay * 2.0**attempt, 8.0)
+            if attempt == retries or not is_transient(exc) or time.monotonic() + delay > deadline:
                 raise
-            log.warning("retrying %s after %s: %s", what, type(exc).__name__, exc)
-            time.sleep(min(base_delay * 2.0**attempt, 8.0))
+            log.warning("%s", retry_warning(what, exc, attempt, retries, delay))
+            time.sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -333,8 +381,9 @@ class StagingCache:
             except Exception as exc:  # transient network errors are retried
                 if attempt == self.retries:
                     raise
-                log.warning("retrying %s after %s", uri, exc)
-                time.sleep(min(2.0**attempt * 0.5, 8.0))
+                delay = min(2.0**attempt * 0.5, 8.0)
+                log.warning("%s", retry_warning(uri, exc, attempt, self.retries, delay))
+                time.sleep(delay)
             finally:
                 Path(tmp).unlink(missing_ok=True)
         raise AssertionError("unreachable")

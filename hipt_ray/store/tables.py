@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hipt_ray.config import InputError
-from hipt_ray.storage import OutputStoreError, is_remote, join, output_error, with_retries
+from hipt_ray.storage import OutputStoreError, is_remote, join, lance_retry_options, output_error, with_retries
 from hipt_ray.store.lease import check_lease
 
 SLIDES = "slides.lance"
@@ -105,13 +105,15 @@ def embedding_fields(dim4k: int, dim256: int) -> list[pa.Field]:
 
 
 def lance_storage_options(out: str, endpoint_url: str | None = None) -> dict[str, str] | None:
-    """Lance's object-store options; without an explicit endpoint it reads the AWS variables."""
+    """Lance's object-store options (its retries within storage.retry_seconds); without an
+    explicit endpoint it reads the AWS variables."""
     if not is_remote(out):
         return None
+    opts = lance_retry_options()
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if not endpoint:
-        return None
-    opts = {"aws_endpoint": endpoint}
+        return opts
+    opts["aws_endpoint"] = endpoint
     if endpoint.startswith("http://"):
         opts["allow_http"] = "true"
     return opts
