@@ -8,7 +8,7 @@ risk planted, 67 cases, 1024-px regions, the tiny HIPT with random weights: what
 tests/integration/test_demo_cohort.py embeds) under the temp folder and reuses it afterwards.
 
 For each head and ``heads.batch_bags`` it runs what one sweep trial runs — every fold of the
-task's shipped configuration (configs/heads/<task>.yaml: 10 folds, 50 epochs, inner validation,
+task's shipped configuration (hipt_ray/configs/heads/<task>.yaml: 10 folds, 50 epochs, inner validation,
 early stopping) on one thread, as a trial with one CPU has — and prints the wall time (median of
 ``--repeat``), the ratio to batch 1, the mean out-of-fold AUC (or c-index), the inner validation
 loss and the epochs run. ``--sweep`` then times ``hipt-ray sweep`` with the shipped space and
@@ -78,7 +78,7 @@ def main() -> int:
 
     torch.set_num_threads(1)  # as a sweep trial with one CPU
     out, labels = (args.out, args.labels) if args.out else build_demo_cohort()
-    print(f"cohort: {out} (labels {labels}), task {args.task}, configs/heads/{args.task}.yaml "
+    print(f"cohort: {out} (labels {labels}), task {args.task}, hipt_ray/configs/heads/{args.task}.yaml "
           f"{' '.join(args.set)}, 1 thread")
     print(f"{'head':>9} {'batch':>5} {'s/trial':>8} {'× b1':>6} {'metric':>7} {'val loss':>8} {'epochs':>6} {'best ep':>7}")
     for head in args.heads.split(","):
