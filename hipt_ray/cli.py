@@ -22,9 +22,10 @@ log = logging.getLogger("hipt_ray")
 
 
 def init_ray(cfg: Config, *, dashboard: bool = False) -> None:
-    """Check the output can be written (one line, before Ray starts, if not), then join ``ray.address`` / ``RAY_ADDRESS``,
-    or start the command's own local Ray (with its dashboard when ``dashboard``: Ray Train needs
-    the State API it serves). Ray's console chatter is turned down unless ``--verbose``."""
+    """Check the output can be written (if not: one line, before Ray starts), then join
+    ``ray.address`` / ``RAY_ADDRESS``, or start the command's own local Ray (with its dashboard
+    when ``dashboard``: Ray Train needs the State API it serves). Ray's console chatter is turned
+    down unless ``--verbose``."""
     from hipt_ray.console import quiet_ray
     from hipt_ray.runtime import ray_address, start_ray
     from hipt_ray.storage import check_output

@@ -621,7 +621,8 @@ def load_config(
         user = _deep_merge(user, parse_override(text))
     if not layers:
         return validate_config(user)
-    own = validate_config(user)  # the person's settings alone choose the layers
+    # the person's settings alone choose the layers whose names hold a {key}
+    own = validate_config(user) if any("{" in layer for layer in layers) else Config()
     data: dict[str, Any] = {}
     for layer in layers:
         data = _deep_merge(data, _read_yaml(layer_path(_fill(layer, own))))

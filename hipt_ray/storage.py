@@ -203,12 +203,12 @@ def _check_local_output(path: str) -> None:
 
 
 def check_output(out: str, endpoint_url: str | None = None) -> None:
-    """Refuse a local output that cannot be written (read-only, full, not ours), an output in a bucket that does not exist (never create one: a misspelt bucket
-    name must not silently become a new bucket), one the credentials cannot reach, or an
-    endpoint that does not answer.
+    """Refuse a local output that cannot be written (read-only, full, not ours); an output in a
+    bucket that does not exist (never create one: a misspelt bucket name must not silently become
+    a new bucket), one the credentials cannot reach, or an endpoint that does not answer.
 
     Raises:
-        OutputStoreError: one line naming the bucket, the cause and what to do.
+        OutputStoreError: one line naming the folder or bucket, the cause and what to do.
     """
     if not is_remote(out):
         _check_local_output(local_path(out))

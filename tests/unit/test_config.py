@@ -162,7 +162,8 @@ def test_each_command_loads_the_layers_its_declaration_names(tmp_path):
     assert own.sweep.space == {"lr": {"uniform": [0.001, 0.01]}}
     assert _config_of(["pretrain", "--stage", "vit4k", "--out", str(tmp_path)]).pretrain.out_dim == 65536
     assert _config_of(["tile", "--slides", "s", "--out", str(tmp_path)]).tiling.min_tissue_fraction == 0.1
-    assert _config_of(["embed", "--slides", "s", "--out", str(tmp_path), "--config", "tiny"]).model.name == "hipt4k_tiny"
+    tiny = _config_of(["embed", "--slides", "s", "--out", str(tmp_path), "--config", "tiny"])
+    assert tiny.model.name == "hipt4k_tiny"
     assert _config_of(["embed", "--slides", "s", "--out", str(tmp_path)]).model.name == "hipt4k"
 
 
