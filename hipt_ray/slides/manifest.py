@@ -36,7 +36,8 @@ def checked_slide(slide_id: str, uri: str, mpp: float | None = None) -> SlideSpe
     check of ids made from names, for every source (directories, globs, prefixes, manifests
     without a slide_id)."""
     problem = name_problem(slide_id)
-    error = (f"{uri}: the slide id {slide_id[:80]!r} taken from the file name {problem} ({NAME_RULE}); "
+    shown = uri if uri.isprintable() else repr(uri)  # one line, even for a name with a newline
+    error = (f"{shown}: the slide id {slide_id[:80]!r} taken from the file name {problem} ({NAME_RULE}); "
              "rename the file, or list it in a manifest CSV with a slide_id") if problem else ""
     return SlideSpec(slide_id, uri, mpp, error)
 
