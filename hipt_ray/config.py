@@ -99,7 +99,7 @@ class StorageConfig(_Section):
     retry_seconds: float = Field(
         default=60.0, gt=0, le=3600,
         description="The most time one object-store request spends retrying before it fails with a one-line "
-        "error (Lance's client retries included: its own default was 180 s under each of ours). "
+        "error (Lance's client retries and request timeout get one try's share). "
         "Also read by Ray workers as HIPT_RAY_STORAGE_RETRY_SECONDS.",
     )
     lease_seconds: float = Field(

@@ -267,10 +267,15 @@ def retry_budget() -> tuple[int, float]:
 
 
 def lance_retry_options() -> dict[str, str]:
-    """Lance's own client retries within its share of the budget (its default is 10 retries over
-    180 s, under each of ours: an unreachable store took 3¾ minutes to give up)."""
+    """Lance's own client retries and request timeout within one try's share of the budget.
+    pylance 14's defaults (3 retries for up to 180 s, a 30 s request timeout) under each of ours
+    let a store that accepts connections and never answers hold a run for over 5 minutes; with
+    these, one table open against it gives up after about 90 s (measured; an open makes several
+    requests in turn), and a refused connection after about 20 s."""
     retries, seconds = retry_budget()
-    return {"client_max_retries": "3", "client_retry_timeout": str(max(1, int(seconds / (retries + 1))))}
+    share = max(1, int(seconds / (retries + 1)))
+    return {"client_max_retries": "3", "client_retry_timeout": str(share), "timeout": f"{share}s",
+            "connect_timeout": f"{min(5, share)}s"}
 
 
 def retry_warning(what: str, exc: BaseException, attempt: int, retries: int, delay: float) -> str:

@@ -77,10 +77,10 @@ def test_the_budget_is_a_setting_that_reaches_lance_and_the_defaults(clock, monk
     monkeypatch.delenv(storage.RETRIES_ENV)
     monkeypatch.delenv(storage.RETRY_SECONDS_ENV)
     assert storage.retry_budget() == (3, 60.0)
-    # Lance's client gets its share of the budget per try (its default: 180 s under each of ours)
+    # Lance's client gets one try's share of the budget (its defaults: 180 s of retries, 30 s a request)
     assert lance_storage_options("s3://b/o", "http://127.0.0.1:9") == {
-        "client_max_retries": "3", "client_retry_timeout": "15", "aws_endpoint": "http://127.0.0.1:9",
-        "allow_http": "true"}
+        "client_max_retries": "3", "client_retry_timeout": "15", "timeout": "15s", "connect_timeout": "5s",
+        "aws_endpoint": "http://127.0.0.1:9", "allow_http": "true"}
     assert lance_storage_options("/local/out") is None
     monkeypatch.setenv(storage.RETRIES_ENV, "1")  # what the CLI sets from storage.* before Ray starts
     monkeypatch.setenv(storage.RETRY_SECONDS_ENV, "4.0")
