@@ -91,7 +91,7 @@ def efficiency(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="embed-bench-"))
     overrides = [f"storage.cache_dir={work / 'cache'}", "embed.store_tokens=true", f"reader.backend={args.backend}"]
     if args.model == "tiny":
-        files = [ROOT / "configs" / "tiny.yaml"]
+        files = [ROOT / "hipt_ray" / "configs" / "tiny.yaml"]
     else:
         files = []
         overrides += ["model.name=hipt4k", "model.allow_random_weights=true", f"embed.compile={args.compile}"]
@@ -179,7 +179,7 @@ def rss(args: argparse.Namespace) -> None:
         driver = ("import resource, sys; from hipt_ray.cli import main; code = main(sys.argv[1:]); "
                   "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
         cmd = [sys.executable, "-c", driver, "embed", "--slides", str(slides), "--out", str(work / "out"),
-               "--config", str(ROOT / "configs" / "tiny.yaml"), f"storage.cache_dir={work / 'cache'}"]
+               "--config", str(ROOT / "hipt_ray" / "configs" / "tiny.yaml"), f"storage.cache_dir={work / 'cache'}"]
         t0 = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 0, out.stderr[-2000:]

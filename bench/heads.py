@@ -8,7 +8,7 @@ risk planted, 67 cases, 1024-px regions, the tiny HIPT with random weights: what
 tests/integration/test_demo_cohort.py embeds) under the temp folder and reuses it afterwards.
 
 For each head and ``heads.batch_bags`` it runs what one sweep trial runs — every fold of the
-task's shipped configuration (configs/heads/<task>.yaml: 10 folds, 50 epochs, inner validation,
+task's shipped configuration (hipt_ray/configs/heads/<task>.yaml: 10 folds, 50 epochs, inner validation,
 early stopping) on one thread, as a trial with one CPU has — and prints the wall time (median of
 ``--repeat``), the ratio to batch 1, the mean out-of-fold AUC (or c-index), the inner validation
 loss and the epochs run. ``--sweep`` then times ``hipt-ray sweep`` with the shipped space and
@@ -38,7 +38,7 @@ def build_demo_cohort() -> tuple[str, str]:
 
         make_demo_data(data, n_slides=100, seed=3, size_um=(900, 1500))
         code = subprocess.call([sys.executable, "-m", "hipt_ray.cli", "embed", "--slides", str(data / "slides"),
-                                "--out", str(out), "--config", str(ROOT / "configs" / "tiny.yaml"),
+                                "--out", str(out), "--config", str(ROOT / "hipt_ray" / "configs" / "tiny.yaml"),
                                 "tiling.region_px=1024", "tiling.min_tissue_fraction=0.05"])
         if code:
             raise SystemExit(f"embedding the demo cohort failed (exit {code})")
@@ -52,7 +52,7 @@ def one_trial(out: str, labels: str, task: str, head: str, batch_bags: int, extr
     from hipt_ray.heads.cohort import load_cohort
     from hipt_ray.heads.fit import cross_validate
 
-    cfg = load_config("train-head", files=[str(ROOT / "configs" / "heads" / f"{task}.yaml")],
+    cfg = load_config(files=[str(ROOT / "hipt_ray" / "configs" / "heads" / f"{task}.yaml")],
                       values={"out": out, "heads": {"labels": labels}},
                       overrides=["heads.label_column=subtype", f"heads.head={head}", f"heads.batch_bags={batch_bags}", *extra])
     cohort = load_cohort(cfg)
@@ -78,7 +78,7 @@ def main() -> int:
 
     torch.set_num_threads(1)  # as a sweep trial with one CPU
     out, labels = (args.out, args.labels) if args.out else build_demo_cohort()
-    print(f"cohort: {out} (labels {labels}), task {args.task}, configs/heads/{args.task}.yaml "
+    print(f"cohort: {out} (labels {labels}), task {args.task}, hipt_ray/configs/heads/{args.task}.yaml "
           f"{' '.join(args.set)}, 1 thread")
     print(f"{'head':>9} {'batch':>5} {'s/trial':>8} {'× b1':>6} {'metric':>7} {'val loss':>8} {'epochs':>6} {'best ep':>7}")
     for head in args.heads.split(","):

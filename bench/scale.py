@@ -88,7 +88,7 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     cli = [sys.executable, "-m", "hipt_ray.cli"]
-    common = ["--config", str(ROOT / "configs" / "tiny.yaml"), f"tiling.region_px={args.region_px}",
+    common = ["--config", str(ROOT / "hipt_ray" / "configs" / "tiny.yaml"), f"tiling.region_px={args.region_px}",
               "tiling.min_tissue_fraction=0.05", "qc.enabled=false", "embed.write_regions=32",
               "ray.write_batch_slides=32"]
     print(f"# bench/scale.py  cpu: {_cpu()}  load: {os.getloadavg()[0]:.2f}  regions: {args.region_px} px")

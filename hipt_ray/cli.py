@@ -14,34 +14,32 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from hipt_ray.config import Config, ConfigError, load_config
-from hipt_ray.slides.manifest import ManifestError
-from hipt_ray.storage import OutputStoreError
+from hipt_ray.config import Config, ConfigError, InputError, load_config
+from hipt_ray.storage import OutputStoreError, disk_write_error
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SLIDES_FAILED = 0, 1, 2, 3
 log = logging.getLogger("hipt_ray")
 
 
 def init_ray(cfg: Config, *, dashboard: bool = False) -> None:
-    """Check the output is writable in principle, then join ``ray.address`` / ``RAY_ADDRESS``,
-    or start the command's own local Ray (with its dashboard when ``dashboard``: Ray Train needs
-    the State API it serves). Ray's console chatter is turned down unless ``--verbose``."""
+    """Check the output can be written (if not: one line, before Ray starts), then join
+    ``ray.address`` / ``RAY_ADDRESS``, or start the command's own local Ray (with its dashboard
+    when ``dashboard``: Ray Train needs the State API it serves). Ray's console chatter is turned
+    down unless ``--verbose``."""
     from hipt_ray.console import quiet_ray
     from hipt_ray.runtime import ray_address, start_ray
-    from hipt_ray.storage import StorageError, check_output
+    from hipt_ray.storage import check_output
 
     if cfg.out:
-        try:
-            check_output(cfg.out, cfg.storage.s3_endpoint_url)
-        except StorageError as exc:
-            raise ConfigError(str(exc)) from None
+        check_output(cfg.out, cfg.storage.s3_endpoint_url)  # OutputStoreError: main prints its line
     quiet_ray()
     start_ray(address=ray_address(cfg.ray.address), num_cpus=cfg.ray.num_cpus, dashboard=dashboard)
 
 
 def _common(p: argparse.ArgumentParser, *, uses_ray: bool = True) -> None:
     p.add_argument("--config", action="append", default=[], metavar="YAML",
-                   help="extra config file(s), layered over the defaults (configs/base.yaml lists them)")
+                   help="extra config file(s) or shipped layer(s) by name (e.g. tiny), layered over the "
+                        "command's shipped layer (hipt_ray/configs/base.yaml lists the defaults)")
     if uses_ray:  # commands that run without Ray do not take an address they would ignore
         p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -49,8 +47,8 @@ def _common(p: argparse.ArgumentParser, *, uses_ray: bool = True) -> None:
 
 
 def _with_address(values: dict, args: argparse.Namespace) -> None:
-    """``--address`` into the config values (``ray.address``), when given."""
-    if args.address:
+    """``--address`` into the config values (``ray.address``), when given (and the command has it)."""
+    if getattr(args, "address", None):
         values["ray"] = {"address": args.address}
 
 
@@ -61,7 +59,7 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 def _model_values(args: argparse.Namespace) -> dict:
     """``{"model": {checkpoint_256, checkpoint_4k}}`` for the flags given, else ``{}``."""
-    model = {k: v for k, v in (("checkpoint_256", args.checkpoint_256), ("checkpoint_4k", args.checkpoint_4k)) if v}
+    model = {k: v for k in ("checkpoint_256", "checkpoint_4k") if (v := getattr(args, k, None))}
     return {"model": model} if model else {}
 
 
@@ -102,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", required=True, help="an embed output")
     sw.add_argument("--labels", required=True, help="CSV/Parquet: slide_id, case_id, label | survival_months, event")
     sw.add_argument("--task", choices=["subtyping", "survival"],
-                    help="layers configs/heads/<task>.yaml (its search space unless sweep.space is given)")
+                    help="layers the shipped heads/<task>.yaml (its search space unless sweep.space is given)")
     _common(sw)
 
     hm = sub.add_parser("heatmap", help="attention heatmaps: a region's ViT-256/ViT-4K attention, or a "
@@ -137,15 +135,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------- commands
-# Each command: argv → its config (and Ray, when it needs it) → the stage's result. What is
-# shared lives in one place: printing the result's lines, its exit code, and which of the
-# stage's errors are the user's input (exit 2, one line) rather than a failure.
+# Each command is declared once, in COMMANDS: the shipped config layers it loads (over the
+# defaults, under the person's --config files and key=value overrides), the config values its
+# flags give, and what it runs on the resulting config. What is shared lives in one place:
+# loading that config, printing the result's lines and its exit code.
+
+
+def _no_values(args: argparse.Namespace) -> dict:
+    return {}
 
 
 @dataclass(frozen=True)
 class Command:
-    run: Callable[[argparse.Namespace], object]  # → a result with lines() (and exit_code, if slides can fail)
-    input_errors: tuple[type[Exception], ...] = ()  # raised for input that does not fit: a usage error
+    run: Callable[[argparse.Namespace, Config | None], object]  # → a result with lines() (and exit_code)
+    # Shipped layers, by name under hipt_ray/configs/; "{key}" is filled from the person's own
+    # settings (flags, --config files, overrides), e.g. "heads/{heads.task}".
+    layers: tuple[str, ...] = ()
+    values: Callable[[argparse.Namespace], dict] = _no_values  # config values from the flags
+    configured: bool = True  # false: the command takes no config (no --config, no overrides)
+
+    def config(self, args: argparse.Namespace) -> Config | None:
+        if not self.configured:
+            return None
+        return load_config(*self.layers, files=args.config, overrides=args.overrides, values=self.values(args))
 
 
 @dataclass
@@ -158,29 +170,27 @@ class _Lines:
         return self.text
 
 
-def _tile(args: argparse.Namespace):
-    values = {"slides": args.slides, "out": args.out}
+def _slides_values(args: argparse.Namespace) -> dict:
+    values: dict = {"slides": args.slides, "out": args.out, **_model_values(args)}
     _with_address(values, args)
-    cfg = load_config("tile", files=args.config, overrides=args.overrides, values=values)
+    return values
+
+
+def _tile(args: argparse.Namespace, cfg: Config):
     init_ray(cfg)
     from hipt_ray.tile.job import run  # after ray.init: Lance warns about forks made after its import
 
     return run(cfg)
 
 
-def _embed(args: argparse.Namespace):
-    values: dict = {"slides": args.slides, "out": args.out, **_model_values(args)}
-    _with_address(values, args)
-    cfg = load_config("embed", files=args.config, overrides=args.overrides, values=values)
+def _embed(args: argparse.Namespace, cfg: Config):
     init_ray(cfg)
     from hipt_ray.embed.job import run
 
     return run(cfg)
 
 
-def _pretrain(args: argparse.Namespace):
-    from hipt_ray.config import CONFIG_DIR
-
+def _pretrain_values(args: argparse.Namespace) -> dict:
     pre: dict = {"stage": args.stage}
     if args.regions_from:
         pre["regions_from"] = args.regions_from
@@ -192,44 +202,33 @@ def _pretrain(args: argparse.Namespace):
     elif args.stage == "vit256":
         raise ConfigError("stage vit256 needs --slides")
     _with_address(values, args)
-    stage_file = CONFIG_DIR / "pretrain" / f"{args.stage}.yaml"
-    files = ([stage_file] if stage_file.is_file() else []) + list(args.config)
-    cfg = load_config(None, files=files, overrides=args.overrides, values=values)
+    return values
+
+
+def _pretrain(args: argparse.Namespace, cfg: Config):
     init_ray(cfg, dashboard=True)
     from hipt_ray.train.run import run
 
     return run(cfg)
 
 
-def _head_config(args: argparse.Namespace, values: dict):
-    """Config of a head command: base, then ``configs/heads/<task>.yaml`` (the task from --task or
-    heads.task), then --config files and overrides. A ``sweep.space`` given by the user replaces
-    the task file's space instead of merging into it."""
-    from hipt_ray.config import CONFIG_DIR
-
+def _head_values(args: argparse.Namespace) -> dict:
+    """--out, --labels and --task (the task chooses the heads/<task> layer; a sweep.space given
+    by the person replaces that layer's space instead of merging into it: see load_config)."""
+    values: dict = {"out": args.out, "heads": {"labels": args.labels}}
     if args.task:
         values["heads"]["task"] = args.task
-    user = load_config(None, files=args.config, overrides=args.overrides, values=values)
-    task_file = CONFIG_DIR / "heads" / f"{user.heads.task}.yaml"
-    if not task_file.is_file():
-        return user
-    cfg = load_config(None, files=[task_file, *args.config], overrides=args.overrides, values=values)
-    if user.sweep.space:
-        cfg = cfg.model_copy(update={"sweep": cfg.sweep.model_copy(update={"space": user.sweep.space})})
-    return cfg
+    _with_address(values, args)
+    return values
 
 
-def _train_head(args: argparse.Namespace):
-    cfg = _head_config(args, {"out": args.out, "heads": {"labels": args.labels}})
+def _train_head(args: argparse.Namespace, cfg: Config):
     from hipt_ray.heads.run import train_head
 
     return train_head(cfg, run_name=args.run_name)
 
 
-def _sweep(args: argparse.Namespace):
-    values: dict = {"out": args.out, "heads": {"labels": args.labels}}
-    _with_address(values, args)
-    cfg = _head_config(args, values)
+def _sweep(args: argparse.Namespace, cfg: Config):
     init_ray(cfg)
     from hipt_ray.tune.sweep import run_sweep
 
@@ -244,8 +243,7 @@ def _xy(text: str | None, flag: str = "--region") -> tuple[int, int]:
     return x, y
 
 
-def _heatmap(args: argparse.Namespace):
-    cfg = load_config("embed", files=args.config, overrides=args.overrides, values=_model_values(args))
+def _heatmap(args: argparse.Namespace, cfg: Config):
     if args.head_run:
         from hipt_ray.explain.heatmap import slide_heatmaps
 
@@ -260,46 +258,71 @@ def _heatmap(args: argparse.Namespace):
     return _Lines([f"{name}: {path}" for name, path in files.items()])
 
 
-def _search(args: argparse.Namespace):
-    cfg = load_config(None, files=args.config, overrides=args.overrides, values={"out": args.out})
+def _search(args: argparse.Namespace, cfg: Config):
     from hipt_ray.explain.search import search_similar
 
     return search_similar(cfg, args.slide, _xy(args.region), k=args.k, labels=args.labels, dest=args.dest,
                           rebuild_index=args.rebuild_index)
 
 
-def _make_demo_data(args: argparse.Namespace):
-    from hipt_ray.slides.synthetic import make_demo_data
+def _size(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
+
+
+def _free_bytes(path: str) -> tuple[str, int]:
+    """The nearest existing folder at or above ``path``, and the bytes free on its disk."""
+    import shutil
+
+    folder = os.path.abspath(os.path.expanduser(path))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return folder, shutil.disk_usage(folder).free
+
+
+def _make_demo_data(args: argparse.Namespace, cfg: None):
+    from hipt_ray.console import Progress
+    from hipt_ray.slides.synthetic import plan_demo_data, write_demo_data
 
     if args.n_slides < 1:
         raise ConfigError("--n-slides must be at least 1")
     lo, hi = args.size_um
     if not 0 < lo <= hi:
         raise ConfigError(f"--size-um takes MIN MAX with 0 < MIN <= MAX (µm), got {lo:g} {hi:g}")
-    out = make_demo_data(args.out, n_slides=args.n_slides, seed=args.seed, n_subtypes=args.n_subtypes,
-                         size_um=tuple(args.size_um))
+    plan = plan_demo_data(args.out, n_slides=args.n_slides, seed=args.seed, n_subtypes=args.n_subtypes,
+                          size_um=tuple(args.size_um))
+    need = plan.estimated_bytes()
+    folder, free = _free_bytes(args.out)
+    if need > free:
+        raise ConfigError(f"--n-slides {args.n_slides} would write about {_size(need)} of slides, more than "
+                          f"the {_size(free)} free at {folder}: ask for fewer or smaller slides "
+                          "(--n-slides, --size-um) or write elsewhere")
+    log.info("make-demo-data: %d slides, about %s, into %s (%s free there)",
+             args.n_slides, _size(need), args.out, _size(free))
+    with Progress("make-demo-data", total=args.n_slides, unit="slides") as progress:
+        out = write_demo_data(plan, on_slide=lambda: progress.update(advance=1))
     return _Lines([f"wrote {args.n_slides} slides to {out / 'slides'} and labels to {out / 'labels.csv'}"])
 
 
-# Heads, heatmaps and search raise ValueError for labels, runs and regions that do not fit the
-# embeddings (a missing column, an unknown slide, a region outside the slide): the user's input.
+# Which shipped layers each command loads (hipt_ray/configs/<layer>.yaml), in one table.
 COMMANDS = {
-    "tile": Command(_tile),
-    "embed": Command(_embed),
-    "pretrain": Command(_pretrain),
-    "train-head": Command(_train_head, (ValueError,)),
-    "sweep": Command(_sweep, (ValueError,)),
-    "heatmap": Command(_heatmap, (ValueError,)),
-    "search": Command(_search, (ValueError,)),
-    "make-demo-data": Command(_make_demo_data),
+    "tile": Command(_tile, ("tile",), _slides_values),
+    "embed": Command(_embed, ("embed",), _slides_values),
+    "pretrain": Command(_pretrain, ("pretrain/{pretrain.stage}",), _pretrain_values),
+    "train-head": Command(_train_head, ("heads/{heads.task}",), _head_values),
+    "sweep": Command(_sweep, ("heads/{heads.task}",), _head_values),
+    "heatmap": Command(_heatmap, ("embed",), _model_values),  # it runs embed's model on a region
+    "search": Command(_search, (), lambda args: {"out": args.out}),
+    "make-demo-data": Command(_make_demo_data, configured=False),
 }
 
 
 def _run(command: Command, args: argparse.Namespace) -> int:
-    try:
-        result = command.run(args)
-    except command.input_errors as exc:
-        raise ConfigError(str(exc)) from None
+    cfg = command.config(args)
+    if cfg is not None:  # before Ray starts: its workers inherit the budget through the environment
+        from hipt_ray.storage import set_retry_budget
+
+        set_retry_budget(cfg.storage.retries, cfg.storage.retry_seconds)
+    result = command.run(args, cfg)
     for line in result.lines():
         print(line)
     return getattr(result, "exit_code", EXIT_OK)
@@ -341,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return _run(COMMANDS[args.command], args)
-    except (ConfigError, ManifestError) as exc:
+    except InputError as exc:  # a setting, a file or a table the person can fix: one line
         print(f"hipt-ray {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OutputStoreError as exc:  # one line: the URI, the cause, the fix
@@ -357,6 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, CheckpointError):
             print(f"hipt-ray {args.command}: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        # a read-only or full disk under the output, wherever it was met: one line, not a traceback
+        if getattr(args, "out", None) and (disk := disk_write_error(args.out, exc)) is not None:
+            print(f"hipt-ray {args.command}: {disk}", file=sys.stderr)
+            return EXIT_ERROR
         traceback.print_exc()
         print(f"hipt-ray {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR

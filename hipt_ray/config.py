@@ -5,8 +5,10 @@ that names the key instead of a silently ignored setting. Configs cross Ray boun
 dicts (``cfg.model_dump(mode="json")``) and are re-validated on the other side.
 
 The defaults are written here only: ``configs/base.yaml`` is generated from these classes and the
-comments beside their fields (``python -m hipt_ray.config > configs/base.yaml``; a test checks it
-is current) for people to read, and is not loaded.
+descriptions of their fields (``python -m hipt_ray.config > hipt_ray/configs/base.yaml``; a test
+checks it is current) for people to read, and is not loaded. The shipped layers live in
+``hipt_ray/configs/`` as package data; which of them a command loads is declared with the command
+(``hipt_ray.cli.COMMANDS``).
 """
 
 from __future__ import annotations
@@ -14,27 +16,62 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped layers (base.yaml, tiny.yaml, demo.yaml, heads/<task>.yaml, …) are package data:
+# they travel with a non-editable install (pyproject's package-data), never found beside a checkout.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Input a person can fix (a setting, a file, a table that does not fit): the CLI prints it on
+    one line with exit code 2. Every other exception, ``ValueError`` included, is a failure with
+    its traceback (exit code 1)."""
+
+
+class ConfigError(InputError):
     """A configuration problem a person can fix; the CLI prints it on one line, exit code 2."""
 
 
+# A name used as one path component under the output (a slide id, a run name) leaves room for
+# the longest suffix added to it (``_slide_attention.png``, ``_<x>_<y>_mosaic.png``) within the
+# 255 bytes a file name may have.
+NAME_MAX_BYTES = 200
+
+
+def name_problem(value: str) -> str | None:
+    """What makes ``value`` unsafe as one file name under the output, or None when it is safe:
+    empty, longer than NAME_MAX_BYTES in UTF-8, a control character, a path separator, or a
+    leading dot (which also rules out ``.`` and ``..``)."""
+    if not value:
+        return "is empty"
+    if len(value.encode()) > NAME_MAX_BYTES:
+        return f"is {len(value.encode())} bytes long (at most {NAME_MAX_BYTES} in UTF-8)"
+    if bad := next((c for c in value if unicodedata.category(c) == "Cc"), None):
+        return f"holds the control character {bad!r}"
+    if bad := next((c for c in value if c in "/\\"), None):
+        return f"holds the path separator {bad!r}"
+    if value.startswith("."):
+        return "starts with '.'"
+    return None
+
+
+NAME_RULE = (f"a name used as a file name under the output: at most {NAME_MAX_BYTES} bytes, no control "
+             "characters, no '/' or '\\', no leading '.'")
+
+
 def check_name(value: str, key: str) -> str:
-    """``value`` if it is safe as one path component (a run name, a slide id), else ConfigError
-    naming ``key``: no path separators, no ``..``, not empty, no leading dot."""
-    if not value or value in (".", "..") or value.startswith(".") or any(c in value for c in "/\\\0"):
-        raise ConfigError(
-            f"{key}={value!r} is used as a file name under the output: use letters, digits, '-', '_' "
-            "or '.', with no '/', no '..' and no leading '.'"
-        )
+    """``value`` if it is safe as one file name under the output (a run name, a slide id), else
+    ConfigError naming ``key``, what is wrong with it and the rule (see :func:`name_problem`)."""
+    if (problem := name_problem(value)) is not None:
+        raise ConfigError(f"{key}={value[:80]!r}{'…' if len(value) > 80 else ''} {problem}: {NAME_RULE}")
     return value
 
 
@@ -45,34 +82,62 @@ class _Section(BaseModel):
 class StorageConfig(_Section):
     """Where remote slides are staged for OpenSlide, which only reads local files."""
 
-    cache_dir: str = "~/.cache/hipt-ray/slides"  # local staging of s3:// slides for OpenSlide
-    cache_max_bytes: int = Field(default=50 * 2**30, gt=0, le=2**50)  # 50 GiB, least-recently-used eviction
-    # Any S3-compatible endpoint (MinIO, Ceph, moto). None: the standard AWS variables/config.
-    s3_endpoint_url: str | None = None
-    retries: int = Field(default=3, ge=0, le=20)
-    # An object-storage output's writer lease expires this long after its run stops renewing it
-    # (a killed run blocks the next one on that output at most this long; local disk: never).
-    lease_seconds: float = Field(default=120.0, ge=10.0, le=3600.0)
-    # Table versions older than this are deleted after each embed run (time travel within it).
-    keep_versions_days: float = Field(default=7.0, ge=0.0)
+    cache_dir: str = Field(
+        default="~/.cache/hipt-ray/slides",
+        description="local staging of s3:// slides for OpenSlide",
+    )
+    cache_max_bytes: int = Field(default=50 * 2**30, gt=0, le=2**50, description="50 GiB, least-recently-used eviction")
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="Any S3-compatible endpoint (MinIO, Ceph, moto). None: the standard AWS variables/config.",
+    )
+    retries: int = Field(
+        default=3, ge=0, le=20,
+        description="Retries of an object-store request that failed in a way that may pass (a timeout, a refused "
+        "connection, a 5xx), with backoff 0.5, 1, 2 … s; each retry is one warning line.",
+    )
+    retry_seconds: float = Field(
+        default=60.0, gt=0, le=3600,
+        description="The most time one object-store request spends retrying before it fails with a one-line "
+        "error (Lance's client retries and request timeout get one try's share). "
+        "Also read by Ray workers as HIPT_RAY_STORAGE_RETRY_SECONDS.",
+    )
+    lease_seconds: float = Field(
+        default=120.0, ge=10.0, le=3600.0,
+        description="An object-storage output's writer lease expires this long after its run stops renewing it "
+        "(a killed run blocks the next one on that output at most this long; local disk: never).",
+    )
+    keep_versions_days: float = Field(
+        default=7.0, ge=0.0,
+        description="Table versions older than this are deleted after each embed run (time travel within it).",
+    )
 
 
 class TilingConfig(_Section):
     """The region grid: ``region_px`` pixels at exactly ``mpp`` µm/px, cut into patches."""
 
-    # Bounds keep a typo from planning 10^17 regions: 0.05 µm/px is finer than any scanner's level 0.
-    mpp: float = Field(default=0.5, ge=0.05, le=64.0)
+    mpp: float = Field(
+        default=0.5, ge=0.05, le=64.0,
+        description="Bounds keep a typo from planning 10^17 regions: 0.05 µm/px is finer than any scanner's "
+        "level 0.",
+    )
     region_px: int = Field(default=4096, ge=64, le=16384)
     patch_px: int = Field(default=256, ge=16, le=4096)
     overlap: float = Field(default=0.0, ge=0.0, lt=1.0)
     min_tissue_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
-    # A slide MPP outside this range is an error (a broken tag), never a guess.
-    mpp_range: tuple[float, float] = (0.1, 2.0)
-    # Per-slide MPP for slides whose files carry none: {slide_id: mpp}.
-    mpp_overrides: dict[str, float] = Field(default_factory=dict)
-    # A slide whose grid would hold more regions than this fails with a reason (the tile task
-    # never builds it): 200,000 regions of 4096² at 0.5 µm/px is 67 cm² of tissue.
-    max_regions_per_slide: int = Field(default=200_000, ge=1, le=10_000_000)
+    mpp_range: tuple[float, float] = Field(
+        default=(0.1, 2.0),
+        description="A slide MPP outside this range is an error (a broken tag), never a guess.",
+    )
+    mpp_overrides: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-slide MPP for slides whose files carry none: {slide_id: mpp}.",
+    )
+    max_regions_per_slide: int = Field(
+        default=200_000, ge=1, le=10_000_000,
+        description="A slide whose grid would hold more regions than this fails with a reason (the tile task "
+        "never builds it): 200,000 regions of 4096² at 0.5 µm/px is 67 cm² of tissue.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TilingConfig:
@@ -98,15 +163,21 @@ class TissueConfig(_Section):
     """Tissue detection on a low-resolution image of the slide (physical units throughout)."""
 
     mask_mpp: float = Field(default=8.0, ge=1.0, le=256.0)
-    # saturation: stained tissue vs colourless glass; luminance: darkness, for grayscale slides;
-    # auto: luminance when the slide's low-resolution image has no colour, else saturation.
-    method: Literal["auto", "saturation", "luminance"] = "auto"
-    # None: Otsu's threshold on HSV saturation, kept within [min_saturation, max_saturation].
-    saturation_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    method: Literal["auto", "saturation", "luminance"] = Field(
+        default="auto",
+        description="saturation: stained tissue vs colourless glass; luminance: darkness, for grayscale slides;"
+        " auto: luminance when the slide's low-resolution image has no colour, else saturation.",
+    )
+    saturation_threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="None: Otsu's threshold on HSV saturation, kept within [min_saturation, max_saturation].",
+    )
     min_saturation: float = Field(default=0.05, ge=0.0, le=1.0)
     max_saturation: float = Field(default=0.15, ge=0.0, le=1.0)
-    # None: Otsu on darkness (1 − luma) within [0.12, 0.5]; used by the luminance method only.
-    luminance_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    luminance_threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="None: Otsu on darkness (1 − luma) within [0.12, 0.5]; used by the luminance method only.",
+    )
     blur_um: float = Field(default=40.0, ge=0.0)
     closing_um: float = Field(default=80.0, ge=0.0)
     fill_holes: bool = True
@@ -119,16 +190,24 @@ class ReaderConfig(_Section):
     SVS); ``openslide`` stages remote slides whole and reads through OpenSlide; ``auto`` uses
     ``tiles`` where the format allows it and OpenSlide for everything else."""
 
-    # tiles (byte-range TIFF tiles, no staging) | openslide | auto: tiles where the format allows
-    backend: Literal["auto", "tiles", "openslide"] = "auto"
-    # Tile byte ranges closer than this are fetched in one request (fewer requests, a few more bytes).
-    range_gap_bytes: int = Field(default=64 * 1024, ge=0, le=64 * 2**20)
-    # Opt-in: a region read from a level 2/4/8× finer than tiling.mpp (a 40× slide cut at 20×) has
-    # its JPEG tiles decoded at the wanted size by libjpeg-turbo's DCT scaling instead of decoded
-    # whole and box-averaged: ≈ 4× faster at 40×, pixels close to but not equal to the exact path
-    # (bench/read.py gives the PSNR and embedding cosine). Tile backend only; part of the tiling
-    # spec when on, so its embeddings never mix with exact ones.
-    scaled_decode: bool = False
+    backend: Literal["auto", "tiles", "openslide"] = Field(
+        default="auto",
+        description="tiles (byte-range TIFF tiles, no staging) | openslide | auto: tiles where the format "
+        "allows",
+    )
+    range_gap_bytes: int = Field(
+        default=64 * 1024, ge=0, le=64 * 2**20,
+        description="Tile byte ranges closer than this are fetched in one request (fewer requests, a few more "
+        "bytes).",
+    )
+    scaled_decode: bool = Field(
+        default=False,
+        description="Opt-in: a region read from a level 2/4/8× finer than tiling.mpp (a 40× slide cut at 20×) "
+        "has its JPEG tiles decoded at the wanted size by libjpeg-turbo's DCT scaling instead of "
+        "decoded whole and box-averaged: ≈ 4× faster at 40×, pixels close to but not equal to the "
+        "exact path (bench/read.py gives the PSNR and embedding cosine). Tile backend only; part of"
+        " the tiling spec when on, so its embeddings never mix with exact ones.",
+    )
 
 
 class QCConfig(_Section):
@@ -139,52 +218,81 @@ class QCConfig(_Section):
 class ModelConfig(_Section):
     """Which HIPT model embeds, and with which weights."""
 
-    name: str = "hipt4k"  # hipt4k (ViT-S/16 + ViT-4K XS) or hipt4k_tiny (tests, demo)
-    checkpoint_256: str | None = None  # official vit256_small_dino.pth layout, path or s3://
-    checkpoint_4k: str | None = None  # vit4k_xs_dino.pth
-    # Without checkpoints the job refuses to run unless this is true (then the model id says so).
-    allow_random_weights: bool = False
-    seed: int = 0  # for random weights: every actor builds the same model
-    # Checkpoints, heads.pt and DINO resume files load as tensors + plain types only (a crafted
-    # pickle cannot run code). true: full unpickling, for files you trust and nothing else.
-    allow_unsafe_pickle: bool = False
-    # 256 px patches per ViT-256 forward; None: 32 on CPU, 256 on a GPU (the fastest measured in
-    # bench/models.py and, on an H100, bench/gpu.py: 60 vs 50 regions/s bf16 for 256 vs 64)
-    micro_batch: int | None = Field(default=None, gt=0)
+    name: str = Field(default="hipt4k", description="hipt4k (ViT-S/16 + ViT-4K XS) or hipt4k_tiny (tests, demo)")
+    checkpoint_256: str | None = Field(default=None, description="official vit256_small_dino.pth layout, path or s3://")
+    checkpoint_4k: str | None = Field(default=None, description="vit4k_xs_dino.pth")
+    allow_random_weights: bool = Field(
+        default=False,
+        description="Without checkpoints the job refuses to run unless this is true (then the model id says "
+        "so).",
+    )
+    seed: int = Field(default=0, description="for random weights: every actor builds the same model")
+    allow_unsafe_pickle: bool = Field(
+        default=False,
+        description="Checkpoints, heads.pt and DINO resume files load as tensors + plain types only (a crafted "
+        "pickle cannot run code). true: full unpickling, for files you trust and nothing else.",
+    )
+    micro_batch: int | None = Field(
+        default=None, gt=0,
+        description="256 px patches per ViT-256 forward; None: 32 on CPU, 256 on a GPU (the fastest measured in"
+        " bench/models.py and, on an H100, bench/gpu.py: 60 vs 50 regions/s bf16 for 256 vs 64)",
+    )
 
 
 class EmbedConfig(_Section):
     """The embedding job's execution: precision, compilation, resources, outputs."""
 
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device runs it natively
-    compile: bool = True  # torch.compile + freezing (falls back to eager if it fails)
-    use_gpu: bool | Literal["auto"] = "auto"  # auto: when the cluster has GPUs
-    model_actors: int | None = Field(default=None, gt=0)  # None: one per GPU, else 1
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="auto: bf16 where the device runs it natively",
+    )
+    compile: bool = Field(default=True, description="torch.compile + freezing (falls back to eager if it fails)")
+    use_gpu: bool | Literal["auto"] = Field(default="auto", description="auto: when the cluster has GPUs")
+    model_actors: int | None = Field(default=None, gt=0, description="None: one per GPU, else 1")
     actor_cpus: float = Field(default=1.0, gt=0)
-    actor_memory_gb: float = Field(default=2.5, gt=0)  # the real-size model actor peaked at 1.9 GiB on CPU
+    actor_memory_gb: float = Field(default=2.5, gt=0, description="the real-size model actor peaked at 1.9 GiB on CPU")
     read_cpus: float = Field(default=1.0, gt=0)
-    store_tokens: bool = True  # tokens256 column: needed by stage-2 pretraining and ViT-4K heads
-    regions_per_task: int = Field(default=16, gt=0)  # regions one read task reads (≈ 1 s from JPEG tiles)
-    write_regions: int = Field(default=32, gt=0)  # region rows per Lance fragment a worker writes
-    actor_batch_regions: int = Field(default=4, gt=0)  # regions per model-actor call (fewer tasks for the driver)
-    # Custom Ray resources each read/write task and each model actor asks for, to place them on
-    # the nodes meant for them (cluster.yaml: {decode: 1} on cpu_decode nodes).
-    read_resources: dict[str, float] = Field(default_factory=dict)
+    store_tokens: bool = Field(
+        default=True,
+        description="tokens256 column: needed by stage-2 pretraining and ViT-4K heads",
+    )
+    regions_per_task: int = Field(default=16, gt=0, description="regions one read task reads (≈ 1 s from JPEG tiles)")
+    write_regions: int = Field(default=32, gt=0, description="region rows per Lance fragment a worker writes")
+    actor_batch_regions: int = Field(
+        default=4, gt=0,
+        description="regions per model-actor call (fewer tasks for the driver)",
+    )
+    read_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each read/write task and each model actor asks for, to place them on "
+        "the nodes meant for them (cluster.yaml: {decode: 1} on cpu_decode nodes).",
+    )
     actor_resources: dict[str, float] = Field(default_factory=dict)
 
 
 class PretrainConfig(_Section):
     """Two-stage DINO pretraining (published DINO/HIPT defaults)."""
 
-    # vit256: 256 px patches from slides; vit4k: token grids from an embed output
-    stage: Literal["vit256", "vit4k"] = "vit256"
-    size: Literal["real", "tiny"] = "real"  # real: vit256_s16 / vit4k_xs; tiny twins for tests
-    regions_from: str | None = None  # stage 2: an `embed` output holding tokens256 (default: out)
-    model_id: str | None = None  # stage 2: which embedding model's tokens (None: the only one)
+    stage: Literal["vit256", "vit4k"] = Field(
+        default="vit256",
+        description="vit256: 256 px patches from slides; vit4k: token grids from an embed output",
+    )
+    size: Literal["real", "tiny"] = Field(
+        default="real",
+        description="real: vit256_s16 / vit4k_xs; tiny twins for tests",
+    )
+    regions_from: str | None = Field(
+        default=None,
+        description="stage 2: an `embed` output holding tokens256 (default: out)",
+    )
+    model_id: str | None = Field(
+        default=None,
+        description="stage 2: which embedding model's tokens (None: the only one)",
+    )
     epochs: int = Field(default=100, gt=0)
-    steps_per_epoch: int | None = Field(default=None, gt=0)  # None: estimated from the data
+    steps_per_epoch: int | None = Field(default=None, gt=0, description="None: estimated from the data")
     batch_size_per_worker: int = Field(default=64, gt=0)
-    lr: float = Field(default=5e-4, gt=0)  # scaled by total batch / 256
+    lr: float = Field(default=5e-4, gt=0, description="scaled by total batch / 256")
     min_lr: float = Field(default=1e-6, ge=0)
     warmup_epochs: float = Field(default=10, ge=0)
     weight_decay: float = 0.04
@@ -203,20 +311,23 @@ class PretrainConfig(_Section):
     n_local_crops: int = Field(default=8, ge=0)
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
-    rotate_grids: bool = False  # stage 2: random 90° turns of the token crops
-    patches_per_region: int = Field(default=64, gt=0)  # stage 1: tissue patches sampled per region
+    rotate_grids: bool = Field(default=False, description="stage 2: random 90° turns of the token crops")
+    patches_per_region: int = Field(default=64, gt=0, description="stage 1: tissue patches sampled per region")
     min_patch_tissue: float = Field(default=0.5, ge=0, le=1)
     shuffle_buffer: int = Field(default=256, ge=0)
-    cache_dataset: bool = False  # materialise the training data in the object store (small data only)
+    cache_dataset: bool = Field(
+        default=False,
+        description="materialise the training data in the object store (small data only)",
+    )
     seed: int = 0
     num_workers: int = Field(default=1, gt=0)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(default=0.5, gt=0)  # < 1 leaves CPUs for Ray Data on small nodes
+    cpus_per_worker: float = Field(default=0.5, gt=0, description="< 1 leaves CPUs for Ray Data on small nodes")
     checkpoint_every_steps: int = Field(default=200, gt=0)
     num_to_keep: int = Field(default=2, gt=0)
     max_failures: int = Field(default=3, ge=-1)
     run_name: str = "hipt-pretrain"
-    storage_path: str | None = None  # None: <out>/pretrain
+    storage_path: str | None = Field(default=None, description="None: <out>/pretrain")
 
     @field_validator("run_name")
     @classmethod
@@ -228,37 +339,62 @@ class HeadsConfig(_Section):
     """Slide-level heads on bags of region embeddings (one bag per case)."""
 
     task: Literal["subtyping", "survival"] = "subtyping"
-    labels: str | None = None  # CSV/Parquet: slide_id, case_id, label | survival_months + event
+    labels: str | None = Field(
+        default=None,
+        description="CSV/Parquet: slide_id, case_id, label | survival_months + event",
+    )
     label_column: str = "label"
-    head: Literal["hipt_lgp", "abmil", "mean_mlp"] = "hipt_lgp"  # hipt_lgp | abmil | mean_mlp
-    # hipt_lgp only: run this ViT-4K (e.g. vit4k_xs) over the stored tokens256 of each region
-    # instead of reading emb4k; weights from local_vit_checkpoint (official layout), else random.
-    local_vit: str | None = None
-    local_vit_checkpoint: str | None = None  # its weights (official vit4k_xs_dino.pth layout); None: random
-    freeze_local: bool = True  # false: fine-tune the ViT-4K with the head
-    folds: int | None = Field(default=None, ge=2)  # None: 10 for subtyping, 5 for survival
+    head: Literal["hipt_lgp", "abmil", "mean_mlp"] = Field(
+        default="hipt_lgp",
+        description="hipt_lgp | abmil | mean_mlp",
+    )
+    local_vit: str | None = Field(
+        default=None,
+        description="hipt_lgp only: run this ViT-4K (e.g. vit4k_xs) over the stored tokens256 of each region "
+        "instead of reading emb4k; weights from local_vit_checkpoint (official layout), else "
+        "random.",
+    )
+    local_vit_checkpoint: str | None = Field(
+        default=None,
+        description="its weights (official vit4k_xs_dino.pth layout); None: random",
+    )
+    freeze_local: bool = Field(default=True, description="false: fine-tune the ViT-4K with the head")
+    folds: int | None = Field(default=None, ge=2, description="None: 10 for subtyping, 5 for survival")
     train_fraction: float = Field(default=1.0, gt=0, le=1)
-    epochs: int = Field(default=50, gt=0)  # defaults measured on the planted demo cohort (heads/*.yaml: per task)
+    epochs: int = Field(
+        default=50, gt=0,
+        description="defaults measured on the planted demo cohort (heads/*.yaml: per task)",
+    )
     lr: float = Field(default=2e-3, gt=0)
     weight_decay: float = Field(default=1e-5, ge=0)
     dropout: float = Field(default=0.25, ge=0, lt=1)
-    hidden: int = Field(default=128, gt=0)  # abmil / mean_mlp hidden size (hipt_lgp keeps its 192)
-    # Bags (cases) per optimiser step, run as one padded batch: 8 trains 3–4× faster than 1 at
-    # the same AUC on the demo cohort (bench/heads.py), with lr 2e-3 for the fewer steps.
-    batch_bags: int = Field(default=8, gt=0)
-    # Preprocessing fitted on each fold's training cases only, saved with the fold's head.
-    standardize: bool = True
-    pca: int | None = Field(default=None, gt=0)  # keep this many principal components
-    whiten: bool = False  # with pca: unit variance per component
-    class_weights: bool = True  # subtyping: cross-entropy weighted by inverse class frequency
-    # Inner validation split of each training fold (case-level, stratified, seeded): the epoch
-    # with the lowest validation loss is the fold's model; the outer fold is never looked at.
-    val_fraction: float = Field(default=0.2, ge=0, lt=1)  # 0: no inner split, the last epoch
-    patience: int | None = Field(default=20, gt=0)  # stop a fold after this many epochs without improvement
-    survival_loss: Literal["nll", "cox"] = "nll"  # nll (4 discrete-time bins) | cox
+    hidden: int = Field(default=128, gt=0, description="abmil / mean_mlp hidden size (hipt_lgp keeps its 192)")
+    batch_bags: int = Field(
+        default=8, gt=0,
+        description="Bags (cases) per optimiser step, run as one padded batch: 8 trains 3–4× faster than 1 at "
+        "the same AUC on the demo cohort (bench/heads.py), with lr 2e-3 for the fewer steps.",
+    )
+    standardize: bool = Field(
+        default=True,
+        description="Preprocessing fitted on each fold's training cases only, saved with the fold's head.",
+    )
+    pca: int | None = Field(default=None, gt=0, description="keep this many principal components")
+    whiten: bool = Field(default=False, description="with pca: unit variance per component")
+    class_weights: bool = Field(
+        default=True,
+        description="subtyping: cross-entropy weighted by inverse class frequency",
+    )
+    val_fraction: float = Field(
+        default=0.2, ge=0, lt=1,
+        description="Inner validation split of each training fold (case-level, stratified, seeded): the epoch "
+        "with the lowest validation loss is the fold's model; the outer fold is never looked at. 0:"
+        " no inner split, the last epoch",
+    )
+    patience: int | None = Field(default=20, gt=0, description="stop a fold after this many epochs without improvement")
+    survival_loss: Literal["nll", "cox"] = Field(default="nll", description="nll (4 discrete-time bins) | cox")
     alpha_surv: float = Field(default=0.0, ge=0, le=1)
     n_bins: int = Field(default=4, ge=2)
-    model_id: str | None = None  # which embeddings under --out (None: the only one)
+    model_id: str | None = Field(default=None, description="which embeddings under --out (None: the only one)")
     seed: int = 0
 
 
@@ -267,11 +403,13 @@ class SweepConfig(_Section):
     e.g. ``{lr: {loguniform: [1e-4, 1e-2]}, head: {choice: [abmil, hipt_lgp]}}``."""
 
     num_samples: int = Field(default=8, gt=0)
-    metric: str | None = None  # None: auc (subtyping) or c_index (survival), maximised
-    # heads.* key → one of choice | grid | uniform | loguniform | randint,
-    # e.g. {lr: {loguniform: [1.0e-4, 1.0e-2]}, head: {grid: [abmil, hipt_lgp]}}
-    space: dict[str, dict[str, list]] = Field(default_factory=dict)
-    grace_period: int = Field(default=5, gt=0)  # ASHA: epochs before a trial can be stopped
+    metric: str | None = Field(default=None, description="None: auc (subtyping) or c_index (survival), maximised")
+    space: dict[str, dict[str, list]] = Field(
+        default_factory=dict,
+        description="heads.* key → one of choice | grid | uniform | loguniform | randint, e.g. {lr: "
+        "{loguniform: [1.0e-4, 1.0e-2]}, head: {grid: [abmil, hipt_lgp]}}",
+    )
+    grace_period: int = Field(default=5, gt=0, description="ASHA: epochs before a trial can be stopped")
     max_concurrent: int | None = Field(default=None, gt=0)
     cpus_per_trial: float = Field(default=1.0, gt=0)
     name: str = "hipt-sweep"
@@ -283,35 +421,48 @@ class SweepConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    # None: sqlite:///<out>/mlflow.db for a local --out, else ./mlflow.db
-    mlflow_uri: str | None = None
+    mlflow_uri: str | None = Field(
+        default=None,
+        description="None: sqlite:///<out>/mlflow.db for a local --out, else ./mlflow.db",
+    )
     experiment: str = "hipt-ray"
 
 
 class SearchConfig(_Section):
     """Similar-region search: a vector index on ``regions.emb4k`` (refreshed after every embed)."""
 
-    # IVF_PQ | IVF_HNSW_SQ | IVF_HNSW_PQ | IVF_FLAT
-    index_type: Literal["IVF_PQ", "IVF_HNSW_SQ", "IVF_HNSW_PQ", "IVF_FLAT"] = "IVF_PQ"
+    index_type: Literal["IVF_PQ", "IVF_HNSW_SQ", "IVF_HNSW_PQ", "IVF_FLAT"] = Field(
+        default="IVF_PQ",
+        description="IVF_PQ | IVF_HNSW_SQ | IVF_HNSW_PQ | IVF_FLAT",
+    )
     metric: Literal["cosine", "L2", "dot"] = "cosine"
-    num_partitions: int | None = Field(default=None, gt=0)  # None: about √rows
-    num_sub_vectors: int | None = Field(default=None, gt=0)  # PQ: None = dim/8 (8 dims per code)
-    min_rows: int = Field(default=1000, gt=0)  # fewer embedded regions: exact search, no index
+    num_partitions: int | None = Field(default=None, gt=0, description="None: about √rows")
+    num_sub_vectors: int | None = Field(default=None, gt=0, description="PQ: None = dim/8 (8 dims per code)")
+    min_rows: int = Field(default=1000, gt=0, description="fewer embedded regions: exact search, no index")
     nprobes: int = Field(default=32, gt=0)
-    refine_factor: int | None = Field(default=30, gt=0)  # re-rank k·refine_factor by exact distance (bench: 5 → recall@10 0.65, 30 → 0.99 at 1M)
+    refine_factor: int | None = Field(
+        default=30, gt=0,
+        description="re-rank k·refine_factor by exact distance (bench: 5 → recall@10 0.65, 30 → 0.99 at 1M)",
+    )
     k: int = Field(default=16, gt=0)
-    thumb_px: int = Field(default=192, ge=32)  # mosaic tile size
-    model_id: str | None = None  # which embeddings under --out (None: the only one)
+    thumb_px: int = Field(default=192, ge=32, description="mosaic tile size")
+    model_id: str | None = Field(default=None, description="which embeddings under --out (None: the only one)")
 
 
 class RayConfig(_Section):
-    # None: RAY_ADDRESS if set, else a local Ray started for the command (the embedded default).
-    address: str | None = None
+    address: str | None = Field(
+        default=None,
+        description="None: RAY_ADDRESS if set, else a local Ray started for the command (the embedded default).",
+    )
     num_cpus: int | None = Field(default=None, gt=0)
-    # Slide tasks kept in flight; None: twice the cluster's CPUs.
-    max_in_flight: int | None = Field(default=None, gt=0)
-    # Slides whose results are written to Lance in one commit.
-    write_batch_slides: int = Field(default=32, gt=0)
+    max_in_flight: int | None = Field(
+        default=None, gt=0,
+        description="Slide tasks kept in flight; None: twice the cluster's CPUs.",
+    )
+    write_batch_slides: int = Field(
+        default=32, gt=0,
+        description="Slides whose results are written to Lance in one commit.",
+    )
 
 
 class Config(_Section):
@@ -366,6 +517,42 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def shipped_layers() -> list[str]:
+    """Names of the config layers shipped with the package (``tiny``, ``heads/survival``, …);
+    ``base`` is the generated list of defaults, for reading, and is not a layer."""
+    names = (p.relative_to(CONFIG_DIR).with_suffix("").as_posix() for p in CONFIG_DIR.rglob("*.yaml"))
+    return sorted(n for n in names if n != "base")
+
+
+def layer_path(name: str) -> Path:
+    """The file of the shipped layer ``name`` (``heads/survival`` or ``heads/survival.yaml``).
+
+    Raises:
+        ConfigError: no such layer; the message lists the shipped ones.
+    """
+    name = name.removesuffix(".yaml")
+    if name not in shipped_layers():
+        raise ConfigError(f"no shipped config layer {name!r} (in {CONFIG_DIR}); "
+                          f"the layers are: {', '.join(shipped_layers())}")
+    return CONFIG_DIR / f"{name}.yaml"
+
+
+def config_file(text: str | Path) -> Path:
+    """A ``--config`` argument as a file: a path that exists, else a shipped layer by name
+    (``--config tiny``, ``--config demo.yaml``, and the pre-package ``configs/demo.yaml``).
+
+    Raises:
+        ConfigError: neither a file nor a shipped layer.
+    """
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    name = str(text).removeprefix("configs/").removesuffix(".yaml")
+    if name in shipped_layers():
+        return layer_path(name)
+    raise ConfigError(f"config file not found: {text} (nor is it a shipped layer: {', '.join(shipped_layers())})")
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """``a.b=value`` → ``{"a": {"b": value}}`` with the value parsed as YAML (numbers, lists…)."""
     key, sep, raw = text.partition("=")
@@ -397,29 +584,52 @@ def _format_error(exc: ValidationError) -> str:
     return f"config error: {key}: {err['msg']} (got {got!r})"
 
 
+# Settings that a person's input replaces whole instead of merging into a shipped layer's: a
+# sweep.space given by the user is the space searched, not added to the task's default space.
+_REPLACED_WHOLE = (("sweep", "space"),)
+
+
+def _fill(layer: str, cfg: Config) -> str:
+    """``heads/{heads.task}`` → ``heads/survival``: a layer name with config keys filled in."""
+    def value(match: re.Match[str]) -> str:
+        obj: Any = cfg
+        for part in match.group(1).split("."):
+            obj = getattr(obj, part)
+        return str(obj)
+
+    return re.sub(r"\{([\w.]+)\}", value, layer)
+
+
 def load_config(
-    command: str | None = None,
-    *,
-    files: list[str | Path] = (),
-    overrides: list[str] = (),
+    *layers: str,
+    files: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
     values: dict[str, Any] | None = None,
 ) -> Config:
-    """Layer ``configs/<command>.yaml`` (if present), ``files``, ``values`` (from CLI flags) and
-    ``key=value`` overrides over the defaults, then validate once.
+    """Layer the shipped ``layers`` (names such as ``tile`` or ``heads/{heads.task}``, whose
+    ``{key}`` is filled from the person's own settings), then ``files``, ``values`` (from CLI
+    flags) and ``key=value`` overrides over the defaults, and validate once.
 
     Raises:
-        ConfigError: a missing file, bad YAML, an unknown key or a value of the wrong kind.
+        ConfigError: a missing layer or file, bad YAML, an unknown key or a value of the wrong kind.
     """
-    data: dict[str, Any] = {}
-    if command and (CONFIG_DIR / f"{command}.yaml").is_file():
-        data = _deep_merge(data, _read_yaml(CONFIG_DIR / f"{command}.yaml"))
+    user: dict[str, Any] = {}
     for f in files:
-        data = _deep_merge(data, _read_yaml(Path(f)))
-    if values:
-        data = _deep_merge(data, values)
+        user = _deep_merge(user, _read_yaml(config_file(f)))
+    user = _deep_merge(user, values or {})
     for text in overrides:
-        data = _deep_merge(data, parse_override(text))
-    return validate_config(data)
+        user = _deep_merge(user, parse_override(text))
+    if not layers:
+        return validate_config(user)
+    # the person's settings alone choose the layers whose names hold a {key}
+    own = validate_config(user) if any("{" in layer for layer in layers) else Config()
+    data: dict[str, Any] = {}
+    for layer in layers:
+        data = _deep_merge(data, _read_yaml(layer_path(_fill(layer, own))))
+    for section, key in _REPLACED_WHOLE:
+        if key in user.get(section, {}) and key in data.get(section, {}):
+            data[section] = {k: v for k, v in data[section].items() if k != key}
+    return validate_config(_deep_merge(data, user))
 
 
 def validate_config(data: dict[str, Any]) -> Config:
@@ -431,47 +641,21 @@ def validate_config(data: dict[str, Any]) -> Config:
 
 _HEADER = """\
 # The defaults of every hipt-ray setting, with what each one means. Generated from
-# hipt_ray/config.py (python -m hipt_ray.config > configs/base.yaml): change a default there, not
-# here; this file is for reading and is not loaded. Layering: these defaults < configs/<command>.yaml
-# < --config files < key=value overrides on the command line. Unknown keys are errors.
+# hipt_ray/config.py (python -m hipt_ray.config > hipt_ray/configs/base.yaml): change a default
+# there, not here; this file is for reading and is not loaded. Layering: these defaults < the
+# command's shipped layer (tile.yaml, embed.yaml, pretrain/<stage>.yaml, heads/<task>.yaml) <
+# --config files < key=value overrides on the command line. Unknown keys are errors.
 """
 
 
-def _field_comments(section: type[BaseModel]) -> dict[str, tuple[list[str], str]]:
-    """field → (comment lines just above it, comment at the end of its line) in this module."""
-    import inspect
-    import io
-    import re
-    import textwrap
-    import tokenize
-
-    found: dict[str, tuple[list[str], str]] = {}
-    above: list[str] = []
-    for line in textwrap.dedent(inspect.getsource(section)).splitlines()[1:]:
-        text = line.strip()
-        if text.startswith("#"):
-            above.append(text[1:].strip())
-            continue
-        name = re.match(r"(\w+)\s*:", text)
-        if name and name.group(1) in section.model_fields:
-            tokens = tokenize.generate_tokens(io.StringIO(text + "\n").readline)
-            trailing = next((t.string[1:].strip() for t in tokens if t.type == tokenize.COMMENT), "")
-            found[name.group(1)] = (above, trailing)
-        above = []
-    return found
-
-
-def _yaml_words(comment: str) -> str:
-    """A comment written beside Python code, as read beside YAML (None is null there)."""
-    import re
-
-    return re.sub(r"\bNone\b", "null", comment)
-
-
 def defaults_yaml() -> str:
-    """``configs/base.yaml``: every section's defaults with the comments written beside them."""
+    """``configs/base.yaml``: every section's defaults, each with its field's description (a
+    short one beside the value, a longer one wrapped above it)."""
+    import textwrap
+
     def scalar(value: Any) -> str:
-        return yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10_000).split("\n...")[0].strip()
+        text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10_000)
+        return text.split("\n...")[0].strip()
 
     defaults = Config().model_dump(mode="json")
     out = [_HEADER.rstrip("\n")]
@@ -480,12 +664,17 @@ def defaults_yaml() -> str:
         if not (isinstance(section, type) and issubclass(section, _Section)):
             continue
         out.append(f"{name}:")
-        comments = _field_comments(section)
         for key, value in defaults[name].items():
-            above, trailing = comments.get(key, ([], ""))
-            out += [f"  # {_yaml_words(c)}" for c in above]
             line = f"  {key}: {scalar(value)}"
-            out.append(f"{line:<32} # {_yaml_words(trailing)}" if trailing else line)
+            # None is null in YAML: the description is read beside YAML values
+            about = re.sub(r"\bNone\b", "null", section.model_fields[key].description or "")
+            if not about:
+                out.append(line)
+            elif len(f"{line:<32} # {about}") <= 110:
+                out.append(f"{line:<32} # {about}")
+            else:
+                out += [f"  # {text}" for text in textwrap.wrap(about, 96)]
+                out.append(line)
     return "\n".join(out) + "\n"
 
 

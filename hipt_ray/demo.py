@@ -54,30 +54,30 @@ def main(argv: list[str] | None = None) -> int:
                           "--size-um", "2100", "4200"]):
             return code
     code = _step(["tile", "--slides", str(data / "slides"), "--out", str(tables),
-                  "--config", "configs/demo.yaml"])
+                  "--config", "demo"])
     if code not in (0, 3):
         return code
     code = _step(["embed", "--slides", str(data / "slides"), "--out", str(tables),
-                  "--config", "configs/demo.yaml"])
+                  "--config", "demo"])
     if code not in (0, 3):
         return code
     # Pretraining: stage 1 on the slides' patches, embed with the stage-1 ViT-256 into a separate
     # output, stage 2 on the token grids of that output.
     ssl = out / "ssl"
     if code := _step(["pretrain", "--stage", "vit256", "--slides", str(data / "slides"), "--out", str(ssl),
-                      "--run-name", "demo-vit256", "--config", "configs/demo.yaml"]):
+                      "--run-name", "demo-vit256", "--config", "demo"]):
         return code
     stage1 = ssl / "pretrain" / "demo-vit256" / "teacher_vit256.pth"
     if (code := _step(["embed", "--slides", str(data / "slides"), "--out", str(ssl), "--checkpoint-256",
-                       str(stage1), "--config", "configs/demo.yaml"])) not in (0, 3):
+                       str(stage1), "--config", "demo"])) not in (0, 3):
         return code
     if code := _step(["pretrain", "--stage", "vit4k", "--out", str(ssl), "--run-name", "demo-vit4k",
-                      "--config", "configs/demo.yaml"]):
+                      "--config", "demo"]):
         return code
     # Slide-level heads: small sweeps for subtyping and survival on the first embeddings.
     for task in ("subtyping", "survival"):
         if code := _step(["sweep", "--out", str(tables), "--labels", str(data / "labels.csv"), "--task", task,
-                          "--config", "configs/demo.yaml", f"sweep.name=demo-{task}"]):
+                          "--config", "demo", f"sweep.name=demo-{task}"]):
             return code
     # Look at it: a region's attention, the best subtyping head's attention over each slide, and
     # the regions most like one region across every slide.
@@ -92,14 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     figures = out / "figures"
     steps = [
         ["heatmap", "--slide", uri, "--region", f"{best['x']},{best['y']}", "--out", str(figures / "region"),
-         "--config", "configs/demo.yaml"],
+         "--config", "demo"],
         # An attention head (the sweep's best may be mean pooling, which has no attention to show).
         ["train-head", "--out", str(tables), "--labels", str(data / "labels.csv"), "--run-name", "demo-abmil",
-         "--config", "configs/demo.yaml", "heads.head=abmil"],
+         "--config", "demo", "heads.head=abmil"],
         ["heatmap", "--head-run", str(tables / "heads" / "demo-abmil"), "--out", str(figures / "slides"),
-         "--config", "configs/demo.yaml"],
+         "--config", "demo"],
         ["search", "--out", str(tables), "--slide", best["slide_id"], "--region", f"{best['x']},{best['y']}",
-         "--labels", str(data / "labels.csv"), "--dest", str(figures / "search"), "--config", "configs/demo.yaml",
+         "--labels", str(data / "labels.csv"), "--dest", str(figures / "search"), "--config", "demo",
          "search.k=8"],  # 8 rows in the console, not 16; the CSV and mosaic show the same 8
     ]
     for argv in steps:

@@ -7,6 +7,7 @@ rename), and keyed by URI, size and ETag/mtime so that a changed object is fetch
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -52,6 +53,23 @@ def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.Abstra
     protocol = uri.split("://", 1)[0]
     fs = fsspec.filesystem(protocol, **storage_options(uri, endpoint_url))
     return fs, fs._strip_protocol(uri)
+
+
+def local_output_dir(out: str | None, *parts: str) -> str:
+    """The one rule for where a command writes plain local files (head runs, search results, the
+    MLflow store): under ``out`` when it is a local folder, else under the current directory (an
+    ``s3://`` output holds the tables only). Created if missing.
+
+    Raises:
+        OutputStoreError: the folder cannot be made (read-only, full): one line naming it.
+    """
+    base = local_path(out) if out and not is_remote(out) else os.getcwd()
+    path = os.path.join(base, *parts)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise output_error(path, exc) from None
+    return path
 
 
 def join(base: str, *parts: str) -> str:
@@ -100,17 +118,50 @@ def _gist(text: str) -> str:
     code, msg = re.search(r"<Code>(.*?)</Code>", text), re.search(r"<Message>(.*?)</Message>", text)
     if code:
         return f"{code.group(1)}: {msg.group(1)}" if msg else code.group(1)
+    # Lance's wording: "LanceError(IO): <what>, /path/to/src/file.rs:12:34" → "<what>"
+    text = re.sub(r"LanceError\(\w+\):\s*", "", text)
+    text = re.sub(r",?\s*/\S+\.rs:\d+:\d+", "", text)
     line = text.strip().splitlines()[0] if text.strip() else text
     return line if len(line) <= 200 else line[:200] + " …"
 
 
-def output_error(uri: str, exc: BaseException, *, at_start: bool = False) -> OutputStoreError:
-    """One line naming ``uri``, the cause and the fix for a failed output-store request.
-    ``at_start``: the first contact with the store, where an unreachable endpoint is a setting."""
+# A local disk's refusals, by errno and as Lance words them ("… (os error 28)").
+_READ_ONLY = (errno.EROFS, ("read-only file system", "(os error 30)"))
+_FULL = (errno.ENOSPC, ("no space left on device", "(os error 28)"))
+_QUOTA = (errno.EDQUOT, ("disk quota exceeded", "(os error 122)"))
+
+
+def _is(exc: BaseException, kind: tuple[int, tuple[str, ...]]) -> bool:
+    code, words = kind
+    low = str(exc).lower()
+    return getattr(exc, "errno", None) == code or any(w in low for w in words)
+
+
+def disk_write_error(out: str, exc: BaseException) -> OutputStoreError | None:
+    """One line for an output a local disk refuses to write (read-only, full, over quota),
+    found anywhere in ``exc``'s chain (a Ray task's error, Lance's ``LanceError(IO)``); else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if any(_is(seen, kind) for kind in (_READ_ONLY, _FULL, _QUOTA)):
+            return output_error(out, seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _cause(uri: str, exc: BaseException, *, at_start: bool = False) -> tuple[str, str, bool]:
+    """(cause in words, the fix, whether only the person can fix it) of a failed request."""
     text = f"{type(exc).__name__}: {exc}"
     low = text.lower()
-    if "nocredentialserror" in low or "unable to locate credentials" in low:
+    where = f" (writing {exc.filename})" if getattr(exc, "filename", None) else ""
+    if _is(exc, _READ_ONLY):
+        cause, fix, config = f"the file system is read-only{where}", "choose a writable --out", False
+    elif _is(exc, _FULL) or _is(exc, _QUOTA):
+        full = "no space left on the device" if _is(exc, _FULL) else "the disk quota is exceeded"
+        cause, fix, config = f"{full}{where}", "free some space (or choose another --out)", False
+    elif "nocredentialserror" in low or "unable to locate credentials" in low:
         cause, fix, config = "no AWS credentials were found", "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)", True
+    elif isinstance(exc, PermissionError) and not is_remote(uri):
+        cause, fix, config = f"permission denied{where}", "choose a folder you can write as --out", True
     elif isinstance(exc, PermissionError) or any(s in low for s in (
             "accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden", " 403")):
         cause, fix, config = (f"access denied ({_gist(str(exc))})",
@@ -124,20 +175,43 @@ def output_error(uri: str, exc: BaseException, *, at_start: bool = False) -> Out
                               "check AWS_ENDPOINT_URL / storage.s3_endpoint_url and the network", at_start)
     else:
         cause, fix, config = _gist(str(exc)) or type(exc).__name__, "", False
+    return cause, fix, config
+
+
+def output_error(uri: str, exc: BaseException, *, at_start: bool = False) -> OutputStoreError:
+    """One line naming ``uri``, the cause and the fix for a failed output-store request.
+    ``at_start``: the first contact with the store, where an unreachable endpoint is a setting."""
+    cause, fix, config = _cause(uri, exc, at_start=at_start)
     if not config:
         fix = (fix + "; " if fix else "") + "nothing committed is lost: rerun to resume"
     return OutputStoreError(f"output {uri}: {cause}; {fix}", config=config)
 
 
+def _check_local_output(path: str) -> None:
+    """Make the output folder and write a probe file in it, so that a read-only or full disk is
+    one line before anything starts (not a traceback from the first table write)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".hipt-ray-probe-")
+        try:
+            os.write(fd, b"probe")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise output_error(path, exc, at_start=True) from None
+
+
 def check_output(out: str, endpoint_url: str | None = None) -> None:
-    """Refuse an output in a bucket that does not exist (never create one: a misspelt bucket
-    name must not silently become a new bucket), one the credentials cannot reach, or an
-    endpoint that does not answer.
+    """Refuse a local output that cannot be written (read-only, full, not ours); an output in a
+    bucket that does not exist (never create one: a misspelt bucket name must not silently become
+    a new bucket), one the credentials cannot reach, or an endpoint that does not answer.
 
     Raises:
-        OutputStoreError: one line naming the bucket, the cause and what to do.
+        OutputStoreError: one line naming the folder or bucket, the cause and what to do.
     """
     if not is_remote(out):
+        _check_local_output(local_path(out))
         return
     fs, path = filesystem(out, endpoint_url)
     bucket = path.split("/", 1)[0]
@@ -173,16 +247,60 @@ def is_transient(exc: BaseException) -> bool:
     return not any(s in low for s in permanent)
 
 
-def with_retries(fn, *, what: str, retries: int = 3, base_delay: float = 0.5):
-    """``fn()``, retried with exponential backoff (0.5, 1, 2 … s, at most 8 s) on transient errors."""
+# The retry budget of one object-store request: storage.retries and storage.retry_seconds. The
+# CLI sets it for its process through these variables, which the Ray workers it starts inherit
+# (on a cluster started elsewhere, set them in its environment, or the defaults apply).
+RETRIES_ENV, RETRY_SECONDS_ENV = "HIPT_RAY_STORAGE_RETRIES", "HIPT_RAY_STORAGE_RETRY_SECONDS"
+DEFAULT_RETRIES, DEFAULT_RETRY_SECONDS = 3, 60.0
+
+
+def set_retry_budget(retries: int, seconds: float) -> None:
+    """Use ``retries`` and at most about ``seconds`` per object-store request, here and in the
+    Ray workers started after this call."""
+    os.environ[RETRIES_ENV], os.environ[RETRY_SECONDS_ENV] = str(int(retries)), repr(float(seconds))
+
+
+def retry_budget() -> tuple[int, float]:
+    """(retries, seconds) of one object-store request in this process."""
+    return (int(os.environ.get(RETRIES_ENV, DEFAULT_RETRIES)),
+            float(os.environ.get(RETRY_SECONDS_ENV, DEFAULT_RETRY_SECONDS)))
+
+
+def lance_retry_options() -> dict[str, str]:
+    """Lance's own client retries and request timeout within one try's share of the budget.
+    pylance 14's defaults (3 retries for up to 180 s, a 30 s request timeout) under each of ours
+    let a store that accepts connections and never answers hold a run for over 5 minutes; with
+    these, one table open against it gives up after about 90 s (measured; an open makes several
+    requests in turn), and a refused connection after about 20 s."""
+    retries, seconds = retry_budget()
+    share = max(1, int(seconds / (retries + 1)))
+    return {"client_max_retries": "3", "client_retry_timeout": str(share), "timeout": f"{share}s",
+            "connect_timeout": f"{min(5, share)}s"}
+
+
+def retry_warning(what: str, exc: BaseException, attempt: int, retries: int, delay: float) -> str:
+    """One line for a retried request: what, the cause in words, which retry and when."""
+    cause = _cause(what, exc)[0]
+    return f"{what}: {cause}; retry {attempt + 1} of {retries} in {delay:.1f} s"
+
+
+def with_retries(fn, *, what: str, retries: int | None = None, seconds: float | None = None,
+                 base_delay: float = 0.5):
+    """``fn()``, retried on transient errors with exponential backoff (0.5, 1, 2 … s, at most
+    8 s), at most ``retries`` times and not past ``seconds`` after the first try (both default to
+    :func:`retry_budget`); each retry is one warning line."""
+    budget_retries, budget_seconds = retry_budget()
+    retries = budget_retries if retries is None else retries
+    deadline = time.monotonic() + (budget_seconds if seconds is None else seconds)
     for attempt in range(retries + 1):
         try:
             return fn()
         except Exception as exc:
-            if attempt == retries or not is_transient(exc):
+            delay = min(base_delay * 2.0**attempt, 8.0)
+            if attempt == retries or not is_transient(exc) or time.monotonic() + delay > deadline:
                 raise
-            log.warning("retrying %s after %s: %s", what, type(exc).__name__, exc)
-            time.sleep(min(base_delay * 2.0**attempt, 8.0))
+            log.warning("%s", retry_warning(what, exc, attempt, retries, delay))
+            time.sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -291,8 +409,9 @@ class StagingCache:
             except Exception as exc:  # transient network errors are retried
                 if attempt == self.retries:
                     raise
-                log.warning("retrying %s after %s", uri, exc)
-                time.sleep(min(2.0**attempt * 0.5, 8.0))
+                delay = min(2.0**attempt * 0.5, 8.0)
+                log.warning("%s", retry_warning(uri, exc, attempt, self.retries, delay))
+                time.sleep(delay)
             finally:
                 Path(tmp).unlink(missing_ok=True)
         raise AssertionError("unreachable")

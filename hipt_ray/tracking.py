@@ -8,14 +8,13 @@ import math
 import os
 
 from hipt_ray.config import Config
-from hipt_ray.storage import is_remote, local_path
+from hipt_ray.storage import local_output_dir
 
 
 def tracking_uri(cfg: Config) -> str:
     if cfg.tracking.mlflow_uri:
         return cfg.tracking.mlflow_uri
-    base = local_path(cfg.out) if cfg.out and not is_remote(cfg.out) else os.getcwd()
-    os.makedirs(base, exist_ok=True)
+    base = local_output_dir(cfg.out)
     return f"sqlite:///{os.path.abspath(os.path.join(base, 'mlflow.db'))}"
 
 

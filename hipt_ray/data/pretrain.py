@@ -8,7 +8,7 @@ import lance_ray
 import numpy as np
 import ray
 
-from hipt_ray.config import Config
+from hipt_ray.config import Config, InputError
 from hipt_ray.data.regions import read_region, reader_kwargs
 from hipt_ray.slides.manifest import SlideSpec
 from hipt_ray.slides.tissue import DARKNESS_RANGE, darkness, is_grayscale, saturation
@@ -44,7 +44,7 @@ def build_patch_dataset(cfg: Config, specs: list[SlideSpec]) -> tuple[ray.data.D
     regions = store.region_reads(cfg.tiling_spec_hash(), refs, ["region_index", "x", "y", "read_w", "read_h",
                                                                  "mpp", "tissue_fraction"]).to_pylist()
     if not regions:
-        raise ValueError(f"no tiled regions with tissue for {cfg.slides} under {cfg.out}")
+        raise InputError(f"no tiled regions with tissue for {cfg.slides} under {cfg.out}")
     estimate = 0
     for r in regions:
         n = (r["read_w"] // cfg.tiling.patch_px) * (r["read_h"] // cfg.tiling.patch_px)
@@ -73,13 +73,13 @@ def build_grid_dataset(cfg: Config) -> tuple[ray.data.Dataset, int, str]:
     # Only completed slides' regions, and only full regions (the 14×14 global crops need 16×16).
     done = sorted(store.completed(cfg.tiling_spec_hash(), model_id))
     if not done:
-        raise ValueError(f"{src} has no slides embedded by model {model_id} with this tiling")
+        raise InputError(f"{src} has no slides embedded by model {model_id} with this tiling")
     quoted = ", ".join(sql_string(s) for s in done)
     where = (f"model_id = {sql_string(model_id)} AND read_w = {full} AND read_h = {full} "
              f"AND slide_id IN ({quoted})")
     n = store.dataset(REGIONS).count_rows(filter=where)
     if n == 0:
-        raise ValueError(f"{src} has no full {full}² regions embedded by {model_id}")
+        raise InputError(f"{src} has no full {full}² regions embedded by {model_id}")
     ds = lance_ray.read_lance(store.uri(REGIONS), columns=["tokens256", "read_w", "read_h"],
                               filter=where, storage_options=store.options)
     ds = ds.map(_grid_row, fn_kwargs={"patch_px": cfg.tiling.patch_px})

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hipt_ray.config import Config, validate_config
+from hipt_ray.config import Config, InputError, validate_config
 from hipt_ray.models.hipt4k import default_micro_batch
 from hipt_ray.models.inference import inference_device
 from hipt_ray.models.loading import build_model
@@ -44,7 +44,7 @@ def region_heatmaps(cfg: Config, slide_uri: str, xy: tuple[int, int], out_dir: s
         w0, h0 = slide.dimensions
         x, y = xy
         if not (0 <= x < w0 and 0 <= y < h0):
-            raise ValueError(f"{slide_uri}: region {x},{y} lies outside the slide ({w0}×{h0} level-0 pixels)")
+            raise InputError(f"{slide_uri}: region {x},{y} lies outside the slide ({w0}×{h0} level-0 pixels)")
         origin = (int(round(x - margin * scale)), int(round(y - margin * scale)))
         canvas, _ = slide.read_region(origin, (size + margin, size + margin), cfg.tiling.mpp)
         # region pixels holding slide content; the rest is white padding beyond the slide edge
@@ -98,7 +98,7 @@ def load_heads(head_run: str, cfg: Config) -> dict:
         if os.path.isfile(c):
             return load_folds(c, allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
     if os.path.exists(head_run):
-        raise ValueError(f"{head_run} holds no heads.pt: pass a train-head/sweep run directory "
+        raise InputError(f"{head_run} holds no heads.pt: pass a train-head/sweep run directory "
                          "(e.g. OUT/heads/<name>) or an MLflow run id")
     import mlflow
 
@@ -108,7 +108,7 @@ def load_heads(head_run: str, cfg: Config) -> dict:
     try:
         local = mlflow.artifacts.download_artifacts(run_id=head_run, artifact_path="heads.pt")
     except Exception as exc:
-        raise ValueError(f"{head_run} is neither a run directory nor an MLflow run with a heads.pt artifact "
+        raise InputError(f"{head_run} is neither a run directory nor an MLflow run with a heads.pt artifact "
                          f"in {tracking_uri(cfg)} ({type(exc).__name__}); for a run id pass the store it is in, "
                          "e.g. tracking.mlflow_uri=sqlite:///OUT/mlflow.db") from None
     return load_folds(local, name=f"heads.pt of MLflow run {head_run}",
@@ -180,5 +180,5 @@ def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[
                                        title=title, top_box=box)
             written.append(dest)
     if wanted is not None and not written:
-        raise ValueError(f"none of {sorted(wanted)} is in the head run's cohort")
+        raise InputError(f"none of {sorted(wanted)} is in the head run's cohort")
     return written

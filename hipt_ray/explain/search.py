@@ -11,7 +11,7 @@ import pandas as pd
 from hipt_ray.config import Config
 from hipt_ray.heads.labels import read_labels
 from hipt_ray.slides.reader import make_cache, open_slide
-from hipt_ray.storage import is_remote, local_path
+from hipt_ray.storage import local_output_dir
 from hipt_ray.store import Store
 from hipt_ray.store.tables import resolve_embedding
 from hipt_ray.store.vectors import find_region, refresh_index, search
@@ -55,7 +55,7 @@ def search_similar(cfg: Config, slide: str, xy: tuple[int, int], *, k: int | Non
                            **({"label": label_of.get(r["slide_id"], "")} if label_of else {})}
                           for i, r in enumerate(hits)])
     if dest is None:
-        dest = os.path.join(local_path(cfg.out) if not is_remote(cfg.out) else os.getcwd(), "search")
+        dest = local_output_dir(cfg.out, "search")
     os.makedirs(dest, exist_ok=True)
     stem = f"{slide_id}_{query['x']}_{query['y']}"
     csv = os.path.join(dest, f"{stem}.csv")

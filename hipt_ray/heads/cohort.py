@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hipt_ray.config import Config
+from hipt_ray.config import Config, ConfigError, InputError
 from hipt_ray.heads.labels import check_cohort, check_labels, read_labels
 from hipt_ray.heads.tasks import task_for
 from hipt_ray.store import REGIONS, Store, read_embeddings
@@ -50,7 +50,7 @@ def read_token_grids(store: Store, spec_hash: str, model_id: str, slide_ids: lis
     for sid, w, h, flat in zip(rows["slide_id"].to_pylist(), rows["read_w"].to_pylist(),
                                rows["read_h"].to_pylist(), rows["tokens256"].to_numpy(zero_copy_only=False)):
         if flat is None:
-            raise ValueError(f"{store.out}: slide {sid} was embedded without tokens256 (embed.store_tokens="
+            raise InputError(f"{store.out}: slide {sid} was embedded without tokens256 (embed.store_tokens="
                              "false); re-embed with embed.store_tokens=true or drop heads.local_vit")
         r, c = h // patch_px, w // patch_px
         grid = torch.from_numpy(tokens_to_grid(np.asarray(flat, dtype=np.float32), r, c))
@@ -62,7 +62,7 @@ def load_cohort(cfg: Config) -> Cohort:
     """Bags per case for ``cfg.heads`` from the embeddings under ``cfg.out``."""
     h = cfg.heads
     if not h.labels:
-        raise ValueError("heads.labels (--labels) is required: a CSV/Parquet with slide_id, case_id and labels")
+        raise ConfigError("heads.labels (--labels) is required: a CSV/Parquet with slide_id, case_id and labels")
     task = task_for(h)
     df, excluded = check_labels(read_labels(h.labels, cfg.storage.s3_endpoint_url), task=task)
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from hipt_ray.config import ConfigError
+
 
 class FeatureTransform(nn.Module):
     """``((x − mean) / scale) @ proj``: standardisation, then PCA (whitened when ``whiten``)."""
@@ -43,7 +45,7 @@ class FeatureTransform(nn.Module):
         if pca:
             k = min(int(pca), d, rows.shape[0] - 1)
             if k < 1:
-                raise ValueError(f"heads.pca={pca}: the training part has {rows.shape[0]} regions, too few for PCA")
+                raise ConfigError(f"heads.pca={pca}: the training part has {rows.shape[0]} regions, too few for PCA")
             z = (rows - mean) / scale
             _, s, vt = torch.linalg.svd(z, full_matrices=False)
             proj = vt[:k].T  # [D, k]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hipt_ray.config import HeadsConfig
+from hipt_ray.config import ConfigError, HeadsConfig
 from hipt_ray.heads.cohort import Cohort
 from hipt_ray.heads.models import create_head, forward_bags
 from hipt_ray.heads.splits import case_folds
@@ -73,7 +73,7 @@ def fit_transform(h: HeadsConfig, cohort: Cohort, cases: np.ndarray, head: torch
         rows = torch.cat([cohort.bags[i] for i in cases])
         return FeatureTransform.fit(rows, standardize=h.standardize, pca=h.pca, whiten=h.whiten)
     if h.pca:
-        raise ValueError("heads.pca reduces emb4k and cannot be combined with heads.local_vit")
+        raise ConfigError("heads.pca reduces emb4k and cannot be combined with heads.local_vit")
     if not h.freeze_local or not h.standardize:
         return None
     head.eval()
@@ -86,7 +86,7 @@ def build_head(h: HeadsConfig, cohort: Cohort, transform: torch.nn.Module | None
     """A fresh head for ``h`` sized for the cohort's embeddings (or its local ViT-4K), running
     ``transform`` (a fitted ``FeatureTransform``) on its inputs first."""
     if h.local_vit and h.head != "hipt_lgp":
-        raise ValueError(f"heads.local_vit runs HIPT's own ViT-4K and needs heads.head=hipt_lgp (got {h.head})")
+        raise ConfigError(f"heads.local_vit runs HIPT's own ViT-4K and needs heads.head=hipt_lgp (got {h.head})")
     if h.local_vit:
         from hipt_ray.models import create_model
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hipt_ray.config import InputError
+
 
 def survival_bins(times: np.ndarray, events: np.ndarray, n_bins: int = 4) -> np.ndarray:
     """Inner bin edges at the quantiles of the *uncensored* times (of the training part)."""
     observed = np.asarray(times)[np.asarray(events).astype(bool)]
     if observed.size == 0:
-        raise ValueError("no uncensored survival times to place the bins")
+        raise InputError("no uncensored survival times to place the bins")
     return np.quantile(observed, np.linspace(0, 1, n_bins + 1)[1:-1])
 
 

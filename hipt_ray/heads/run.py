@@ -15,7 +15,7 @@ from hipt_ray.heads.fit import cross_validate, make_folds, restore_folds, summar
 from hipt_ray.heads.report import report
 from hipt_ray.heads.saved import HEADS_FILE, save_folds
 from hipt_ray.heads.tasks import task_for
-from hipt_ray.storage import is_remote, local_path
+from hipt_ray.storage import local_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,7 @@ def _fmt(v: float | None) -> str:
 
 
 def run_dir_for(cfg: Config, name: str) -> str:
-    base = local_path(cfg.out) if not is_remote(cfg.out) else os.getcwd()
-    path = os.path.join(base, "heads", name)
-    os.makedirs(path, exist_ok=True)
-    return path
+    return local_output_dir(cfg.out, "heads", name)
 
 
 def train_head(cfg: Config, *, run_name: str | None = None, parent_run_id: str | None = None,

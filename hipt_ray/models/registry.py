@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch.nn as nn
 
+from hipt_ray.config import ConfigError
 from hipt_ray.models.hipt4k import HIPT4K
 from hipt_ray.models.vit import ViT4K, ViT256
 
@@ -30,7 +31,7 @@ def list_models() -> list[str]:
 def create_model(name: str, **overrides) -> nn.Module:
     """Build a registered model; ``overrides`` go to its constructor (e.g. ``drop_path_rate``)."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     return _REGISTRY[name](**overrides)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
-from hipt_ray.config import ConfigError, check_name
+from hipt_ray.config import NAME_RULE, InputError, name_problem
 from hipt_ray.slide_ref import SlideRef
 from hipt_ray.storage import filesystem, is_remote
 
@@ -20,7 +20,7 @@ SLIDE_EXTENSIONS = (
 )
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """The slide source cannot be listed or parsed (a usage error: exit code 2)."""
 
 
@@ -36,6 +36,18 @@ class SlideSpec:
         manifest's ``mpp``, else its entry in ``overrides`` (``tiling.mpp_overrides``)."""
         mpp = self.mpp if self.mpp is not None else (overrides or {}).get(self.slide_id)
         return SlideRef(slide_id=self.slide_id, uri=self.uri, mpp_override=mpp)
+
+
+def checked_slide(slide_id: str, uri: str, mpp: float | None = None) -> SlideSpec:
+    """A slide whose id was taken from its file (or object) name: a name that is unsafe as a file
+    name under the output is that slide's failure, with the reason (the run goes on). The one
+    check of ids made from names, for every source (directories, globs, prefixes, manifests
+    without a slide_id)."""
+    problem = name_problem(slide_id)
+    shown = uri if uri.isprintable() else repr(uri)  # one line, even for a name with a newline
+    error = (f"{shown}: the slide id {slide_id[:80]!r} taken from the file name {problem} ({NAME_RULE}); "
+             "rename the file, or list it in a manifest CSV with a slide_id") if problem else ""
+    return SlideSpec(slide_id, uri, mpp, error)
 
 
 def slide_id_from_uri(uri: str) -> str:
@@ -72,19 +84,23 @@ def _read_manifest(source: str, endpoint_url: str | None) -> list[SlideSpec]:
             mpp = float(mpp_text) if mpp_text else None
         except ValueError:
             raise ManifestError(f"manifest {source}, line {i}: mpp {mpp_text!r} is not a number") from None
-        specs.append(SlideSpec((row.get("slide_id") or "").strip() or slide_id_from_uri(uri), uri, mpp))
+        given = (row.get("slide_id") or "").strip()
+        if given and (problem := name_problem(given)) is not None:
+            raise ManifestError(f"manifest {source}, line {i}: slide_id {given[:80]!r} {problem} ({NAME_RULE})")
+        specs.append(SlideSpec(given, uri, mpp) if given else checked_slide(slide_id_from_uri(uri), uri, mpp))
     return specs
 
 
 def list_slides(source: str, *, endpoint_url: str | None = None) -> list[SlideSpec]:
     """Resolve a slide source to slide specs, sorted by slide id.
 
-    Slides that share an id (``a.svs`` and ``a.tiff``, or ``x/a.svs`` and ``y/a.svs``) are
-    listed with ``error`` set, and the tile stage fails each with that reason: the rest of the
-    run goes on.
+    Slides that share an id (``a.svs`` and ``a.tiff``, or ``x/a.svs`` and ``y/a.svs``), and slides
+    whose file name makes an unsafe id (too long, a control character), are listed with
+    ``error`` set, and the tile stage fails each with that reason: the rest of the run goes on.
 
     Raises:
-        ManifestError: nothing matched, the listing failed, or an id is unusable as a file name.
+        ManifestError: nothing matched, the listing failed, or a manifest's slide_id is unusable
+            as a file name.
     """
     if source.lower().endswith(".csv"):
         specs = _read_manifest(source, endpoint_url)
@@ -105,20 +121,16 @@ def list_slides(source: str, *, endpoint_url: str | None = None) -> list[SlideSp
             raise
         except Exception as exc:
             raise ManifestError(f"cannot list slides at {source}: {type(exc).__name__}: {exc}") from None
-        specs = [SlideSpec(slide_id_from_uri(p), _with_protocol(source, p)) for p in sorted(paths)]
+        specs = [checked_slide(slide_id_from_uri(p), _with_protocol(source, p)) for p in sorted(paths)]
     if not specs:
         raise ManifestError(f"no slides found at {source} (extensions: {', '.join(SLIDE_EXTENSIONS)})")
     uris: dict[str, list[str]] = {}
     for spec in specs:
-        try:
-            check_name(spec.slide_id, f"slide_id (of {spec.uri})")
-        except ConfigError as exc:
-            raise ManifestError(str(exc)) from None
         uris.setdefault(spec.slide_id, []).append(spec.uri)
     out = []
     for spec in specs:
         shared = uris[spec.slide_id]
-        if len(shared) > 1:
+        if len(shared) > 1 and not spec.error:
             spec = replace(spec, error=(
                 f"{spec.uri}: slide id {spec.slide_id!r} is shared by {len(shared)} files ({', '.join(shared)}); "
                 "none of them is processed: rename one, or list them in a manifest CSV with distinct "

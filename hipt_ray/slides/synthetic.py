@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,18 +173,34 @@ def corrupt_tiles(path: str | Path, *, fraction: float = 1.0, seed: int = 0) -> 
     return len(chosen)
 
 
-def make_demo_data(out: str | Path, *, n_slides: int = 12, seed: int = 0, n_subtypes: int = 2,
-                   size_um: tuple[float, float] = (3000.0, 6000.0)) -> Path:
-    """Write ``n_slides`` synthetic slides plus ``labels.csv`` (slide_id, case_id, subtype,
-    survival_months, event) with subtype and risk planted in the slide content.
+# Bytes a demo slide's file takes per level-0 pixel (JPEG q85 tiles of glass and tissue, the
+# pyramid included): 0.08–0.13 measured over six default-size demo slides, 0.11 over all six.
+DEMO_BYTES_PER_PIXEL = 0.12
 
-    Survival follows an exponential model whose hazard grows with the planted risk (a hazard
-    ratio of e³ ≈ 20 between risk 0 and 1), censored uniformly between 12 and 120 months.
-    Slide sides are drawn from ``size_um`` (µm; the 40× slides are about a third smaller).
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """What ``make-demo-data`` will write, decided before anything is: each slide's
+    :func:`make_slide` arguments and each slide's row of ``labels.csv``."""
+
+    out: Path
+    slides: list[dict]
+    rows: list[dict]
+
+    def estimated_bytes(self) -> int:
+        """About how much disk the slides take (:data:`DEMO_BYTES_PER_PIXEL` per level-0 pixel)."""
+        pixels = sum(round(s["width_um"] / s["mpp"]) * round(s["height_um"] / s["mpp"]) for s in self.slides)
+        return int(pixels * DEMO_BYTES_PER_PIXEL)
+
+
+def plan_demo_data(out: str | Path, *, n_slides: int = 12, seed: int = 0, n_subtypes: int = 2,
+                   size_um: tuple[float, float] = (3000.0, 6000.0)) -> DemoPlan:
+    """The slides and labels of a demo cohort (see :func:`make_demo_data`), nothing written yet.
+
+    The class is in ``label`` (``subtype-<k>``), the column ``train-head`` reads by default; the
+    planted texture index stays in ``subtype``.
     """
     out = Path(out)
-    slide_dir = out / "slides"
-    slide_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows, slides = [], []
     case = 0
@@ -203,22 +220,44 @@ def make_demo_data(out: str | Path, *, n_slides: int = 12, seed: int = 0, n_subt
             lo, hi = sorted((lo * 0.73, hi * 0.6))
         width_um, height_um = rng.uniform(lo, hi, 2)
         ext = ".svs" if aperio else ".tiff"
-        slides.append(dict(path=slide_dir / f"{slide_id}{ext}", width_um=width_um, height_um=height_um, mpp=mpp,
-                           seed=seed * 1000 + i, subtype=subtype, risk=risk,
+        slides.append(dict(path=out / "slides" / f"{slide_id}{ext}", width_um=width_um, height_um=height_um,
+                           mpp=mpp, seed=seed * 1000 + i, subtype=subtype, risk=risk,
                            n_blobs=int(rng.integers(1, 4)), aperio=aperio,
                            objective=10.0 / mpp if aperio else None))
         rows.append({
-            "slide_id": slide_id, "case_id": f"case-{case:03d}", "subtype": subtype,
+            "slide_id": slide_id, "case_id": f"case-{case:03d}", "label": f"subtype-{subtype}", "subtype": subtype,
             "survival_months": round(min(t_event, t_censor), 2), "event": int(t_event <= t_censor),
             "risk": round(risk, 4),
         })
+    return DemoPlan(out=out, slides=slides, rows=rows)
+
+
+def write_demo_data(plan: DemoPlan, *, on_slide: Callable[[], None] | None = None) -> Path:
+    """Write ``plan``'s slides (calling ``on_slide`` after each, in this thread) and then
+    ``labels.csv``; returns the output folder."""
+    (plan.out / "slides").mkdir(parents=True, exist_ok=True)
     # Each slide has its own seed: rendered side by side (numpy, PIL and the JPEG encoder release
     # the GIL for most of the work), the files are the same as one after the other.
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # not on macOS
     with ThreadPoolExecutor(max_workers=min(4, cpus)) as pool:  # ≈ 1 GB a slide in flight
-        list(pool.map(lambda kw: make_slide(**kw), slides))
-    with open(out / "labels.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        for _ in pool.map(lambda kw: make_slide(**kw), plan.slides):
+            if on_slide is not None:
+                on_slide()
+    with open(plan.out / "labels.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(plan.rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
-    return out
+        writer.writerows(plan.rows)
+    return plan.out
+
+
+def make_demo_data(out: str | Path, *, n_slides: int = 12, seed: int = 0, n_subtypes: int = 2,
+                   size_um: tuple[float, float] = (3000.0, 6000.0)) -> Path:
+    """Write ``n_slides`` synthetic slides plus ``labels.csv`` (slide_id, case_id, label, subtype,
+    survival_months, event, risk) with subtype and risk planted in the slide content.
+
+    Survival follows an exponential model whose hazard grows with the planted risk (a hazard
+    ratio of e³ ≈ 20 between risk 0 and 1), censored uniformly between 12 and 120 months.
+    Slide sides are drawn from ``size_um`` (µm; the 40× slides are about a third smaller).
+    """
+    return write_demo_data(plan_demo_data(out, n_slides=n_slides, seed=seed, n_subtypes=n_subtypes,
+                                          size_um=size_um))

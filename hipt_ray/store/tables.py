@@ -23,8 +23,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hipt_ray.config import InputError
 from hipt_ray.slide_ref import SlideRef, slide_version
-from hipt_ray.storage import OutputStoreError, is_remote, join, output_error, with_retries
+from hipt_ray.storage import OutputStoreError, is_remote, join, lance_retry_options, output_error, with_retries
 from hipt_ray.store.lease import check_lease
 
 SLIDES = "slides.lance"
@@ -125,13 +126,15 @@ def embedding_fields(dim4k: int, dim256: int) -> list[pa.Field]:
 
 
 def lance_storage_options(out: str, endpoint_url: str | None = None) -> dict[str, str] | None:
-    """Lance's object-store options; without an explicit endpoint it reads the AWS variables."""
+    """Lance's object-store options (its retries within storage.retry_seconds); without an
+    explicit endpoint it reads the AWS variables."""
     if not is_remote(out):
         return None
+    opts = lance_retry_options()
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if not endpoint:
-        return None
-    opts = {"aws_endpoint": endpoint}
+        return opts
+    opts["aws_endpoint"] = endpoint
     if endpoint.startswith("http://"):
         opts["allow_http"] = "true"
     return opts
@@ -431,7 +434,7 @@ def resolve_embedding(store: Store, model_id: str | None = None,
         if value is None:
             values = sorted(set(ok[name].to_pylist()))
             if len(values) != 1:
-                raise ValueError(f"{store.out} holds embeddings for {name} in {values or 'none'}; pass {name}=…")
+                raise InputError(f"{store.out} holds embeddings for {name} in {values or 'none'}; pass {name}=…")
             value = values[0]
         found[name] = value
     return found["model_id"], found["spec_hash"]

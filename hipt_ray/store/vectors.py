@@ -16,6 +16,7 @@ import os
 import numpy as np
 import pyarrow as pa
 
+from hipt_ray.config import ConfigError, InputError
 from hipt_ray.store.tables import REGIONS, Store, current_regions, row_version, sql_string
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")  # index stats 
 def _sub_vectors(dim: int, wanted: int | None) -> int:
     if wanted:
         if dim % wanted:
-            raise ValueError(f"search.num_sub_vectors={wanted} must divide the embedding size {dim}")
+            raise ConfigError(f"search.num_sub_vectors={wanted} must divide the embedding size {dim}")
         return wanted
     for per_code in (8, 4, 2, 1):  # about 8 dimensions per PQ code
         if dim % per_code == 0:
@@ -82,14 +83,14 @@ def find_region(store: Store, slide_id: str, xy: tuple[int, int], *, model_id: s
     rows = store.regions(spec_hash, [slide_id], model_id=model_id,
                          columns=["slide_id", "region_index", "x", "y", "level0_w", "level0_h", COLUMN])
     if rows.num_rows == 0:
-        raise ValueError(f"slide {slide_id!r} has no embedded regions in {store.out} (model {model_id}); "
+        raise InputError(f"slide {slide_id!r} has no embedded regions in {store.out} (model {model_id}); "
                          "check the slide id (see slides.lance) or embed it first")
     x, y = xy
     for r in rows.to_pylist():
         if r["x"] <= x < r["x"] + r["level0_w"] and r["y"] <= y < r["y"] + r["level0_h"]:
             return r
     corners = ", ".join(f"{r['x']},{r['y']}" for r in rows.to_pylist()[:12])
-    raise ValueError(f"no region of {slide_id} contains {x},{y}; its regions start at {corners}"
+    raise InputError(f"no region of {slide_id} contains {x},{y}; its regions start at {corners}"
                      + (" …" if rows.num_rows > 12 else ""))
 
 

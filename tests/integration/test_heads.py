@@ -120,7 +120,7 @@ def test_malformed_labels_are_one_line_exit_2_and_duplicates_are_counted(cohort,
 @pytest.mark.timeout(600)
 def test_two_trial_sweep_logs_every_trial_to_mlflow(ray_local, cohort, capsys):
     code = main(["sweep", "--out", str(cohort), "--labels", str(cohort / "labels.csv"),
-                 "--config", str(Path(__file__).resolve().parents[2] / "configs" / "heads" / "subtyping.yaml"),
+                 "--config", str(Path(__file__).resolve().parents[2] / "hipt_ray" / "configs" / "heads" / "subtyping.yaml"),
                  "sweep.num_samples=2", "sweep.name=s2",
                  "heads.epochs=4", "heads.folds=3", "sweep.grace_period=2", "sweep.cpus_per_trial=0.5",
                  "sweep.space={lr: {loguniform: [1.0e-3, 3.0e-3]}, head: {choice: [abmil, mean_mlp]}}"])

@@ -14,7 +14,7 @@ import yaml
 
 from hipt_ray.store import Store, read_embeddings
 
-from ..conftest import ROOT, TINY_CONFIG, VENV_BIN, copy_slides, free_port, ray_head, stop_process_group
+from ..conftest import ROOT, VENV_BIN, copy_slides, free_port, ray_head, stop_process_group
 
 
 def test_cluster_yaml_passes_ray_validation():
@@ -90,7 +90,7 @@ def _submit_tile_and_embed(src: Path, out: Path, tmp_path: Path, env: dict, dash
         job = subprocess.run(
             [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
              "--", "python", "jobs/embed.py", "--slides", str(src), "--out", str(out),
-             "--config", str(TINY_CONFIG.relative_to(ROOT)), "embed.read_resources={decode: 1}",
+             "--config", "tiny", "embed.read_resources={decode: 1}",
              "embed.actor_resources={model: 1}", f"storage.cache_dir={tmp_path / 'cache'}"],
             env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
         )

@@ -21,7 +21,7 @@ def test_base_yaml_is_generated_from_the_code_defaults():
 
     assert load_config() == Config()
     assert (CONFIG_DIR / "base.yaml").read_text() == defaults_yaml(), \
-        "configs/base.yaml is stale: run .venv/bin/python -m hipt_ray.config > configs/base.yaml"
+        "hipt_ray/configs/base.yaml is stale: run .venv/bin/python -m hipt_ray.config > hipt_ray/configs/base.yaml"
     assert Config.model_validate(yaml.safe_load((CONFIG_DIR / "base.yaml").read_text())) == Config()
     assert "# Any S3-compatible endpoint (MinIO, Ceph, moto). null: the standard AWS" in defaults_yaml()
 
@@ -111,3 +111,89 @@ def test_commands_that_run_without_ray_take_no_address(capsys):
                                                                           "--region", "1,1"]):
         assert main([*command, "--address", "127.0.0.1:6379"]) == 2
         assert "unrecognized arguments: --address" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- shipped layers, per command
+
+
+def test_a_named_layer_that_is_missing_is_an_error_listing_the_shipped_ones():
+    from hipt_ray.config import layer_path, shipped_layers
+
+    assert {"tile", "embed", "tiny", "demo", "heads/survival", "heads/subtyping", "pretrain/vit4k"} <= set(
+        shipped_layers())
+    assert "base" not in shipped_layers()  # the generated list of defaults is for reading, not a layer
+    assert layer_path("heads/survival.yaml") == layer_path("heads/survival")
+    with pytest.raises(ConfigError, match=r"no shipped config layer 'heads/survivl'.*heads/survival"):
+        load_config("heads/survivl")
+    with pytest.raises(ConfigError, match=r"no shipped config layer 'heads/cox'"):  # filled from the settings
+        load_config("heads/{heads.survival_loss}", overrides=["heads.survival_loss=cox"])
+
+
+def test_config_flag_takes_a_file_or_a_shipped_layer_by_name(tmp_path, capsys):
+    assert load_config(files=["tiny"]).model.name == "hipt4k_tiny"
+    assert load_config(files=["demo.yaml"]) == load_config(files=["configs/demo.yaml"])  # the path before 0.2
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("tiling: {mpp: 0.25}\n")
+    assert load_config(files=[str(mine)]).tiling.mpp == 0.25
+    with pytest.raises(ConfigError, match=r"config file not found: nope\.yaml \(nor is it a shipped layer: .*tiny"):
+        load_config(files=["nope.yaml"])
+    assert main(["search", "--out", str(tmp_path), "--slide", "s", "--region", "1,1", "--config", "nope.yaml"]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+def _config_of(argv: list[str]) -> Config:
+    from hipt_ray.cli import COMMANDS, build_parser
+
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command].config(args)
+
+
+def test_each_command_loads_the_layers_its_declaration_names(tmp_path):
+    common = ["--out", str(tmp_path), "--labels", "l.csv"]
+    survival = _config_of(["train-head", *common, "--task", "survival"])
+    assert (survival.heads.task, survival.heads.survival_loss, survival.heads.epochs) == ("survival", "cox", 100)
+    # the task may come from the person's own settings too, and their settings win over the layer
+    assert _config_of(["train-head", *common, "heads.task=survival", "heads.epochs=7"]).heads.epochs == 7
+    assert _config_of(["train-head", *common, "heads.task=survival"]).heads.survival_loss == "cox"
+    subtyping = _config_of(["sweep", *common])
+    assert subtyping.heads.folds == 10 and "hidden" in subtyping.sweep.space
+    # a sweep.space given by the person replaces the task layer's space (no merging into it)
+    own = _config_of(["sweep", *common, "sweep.space={lr: {uniform: [0.001, 0.01]}}"])
+    assert own.sweep.space == {"lr": {"uniform": [0.001, 0.01]}}
+    assert _config_of(["pretrain", "--stage", "vit4k", "--out", str(tmp_path)]).pretrain.out_dim == 65536
+    assert _config_of(["tile", "--slides", "s", "--out", str(tmp_path)]).tiling.min_tissue_fraction == 0.1
+    tiny = _config_of(["embed", "--slides", "s", "--out", str(tmp_path), "--config", "tiny"])
+    assert tiny.model.name == "hipt4k_tiny"
+    assert _config_of(["embed", "--slides", "s", "--out", str(tmp_path)]).model.name == "hipt4k"
+
+
+def test_base_yaml_reads_the_field_descriptions(monkeypatch):
+    from hipt_ray.config import StorageConfig, defaults_yaml
+
+    field = StorageConfig.model_fields["cache_dir"]
+    monkeypatch.setattr(field, "description", "where the staged slides go (a test's words)")
+    assert "  cache_dir: ~/.cache/hipt-ray/slides # where the staged slides go (a test's words)" in defaults_yaml()
+
+
+def test_only_input_errors_are_one_line_usage_errors(tmp_path, monkeypatch, capsys):
+    """A person's input (InputError) is exit 2 in one line; a ValueError from deep inside a stage
+    is a failure (exit 1) with its traceback, not a usage message that hides where it came from."""
+    import hipt_ray.heads.run as heads_run
+    from hipt_ray.config import InputError
+
+    argv = ["train-head", "--out", str(tmp_path), "--labels", "l.csv"]
+
+    def bug(cfg, run_name=None):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(heads_run, "train_head", bug)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "failed: ValueError: operands could not be broadcast" in err
+
+    def bad_labels(cfg, run_name=None):
+        raise InputError("labels l.csv: no column 'label'")
+
+    monkeypatch.setattr(heads_run, "train_head", bad_labels)
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["hipt-ray train-head: labels l.csv: no column 'label'"]

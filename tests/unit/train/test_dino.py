@@ -17,7 +17,7 @@ from ...conftest import TINY
 
 
 def _setup(stage: str, steps: int):
-    cfg = load_config("pretrain", files=[TINY], values={"out": "unused"},
+    cfg = load_config(files=[TINY], values={"out": "unused"},
                       overrides=[f"pretrain.stage={stage}", "pretrain.epochs=1",
                                  "pretrain.teacher_temp=0.04", "pretrain.momentum_teacher=0.9"])
     torch.manual_seed(0)

@@ -1,0 +1,107 @@
+"""A read-only or full output folder is one line naming the path and the cause, exit code 1.
+
+Root ignores permission bits, so the refusals are injected where the writes happen: the
+``OSError`` a full or read-only disk raises, and Lance's ``LanceError(IO) … (os error 28)``."""
+
+import errno
+
+import pytest
+
+from hipt_ray.cli import main
+from hipt_ray.storage import disk_write_error, output_error
+
+LANCE_FULL = ("LanceError(IO): Generic LocalFileSystem error: Unable to copy data to file: No space left on device "
+              "(os error 28), /rust/lance-io/src/object_writer.rs:201:25")
+
+
+def test_disk_refusals_are_one_line_naming_the_path_the_cause_and_the_fix():
+    ro = output_error("/data/out", OSError(errno.EROFS, "Read-only file system", "/data/out/slides.lance/x"))
+    assert str(ro) == ("output /data/out: the file system is read-only (writing /data/out/slides.lance/x); "
+                       "choose a writable --out; nothing committed is lost: rerun to resume")
+    assert not ro.config
+    full = output_error("/data/out", ValueError(LANCE_FULL))
+    assert str(full) == ("output /data/out: no space left on the device; free some space (or choose another --out); "
+                         "nothing committed is lost: rerun to resume")
+    assert "\n" not in str(full) and "LanceError" not in str(full)
+    # found through a chain (a Ray task's error wrapping the disk's), and only for the disk's refusals
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("task failed") from inner
+    except RuntimeError as outer:
+        assert "no space left" in str(disk_write_error("/o", outer))
+    assert disk_write_error("/o", OSError(errno.ENOENT, "No such file")) is None
+    assert disk_write_error("/o", ValueError("shapes do not match")) is None
+
+
+def test_a_read_only_output_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys):
+    import hipt_ray.runtime
+    import hipt_ray.storage
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "out" / ".hipt-ray-probe-x"))
+
+    def no_ray(**kwargs):
+        raise AssertionError("Ray was started for an output that cannot be written")
+
+    monkeypatch.setattr(hipt_ray.storage.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(hipt_ray.runtime, "start_ray", no_ray)
+    assert main(["tile", "--slides", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert err[0].startswith(f"hipt-ray tile: output {tmp_path / 'out'}: the file system is read-only")
+
+
+@pytest.mark.parametrize("raised, cause", [
+    (ValueError(LANCE_FULL), "no space left on the device"),
+    (OSError(errno.ENOSPC, "No space left on device", "/o/qc/overview.png"), "no space left on the device"),
+    (OSError(errno.EROFS, "Read-only file system", "/o/heads/run/heads.pt"), "the file system is read-only"),
+])
+def test_a_full_or_read_only_disk_met_mid_run_is_one_line_exit_1(raised, cause, tmp_path, monkeypatch, capsys):
+    import hipt_ray.heads.run as heads_run
+
+    def write(cfg, run_name=None):
+        raise raised
+
+    monkeypatch.setattr(heads_run, "train_head", write)
+    assert main(["train-head", "--out", str(tmp_path), "--labels", "l.csv"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0] and "LanceError" not in err[0], err
+    assert err[0].startswith(f"hipt-ray train-head: output {tmp_path}: {cause}") and "rerun to resume" in err[0]
+
+
+def test_a_full_disk_while_writing_demo_data_is_one_line(tmp_path, monkeypatch, capsys):
+    from hipt_ray.slides import synthetic
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(synthetic, "write_slide", full)
+    assert main(["make-demo-data", str(tmp_path / "demo"), "--n-slides", "2", "--size-um", "300", "300"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err  # the estimate, then one line for the full disk
+    assert err.strip().splitlines()[-1].startswith(f"hipt-ray make-demo-data: output {tmp_path / 'demo'}: "
+                                                   "no space left on the device (writing "), err
+
+
+def test_one_rule_for_the_local_folder_of_an_output(tmp_path, monkeypatch):
+    """Head runs, search results and the MLflow store: under a local --out, else in the current
+    directory (an s3:// output holds tables only); made if missing, one line if it cannot be."""
+    from hipt_ray.storage import OutputStoreError, local_output_dir
+    from hipt_ray.tracking import tracking_uri
+    from hipt_ray.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    assert local_output_dir(str(tmp_path / "o"), "heads", "r1") == str(tmp_path / "o" / "heads" / "r1")
+    assert (tmp_path / "o" / "heads" / "r1").is_dir()
+    assert local_output_dir("s3://bucket/o", "search") == str(tmp_path / "search")
+    assert local_output_dir(None) == str(tmp_path)
+    assert tracking_uri(load_config(values={"out": f"file://{tmp_path}/t"})) == f"sqlite:///{tmp_path}/t/mlflow.db"
+
+    def read_only(path, exist_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    monkeypatch.setattr("hipt_ray.storage.os.makedirs", read_only)
+    with pytest.raises(OutputStoreError, match=r"^output .*/o/heads/r2: the file system is read-only"):
+        local_output_dir(str(tmp_path / "o"), "heads", "r2")
