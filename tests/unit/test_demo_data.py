@@ -12,10 +12,10 @@ from hipt_ray.slides.synthetic import plan_demo_data, write_demo_data
 
 def test_demo_labels_fit_train_heads_defaults(tmp_path):
     from hipt_ray.heads.labels import check_labels, read_labels
+    from hipt_ray.heads.tasks import task_for
 
     out = write_demo_data(plan_demo_data(tmp_path, n_slides=5, seed=0, size_um=(300.0, 400.0)))
-    df, excluded = check_labels(read_labels(str(out / "labels.csv")), task="subtyping",
-                                label_column=HeadsConfig().label_column)
+    df, excluded = check_labels(read_labels(str(out / "labels.csv")), task=task_for(HeadsConfig(task="subtyping")))
     assert not excluded and set(df["label"]) <= {"subtype-0", "subtype-1"}
     assert (df["label"] == "subtype-" + df["subtype"].astype(str)).all()  # the class, named
 
