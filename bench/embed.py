@@ -40,8 +40,9 @@ def make_slides(n: int) -> Path:
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     for i in range(n):  # exactly 3 full 4096² regions each (6144 × 2048 µm at 0.5 µm/px)
-        synthetic.make_slide(d / f"b{i:03d}.tiff", width_um=6144, height_um=2048, seed=100 + i,
-                             n_blobs=3, subtype=i % 2)
+        synthetic.make_slide(
+            d / f"b{i:03d}.tiff", width_um=6144, height_um=2048, seed=100 + i, n_blobs=3, subtype=i % 2
+        )
     return d
 
 
@@ -52,8 +53,11 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(200):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
@@ -61,8 +65,13 @@ def start_moto() -> tuple[subprocess.Popen, str]:
         except Exception:
             time.sleep(0.05)
     endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ALLOW_HTTP="true", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ALLOW_HTTP="true",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     return proc, endpoint
 
 
@@ -70,12 +79,13 @@ def efficiency(args: argparse.Namespace) -> None:
     import ray
     import torch
 
-    from hipt_ray.tile.job import run as tile_run
     from hipt_ray.config import load_config
     from hipt_ray.data.regions import read_region, reader_kwargs
     from hipt_ray.embed.embedder import RegionEmbedder
-    from hipt_ray.embed.job import build_model, run as embed_run
+    from hipt_ray.embed.job import build_model
+    from hipt_ray.embed.job import run as embed_run
     from hipt_ray.store import Store
+    from hipt_ray.tile.job import run as tile_run
 
     slides = make_slides(args.slides)
     moto = None
@@ -95,24 +105,28 @@ def efficiency(args: argparse.Namespace) -> None:
     else:
         files = []
         overrides += ["model.name=hipt4k", "model.allow_random_weights=true", f"embed.compile={args.compile}"]
-    cfg = load_config("embed", files=files, overrides=overrides,
-                      values={"slides": src, "out": str(work / "out")})
+    cfg = load_config("embed", files=files, overrides=overrides, values={"slides": src, "out": str(work / "out")})
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    print(f"{args.slides} slides on {args.storage}, reader.backend={args.backend}, model {cfg.model.name} "
-          f"(precision {cfg.embed.precision}, compile {cfg.embed.compile}), {ray.cluster_resources().get('CPU')} CPUs")
+    print(
+        f"{args.slides} slides on {args.storage}, reader.backend={args.backend}, model {cfg.model.name} "
+        f"(precision {cfg.embed.precision}, compile {cfg.embed.compile}), {ray.cluster_resources().get('CPU')} CPUs"
+    )
     tile_run(cfg)
     store = Store(cfg.out)
     regions = store.regions(cfg.tiling_spec_hash()).to_pylist()
     for r in regions:
-        r["uri"] = f"{src.rstrip('/')}/{r['slide_id']}.tiff" if args.storage == "s3" else str(slides / f"{r['slide_id']}.tiff")
+        r["uri"] = (
+            f"{src.rstrip('/')}/{r['slide_id']}.tiff" if args.storage == "s3" else str(slides / f"{r['slide_id']}.tiff")
+        )
         r["mpp_override"] = None
     n = len(regions)
     read_kwargs = reader_kwargs(cfg)
 
     # (b) read-only: the Ray Data read stage alone
     t0 = time.perf_counter()
-    ds = ray.data.from_items(regions, override_num_blocks=n).map(read_region, fn_kwargs=read_kwargs,
-                                                                  num_cpus=cfg.embed.read_cpus)
+    ds = ray.data.from_items(regions, override_num_blocks=n).map(
+        read_region, fn_kwargs=read_kwargs, num_cpus=cfg.embed.read_cpus
+    )
     assert ds.materialize().count() == n  # pixels stay in the object store, as for the model
     read_rate = n / (time.perf_counter() - t0)
 
@@ -122,13 +136,23 @@ def efficiency(args: argparse.Namespace) -> None:
 
     from hipt_ray.store.tables import REGIONS_SCHEMA, embedding_fields
 
-    schema = pa.schema([REGIONS_SCHEMA.field(c) for c in ("slide_id", "region_index")] + [pa.field("uri", pa.string())]
-                       + embedding_fields(model.vit4k.embed_dim, model.vit256.embed_dim) + [pa.field("error", pa.string())])
+    schema = pa.schema(
+        [REGIONS_SCHEMA.field(c) for c in ("slide_id", "region_index")]
+        + [pa.field("uri", pa.string())]
+        + embedding_fields(model.vit4k.embed_dim, model.vit256.embed_dim)
+        + [pa.field("error", pa.string())]
+    )
     t_warm = time.perf_counter()
-    embedder = RegionEmbedder(model_name=cfg.model.name, state_dict=model.state_dict(),
-                              micro_batch=cfg.model.micro_batch, precision=cfg.embed.precision,
-                              compile=cfg.embed.compile, use_gpu=torch.cuda.is_available(),
-                              store_tokens=True, schema=schema)
+    embedder = RegionEmbedder(
+        model_name=cfg.model.name,
+        state_dict=model.state_dict(),
+        micro_batch=cfg.model.micro_batch,
+        precision=cfg.embed.precision,
+        compile=cfg.embed.compile,
+        use_gpu=torch.cuda.is_available(),
+        store_tokens=True,
+        schema=schema,
+    )
     sample = [read_region(dict(r), **read_kwargs) for r in regions[: min(n, args.model_regions)]]
     batch = lambda r: {k: [r[k]] for k in ("slide_id", "region_index", "uri", "error")} | {"image": [r["image"]]}  # noqa: E731
     embedder(batch(sample[0]))  # warm-up (and compilation)
@@ -148,21 +172,29 @@ def efficiency(args: argparse.Namespace) -> None:
     print(f"  regions: {n}")
     print(f"  read-only : {read_rate:8.4g} regions/s")
     print(f"  model-only: {model_rate:8.4g} regions/s")
-    print(f"  end-to-end: {e2e_rate:8.4g} regions/s (includes model actor start-up"
-          f"{' and compilation' if cfg.embed.compile else ''})")
+    print(
+        f"  end-to-end: {e2e_rate:8.4g} regions/s (includes model actor start-up"
+        f"{' and compilation' if cfg.embed.compile else ''})"
+    )
     # The actor builds and warms its model once per run (compilation: minutes on a CPU); taken
     # apart as the warm-up measured in-process above, that leaves the steady pipeline.
     steady = summary.regions / max(e2e_seconds - t_warm, 1e-9)
-    print(f"  actor start-up (model build + first region{', compiled' if cfg.embed.compile else ''}, measured "
-          f"in-process): {t_warm:.1f} s; end-to-end without it: {steady:8.4g} regions/s")
+    print(
+        f"  actor start-up (model build + first region{', compiled' if cfg.embed.compile else ''}, measured "
+        f"in-process): {t_warm:.1f} s; end-to-end without it: {steady:8.4g} regions/s"
+    )
     print(f"  in the pipeline, {summary.stages_line()}")
-    print(f"  efficiency = end-to-end / min(read, model) = {e2e_rate / bound:.2f} (target ≥ 0.9); "
-          f"{'read' if read_rate < model_rate else 'model'}-bound")
+    print(
+        f"  efficiency = end-to-end / min(read, model) = {e2e_rate / bound:.2f} (target ≥ 0.9); "
+        f"{'read' if read_rate < model_rate else 'model'}-bound"
+    )
     # On one small node reads and model share the same cores, so the attainable rate is the
     # harmonic combination of the two, not their minimum; printed for context.
     shared = 1 / (1 / read_rate + 1 / model_rate)
-    print(f"  shared-CPU bound 1/(1/read + 1/model) = {shared:.4g} regions/s; end-to-end / that = "
-          f"{e2e_rate / shared:.2f}, without start-up {steady / shared:.2f}")
+    print(
+        f"  shared-CPU bound 1/(1/read + 1/model) = {shared:.4g} regions/s; end-to-end / that = "
+        f"{e2e_rate / shared:.2f}, without start-up {steady / shared:.2f}"
+    )
     staged = sum(p.stat().st_size for p in (work / "cache").glob("*") if p.is_file())
     print(f"  staged on local disk: {staged / 1e6:.1f} MB")
     ray.shutdown()
@@ -176,10 +208,23 @@ def rss(args: argparse.Namespace) -> None:
     for n in (4, 16):
         slides = make_slides(n)
         work = Path(tempfile.mkdtemp(prefix="embed-rss-"))
-        driver = ("import resource, sys; from hipt_ray.cli import main; code = main(sys.argv[1:]); "
-                  "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
-        cmd = [sys.executable, "-c", driver, "embed", "--slides", str(slides), "--out", str(work / "out"),
-               "--config", str(ROOT / "hipt_ray" / "configs" / "tiny.yaml"), f"storage.cache_dir={work / 'cache'}"]
+        driver = (
+            "import resource, sys; from hipt_ray.cli import main; code = main(sys.argv[1:]); "
+            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)"
+        )
+        cmd = [
+            sys.executable,
+            "-c",
+            driver,
+            "embed",
+            "--slides",
+            str(slides),
+            "--out",
+            str(work / "out"),
+            "--config",
+            str(ROOT / "hipt_ray" / "configs" / "tiny.yaml"),
+            f"storage.cache_dir={work / 'cache'}",
+        ]
         t0 = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 0, out.stderr[-2000:]
@@ -195,17 +240,25 @@ def main() -> None:
     ap.add_argument("--model", choices=("tiny", "real"), default="tiny")
     ap.add_argument("--storage", choices=("local", "s3"), default="local")
     ap.add_argument("--model-regions", type=int, default=6, help="regions timed for model-only")
-    ap.add_argument("--backend", choices=("auto", "tiles", "openslide", "both"), default="auto",
-                    help="reader.backend; both: OpenSlide then the tile backend, one after the other")
-    ap.add_argument("--compile", choices=("true", "false"), default="true",
-                    help="embed.compile for --model real (on an AVX2-only CPU it gains nothing: false)")
+    ap.add_argument(
+        "--backend",
+        choices=("auto", "tiles", "openslide", "both"),
+        default="auto",
+        help="reader.backend; both: OpenSlide then the tile backend, one after the other",
+    )
+    ap.add_argument(
+        "--compile",
+        choices=("true", "false"),
+        default="true",
+        help="embed.compile for --model real (on an AVX2-only CPU it gains nothing: false)",
+    )
     ap.add_argument("--rss", action="store_true")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # figures appear as they are measured, even in a log
     if args.rss:
         rss(args)
         return
-    for backend in (("openslide", "tiles") if args.backend == "both" else (args.backend,)):
+    for backend in ("openslide", "tiles") if args.backend == "both" else (args.backend,):
         efficiency(argparse.Namespace(**{**vars(args), "backend": backend}))
 
 

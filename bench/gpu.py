@@ -35,7 +35,9 @@ def tissue_region(side: int) -> np.ndarray:
     from skimage import data as skdata
 
     tile = skdata.immunohistochemistry()  # 512×512 RGB
-    block = np.concatenate([np.concatenate([tile, tile[:, ::-1]], 1), np.concatenate([tile[::-1], tile[::-1, ::-1]], 1)], 0)
+    block = np.concatenate(
+        [np.concatenate([tile, tile[:, ::-1]], 1), np.concatenate([tile[::-1], tile[::-1, ::-1]], 1)], 0
+    )
     reps = -(-side // block.shape[0])
     return np.ascontiguousarray(np.tile(block, (reps, reps, 1))[:side, :side])
 
@@ -93,8 +95,13 @@ def dino_steps(args, stage: str, batch: int = 64, steps: int = 5) -> dict:
         return loss.item()
 
     sec, loss = timed(step, dev, steps)
-    row = {"stage": stage, "batch": batch, "s_per_step": round(sec, 4), "samples_per_s": round(batch / sec, 1),
-           "loss_finite": bool(np.isfinite(loss))}
+    row = {
+        "stage": stage,
+        "batch": batch,
+        "s_per_step": round(sec, 4),
+        "samples_per_s": round(batch / sec, 1),
+        "loss_finite": bool(np.isfinite(loss)),
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -124,9 +131,13 @@ def main() -> None:
 
     x = x_cpu.to(dev)
     rows = []
-    variants = [("fp32", torch.float32, False, False, 64), ("fp32", torch.float32, False, False, 256),
-                ("tf32", torch.float32, False, True, 256), ("bf16", torch.bfloat16, False, False, 64),
-                ("bf16", torch.bfloat16, False, False, 256)]
+    variants = [
+        ("fp32", torch.float32, False, False, 64),
+        ("fp32", torch.float32, False, False, 256),
+        ("tf32", torch.float32, False, True, 256),
+        ("bf16", torch.bfloat16, False, False, 64),
+        ("bf16", torch.bfloat16, False, False, 256),
+    ]
     if not args.no_compile:
         variants.append(("bf16+compile", torch.bfloat16, True, False, 256))
     for name, dtype, compile_, tf32, mb in variants:
@@ -139,10 +150,16 @@ def main() -> None:
             sec, emb = timed(lambda: fast(x), dev, args.reps)
         emb = emb.float().cpu()
         cos = F.cosine_similarity(emb, ref).item()
-        row = {"variant": name, "micro_batch": mb, "s_per_region": round(sec, 4),
-               "regions_per_s": round(1 / sec, 2), "patches_per_s": round(256 / sec, 1),
-               "tflops": round(GFLOP_REGION / sec / 1e3, 1) if args.model == "hipt4k" else None,
-               "cos_vs_cpu_fp32": round(cos, 6), "max_abs_diff": float((emb - ref).abs().max())}
+        row = {
+            "variant": name,
+            "micro_batch": mb,
+            "s_per_region": round(sec, 4),
+            "regions_per_s": round(1 / sec, 2),
+            "patches_per_s": round(256 / sec, 1),
+            "tflops": round(GFLOP_REGION / sec / 1e3, 1) if args.model == "hipt4k" else None,
+            "cos_vs_cpu_fp32": round(cos, 6),
+            "max_abs_diff": float((emb - ref).abs().max()),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -162,10 +179,13 @@ def main() -> None:
     # Region attention maps on the device (the heatmap command's core), fp32.
     sec, att = timed(lambda: region_attention(m, region), dev, max(1, args.reps // 2))
     per_patch = att.vit256.reshape(att.vit256.shape[0], 16, 16, 16, 16).sum(axis=(2, 4))
-    results["attention"] = {"s_per_window": round(sec, 3), "vit256_shape": list(att.vit256.shape),
-                            "vit4k_shape": list(att.vit4k.shape),
-                            "vit256_patch_sums_max_err": float(np.abs(per_patch - 1).max()),
-                            "vit4k_sums_max_err": float(np.abs(att.vit4k.sum(axis=(1, 2)) - 1).max())}
+    results["attention"] = {
+        "s_per_window": round(sec, 3),
+        "vit256_shape": list(att.vit256.shape),
+        "vit4k_shape": list(att.vit4k.shape),
+        "vit256_patch_sums_max_err": float(np.abs(per_patch - 1).max()),
+        "vit4k_sums_max_err": float(np.abs(att.vit4k.sum(axis=(1, 2)) - 1).max()),
+    }
     print(json.dumps(results["attention"]), flush=True)
     results["dino"] = [dino_steps(args, stage) for stage in ("vit256", "vit4k")]
     if dev.startswith("cuda"):

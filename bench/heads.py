@@ -37,9 +37,22 @@ def build_demo_cohort() -> tuple[str, str]:
         from hipt_ray.slides.synthetic import make_demo_data
 
         make_demo_data(data, n_slides=100, seed=3, size_um=(900, 1500))
-        code = subprocess.call([sys.executable, "-m", "hipt_ray.cli", "embed", "--slides", str(data / "slides"),
-                                "--out", str(out), "--config", str(ROOT / "hipt_ray" / "configs" / "tiny.yaml"),
-                                "tiling.region_px=1024", "tiling.min_tissue_fraction=0.05"])
+        code = subprocess.call(
+            [
+                sys.executable,
+                "-m",
+                "hipt_ray.cli",
+                "embed",
+                "--slides",
+                str(data / "slides"),
+                "--out",
+                str(out),
+                "--config",
+                str(ROOT / "hipt_ray" / "configs" / "tiny.yaml"),
+                "tiling.region_px=1024",
+                "tiling.min_tissue_fraction=0.05",
+            ]
+        )
         if code:
             raise SystemExit(f"embedding the demo cohort failed (exit {code})")
     return str(out), str(data / "labels.csv")
@@ -52,15 +65,23 @@ def one_trial(out: str, labels: str, task: str, head: str, batch_bags: int, extr
     from hipt_ray.heads.cohort import load_cohort
     from hipt_ray.heads.fit import cross_validate
 
-    cfg = load_config(files=[str(ROOT / "hipt_ray" / "configs" / "heads" / f"{task}.yaml")],
-                      values={"out": out, "heads": {"labels": labels}},
-                      overrides=["heads.label_column=subtype", f"heads.head={head}", f"heads.batch_bags={batch_bags}", *extra])
+    cfg = load_config(
+        files=[str(ROOT / "hipt_ray" / "configs" / "heads" / f"{task}.yaml")],
+        values={"out": out, "heads": {"labels": labels}},
+        overrides=["heads.label_column=subtype", f"heads.head={head}", f"heads.batch_bags={batch_bags}", *extra],
+    )
     cohort = load_cohort(cfg)
     t0 = time.perf_counter()
     epoch, states, mean = list(cross_validate(cfg.heads, cohort))[-1]
     key = "auc" if task == "subtyping" else "c_index"
-    return {"seconds": time.perf_counter() - t0, key: mean[key], "val_loss": mean["val_loss"], "epochs": epoch,
-            "best_epoch": float(np.mean([st.best_epoch for st in states])), "key": key}
+    return {
+        "seconds": time.perf_counter() - t0,
+        key: mean[key],
+        "val_loss": mean["val_loss"],
+        "epochs": epoch,
+        "best_epoch": float(np.mean([st.best_epoch for st in states])),
+        "key": key,
+    }
 
 
 def main() -> int:
@@ -78,9 +99,14 @@ def main() -> int:
 
     torch.set_num_threads(1)  # as a sweep trial with one CPU
     out, labels = (args.out, args.labels) if args.out else build_demo_cohort()
-    print(f"cohort: {out} (labels {labels}), task {args.task}, hipt_ray/configs/heads/{args.task}.yaml "
-          f"{' '.join(args.set)}, 1 thread")
-    print(f"{'head':>9} {'batch':>5} {'s/trial':>8} {'× b1':>6} {'metric':>7} {'val loss':>8} {'epochs':>6} {'best ep':>7}")
+    print(
+        f"cohort: {out} (labels {labels}), task {args.task}, hipt_ray/configs/heads/{args.task}.yaml "
+        f"{' '.join(args.set)}, 1 thread"
+    )
+    print(
+        f"{'head':>9} {'batch':>5} {'s/trial':>8} {'× b1':>6} {'metric':>7} {'val loss':>8} "
+        f"{'epochs':>6} {'best ep':>7}"
+    )
     for head in args.heads.split(","):
         base = None
         for b in (int(v) for v in args.batch_bags.split(",")):
@@ -88,15 +114,33 @@ def main() -> int:
             r = runs[0]
             secs = statistics.median(x["seconds"] for x in runs)
             base = base or secs
-            print(f"{head:>9} {b:>5} {secs:>8.1f} {base / secs:>6.2f} {r[r['key']]:>7.3f} {r['val_loss']:>8.3f} "
-                  f"{r['epochs']:>6} {r['best_epoch']:>7.1f}", flush=True)
+            print(
+                f"{head:>9} {b:>5} {secs:>8.1f} {base / secs:>6.2f} {r[r['key']]:>7.3f} {r['val_loss']:>8.3f} "
+                f"{r['epochs']:>6} {r['best_epoch']:>7.1f}",
+                flush=True,
+            )
     if args.sweep:
         t0 = time.perf_counter()
-        code = subprocess.call([sys.executable, "-m", "hipt_ray.cli", "sweep", "--out", out, "--labels", labels,
-                                "--task", args.task, "heads.label_column=subtype",
-                                f"sweep.name=bench-{args.task}-{int(time.time())}"])
-        print(f"sweep of 16 trials (shipped space, ASHA, refit of the best): {time.perf_counter() - t0:.0f} s, "
-              f"exit {code}")
+        code = subprocess.call(
+            [
+                sys.executable,
+                "-m",
+                "hipt_ray.cli",
+                "sweep",
+                "--out",
+                out,
+                "--labels",
+                labels,
+                "--task",
+                args.task,
+                "heads.label_column=subtype",
+                f"sweep.name=bench-{args.task}-{int(time.time())}",
+            ]
+        )
+        print(
+            f"sweep of 16 trials (shipped space, ASHA, refit of the best): {time.perf_counter() - t0:.0f} s, "
+            f"exit {code}"
+        )
     return 0
 
 

@@ -82,8 +82,11 @@ def pixels(model_name: str, reps: int) -> None:
 
         t_float, t_uint8 = timed(by_float, reps), timed(by_uint8, reps)
         diff = (out["float"] - out["uint8"]).abs().max().item()
-        print(f"  {threads} thread{'s' if threads > 1 else ''}: float route {t_float:.3f} s, uint8 route "
-              f"{t_uint8:.3f} s ({t_float / t_uint8:.2f}×), max difference {diff:.1e}", flush=True)
+        print(
+            f"  {threads} thread{'s' if threads > 1 else ''}: float route {t_float:.3f} s, uint8 route "
+            f"{t_uint8:.3f} s ({t_float / t_uint8:.2f}×), max difference {diff:.1e}",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -97,9 +100,10 @@ def main() -> None:
     if args.pixels:
         pixels(args.model, args.reps)
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, allocator: "
-          + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, allocator: " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
+    )
 
     # bf16 rows only where the CPU computes bf16 natively (AVX-512 bf16, AMX): elsewhere (AVX2:
     # Zen 3, older Xeons) torch emulates it ≈ 60× slower than fp32 and the shipped path is fp32.
@@ -107,12 +111,16 @@ def main() -> None:
     peak32 = matmul_gflops(torch.float32, args.reps)
     if native16:
         peak16 = matmul_gflops(torch.bfloat16, args.reps)
-        print(f"\nmatmul 4096³: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s (bf16/fp32 {peak16 / peak32:.2f}×)")
+        print(
+            f"\nmatmul 4096³: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s (bf16/fp32 {peak16 / peak32:.2f}×)"
+        )
     else:
         emulated = matmul_gflops(torch.bfloat16, 1, n=512)
         peak16 = peak32
-        print(f"\nmatmul 4096³: fp32 {peak32:.0f} GFLOP/s; bf16 is not native on this CPU ({emulated:.1f} GFLOP/s "
-              f"emulated, 512³): bf16 rows skipped, the shipped path runs fp32")
+        print(
+            f"\nmatmul 4096³: fp32 {peak32:.0f} GFLOP/s; bf16 is not native on this CPU ({emulated:.1f} GFLOP/s "
+            f"emulated, 512³): bf16 rows skipped, the shipped path runs fp32"
+        )
     # The matmuls ViT-256 actually runs (16 patches × 257 tokens, dim 384, MLP 1536), for context.
     tokens = 16 * 257
     shapes = [(tokens, 384, 1152), (tokens, 384, 1536), (tokens, 1536, 384)]
@@ -121,7 +129,11 @@ def main() -> None:
         for m, k, n in shapes:
             a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
             rates.append(2 * m * k * n / timed(lambda: a @ b, args.reps) / 1e9)
-        print(f"  model-shaped matmuls {str(dtype)[6:]}: " + ", ".join(f"{m}×{k}×{n} {r:.0f}" for (m, k, n), r in zip(shapes, rates)) + " GFLOP/s")
+        print(
+            f"  model-shaped matmuls {str(dtype)[6:]}: "
+            + ", ".join(f"{m}×{k}×{n} {r:.0f}" for (m, k, n), r in zip(shapes, rates))
+            + " GFLOP/s"
+        )
 
     vit = create_model("vit256_s16").eval()
     rows = []
@@ -138,8 +150,11 @@ def main() -> None:
         rate = bs / sec
         gflops = rate * GFLOP_VIT256
         rows.append((label, bs, rate, gflops, gflops / peak))
-        print(f"  {label:<34} bs {bs:>3}: {rate:6.2f} patches/s  {gflops:6.0f} GFLOP/s "
-              f"({100 * gflops / peak:3.0f} % of {precision} matmul)", flush=True)
+        print(
+            f"  {label:<34} bs {bs:>3}: {rate:6.2f} patches/s  {gflops:6.0f} GFLOP/s "
+            f"({100 * gflops / peak:3.0f} % of {precision} matmul)",
+            flush=True,
+        )
         return rate
 
     print("\nViT-256 (ViT-S/16, 256 px):")
@@ -163,12 +178,16 @@ def main() -> None:
     best_bs = max(comp16, key=comp16.get)
     if native16:
         print(f"\n  fused vs naive attention: fp32 {fused32[16] / naive32:.2f}×, bf16 {fused16 / naive16:.2f}×")
-        print(f"  bf16 eager vs fp32 eager: {fused16 / fused32[16]:.2f}×; compiled bf16 (bs {best_bs}) vs fp32 eager: "
-              f"{comp16[best_bs] / fused32[16]:.2f}×")
+        print(
+            f"  bf16 eager vs fp32 eager: {fused16 / fused32[16]:.2f}×; compiled bf16 (bs {best_bs}) vs fp32 eager: "
+            f"{comp16[best_bs] / fused32[16]:.2f}×"
+        )
     else:
-        print(f"\n  fused vs naive attention: fp32 {fused32[16] / naive32:.2f}×; compiled fp32 (bs {best_bs}) vs "
-              f"fp32 eager: {comp16[best_bs] / fused32[16]:.2f}×; one 4096² region ≈ {256 / comp16[best_bs]:.0f} s "
-              f"at that rate")
+        print(
+            f"\n  fused vs naive attention: fp32 {fused32[16] / naive32:.2f}×; compiled fp32 (bs {best_bs}) vs "
+            f"fp32 eager: {comp16[best_bs] / fused32[16]:.2f}×; one 4096² region ≈ {256 / comp16[best_bs]:.0f} s "
+            f"at that rate"
+        )
 
     if args.quick:
         return
@@ -188,20 +207,26 @@ def main() -> None:
         return 1 / sec, out["y"]
 
     r_pub, y_pub = region_rate(published, False)
-    print(f"  published path (fp32, naive attention, one batch of 256): {r_pub:.4f} regions/s "
-          f"({r_pub * GFLOP_REGION:.0f} GFLOP/s, {100 * r_pub * GFLOP_REGION / peak32:.0f} % of fp32 matmul)")
+    print(
+        f"  published path (fp32, naive attention, one batch of 256): {r_pub:.4f} regions/s "
+        f"({r_pub * GFLOP_REGION:.0f} GFLOP/s, {100 * r_pub * GFLOP_REGION / peak32:.0f} % of fp32 matmul)"
+    )
     fast = create_model("hipt4k", micro_batch=best_bs).eval()
     fast.load_state_dict(published.state_dict())
     fast = prepare_for_inference(fast, device="cpu")  # the shipped default: compiled, fused, bf16 where native
     r_fast, y_fast = region_rate(fast, False)
     achieved = r_fast * GFLOP_REGION
     cos = F.cosine_similarity(y_fast, y_pub).item()
-    print(f"  fastest path = prepare_for_inference ({name} compile+freezing, fused, micro-batch {best_bs}): "
-          f"{r_fast:.4f} regions/s = {256 * r_fast:.1f} patches/s ({achieved:.0f} GFLOP/s, "
-          f"{100 * achieved / peak16:.0f} % of {name} matmul)")
-    print(f"\n  speed-up over the published path: {r_fast / r_pub:.2f}× (target ≥ 2×); "
-          f"share of {name} matmul: {100 * achieved / peak16:.0f} % (target ≥ 75 %); "
-          f"cosine to fp32: {cos:.5f} (target > 0.99)")
+    print(
+        f"  fastest path = prepare_for_inference ({name} compile+freezing, fused, micro-batch {best_bs}): "
+        f"{r_fast:.4f} regions/s = {256 * r_fast:.1f} patches/s ({achieved:.0f} GFLOP/s, "
+        f"{100 * achieved / peak16:.0f} % of {name} matmul)"
+    )
+    print(
+        f"\n  speed-up over the published path: {r_fast / r_pub:.2f}× (target ≥ 2×); "
+        f"share of {name} matmul: {100 * achieved / peak16:.0f} % (target ≥ 75 %); "
+        f"cosine to fp32: {cos:.5f} (target > 0.99)"
+    )
 
 
 if __name__ == "__main__":

@@ -37,12 +37,34 @@ def _fake_embed_output(out: Path, n: int) -> None:
     spec = load_config().tiling_spec_hash()
     rng = np.random.default_rng(0)
     schema = pa.schema(list(REGIONS_SCHEMA) + embedding_fields(192, 384))
-    rows = [{"slide_id": f"s{i // 4}", "region_index": i % 4, "x": 0, "y": 0, "read_w": 4096, "read_h": 4096,
-             "spec_hash": spec, "model_id": "bench", "emb4k": rng.standard_normal(192).astype("float32"),
-             "mean256": rng.standard_normal(384).astype("float32"),
-             "tokens256": rng.standard_normal(256 * 384).astype("float16")} for i in range(n)]
-    slides = [{"slide_id": f"s{i}", "uri": f"s{i}", "status": "ok", "spec_hash": spec, "model_id": "bench",
-               "n_regions": 4, "time": None} for i in range((n + 3) // 4)]
+    rows = [
+        {
+            "slide_id": f"s{i // 4}",
+            "region_index": i % 4,
+            "x": 0,
+            "y": 0,
+            "read_w": 4096,
+            "read_h": 4096,
+            "spec_hash": spec,
+            "model_id": "bench",
+            "emb4k": rng.standard_normal(192).astype("float32"),
+            "mean256": rng.standard_normal(384).astype("float32"),
+            "tokens256": rng.standard_normal(256 * 384).astype("float16"),
+        }
+        for i in range(n)
+    ]
+    slides = [
+        {
+            "slide_id": f"s{i}",
+            "uri": f"s{i}",
+            "status": "ok",
+            "spec_hash": spec,
+            "model_id": "bench",
+            "n_regions": 4,
+            "time": None,
+        }
+        for i in range((n + 3) // 4)
+    ]
     Store(str(out)).append_slides(slides, pa.Table.from_pylist(rows, schema=schema), schema)
 
 
@@ -76,24 +98,58 @@ def main() -> None:
     for size, batch, out_dim in (("tiny", 16, 1024), ("real", 8, 65536)):
         for workers in (1, 2):
             out = work / f"s1-{size}-{workers}"
-            sec, n = _run(["pretrain", "--stage", "vit256", "--slides", str(slides), "--out", str(out),
-                           f"storage.cache_dir={work / 'c'}", f"pretrain.size={size}", f"pretrain.out_dim={out_dim}",
-                           f"pretrain.num_workers={workers}", f"pretrain.batch_size_per_worker={batch}",
-                           "pretrain.cache_dataset=true", "pretrain.patches_per_region=32", "pretrain.epochs=1",
-                           f"pretrain.steps_per_epoch={steps}", "pretrain.warmup_epochs=0",
-                           f"pretrain.checkpoint_every_steps={steps}", "tiling.min_tissue_fraction=0.05"], out)
+            sec, n = _run(
+                [
+                    "pretrain",
+                    "--stage",
+                    "vit256",
+                    "--slides",
+                    str(slides),
+                    "--out",
+                    str(out),
+                    f"storage.cache_dir={work / 'c'}",
+                    f"pretrain.size={size}",
+                    f"pretrain.out_dim={out_dim}",
+                    f"pretrain.num_workers={workers}",
+                    f"pretrain.batch_size_per_worker={batch}",
+                    "pretrain.cache_dataset=true",
+                    "pretrain.patches_per_region=32",
+                    "pretrain.epochs=1",
+                    f"pretrain.steps_per_epoch={steps}",
+                    "pretrain.warmup_epochs=0",
+                    f"pretrain.checkpoint_every_steps={steps}",
+                    "tiling.min_tissue_fraction=0.05",
+                ],
+                out,
+            )
             results[(size, workers)] = workers * batch / sec
-            print(f"  {size:<4} {workers} worker(s) × batch {batch:>2}: {1 / sec:6.3f} steps/s, "
-                  f"{workers * batch / sec:6.2f} images/s (median of {n} steps)", flush=True)
+            print(
+                f"  {size:<4} {workers} worker(s) × batch {batch:>2}: {1 / sec:6.3f} steps/s, "
+                f"{workers * batch / sec:6.2f} images/s (median of {n} steps)",
+                flush=True,
+            )
     for size in ("tiny", "real"):
         print(f"  {size}: 2 workers / 1 worker images/s = {results[(size, 2)] / results[(size, 1)]:.2f}×")
 
     print("\nstage 2 (ViT-4K XS on [384, 16, 16] grids, 2 × 14² + 8 × 6² crops):")
     out = work / "s2"
     _fake_embed_output(out, 64)
-    sec, n = _run(["pretrain", "--stage", "vit4k", "--out", str(out), "pretrain.batch_size_per_worker=16",
-                   "pretrain.cache_dataset=true", "pretrain.epochs=1", f"pretrain.steps_per_epoch={steps}",
-                   "pretrain.warmup_epochs=0", f"pretrain.checkpoint_every_steps={steps}"], out)
+    sec, n = _run(
+        [
+            "pretrain",
+            "--stage",
+            "vit4k",
+            "--out",
+            str(out),
+            "pretrain.batch_size_per_worker=16",
+            "pretrain.cache_dataset=true",
+            "pretrain.epochs=1",
+            f"pretrain.steps_per_epoch={steps}",
+            "pretrain.warmup_epochs=0",
+            f"pretrain.checkpoint_every_steps={steps}",
+        ],
+        out,
+    )
     print(f"  1 worker × batch 16: {1 / sec:6.3f} steps/s, {16 / sec:6.2f} grids/s (median of {n} steps)")
     ray.shutdown()
     shutil.rmtree(work, ignore_errors=True)

@@ -54,8 +54,7 @@ def make_slides() -> dict[str, Path]:
     if not paths["20x"].is_file():
         synthetic.make_slide(paths["20x"], width_um=4400, height_um=4400, mpp=0.5, seed=1, n_blobs=2)
     if not paths["40x"].is_file():
-        synthetic.make_slide(paths["40x"], width_um=2400, height_um=2400, mpp=0.25, seed=2, aperio=True,
-                             objective=40)
+        synthetic.make_slide(paths["40x"], width_um=2400, height_um=2400, mpp=0.25, seed=2, aperio=True, objective=40)
     return paths
 
 
@@ -67,7 +66,11 @@ def needed_tiles(path: Path, box: tuple[int, int, int, int]) -> list[bytes]:
         page = tif.pages[0]
         cols = -(-page.imagewidth // page.tilewidth)
         x, y, w, h = box
-        idx = [r * cols + c for r in range(y // 256, (y + h - 1) // 256 + 1) for c in range(x // 256, (x + w - 1) // 256 + 1)]
+        idx = [
+            r * cols + c
+            for r in range(y // 256, (y + h - 1) // 256 + 1)
+            for c in range(x // 256, (x + w - 1) // 256 + 1)
+        ]
         data = path.read_bytes()
         return [data[page.dataoffsets[i] : page.dataoffsets[i] + page.databytecounts[i]] for i in idx], page.jpegtables
 
@@ -88,7 +91,10 @@ def local_reads(paths: dict[str, Path], repeats: int) -> None:
     from hipt_ray.slides.reader import Slide
     from hipt_ray.slides.tiles import TiledTiff
 
-    print(f"{'slide':6} {'openslide s':>12} {'tiles s':>9} {'bare s':>8} {'tiles/openslide':>16} {'bare/tiles':>11}  equal")
+    print(
+        f"{'slide':6} {'openslide s':>12} {'tiles s':>9} {'bare s':>8} {'tiles/openslide':>16} "
+        f"{'bare/tiles':>11}  equal"
+    )
     for name, path in paths.items():
         ref, ours = Slide(str(path)), Slide(str(path), source=TiledTiff(str(path)))
         scale = round(0.5 / ref.mpp)
@@ -98,8 +104,10 @@ def local_reads(paths: dict[str, Path], repeats: int) -> None:
         blobs, tables = needed_tiles(path, (0, 0, 4096 * scale, 4096 * scale))
         t_bare = median_time(lambda: [imagecodecs.jpeg8_decode(b, tables=tables) for b in blobs], repeats)
         equal = np.array_equal(ref.read_region(xy, (4096, 4096), 0.5)[0], ours.read_region(xy, (4096, 4096), 0.5)[0])
-        print(f"{name:6} {t_os:12.3f} {t_tiles:9.3f} {t_bare:8.3f} {t_os / t_tiles:15.1f}x {t_bare / t_tiles:10.2f}x  "
-              f"{equal} ({len(blobs)} tiles)")
+        print(
+            f"{name:6} {t_os:12.3f} {t_tiles:9.3f} {t_bare:8.3f} {t_os / t_tiles:15.1f}x {t_bare / t_tiles:10.2f}x  "
+            f"{equal} ({len(blobs)} tiles)"
+        )
 
 
 def scaled_decode(path: Path, repeats: int, real: bool) -> None:
@@ -113,8 +121,10 @@ def scaled_decode(path: Path, repeats: int, real: bool) -> None:
     scaled = Slide(str(path), source=TiledTiff(str(path)), scaled_decode=True)
     w, h = exact.dimensions
     corners = [(0, 0), (w // 2 - 4096, h // 2 - 4096)]  # level-0 corners on the 20× grid (even)
-    print(f"\nreader.scaled_decode=true, 40× → 0.5 µm/px, 4096² regions: {'exact s':>8} {'scaled s':>9} {'speed-up':>9} "
-          f"{'PSNR dB':>8} {'max |Δ|':>8}  embedding cosine (tiny / real-size)")
+    print(
+        f"\nreader.scaled_decode=true, 40× → 0.5 µm/px, 4096² regions: {'exact s':>8} {'scaled s':>9} {'speed-up':>9} "
+        f"{'PSNR dB':>8} {'max |Δ|':>8}  embedding cosine (tiny / real-size)"
+    )
     models = {"tiny": create_model("hipt4k_tiny")} | ({"real": create_model("hipt4k")} if real else {})
     torch.manual_seed(0)
     for xy in corners:
@@ -126,11 +136,12 @@ def scaled_decode(path: Path, repeats: int, real: bool) -> None:
         cosines = []
         for model in models.values():
             with torch.inference_mode():
-                ea, eb = (model.eval()(normalize_uint8(torch.from_numpy(img.copy())[None]))[0]
-                          for img in (a, b))
+                ea, eb = (model.eval()(normalize_uint8(torch.from_numpy(img.copy())[None]))[0] for img in (a, b))
             cosines.append(f"{torch.nn.functional.cosine_similarity(ea, eb, dim=0).item():.6f}")
-        print(f"{'':40}{str(xy):14} {t_exact:8.3f} {t_scaled:9.3f} {t_exact / t_scaled:8.1f}x {psnr:8.2f} "
-              f"{int(np.abs(d).max()):8d}  {' / '.join(cosines)}")
+        print(
+            f"{'':40}{str(xy):14} {t_exact:8.3f} {t_scaled:9.3f} {t_exact / t_scaled:8.1f}x {psnr:8.2f} "
+            f"{int(np.abs(d).max()):8d}  {' / '.join(cosines)}"
+        )
 
 
 def s3_reads(paths: dict[str, Path]) -> None:
@@ -144,8 +155,10 @@ def s3_reads(paths: dict[str, Path]) -> None:
 
         fs, _ = filesystem("s3://bench/x")
         fs.mkdir("bench")
-        print(f"\nfrom moto S3 (127.0.0.1): {'slide':6} {'MB':>6} {'bytes/needed':>13} {'requests':>9} "
-              f"{'staged MB':>10} {'first region: tiles s':>22} {'staging+openslide s':>20}")
+        print(
+            f"\nfrom moto S3 (127.0.0.1): {'slide':6} {'MB':>6} {'bytes/needed':>13} {'requests':>9} "
+            f"{'staged MB':>10} {'first region: tiles s':>22} {'staging+openslide s':>20}"
+        )
         for name, path in paths.items():
             uri = f"s3://bench/{path.name}"
             fs.put(str(path), f"bench/{path.name}")
@@ -167,10 +180,12 @@ def s3_reads(paths: dict[str, Path]) -> None:
                 s.read_region((0, 0), (4096, 4096), 0.5)
             t_stage = time.perf_counter() - t0
             staged = sum(p.stat().st_size for p in cache_dir.iterdir())
-            print(f"{'':26}{name:6} {path.stat().st_size / 1e6:6.1f} {region_bytes / sum(map(len, blobs)):13.3f} "
-                  f"{src.requests - header_requests:9d} {0:10.1f} {t_tiles:22.3f} {t_stage:20.3f}"
-                  f"   (header {header_bytes / 1e3:.0f} kB in {header_requests} requests; "
-                  f"staging path stages {staged / 1e6:.1f} MB)")
+            print(
+                f"{'':26}{name:6} {path.stat().st_size / 1e6:6.1f} {region_bytes / sum(map(len, blobs)):13.3f} "
+                f"{src.requests - header_requests:9d} {0:10.1f} {t_tiles:22.3f} {t_stage:20.3f}"
+                f"   (header {header_bytes / 1e3:.0f} kB in {header_requests} requests; "
+                f"staging path stages {staged / 1e6:.1f} MB)"
+            )
     finally:
         moto.kill()
         moto.wait()

@@ -38,8 +38,13 @@ def make_slides(n: int, region_px: int) -> Path:
         templates.mkdir(parents=True)
         side = region_px * 0.5  # µm of one region at 0.5 µm/px
         for i in range(4):  # 1 or 2 regions of tissue each
-            synthetic.make_slide(templates / f"t{i}.tiff", width_um=side * (1 + i % 2) * 0.95,
-                                 height_um=side * 0.95, seed=300 + i, n_blobs=1 + i % 2)
+            synthetic.make_slide(
+                templates / f"t{i}.tiff",
+                width_um=side * (1 + i % 2) * 0.95,
+                height_um=side * 0.95,
+                seed=300 + i,
+                n_blobs=1 + i % 2,
+            )
     d = WORK / f"slides-{region_px}-{n}"
     if d.is_dir() and len(list(d.iterdir())) == n:
         return d
@@ -88,12 +93,20 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     cli = [sys.executable, "-m", "hipt_ray.cli"]
-    common = ["--config", str(ROOT / "hipt_ray" / "configs" / "tiny.yaml"), f"tiling.region_px={args.region_px}",
-              "tiling.min_tissue_fraction=0.05", "qc.enabled=false", "embed.write_regions=32",
-              "ray.write_batch_slides=32"]
+    common = [
+        "--config",
+        str(ROOT / "hipt_ray" / "configs" / "tiny.yaml"),
+        f"tiling.region_px={args.region_px}",
+        "tiling.min_tissue_fraction=0.05",
+        "qc.enabled=false",
+        "embed.write_regions=32",
+        "ray.write_batch_slides=32",
+    ]
     print(f"# bench/scale.py  cpu: {_cpu()}  load: {os.getloadavg()[0]:.2f}  regions: {args.region_px} px")
-    print(f"{'N':>6} {'regions':>8} {'tile s':>8} {'embed s':>8} {'s/slide':>8} {'RSS MB':>7} "
-          f"{'CPU s':>7} {'ms/reg':>7} {'frags':>6} {'commits':>7} {'B/region':>8}")
+    print(
+        f"{'N':>6} {'regions':>8} {'tile s':>8} {'embed s':>8} {'s/slide':>8} {'RSS MB':>7} "
+        f"{'CPU s':>7} {'ms/reg':>7} {'frags':>6} {'commits':>7} {'B/region':>8}"
+    )
     rows, fits = [], []
     for n in sizes:
         src = make_slides(n, args.region_px)
@@ -102,16 +115,20 @@ def main() -> None:
         t_tile, _, _, _ = run([*cli, "tile", "--slides", str(src), "--out", str(out), *common])
         t_embed, rss, cpu, printed = run([*cli, "embed", "--slides", str(src), "--out", str(out), *common])
         regions = int(re.search(r"regions: (\d+) embedded", printed).group(1))
-        pipe = re.search(r"pipeline: (\d+) fragments.*?(\d+) commits, (\d+) bytes and ([\d.]+) ms of driver CPU",
-                         printed)
+        pipe = re.search(
+            r"pipeline: (\d+) fragments.*?(\d+) commits, (\d+) bytes and ([\d.]+) ms of driver CPU", printed
+        )
         frags, commits, per_region = (int(g) for g in pipe.groups()[:3])
         cpu_ms = float(pipe.group(4))
         drv = re.search(r"driver CPU ([\d.]+) s over ([\d.]+) s of pipeline", printed)
         fits.append((float(drv.group(2)), regions, float(drv.group(1))))
         wall = t_tile + t_embed
         rows.append((n, wall, cpu_ms, regions))
-        print(f"{n:>6} {regions:>8} {t_tile:>8.1f} {t_embed:>8.1f} {wall / n:>8.3f} {rss:>7.0f} {cpu:>7.1f} "
-              f"{cpu_ms:>7.2f} {frags:>6} {commits:>7} {per_region:>8}", flush=True)
+        print(
+            f"{n:>6} {regions:>8} {t_tile:>8.1f} {t_embed:>8.1f} {wall / n:>8.3f} {rss:>7.0f} {cpu:>7.1f} "
+            f"{cpu_ms:>7.2f} {frags:>6} {commits:>7} {per_region:>8}",
+            flush=True,
+        )
     fit = [(math.log(n), math.log(w)) for n, w, _, _ in rows if n >= 64]
     if len(fit) >= 2:
         mx = sum(x for x, _ in fit) / len(fit)
@@ -144,18 +161,24 @@ def project(fits: list[tuple[float, int, float]]) -> None:
         "bf16 eager (embed.compile=false)": (rate[("bf16", 256)], 5.0),
     }
     driver_s = regions * per_region
-    print(f"embed driver CPU while the pipeline runs: {a:.3f} cores of scheduling loop + {b * 1e3:.2f} ms "
-          "per region (least squares over the runs)")
+    print(
+        f"embed driver CPU while the pipeline runs: {a:.3f} cores of scheduling loop + {b * 1e3:.2f} ms "
+        "per region (least squares over the runs)"
+    )
     for name, (gpu_rate, warmup) in variants.items():
         gpu_s = regions / (gpus * gpu_rate)
         wall = warmup + max(gpu_s, driver_s)
-        print(f"projection, {slides} slides / {regions} regions on {gpus} GPUs, {name}: GPU compute "
-              f"{gpu_s / 60:.1f} min at {gpu_rate:.1f} regions/s a GPU, driver {driver_s / 60:.1f} min at one core, "
-              f"actor warm-up once {warmup / 60:.1f} min → {wall / 60:.1f} min, GPUs busy {gpu_s / wall:.0%} of the run")
+        print(
+            f"projection, {slides} slides / {regions} regions on {gpus} GPUs, {name}: GPU compute "
+            f"{gpu_s / 60:.1f} min at {gpu_rate:.1f} regions/s a GPU, driver {driver_s / 60:.1f} min at one core, "
+            f"actor warm-up once {warmup / 60:.1f} min → {wall / 60:.1f} min, GPUs busy {gpu_s / wall:.0%} of the run"
+        )
     (c_rate, c_warm), (e_rate, e_warm) = variants.values()
     even = (c_warm - e_warm) / (1 / e_rate - 1 / c_rate)
-    print(f"compiling pays off above {even:,.0f} regions per GPU ({regions / gpus:,.0f} here); before one "
-          "pipeline for the whole run, chunk restarts and the driver regrouping rows kept GPUs < 10 % busy")
+    print(
+        f"compiling pays off above {even:,.0f} regions per GPU ({regions / gpus:,.0f} here); before one "
+        "pipeline for the whole run, chunk restarts and the driver regrouping rows kept GPUs < 10 % busy"
+    )
 
 
 def _cpu() -> str:

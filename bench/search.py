@@ -42,15 +42,21 @@ def make_table(path: str, n: int, seed: int = 0) -> np.ndarray:
         e = min(n, s + step)
         c = rng.integers(0, 2000, e - s)
         vecs[s:e] = centers[c] + rng.standard_normal((e - s, DIM)).astype(np.float32) * spread[c, None]
-        batch = pa.table({
-            "slide_id": pa.array([f"s{i // 40}" for i in range(s, e)]),
-            "region_index": pa.array(np.arange(s, e) % 40, pa.int32()),
-            "x": pa.array(np.zeros(e - s, np.int64)), "y": pa.array(np.zeros(e - s, np.int64)),
-            "level0_w": pa.array(np.full(e - s, 4096, np.int64)), "level0_h": pa.array(np.full(e - s, 4096, np.int64)),
-            "read_w": pa.array(np.full(e - s, 4096, np.int32)), "mpp": pa.array(np.full(e - s, 0.5)),
-            "spec_hash": pa.array(["spec"] * (e - s)), "model_id": pa.array(["m"] * (e - s)),
-            "emb4k": pa.FixedSizeListArray.from_arrays(pa.array(vecs[s:e].ravel()), DIM),
-        })
+        batch = pa.table(
+            {
+                "slide_id": pa.array([f"s{i // 40}" for i in range(s, e)]),
+                "region_index": pa.array(np.arange(s, e) % 40, pa.int32()),
+                "x": pa.array(np.zeros(e - s, np.int64)),
+                "y": pa.array(np.zeros(e - s, np.int64)),
+                "level0_w": pa.array(np.full(e - s, 4096, np.int64)),
+                "level0_h": pa.array(np.full(e - s, 4096, np.int64)),
+                "read_w": pa.array(np.full(e - s, 4096, np.int32)),
+                "mpp": pa.array(np.full(e - s, 0.5)),
+                "spec_hash": pa.array(["spec"] * (e - s)),
+                "model_id": pa.array(["m"] * (e - s)),
+                "emb4k": pa.FixedSizeListArray.from_arrays(pa.array(vecs[s:e].ravel()), DIM),
+            }
+        )
         import lance
 
         lance.write_dataset(batch, os.path.join(path, "regions.lance"), mode="append" if s else "create")
@@ -69,12 +75,16 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--types", nargs="+", default=["IVF_PQ", "IVF_HNSW_SQ"])
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--nprobes", type=int, nargs="+", help="query settings tried on each index (default: search.nprobes)")
+    ap.add_argument(
+        "--nprobes", type=int, nargs="+", help="query settings tried on each index (default: search.nprobes)"
+    )
     ap.add_argument("--refine", type=int, nargs="+", help="refine factors tried (default: search.refine_factor)")
     args = ap.parse_args()
     base = load_config().search
-    print(f"{'rows':>9} {'index':>12} {'build s':>8} {'query ms':>9} {'exact ms':>9} {'numpy ms':>9} "
-          f"{'recall@10':>9}  settings")
+    print(
+        f"{'rows':>9} {'index':>12} {'build s':>8} {'query ms':>9} {'exact ms':>9} {'numpy ms':>9} "
+        f"{'recall@10':>9}  settings"
+    )
     for n in args.sizes:
         tmp = tempfile.mkdtemp(prefix="hipt-search-bench-")
         try:
@@ -102,7 +112,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 build_index(store, sc)
                 build_s = time.perf_counter() - t0
-                parts = max(1, min(4096, round(n ** 0.5)))
+                parts = max(1, min(4096, round(n**0.5)))
                 for nprobes in args.nprobes or [sc.nprobes]:
                     for refine in args.refine or [sc.refine_factor]:
                         q = sc.model_copy(update={"nprobes": nprobes, "refine_factor": refine})
@@ -114,9 +124,12 @@ def main() -> None:
                             ids = set(zip(res["slide_id"].to_pylist(), res["region_index"].to_pylist()))
                             hits += sum((f"s{j // 40}", j % 40) in ids for j in gt)
                         recall = hits / (args.k * len(qidx))
-                        print(f"{n:>9} {kind:>12} {build_s:>8.1f} {statistics.median(lat) * 1e3:>9.1f} "
-                              f"{flat_ms:>9.1f} {numpy_ms:>9.1f} {recall:>9.3f}  partitions {parts}, "
-                              f"nprobes {nprobes}, refine {refine}, {sc.metric}", flush=True)
+                        print(
+                            f"{n:>9} {kind:>12} {build_s:>8.1f} {statistics.median(lat) * 1e3:>9.1f} "
+                            f"{flat_ms:>9.1f} {numpy_ms:>9.1f} {recall:>9.3f}  partitions {parts}, "
+                            f"nprobes {nprobes}, refine {refine}, {sc.metric}",
+                            flush=True,
+                        )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -24,7 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -73,33 +73,63 @@ def build(n: int, per_slide: int) -> tuple[Path, Path]:
             sid, uri = f"s{i:05d}", uris[i]
             info = stat(uri)
             for r in range(per_slide):
-                coords.append({"slide_id": sid, "region_index": r, "x": r * 8192, "y": 0, "level": 0,
-                               "level0_w": 4096, "level0_h": 4096, "read_w": 4096, "read_h": 4096,
-                               "valid_w": 4096, "valid_h": 4096, "mpp": 0.5, "read_mpp": 0.5,
-                               "mpp_source": "metadata", "tissue_fraction": 0.9, "spec_hash": SPEC,
-                               "model_id": "", "slide_version": f"{info.size}:{info.version}"})
+                coords.append(
+                    {
+                        "slide_id": sid,
+                        "region_index": r,
+                        "x": r * 8192,
+                        "y": 0,
+                        "level": 0,
+                        "level0_w": 4096,
+                        "level0_h": 4096,
+                        "read_w": 4096,
+                        "read_h": 4096,
+                        "valid_w": 4096,
+                        "valid_h": 4096,
+                        "mpp": 0.5,
+                        "read_mpp": 0.5,
+                        "mpp_source": "metadata",
+                        "tissue_fraction": 0.9,
+                        "spec_hash": SPEC,
+                        "model_id": "",
+                        "slide_version": f"{info.size}:{info.version}",
+                    }
+                )
             base = {f.name: None for f in SLIDES_SCHEMA} | {
-                "slide_id": sid, "uri": uri, "size": info.size, "etag": info.version, "status": "ok",
-                "error": "", "n_regions": per_slide, "spec_hash": SPEC, "mpp": 0.5, "backend": "tiles",
-                "time": datetime.now(timezone.utc)}
+                "slide_id": sid,
+                "uri": uri,
+                "size": info.size,
+                "etag": info.version,
+                "status": "ok",
+                "error": "",
+                "n_regions": per_slide,
+                "spec_hash": SPEC,
+                "mpp": 0.5,
+                "backend": "tiles",
+                "time": datetime.now(UTC),
+            }
             status.append(base | {"model_id": ""})
         store.append_slides(status, coords)
         emb = pa.Table.from_pylist(coords).drop_columns(["model_id"])
-        emb = emb.append_column("emb4k", pa.FixedSizeListArray.from_arrays(
-            rng.standard_normal(emb.num_rows * DIM).astype(np.float32), DIM))
-        emb = emb.append_column("mean256", pa.FixedSizeListArray.from_arrays(
-            np.zeros(emb.num_rows * 384, np.float32), 384))
+        emb = emb.append_column(
+            "emb4k", pa.FixedSizeListArray.from_arrays(rng.standard_normal(emb.num_rows * DIM).astype(np.float32), DIM)
+        )
+        emb = emb.append_column(
+            "mean256", pa.FixedSizeListArray.from_arrays(np.zeros(emb.num_rows * 384, np.float32), 384)
+        )
         emb = emb.append_column("error", pa.array([""] * emb.num_rows))
         meta = write_region_fragments(emb, uri=store.uri(REGIONS), schema=schema, model_id=MID)
         frags = [FragmentMetadata.from_json(j) for j in meta["fragment_json"].to_pylist() if j]
-        store.append_slides([r | {"model_id": MID, "time": datetime.now(timezone.utc)} for r in status],
-                            fragments=frags)
+        store.append_slides([r | {"model_id": MID, "time": datetime.now(UTC)} for r in status], fragments=frags)
     return d, d / "manifest.csv"
 
 
 def shape(store: Store) -> str:
-    return ", ".join(f"{t} {len(ds.get_fragments())} fragments / {len(ds.versions())} versions"
-                     for t in (REGIONS, SLIDES) if (ds := store.dataset(t)) is not None)
+    return ", ".join(
+        f"{t} {len(ds.get_fragments())} fragments / {len(ds.versions())} versions"
+        for t in (REGIONS, SLIDES)
+        if (ds := store.dataset(t)) is not None
+    )
 
 
 def main() -> None:
@@ -117,8 +147,10 @@ def main() -> None:
 
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
-    print(f"# bench/tables.py  cpu: {name}, {os.cpu_count()} cores  load: {os.getloadavg()[0]:.2f}  "
-          f"regions per slide: {args.regions_per_slide}")
+    print(
+        f"# bench/tables.py  cpu: {name}, {os.cpu_count()} cores  load: {os.getloadavg()[0]:.2f}  "
+        f"regions per slide: {args.regions_per_slide}"
+    )
     for n in (int(s) for s in args.slides.split(",")):
         t0 = time.perf_counter()
         d, manifest = build(n, args.regions_per_slide)
@@ -129,11 +161,14 @@ def main() -> None:
         t_changed, now = timed(lambda: file_versions([s.to_ref() for s in specs if s.slide_id in done], None))
         changed = [sid for sid, v in now.items() if v != row_version(done[sid])]
         assert not changed, f"{len(changed)} reported changed"
-        t_plan, coords = timed(lambda: store.regions(SPEC, sorted(done), model_id="",
-                                                     columns=["slide_id", "region_index", "x", "y"]))
-        print(f"  list {t_list:.2f} s · finished slides {t_done:.2f} s · changed-file check {t_changed:.2f} s · "
-              f"embed plan ({coords.num_rows} regions) {t_plan:.2f} s · "
-              f"total {t_list + t_done + t_changed + t_plan:.2f} s")
+        t_plan, coords = timed(
+            lambda: store.regions(SPEC, sorted(done), model_id="", columns=["slide_id", "region_index", "x", "y"])
+        )
+        print(
+            f"  list {t_list:.2f} s · finished slides {t_done:.2f} s · changed-file check {t_changed:.2f} s · "
+            f"embed plan ({coords.num_rows} regions) {t_plan:.2f} s · "
+            f"total {t_list + t_done + t_changed + t_plan:.2f} s"
+        )
         for when in ("before tidy", "after tidy"):
             if when == "after tidy":
                 t_tidy, _ = timed(lambda: store.tidy(keep_versions_days=0), repeat=1)

@@ -37,13 +37,22 @@ def init_ray(cfg: Config, *, dashboard: bool = False) -> None:
 
 
 def _common(p: argparse.ArgumentParser, *, uses_ray: bool = True) -> None:
-    p.add_argument("--config", action="append", default=[], metavar="YAML",
-                   help="extra config file(s) or shipped layer(s) by name (e.g. tiny), layered over the "
-                        "command's shipped layer (hipt_ray/configs/base.yaml lists the defaults)")
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="extra config file(s) or shipped layer(s) by name (e.g. tiny), layered over the "
+        "command's shipped layer (hipt_ray/configs/base.yaml lists the defaults)",
+    )
     if uses_ray:  # commands that run without Ray do not take an address they would ignore
         p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. tiling.mpp=0.25 storage.cache_max_bytes=1e10")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. tiling.mpp=0.25 storage.cache_max_bytes=1e10",
+    )
 
 
 def _with_address(values: dict, args: argparse.Namespace) -> None:
@@ -69,14 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     tile = sub.add_parser("tile", help="find tissue and grid 4096² regions of every slide into Lance")
-    tile.add_argument("--slides", required=True,
-                      help="a directory, a glob, an s3:// prefix or a manifest .csv (uri[,slide_id,mpp])")
+    tile.add_argument(
+        "--slides", required=True, help="a directory, a glob, an s3:// prefix or a manifest .csv (uri[,slide_id,mpp])"
+    )
     tile.add_argument("--out", required=True, help="output URI (local or s3://)")
     _common(tile)
 
     embed = sub.add_parser("embed", help="embed every slide's regions with HIPT-4K into Lance")
-    embed.add_argument("--slides", required=True,
-                       help="a directory, a glob, an s3:// prefix or a manifest .csv (uri[,slide_id,mpp])")
+    embed.add_argument(
+        "--slides", required=True, help="a directory, a glob, an s3:// prefix or a manifest .csv (uri[,slide_id,mpp])"
+    )
     embed.add_argument("--out", required=True, help="output URI (local or s3://); tile results there are reused")
     _checkpoint_args(embed)
     _common(embed)
@@ -99,18 +110,30 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="Ray Tune sweep of slide-level heads, every trial logged to MLflow")
     sw.add_argument("--out", required=True, help="an embed output")
     sw.add_argument("--labels", required=True, help="CSV/Parquet: slide_id, case_id, label | survival_months, event")
-    sw.add_argument("--task", choices=["subtyping", "survival"],
-                    help="layers the shipped heads/<task>.yaml (its search space unless sweep.space is given)")
+    sw.add_argument(
+        "--task",
+        choices=["subtyping", "survival"],
+        help="layers the shipped heads/<task>.yaml (its search space unless sweep.space is given)",
+    )
     _common(sw)
 
-    hm = sub.add_parser("heatmap", help="attention heatmaps: a region's ViT-256/ViT-4K attention, or a "
-                                         "slide-level head's attention over every region of its slides")
+    hm = sub.add_parser(
+        "heatmap",
+        help="attention heatmaps: a region's ViT-256/ViT-4K attention, or a "
+        "slide-level head's attention over every region of its slides",
+    )
     hm.add_argument("--out", required=True, help="directory for the PNG files")
     hm.add_argument("--slide", help="region mode: the slide (path or s3:// URI); head mode: only this slide id")
     hm.add_argument("--region", help="region mode: level-0 X,Y of the region's top-left corner")
-    hm.add_argument("--shifts", type=int, default=2,
-                    help="shifted windows per axis averaged to smooth block edges (1: none; default 2)")
-    hm.add_argument("--head-run", help="head mode: a train-head/sweep run directory (OUT/heads/<name>) or MLflow run id")
+    hm.add_argument(
+        "--shifts",
+        type=int,
+        default=2,
+        help="shifted windows per axis averaged to smooth block edges (1: none; default 2)",
+    )
+    hm.add_argument(
+        "--head-run", help="head mode: a train-head/sweep run directory (OUT/heads/<name>) or MLflow run id"
+    )
     _checkpoint_args(hm)
     _common(hm, uses_ray=False)
 
@@ -129,8 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-slides", type=int, default=12)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--n-subtypes", type=int, default=2)
-    demo.add_argument("--size-um", type=float, nargs=2, default=(3000.0, 6000.0), metavar=("MIN", "MAX"),
-                      help="range of the slides' sides in µm (default 3000 6000)")
+    demo.add_argument(
+        "--size-um",
+        type=float,
+        nargs=2,
+        default=(3000.0, 6000.0),
+        metavar=("MIN", "MAX"),
+        help="range of the slides' sides in µm (default 3000 6000)",
+    )
     return parser
 
 
@@ -261,8 +290,15 @@ def _heatmap(args: argparse.Namespace, cfg: Config):
 def _search(args: argparse.Namespace, cfg: Config):
     from hipt_ray.explain.search import search_similar
 
-    return search_similar(cfg, args.slide, _xy(args.region), k=args.k, labels=args.labels, dest=args.dest,
-                          rebuild_index=args.rebuild_index)
+    return search_similar(
+        cfg,
+        args.slide,
+        _xy(args.region),
+        k=args.k,
+        labels=args.labels,
+        dest=args.dest,
+        rebuild_index=args.rebuild_index,
+    )
 
 
 def _size(n: float) -> str:
@@ -288,16 +324,24 @@ def _make_demo_data(args: argparse.Namespace, cfg: None):
     lo, hi = args.size_um
     if not 0 < lo <= hi:
         raise ConfigError(f"--size-um takes MIN MAX with 0 < MIN <= MAX (µm), got {lo:g} {hi:g}")
-    plan = plan_demo_data(args.out, n_slides=args.n_slides, seed=args.seed, n_subtypes=args.n_subtypes,
-                          size_um=tuple(args.size_um))
+    plan = plan_demo_data(
+        args.out, n_slides=args.n_slides, seed=args.seed, n_subtypes=args.n_subtypes, size_um=tuple(args.size_um)
+    )
     need = plan.estimated_bytes()
     folder, free = _free_bytes(args.out)
     if need > free:
-        raise ConfigError(f"--n-slides {args.n_slides} would write about {_size(need)} of slides, more than "
-                          f"the {_size(free)} free at {folder}: ask for fewer or smaller slides "
-                          "(--n-slides, --size-um) or write elsewhere")
-    log.info("make-demo-data: %d slides, about %s, into %s (%s free there)",
-             args.n_slides, _size(need), args.out, _size(free))
+        raise ConfigError(
+            f"--n-slides {args.n_slides} would write about {_size(need)} of slides, more than "
+            f"the {_size(free)} free at {folder}: ask for fewer or smaller slides "
+            "(--n-slides, --size-um) or write elsewhere"
+        )
+    log.info(
+        "make-demo-data: %d slides, about %s, into %s (%s free there)",
+        args.n_slides,
+        _size(need),
+        args.out,
+        _size(free),
+    )
     with Progress("make-demo-data", total=args.n_slides, unit="slides") as progress:
         out = write_demo_data(plan, on_slide=lambda: progress.update(advance=1))
     return _Lines([f"wrote {args.n_slides} slides to {out / 'slides'} and labels to {out / 'labels.csv'}"])
@@ -341,8 +385,9 @@ def _setup_logging(verbose: bool) -> None:
 
     console.set_verbose(verbose)
     handler = console.ConsoleHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s") if verbose
-                         else _Short("%(message)s"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s") if verbose else _Short("%(message)s")
+    )
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, console.ConsoleHandler)]:
         root.removeHandler(old)  # main() called again in one process (the demo, tests)

@@ -63,8 +63,10 @@ def name_problem(value: str) -> str | None:
     return None
 
 
-NAME_RULE = (f"a name used as a file name under the output: at most {NAME_MAX_BYTES} bytes, no control "
-             "characters, no '/' or '\\', no leading '.'")
+NAME_RULE = (
+    f"a name used as a file name under the output: at most {NAME_MAX_BYTES} bytes, no control "
+    "characters, no '/' or '\\', no leading '.'"
+)
 
 
 def check_name(value: str, key: str) -> str:
@@ -92,23 +94,30 @@ class StorageConfig(_Section):
         description="Any S3-compatible endpoint (MinIO, Ceph, moto). None: the standard AWS variables/config.",
     )
     retries: int = Field(
-        default=3, ge=0, le=20,
+        default=3,
+        ge=0,
+        le=20,
         description="Retries of an object-store request that failed in a way that may pass (a timeout, a refused "
         "connection, a 5xx), with backoff 0.5, 1, 2 … s; each retry is one warning line.",
     )
     retry_seconds: float = Field(
-        default=60.0, gt=0, le=3600,
+        default=60.0,
+        gt=0,
+        le=3600,
         description="The most time one object-store request spends retrying before it fails with a one-line "
         "error (Lance's client retries and request timeout get one try's share). "
         "Also read by Ray workers as HIPT_RAY_STORAGE_RETRY_SECONDS.",
     )
     lease_seconds: float = Field(
-        default=120.0, ge=10.0, le=3600.0,
+        default=120.0,
+        ge=10.0,
+        le=3600.0,
         description="An object-storage output's writer lease expires this long after its run stops renewing it "
         "(a killed run blocks the next one on that output at most this long; local disk: never).",
     )
     keep_versions_days: float = Field(
-        default=7.0, ge=0.0,
+        default=7.0,
+        ge=0.0,
         description="Table versions older than this are deleted after each embed run (time travel within it).",
     )
 
@@ -117,9 +126,10 @@ class TilingConfig(_Section):
     """The region grid: ``region_px`` pixels at exactly ``mpp`` µm/px, cut into patches."""
 
     mpp: float = Field(
-        default=0.5, ge=0.05, le=64.0,
-        description="Bounds keep a typo from planning 10^17 regions: 0.05 µm/px is finer than any scanner's "
-        "level 0.",
+        default=0.5,
+        ge=0.05,
+        le=64.0,
+        description="Bounds keep a typo from planning 10^17 regions: 0.05 µm/px is finer than any scanner's level 0.",
     )
     region_px: int = Field(default=4096, ge=64, le=16384)
     patch_px: int = Field(default=256, ge=16, le=4096)
@@ -134,7 +144,9 @@ class TilingConfig(_Section):
         description="Per-slide MPP for slides whose files carry none: {slide_id: mpp}.",
     )
     max_regions_per_slide: int = Field(
-        default=200_000, ge=1, le=10_000_000,
+        default=200_000,
+        ge=1,
+        le=10_000_000,
         description="A slide whose grid would hold more regions than this fails with a reason (the tile task "
         "never builds it): 200,000 regions of 4096² at 0.5 µm/px is 67 cm² of tissue.",
     )
@@ -142,9 +154,7 @@ class TilingConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> TilingConfig:
         if self.region_px % self.patch_px:
-            raise ValueError(
-                f"region_px ({self.region_px}) must be a multiple of patch_px ({self.patch_px})"
-            )
+            raise ValueError(f"region_px ({self.region_px}) must be a multiple of patch_px ({self.patch_px})")
         for sid, v in self.mpp_overrides.items():
             if not (math.isfinite(v) and 0.01 <= v <= 100):
                 raise ValueError(f"mpp_overrides[{sid!r}] = {v} µm/px is not a plausible slide MPP (0.01–100)")
@@ -169,13 +179,17 @@ class TissueConfig(_Section):
         " auto: luminance when the slide's low-resolution image has no colour, else saturation.",
     )
     saturation_threshold: float | None = Field(
-        default=None, ge=0.0, le=1.0,
+        default=None,
+        ge=0.0,
+        le=1.0,
         description="None: Otsu's threshold on HSV saturation, kept within [min_saturation, max_saturation].",
     )
     min_saturation: float = Field(default=0.05, ge=0.0, le=1.0)
     max_saturation: float = Field(default=0.15, ge=0.0, le=1.0)
     luminance_threshold: float | None = Field(
-        default=None, ge=0.0, le=1.0,
+        default=None,
+        ge=0.0,
+        le=1.0,
         description="None: Otsu on darkness (1 − luma) within [0.12, 0.5]; used by the luminance method only.",
     )
     blur_um: float = Field(default=40.0, ge=0.0)
@@ -192,13 +206,13 @@ class ReaderConfig(_Section):
 
     backend: Literal["auto", "tiles", "openslide"] = Field(
         default="auto",
-        description="tiles (byte-range TIFF tiles, no staging) | openslide | auto: tiles where the format "
-        "allows",
+        description="tiles (byte-range TIFF tiles, no staging) | openslide | auto: tiles where the format allows",
     )
     range_gap_bytes: int = Field(
-        default=64 * 1024, ge=0, le=64 * 2**20,
-        description="Tile byte ranges closer than this are fetched in one request (fewer requests, a few more "
-        "bytes).",
+        default=64 * 1024,
+        ge=0,
+        le=64 * 2**20,
+        description="Tile byte ranges closer than this are fetched in one request (fewer requests, a few more bytes).",
     )
     scaled_decode: bool = Field(
         default=False,
@@ -223,8 +237,7 @@ class ModelConfig(_Section):
     checkpoint_4k: str | None = Field(default=None, description="vit4k_xs_dino.pth")
     allow_random_weights: bool = Field(
         default=False,
-        description="Without checkpoints the job refuses to run unless this is true (then the model id says "
-        "so).",
+        description="Without checkpoints the job refuses to run unless this is true (then the model id says so).",
     )
     seed: int = Field(default=0, description="for random weights: every actor builds the same model")
     allow_unsafe_pickle: bool = Field(
@@ -233,7 +246,8 @@ class ModelConfig(_Section):
         "pickle cannot run code). true: full unpickling, for files you trust and nothing else.",
     )
     micro_batch: int | None = Field(
-        default=None, gt=0,
+        default=None,
+        gt=0,
         description="256 px patches per ViT-256 forward; None: 32 on CPU, 256 on a GPU (the fastest measured in"
         " bench/models.py and, on an H100, bench/gpu.py: 60 vs 50 regions/s bf16 for 256 vs 64)",
     )
@@ -259,7 +273,8 @@ class EmbedConfig(_Section):
     regions_per_task: int = Field(default=16, gt=0, description="regions one read task reads (≈ 1 s from JPEG tiles)")
     write_regions: int = Field(default=32, gt=0, description="region rows per Lance fragment a worker writes")
     actor_batch_regions: int = Field(
-        default=4, gt=0,
+        default=4,
+        gt=0,
         description="regions per model-actor call (fewer tasks for the driver)",
     )
     read_resources: dict[str, float] = Field(
@@ -362,7 +377,8 @@ class HeadsConfig(_Section):
     folds: int | None = Field(default=None, ge=2, description="None: 10 for subtyping, 5 for survival")
     train_fraction: float = Field(default=1.0, gt=0, le=1)
     epochs: int = Field(
-        default=50, gt=0,
+        default=50,
+        gt=0,
         description="defaults measured on the planted demo cohort (heads/*.yaml: per task)",
     )
     lr: float = Field(default=2e-3, gt=0)
@@ -370,7 +386,8 @@ class HeadsConfig(_Section):
     dropout: float = Field(default=0.25, ge=0, lt=1)
     hidden: int = Field(default=128, gt=0, description="abmil / mean_mlp hidden size (hipt_lgp keeps its 192)")
     batch_bags: int = Field(
-        default=8, gt=0,
+        default=8,
+        gt=0,
         description="Bags (cases) per optimiser step, run as one padded batch: 8 trains 3–4× faster than 1 at "
         "the same AUC on the demo cohort (bench/heads.py), with lr 2e-3 for the fewer steps.",
     )
@@ -385,7 +402,9 @@ class HeadsConfig(_Section):
         description="subtyping: cross-entropy weighted by inverse class frequency",
     )
     val_fraction: float = Field(
-        default=0.2, ge=0, lt=1,
+        default=0.2,
+        ge=0,
+        lt=1,
         description="Inner validation split of each training fold (case-level, stratified, seeded): the epoch "
         "with the lowest validation loss is the fold's model; the outer fold is never looked at. 0:"
         " no inner split, the last epoch",
@@ -441,7 +460,8 @@ class SearchConfig(_Section):
     min_rows: int = Field(default=1000, gt=0, description="fewer embedded regions: exact search, no index")
     nprobes: int = Field(default=32, gt=0)
     refine_factor: int | None = Field(
-        default=30, gt=0,
+        default=30,
+        gt=0,
         description="re-rank k·refine_factor by exact distance (bench: 5 → recall@10 0.65, 30 → 0.99 at 1M)",
     )
     k: int = Field(default=16, gt=0)
@@ -456,11 +476,13 @@ class RayConfig(_Section):
     )
     num_cpus: int | None = Field(default=None, gt=0)
     max_in_flight: int | None = Field(
-        default=None, gt=0,
+        default=None,
+        gt=0,
         description="Slide tasks kept in flight; None: twice the cluster's CPUs.",
     )
     write_batch_slides: int = Field(
-        default=32, gt=0,
+        default=32,
+        gt=0,
         description="Slides whose results are written to Lance in one commit.",
     )
 
@@ -532,8 +554,9 @@ def layer_path(name: str) -> Path:
     """
     name = name.removesuffix(".yaml")
     if name not in shipped_layers():
-        raise ConfigError(f"no shipped config layer {name!r} (in {CONFIG_DIR}); "
-                          f"the layers are: {', '.join(shipped_layers())}")
+        raise ConfigError(
+            f"no shipped config layer {name!r} (in {CONFIG_DIR}); the layers are: {', '.join(shipped_layers())}"
+        )
     return CONFIG_DIR / f"{name}.yaml"
 
 
@@ -591,6 +614,7 @@ _REPLACED_WHOLE = (("sweep", "space"),)
 
 def _fill(layer: str, cfg: Config) -> str:
     """``heads/{heads.task}`` → ``heads/survival``: a layer name with config keys filled in."""
+
     def value(match: re.Match[str]) -> str:
         obj: Any = cfg
         for part in match.group(1).split("."):

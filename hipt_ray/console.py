@@ -39,8 +39,16 @@ def verbose() -> bool:
 class Progress:
     """``Progress("embed", total=400, unit="regions")``; ``update(done, loss=…)``; ``close()``."""
 
-    def __init__(self, stage: str, total: int | None = None, unit: str = "", *, stream: IO[str] | None = None,
-                 every: float | None = None, live: bool | None = None):
+    def __init__(
+        self,
+        stage: str,
+        total: int | None = None,
+        unit: str = "",
+        *,
+        stream: IO[str] | None = None,
+        every: float | None = None,
+        live: bool | None = None,
+    ):
         self.stage, self.total, self.unit = stage, total, unit
         self.stream = stream if stream is not None else sys.stderr
         self.live = self.stream.isatty() if live is None else live
@@ -153,5 +161,5 @@ def quiet_ray() -> None:
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
     for handler in logging.getLogger("ray.data").handlers:  # its session-file handler (not a stream
-        if isinstance(handler, logging.StreamHandler):     # handler) keeps everything at DEBUG
+        if isinstance(handler, logging.StreamHandler):  # handler) keeps everything at DEBUG
             handler.setLevel(logging.ERROR)

@@ -50,34 +50,72 @@ def main(argv: list[str] | None = None) -> int:
     start_ray(address=ray_address(), dashboard=True)
     if not (data / "labels.csv").is_file():
         # Small slides (1–4 regions each) so that the cohort has enough cases for the heads.
-        if code := _step(["make-demo-data", str(data), "--n-slides", str(args.n_slides), "--seed", "0",
-                          "--size-um", "2100", "4200"]):
+        if code := _step(
+            ["make-demo-data", str(data), "--n-slides", str(args.n_slides), "--seed", "0", "--size-um", "2100", "4200"]
+        ):
             return code
-    code = _step(["tile", "--slides", str(data / "slides"), "--out", str(tables),
-                  "--config", "demo"])
+    code = _step(["tile", "--slides", str(data / "slides"), "--out", str(tables), "--config", "demo"])
     if code not in (0, 3):
         return code
-    code = _step(["embed", "--slides", str(data / "slides"), "--out", str(tables),
-                  "--config", "demo"])
+    code = _step(["embed", "--slides", str(data / "slides"), "--out", str(tables), "--config", "demo"])
     if code not in (0, 3):
         return code
     # Pretraining: stage 1 on the slides' patches, embed with the stage-1 ViT-256 into a separate
     # output, stage 2 on the token grids of that output.
     ssl = out / "ssl"
-    if code := _step(["pretrain", "--stage", "vit256", "--slides", str(data / "slides"), "--out", str(ssl),
-                      "--run-name", "demo-vit256", "--config", "demo"]):
+    if code := _step(
+        [
+            "pretrain",
+            "--stage",
+            "vit256",
+            "--slides",
+            str(data / "slides"),
+            "--out",
+            str(ssl),
+            "--run-name",
+            "demo-vit256",
+            "--config",
+            "demo",
+        ]
+    ):
         return code
     stage1 = ssl / "pretrain" / "demo-vit256" / "teacher_vit256.pth"
-    if (code := _step(["embed", "--slides", str(data / "slides"), "--out", str(ssl), "--checkpoint-256",
-                       str(stage1), "--config", "demo"])) not in (0, 3):
+    if (
+        code := _step(
+            [
+                "embed",
+                "--slides",
+                str(data / "slides"),
+                "--out",
+                str(ssl),
+                "--checkpoint-256",
+                str(stage1),
+                "--config",
+                "demo",
+            ]
+        )
+    ) not in (0, 3):
         return code
-    if code := _step(["pretrain", "--stage", "vit4k", "--out", str(ssl), "--run-name", "demo-vit4k",
-                      "--config", "demo"]):
+    if code := _step(
+        ["pretrain", "--stage", "vit4k", "--out", str(ssl), "--run-name", "demo-vit4k", "--config", "demo"]
+    ):
         return code
     # Slide-level heads: small sweeps for subtyping and survival on the first embeddings.
     for task in ("subtyping", "survival"):
-        if code := _step(["sweep", "--out", str(tables), "--labels", str(data / "labels.csv"), "--task", task,
-                          "--config", "demo", f"sweep.name=demo-{task}"]):
+        if code := _step(
+            [
+                "sweep",
+                "--out",
+                str(tables),
+                "--labels",
+                str(data / "labels.csv"),
+                "--task",
+                task,
+                "--config",
+                "demo",
+                f"sweep.name=demo-{task}",
+            ]
+        ):
             return code
     # Look at it: a region's attention, the best subtyping head's attention over each slide, and
     # the regions most like one region across every slide.
@@ -91,16 +129,55 @@ def main(argv: list[str] | None = None) -> int:
     uri = store.completed(spec, mid)[best["slide_id"]]
     figures = out / "figures"
     steps = [
-        ["heatmap", "--slide", uri, "--region", f"{best['x']},{best['y']}", "--out", str(figures / "region"),
-         "--config", "demo"],
+        [
+            "heatmap",
+            "--slide",
+            uri,
+            "--region",
+            f"{best['x']},{best['y']}",
+            "--out",
+            str(figures / "region"),
+            "--config",
+            "demo",
+        ],
         # An attention head (the sweep's best may be mean pooling, which has no attention to show).
-        ["train-head", "--out", str(tables), "--labels", str(data / "labels.csv"), "--run-name", "demo-abmil",
-         "--config", "demo", "heads.head=abmil"],
-        ["heatmap", "--head-run", str(tables / "heads" / "demo-abmil"), "--out", str(figures / "slides"),
-         "--config", "demo"],
-        ["search", "--out", str(tables), "--slide", best["slide_id"], "--region", f"{best['x']},{best['y']}",
-         "--labels", str(data / "labels.csv"), "--dest", str(figures / "search"), "--config", "demo",
-         "search.k=8"],  # 8 rows in the console, not 16; the CSV and mosaic show the same 8
+        [
+            "train-head",
+            "--out",
+            str(tables),
+            "--labels",
+            str(data / "labels.csv"),
+            "--run-name",
+            "demo-abmil",
+            "--config",
+            "demo",
+            "heads.head=abmil",
+        ],
+        [
+            "heatmap",
+            "--head-run",
+            str(tables / "heads" / "demo-abmil"),
+            "--out",
+            str(figures / "slides"),
+            "--config",
+            "demo",
+        ],
+        [
+            "search",
+            "--out",
+            str(tables),
+            "--slide",
+            best["slide_id"],
+            "--region",
+            f"{best['x']},{best['y']}",
+            "--labels",
+            str(data / "labels.csv"),
+            "--dest",
+            str(figures / "search"),
+            "--config",
+            "demo",
+            "search.k=8",
+        ],  # 8 rows in the console, not 16; the CSV and mosaic show the same 8
     ]
     for argv in steps:
         if code := _step(argv):
@@ -127,7 +204,7 @@ demo outputs under {out}:
   MLflow          : .venv/bin/mlflow ui --backend-store-uri sqlite:///{tables}/mlflow.db  (sweeps)
                     .venv/bin/mlflow ui --backend-store-uri sqlite:///{ssl}/mlflow.db  (pretraining)
 read them with:   .venv/bin/python -c "from hipt_ray.store import read_embeddings; print(read_embeddings('{tables}'))"
-                  .venv/bin/python -c "import lance; print(lance.dataset('{tables}/regions.lance').to_table().to_pandas())"
+                  .venv/bin/python -c "import lance; print(lance.dataset('{tables}/regions.lance').to_table())"
 """)
     return code
 

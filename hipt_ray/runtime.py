@@ -19,8 +19,13 @@ def ray_address(configured: str | None = None) -> str | None:
     return configured or os.environ.get("RAY_ADDRESS") or None
 
 
-def start_ray(*, address: str | None = None, num_cpus: int | None = None,
-              logging_level: int = logging.WARNING, dashboard: bool = False) -> None:
+def start_ray(
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    logging_level: int = logging.WARNING,
+    dashboard: bool = False,
+) -> None:
     """Join ``address`` or start a private local Ray (never the machine's "current" cluster).
 
     ``dashboard``: start the local Ray's dashboard too. Ray Train needs it: its placement-group
@@ -39,5 +44,10 @@ def start_ray(*, address: str | None = None, num_cpus: int | None = None,
     if address:
         ray.init(address=address, logging_level=logging_level, log_to_driver=verbose())
         return
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, logging_level=logging_level,
-             log_to_driver=verbose())
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=dashboard,
+        logging_level=logging_level,
+        log_to_driver=verbose(),
+    )

@@ -58,5 +58,4 @@ class SlideRef:
         hold plain columns, not objects)."""
         mpp = row.get("mpp_override")
         mpp = None if mpp is None or mpp != mpp else float(mpp)  # null may arrive as NaN
-        return cls(slide_id=row["slide_id"], uri=row["uri"], mpp_override=mpp,
-                   version=row.get("slide_version"))
+        return cls(slide_id=row["slide_id"], uri=row["uri"], mpp_override=mpp, version=row.get("slide_version"))

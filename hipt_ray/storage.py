@@ -90,13 +90,12 @@ def describe_error(uri: str, exc: BaseException) -> str:
     if isinstance(exc, PermissionError) or any(
         s in low for s in ("accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden")
     ):
-        return (
-            f"{uri}: access denied ({text}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
-            "or the bucket policy"
-        )
+        return f"{uri}: access denied ({text}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the bucket policy"
     if is_transient(exc):
-        return (f"{uri}: {_gist(str(exc))} ({type(exc).__name__}), still failing after retries: the object store "
-                "is throttling or unavailable; rerun later to retry this slide (finished slides are kept)")
+        return (
+            f"{uri}: {_gist(str(exc))} ({type(exc).__name__}), still failing after retries: the object store "
+            "is throttling or unavailable; rerun later to retry this slide (finished slides are kept)"
+        )
     return f"{uri}: {text}"
 
 
@@ -109,8 +108,17 @@ class OutputStoreError(StorageError):
         self.config = config
 
 
-_UNREACHABLE = ("could not connect", "error sending request", "connection refused", "endpointconnectionerror",
-                "connecttimeout", "timed out", "name or service not known", "failed to resolve", "dns error")
+_UNREACHABLE = (
+    "could not connect",
+    "error sending request",
+    "connection refused",
+    "endpointconnectionerror",
+    "connecttimeout",
+    "timed out",
+    "name or service not known",
+    "failed to resolve",
+    "dns error",
+)
 
 
 def _gist(text: str) -> str:
@@ -159,20 +167,34 @@ def _cause(uri: str, exc: BaseException, *, at_start: bool = False) -> tuple[str
         full = "no space left on the device" if _is(exc, _FULL) else "the disk quota is exceeded"
         cause, fix, config = f"{full}{where}", "free some space (or choose another --out)", False
     elif "nocredentialserror" in low or "unable to locate credentials" in low:
-        cause, fix, config = "no AWS credentials were found", "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)", True
+        cause, fix, config = (
+            "no AWS credentials were found",
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
+            True,
+        )
     elif isinstance(exc, PermissionError) and not is_remote(uri):
         cause, fix, config = f"permission denied{where}", "choose a folder you can write as --out", True
-    elif isinstance(exc, PermissionError) or any(s in low for s in (
-            "accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden", " 403")):
-        cause, fix, config = (f"access denied ({_gist(str(exc))})",
-                              "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy", True)
+    elif isinstance(exc, PermissionError) or any(
+        s in low for s in ("accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden", " 403")
+    ):
+        cause, fix, config = (
+            f"access denied ({_gist(str(exc))})",
+            "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy",
+            True,
+        )
     elif "nosuchbucket" in low:
-        cause, fix, config = ("the bucket does not exist",
-                              "check the bucket name in --out (hipt-ray never creates buckets)", True)
+        cause, fix, config = (
+            "the bucket does not exist",
+            "check the bucket name in --out (hipt-ray never creates buckets)",
+            True,
+        )
     elif any(s in low for s in _UNREACHABLE):
         where = re.search(r"https?://[^/\s\"']+", str(exc))
-        cause, fix, config = ("cannot reach the object store" + (f" at {where.group(0)}" if where else ""),
-                              "check AWS_ENDPOINT_URL / storage.s3_endpoint_url and the network", at_start)
+        cause, fix, config = (
+            "cannot reach the object store" + (f" at {where.group(0)}" if where else ""),
+            "check AWS_ENDPOINT_URL / storage.s3_endpoint_url and the network",
+            at_start,
+        )
     else:
         cause, fix, config = _gist(str(exc)) or type(exc).__name__, "", False
     return cause, fix, config
@@ -224,7 +246,9 @@ def check_output(out: str, endpoint_url: str | None = None) -> None:
     except FileNotFoundError:
         raise OutputStoreError(
             f"output {out}: the bucket {scheme}://{bucket} does not exist (hipt-ray never creates "
-            "buckets); check the spelling in --out, or create the bucket first", config=True) from None
+            "buckets); check the spelling in --out, or create the bucket first",
+            config=True,
+        ) from None
     except Exception as exc:
         raise output_error(out, exc, at_start=True) from None
 
@@ -238,12 +262,30 @@ def is_transient(exc: BaseException) -> bool:
     low = f"{type(exc).__name__}: {exc}".lower()
     if isinstance(exc, ValueError) and "lanceerror(io)" not in low:
         return False
-    permanent = ("accessdenied", "access denied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden",
-                 "nosuchbucket", "nosuchkey", "invalidbucketname", "nocredentials", "unable to locate credentials",
-                 "403", "404", "was not found", "precondition", "pre-condition",
-                 # a local file system's answer does not change on retry (Lance: "(os error N)")
-                 "not a directory", "is a directory", "permission denied", "read-only file system",
-                 "no space left on device", "file name too long")
+    permanent = (
+        "accessdenied",
+        "access denied",
+        "invalidaccesskeyid",
+        "signaturedoesnotmatch",
+        "forbidden",
+        "nosuchbucket",
+        "nosuchkey",
+        "invalidbucketname",
+        "nocredentials",
+        "unable to locate credentials",
+        "403",
+        "404",
+        "was not found",
+        "precondition",
+        "pre-condition",
+        # a local file system's answer does not change on retry (Lance: "(os error N)")
+        "not a directory",
+        "is a directory",
+        "permission denied",
+        "read-only file system",
+        "no space left on device",
+        "file name too long",
+    )
     return not any(s in low for s in permanent)
 
 
@@ -262,8 +304,10 @@ def set_retry_budget(retries: int, seconds: float) -> None:
 
 def retry_budget() -> tuple[int, float]:
     """(retries, seconds) of one object-store request in this process."""
-    return (int(os.environ.get(RETRIES_ENV, DEFAULT_RETRIES)),
-            float(os.environ.get(RETRY_SECONDS_ENV, DEFAULT_RETRY_SECONDS)))
+    return (
+        int(os.environ.get(RETRIES_ENV, DEFAULT_RETRIES)),
+        float(os.environ.get(RETRY_SECONDS_ENV, DEFAULT_RETRY_SECONDS)),
+    )
 
 
 def lance_retry_options() -> dict[str, str]:
@@ -274,8 +318,12 @@ def lance_retry_options() -> dict[str, str]:
     requests in turn), and a refused connection after about 20 s."""
     retries, seconds = retry_budget()
     share = max(1, int(seconds / (retries + 1)))
-    return {"client_max_retries": "3", "client_retry_timeout": str(share), "timeout": f"{share}s",
-            "connect_timeout": f"{min(5, share)}s"}
+    return {
+        "client_max_retries": "3",
+        "client_retry_timeout": str(share),
+        "timeout": f"{share}s",
+        "connect_timeout": f"{min(5, share)}s",
+    }
 
 
 def retry_warning(what: str, exc: BaseException, attempt: int, retries: int, delay: float) -> str:
@@ -284,8 +332,7 @@ def retry_warning(what: str, exc: BaseException, attempt: int, retries: int, del
     return f"{what}: {cause}; retry {attempt + 1} of {retries} in {delay:.1f} s"
 
 
-def with_retries(fn, *, what: str, retries: int | None = None, seconds: float | None = None,
-                 base_delay: float = 0.5):
+def with_retries(fn, *, what: str, retries: int | None = None, seconds: float | None = None, base_delay: float = 0.5):
     """``fn()``, retried on transient errors with exponential backoff (0.5, 1, 2 … s, at most
     8 s), at most ``retries`` times and not past ``seconds`` after the first try (both default to
     :func:`retry_budget`); each retry is one warning line."""
@@ -351,8 +398,7 @@ class StagingCache:
     (POSIX unlink semantics).
     """
 
-    def __init__(self, cache_dir: str, max_bytes: int, *, endpoint_url: str | None = None,
-                 retries: int = 3) -> None:
+    def __init__(self, cache_dir: str, max_bytes: int, *, endpoint_url: str | None = None, retries: int = 3) -> None:
         self.root = Path(os.path.expanduser(cache_dir))
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes

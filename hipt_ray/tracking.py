@@ -26,7 +26,7 @@ def setup_tracking(cfg: Config) -> str:
     mlflow.set_tracking_uri(uri)
     name = cfg.tracking.experiment
     if mlflow.get_experiment_by_name(name) is None and uri.startswith("sqlite:///"):
-        artifacts = os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
+        artifacts = os.path.join(os.path.dirname(uri[len("sqlite:///") :]), "mlartifacts")
         mlflow.create_experiment(name, artifact_location=f"file://{artifacts}")
     mlflow.set_experiment(name)
     return uri
@@ -43,13 +43,21 @@ class CrossValidationLog:
     metrics, and the final summary. Undefined (NaN) metrics are left out: MLflow shows them as
     missing rather than as a number."""
 
-    def __init__(self, heads: dict, *, split_hash: str, n_cases: int, n_folds: int, model_id: str,
-                 table_version: int) -> None:
+    def __init__(
+        self, heads: dict, *, split_hash: str, n_cases: int, n_folds: int, model_id: str, table_version: int
+    ) -> None:
         import mlflow
 
         mlflow.log_params({f"heads.{k}": v for k, v in heads.items()})
-        mlflow.log_params({"split_hash": split_hash, "n_cases": n_cases, "model_id": model_id,
-                           "regions_table_version": table_version, "n_folds": n_folds})
+        mlflow.log_params(
+            {
+                "split_hash": split_hash,
+                "n_cases": n_cases,
+                "model_id": model_id,
+                "regions_table_version": table_version,
+                "n_folds": n_folds,
+            }
+        )
 
     @staticmethod
     def epoch_metrics(states: list, mean: dict) -> dict:

@@ -106,8 +106,9 @@ def slide_set(tmp_path_factory) -> dict[str, Path]:
     make("good", width_um=5000, height_um=3000, mpp=0.5, seed=1, n_blobs=2)
     make("forty", ".svs", width_um=2600, height_um=2100, mpp=0.25, seed=2, aperio=True, objective=40)
     make("small", width_um=1500, height_um=1100, mpp=0.5, seed=3, n_blobs=1)
-    make("objective", ".svs", width_um=2500, height_um=2000, mpp=0.5, seed=4, aperio=True,
-         write_mpp=False, objective=20)
+    make(
+        "objective", ".svs", width_um=2500, height_um=2000, mpp=0.5, seed=4, aperio=True, write_mpp=False, objective=20
+    )
     make("blank", width_um=3000, height_um=2000, mpp=0.5, seed=5, tissue=False)
     make("nompp", width_um=2500, height_um=2000, mpp=0.5, seed=6, write_mpp=False)
     rgb, _ = synthetic.render(2000, 2000, mpp=0.5, seed=7)
@@ -138,10 +139,13 @@ def twin_slides(tmp_path_factory) -> tuple[Path, Path]:
 
 # ---------------------------------------------------------------- moto S3 (a real S3 API)
 
+
 def _start_moto(port: int, env: dict | None = None) -> subprocess.Popen:
     proc = subprocess.Popen(
         [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
     for _ in range(200):
         try:
@@ -161,8 +165,11 @@ def s3_endpoint() -> str:
     proc = _start_moto(port)
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.update(
-        AWS_ENDPOINT_URL=endpoint, AWS_ALLOW_HTTP="true", AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ALLOW_HTTP="true",
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
     )
     yield endpoint
     proc.kill()
@@ -187,6 +194,7 @@ def s3fs_client(s3_endpoint):
 
 
 # ---------------------------------------------------------------- Ray
+
 
 @pytest.fixture(scope="session")
 def ray_local(s3_endpoint):
@@ -217,8 +225,7 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 5) -> None:
 
 
 @contextlib.contextmanager
-def ray_head(*, num_cpus: int = 1, temp_dir: Path | None = None, env: dict | None = None,
-             extra: tuple[str, ...] = ()):
+def ray_head(*, num_cpus: int = 1, temp_dir: Path | None = None, env: dict | None = None, extra: tuple[str, ...] = ()):
     """A real ``ray start --head``, yielding ``(process, gcs address, ray_current_cluster path)``; stopped on
     exit, and Ray's ``ray_current_cluster`` file put back as it was, so that no later
     ``ray.init()`` on this machine finds the address of a head that is gone."""
@@ -227,14 +234,21 @@ def ray_head(*, num_cpus: int = 1, temp_dir: Path | None = None, env: dict | Non
     address_file = Path(get_ray_address_file(str(temp_dir) if temp_dir else None))
     before = address_file.read_text() if address_file.is_file() else None
     port = free_port()
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={port}",
-           "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", *extra]
+    cmd = [
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={num_cpus}",
+        *extra,
+    ]
     if temp_dir:
         cmd.append(f"--temp-dir={temp_dir}")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 120
         # Ray records the node's own IP there (not necessarily 127.0.0.1), with our port.

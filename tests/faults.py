@@ -29,8 +29,11 @@ class Rule:
     header: str = ""  # only requests carrying this header (e.g. "Range")
 
     def matches(self, method: str, path: str, headers) -> bool:
-        return ((self.method in ("*", method)) and re.search(self.path, path) is not None
-                and (not self.header or self.header in headers))
+        return (
+            (self.method in ("*", method))
+            and re.search(self.path, path) is not None
+            and (not self.header or self.header in headers)
+        )
 
 
 @dataclass
@@ -66,8 +69,10 @@ class FaultProxy:
                 body = self._body()
                 if (rule := proxy.fault(self.command, self.path, self.headers)) is not None:
                     code = _CODES.get(rule.status, "InternalError")
-                    xml = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-                           f"<Message>injected by the test proxy</Message></Error>").encode()
+                    xml = (
+                        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                        f"<Message>injected by the test proxy</Message></Error>"
+                    ).encode()
                     self.send_response(rule.status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(xml)))
@@ -89,8 +94,10 @@ class FaultProxy:
                     if k.lower() not in ("transfer-encoding", "content-length", "connection", "server", "date"):
                         self.send_header(k, v)
                 # a HEAD answer has no body but tells the object's length
-                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
-                                 else str(len(data)))
+                self.send_header(
+                    "Content-Length",
+                    resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)),
+                )
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

@@ -16,8 +16,9 @@ from hipt_ray.store import REGIONS, Store
 from hipt_ray.store.tables import resolve_embedding, sql_string, tokens_to_grid
 
 
-def _patch_rows(row: dict, *, patch_px: int, per_region: int, min_tissue: float, threshold: float,
-                seed: int) -> list[dict]:
+def _patch_rows(
+    row: dict, *, patch_px: int, per_region: int, min_tissue: float, threshold: float, seed: int
+) -> list[dict]:
     """A read region → up to ``per_region`` of its patches with enough tissue (seeded choice)."""
     if row["error"]:
         return []  # a region that does not decode is skipped for pretraining
@@ -41,8 +42,9 @@ def build_patch_dataset(cfg: Config, specs: list[SlideSpec]) -> tuple[ray.data.D
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
     tiled = store.slide_refs(cfg.tiling_spec_hash())  # opened as tiled: its override, its file version
     refs = [tiled[s.slide_id] for s in specs if s.slide_id in tiled]
-    regions = store.region_reads(cfg.tiling_spec_hash(), refs, ["region_index", "x", "y", "read_w", "read_h",
-                                                                 "mpp", "tissue_fraction"]).to_pylist()
+    regions = store.region_reads(
+        cfg.tiling_spec_hash(), refs, ["region_index", "x", "y", "read_w", "read_h", "mpp", "tissue_fraction"]
+    ).to_pylist()
     if not regions:
         raise InputError(f"no tiled regions with tissue for {cfg.slides} under {cfg.out}")
     estimate = 0
@@ -51,10 +53,16 @@ def build_patch_dataset(cfg: Config, specs: list[SlideSpec]) -> tuple[ray.data.D
         estimate += min(cfg.pretrain.patches_per_region, int(n * r["tissue_fraction"]))
     ds = ray.data.from_items(regions, override_num_blocks=len(regions))
     ds = ds.map(read_region, fn_kwargs=reader_kwargs(cfg), num_cpus=cfg.embed.read_cpus)
-    ds = ds.flat_map(_patch_rows, fn_kwargs=dict(
-        patch_px=cfg.tiling.patch_px, per_region=cfg.pretrain.patches_per_region,
-        min_tissue=cfg.pretrain.min_patch_tissue, threshold=cfg.tissue.min_saturation * 2,
-        seed=cfg.pretrain.seed))
+    ds = ds.flat_map(
+        _patch_rows,
+        fn_kwargs=dict(
+            patch_px=cfg.tiling.patch_px,
+            per_region=cfg.pretrain.patches_per_region,
+            min_tissue=cfg.pretrain.min_patch_tissue,
+            threshold=cfg.tissue.min_saturation * 2,
+            seed=cfg.pretrain.seed,
+        ),
+    )
     return ds.randomize_block_order(seed=cfg.pretrain.seed), max(1, estimate)
 
 
@@ -75,12 +83,12 @@ def build_grid_dataset(cfg: Config) -> tuple[ray.data.Dataset, int, str]:
     if not done:
         raise InputError(f"{src} has no slides embedded by model {model_id} with this tiling")
     quoted = ", ".join(sql_string(s) for s in done)
-    where = (f"model_id = {sql_string(model_id)} AND read_w = {full} AND read_h = {full} "
-             f"AND slide_id IN ({quoted})")
+    where = f"model_id = {sql_string(model_id)} AND read_w = {full} AND read_h = {full} AND slide_id IN ({quoted})"
     n = store.dataset(REGIONS).count_rows(filter=where)
     if n == 0:
         raise InputError(f"{src} has no full {full}² regions embedded by {model_id}")
-    ds = lance_ray.read_lance(store.uri(REGIONS), columns=["tokens256", "read_w", "read_h"],
-                              filter=where, storage_options=store.options)
+    ds = lance_ray.read_lance(
+        store.uri(REGIONS), columns=["tokens256", "read_w", "read_h"], filter=where, storage_options=store.options
+    )
     ds = ds.map(_grid_row, fn_kwargs={"patch_px": cfg.tiling.patch_px})
     return ds.randomize_block_order(seed=cfg.pretrain.seed), n, model_id

@@ -29,10 +29,13 @@ READ_COLUMNS = [f.name for f in REGIONS_SCHEMA if f.name != "model_id"]
 def output_schema(dim4k: int, dim256: int) -> pa.Schema:
     """The rows :class:`RegionEmbedder` returns: the read row's columns without the pixels,
     the embeddings, and where and how long each region's read and model call took."""
-    return pa.schema([REGIONS_SCHEMA.field(n) for n in READ_COLUMNS] + [pa.field("uri", pa.string())]
-                     + embedding_fields(dim4k, dim256)
-                     + [pa.field(n, pa.string()) for n in ("error", "read_node", "model_node")]
-                     + [pa.field(n, pa.float32()) for n in ("read_seconds", "model_seconds")])
+    return pa.schema(
+        [REGIONS_SCHEMA.field(n) for n in READ_COLUMNS]
+        + [pa.field("uri", pa.string())]
+        + embedding_fields(dim4k, dim256)
+        + [pa.field(n, pa.string()) for n in ("error", "read_node", "model_node")]
+        + [pa.field(n, pa.float32()) for n in ("read_seconds", "model_seconds")]
+    )
 
 
 def regions_schema(dim4k: int, dim256: int) -> pa.Schema:
@@ -46,9 +49,19 @@ class RegionEmbedder:
     pixels, with each region's ``model_seconds``. On CPU, torch uses ``threads`` threads (the
     actor's CPUs; Ray's default for a worker is one)."""
 
-    def __init__(self, *, model_name: str, state_dict: dict, micro_batch: int | None, precision: str,
-                 compile: bool, use_gpu: bool | str, store_tokens: bool, schema: pa.Schema,
-                 threads: int = 1) -> None:
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        state_dict: dict,
+        micro_batch: int | None,
+        precision: str,
+        compile: bool,
+        use_gpu: bool | str,
+        store_tokens: bool,
+        schema: pa.Schema,
+        threads: int = 1,
+    ) -> None:
         self.torch = torch
         self.device = inference_device(use_gpu)
         if self.device.type == "cpu":
@@ -79,11 +92,19 @@ class RegionEmbedder:
                 mean256.append(out["mean256"][0].cpu().numpy())
                 tokens.append(out["tokens256"][0].half().cpu().numpy().ravel() if self.store_tokens else None)
             except Exception as exc:  # e.g. out of memory on an odd region: fail the slide, go on
-                log.warning("embedding failed for %s region %s", batch["slide_id"][i], batch["region_index"][i], exc_info=True)
+                log.warning(
+                    "embedding failed for %s region %s", batch["slide_id"][i], batch["region_index"][i], exc_info=True
+                )
                 errors[i] = f"{batch['uri'][i]}: embedding failed: {type(exc).__name__}: {exc}"
                 emb4k.append(None), mean256.append(None), tokens.append(None)
             seconds[i] = time.perf_counter() - t0
         columns = {name: list(batch[name]) for name in self.schema.names if name in batch}
-        columns.update(emb4k=emb4k, mean256=mean256, tokens256=tokens, error=errors, model_node=[self.node] * n,
-                       model_seconds=seconds)
+        columns.update(
+            emb4k=emb4k,
+            mean256=mean256,
+            tokens256=tokens,
+            error=errors,
+            model_node=[self.node] * n,
+            model_seconds=seconds,
+        )
         return pa.Table.from_pydict({f.name: columns[f.name] for f in self.schema}, schema=self.schema)

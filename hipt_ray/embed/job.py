@@ -72,22 +72,36 @@ class EmbedSummary(SlideCounts):
     def lines(self) -> list[str]:
         rate = self.regions / self.seconds if self.seconds else 0.0
         per_region = self.driver_bytes / self.regions if self.regions else 0.0
-        placed = "; ".join(f"{kind} on " + ", ".join(f"{node[:8]}×{k}" for node, k in sorted(n.items()))
-                           for kind, n in self.nodes.items() if n)  # node id prefixes × regions
-        return [
-            f"slides: {self.total} ({self.ok} embedded, {self.failed} failed, {self.no_tissue} no tissue, "
-            f"{self.skipped} already done)",
-            f"regions: {self.regions} embedded ({rate:.2f} regions/s)",
-            f"time: {self.seconds:.1f} s",
-        ] + ([f"pipeline: {self.fragments} fragments written by workers, {self.commits} commits, "
-              f"{per_region:.0f} bytes and {1e3 * self.driver_cpu / max(self.regions, 1):.1f} ms of driver CPU "
-              f"per region (driver CPU {self.driver_cpu:.1f} s over {self.pipeline_seconds:.1f} s of pipeline, "
-              f"{self.commit_seconds:.1f} s of it committing)" + (f"; {placed}" if placed else "")]
-             if self.fragments else []) + ([self.stages_line()] if self.stage_seconds else []) + (
-            [f"tables: {self.tables}"] if self.tables else []) + [
-            f"model: {self.model_id}",
-            f"outputs: {self.out}/regions.lance (emb4k, mean256, tokens256), {self.out}/slides.lance",
-        ] + ([f"search: {self.index}"] if self.index else [])
+        placed = "; ".join(
+            f"{kind} on " + ", ".join(f"{node[:8]}×{k}" for node, k in sorted(n.items()))
+            for kind, n in self.nodes.items()
+            if n
+        )  # node id prefixes × regions
+        return (
+            [
+                f"slides: {self.total} ({self.ok} embedded, {self.failed} failed, {self.no_tissue} no tissue, "
+                f"{self.skipped} already done)",
+                f"regions: {self.regions} embedded ({rate:.2f} regions/s)",
+                f"time: {self.seconds:.1f} s",
+            ]
+            + (
+                [
+                    f"pipeline: {self.fragments} fragments written by workers, {self.commits} commits, "
+                    f"{per_region:.0f} bytes and {1e3 * self.driver_cpu / max(self.regions, 1):.1f} ms of driver CPU "
+                    f"per region (driver CPU {self.driver_cpu:.1f} s over {self.pipeline_seconds:.1f} s of pipeline, "
+                    f"{self.commit_seconds:.1f} s of it committing)" + (f"; {placed}" if placed else "")
+                ]
+                if self.fragments
+                else []
+            )
+            + ([self.stages_line()] if self.stage_seconds else [])
+            + ([f"tables: {self.tables}"] if self.tables else [])
+            + [
+                f"model: {self.model_id}",
+                f"outputs: {self.out}/regions.lance (emb4k, mean256, tokens256), {self.out}/slides.lance",
+            ]
+            + ([f"search: {self.index}"] if self.index else [])
+        )
 
     def stages_line(self) -> str:
         """Where a region's time goes: its read and its model call (means over the regions
@@ -97,8 +111,10 @@ class EmbedSummary(SlideCounts):
         read, model = self.stage_seconds.get("read", 0.0), self.stage_seconds.get("model", 0.0)
         actors = max(self.model_actors, 1)
         busy = model / (actors * self.pipeline_seconds) if self.pipeline_seconds else 0.0
-        return (f"stages: read {read / n:.3g} s and model {model / n:.3g} s a region; "
-                f"{actors} model actor{'s' if actors > 1 else ''} busy {100 * busy:.0f} % of the pipeline")
+        return (
+            f"stages: read {read / n:.3g} s and model {model / n:.3g} s a region; "
+            f"{actors} model actor{'s' if actors > 1 else ''} busy {100 * busy:.0f} % of the pipeline"
+        )
 
 
 def run(cfg: Config) -> EmbedSummary:
@@ -119,17 +135,29 @@ def _run(cfg: Config) -> EmbedSummary:
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
     model, mid = build_model(cfg)
     dims = model.vit4k.embed_dim, model.vit256.embed_dim
-    plan = plan_run(store, [s.to_ref() for s in listed], spec_hash=cfg.tiling_spec_hash(), model_id=mid,
-                    regions_schema=regions_schema(*dims), keep_versions_days=cfg.storage.keep_versions_days)
+    plan = plan_run(
+        store,
+        [s.to_ref() for s in listed],
+        spec_hash=cfg.tiling_spec_hash(),
+        model_id=mid,
+        regions_schema=regions_schema(*dims),
+        keep_versions_days=cfg.storage.keep_versions_days,
+    )
     summary = EmbedSummary(tiling=tiling, model_id=mid, out=cfg.out, skipped=plan.skipped)
     progress = Progress("embed", total=0, unit="regions")  # drawn once there are regions to embed
     n_slides = len(plan.todo) + len(plan.carried)
     committer = RegionCommitter(
-        store, expected=plan.expected, batch_slides=cfg.ray.write_batch_slides, replaces=plan.replaces,
+        store,
+        expected=plan.expected,
+        batch_slides=cfg.ray.write_batch_slides,
+        replaces=plan.replaces,
         status_row=lambda sid, status, error, n: plan.status_row(
-            sid, status=status, error=error, n_regions=n, seconds=time.perf_counter() - t0),
-        on_finished=lambda *_: progress.update(slides=f"{committer.counts.total()}/{n_slides}",
-                                               failed=committer.counts["failed"] or None))
+            sid, status=status, error=error, n_regions=n, seconds=time.perf_counter() - t0
+        ),
+        on_finished=lambda *_: progress.update(
+            slides=f"{committer.counts.total()}/{n_slides}", failed=committer.counts["failed"] or None
+        ),
+    )
     for row in plan.carried:
         committer.add_slide(row)
     if plan.todo:
@@ -147,8 +175,9 @@ def _run(cfg: Config) -> EmbedSummary:
     progress.close()
     summary.take(committer)
     if plan.todo:
-        summary.tables, summary.index = finish_run(store, keep_versions_days=cfg.storage.keep_versions_days,
-                                                   search=cfg.search if summary.ok else None)
+        summary.tables, summary.index = finish_run(
+            store, keep_versions_days=cfg.storage.keep_versions_days, search=cfg.search if summary.ok else None
+        )
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -169,21 +198,32 @@ def _pipeline(cfg: Config, store: Store, plan: RunPlan, model, dims: tuple[int, 
     ds = ds.map_batches(
         RegionEmbedder,
         fn_constructor_kwargs=dict(
-            model_name=cfg.model.name, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
-            micro_batch=cfg.model.micro_batch, precision=cfg.embed.precision, compile=cfg.embed.compile,
-            use_gpu=use_gpu, store_tokens=cfg.embed.store_tokens, schema=output_schema(*dims),
+            model_name=cfg.model.name,
+            state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+            micro_batch=cfg.model.micro_batch,
+            precision=cfg.embed.precision,
+            compile=cfg.embed.compile,
+            use_gpu=use_gpu,
+            store_tokens=cfg.embed.store_tokens,
+            schema=output_schema(*dims),
             threads=max(1, int(cfg.embed.actor_cpus)),
         ),
-        batch_size=cfg.embed.actor_batch_regions, batch_format="numpy",
+        batch_size=cfg.embed.actor_batch_regions,
+        batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=n_actors),
-        num_cpus=cfg.embed.actor_cpus, num_gpus=1 if use_gpu else 0,
+        num_cpus=cfg.embed.actor_cpus,
+        num_gpus=1 if use_gpu else 0,
         memory=int(cfg.embed.actor_memory_gb * 2**30),  # also keeps reads and model unfused
         resources=dict(cfg.embed.actor_resources) or None,
     )
     ds = ds.map_batches(  # the rows with embeddings go to the table from here, not the driver
         write_region_fragments,
-        fn_kwargs=dict(uri=store.uri(REGIONS), schema=plan.regions_schema, model_id=plan.model_id,
-                       storage_options=store.options),
-        batch_size=cfg.embed.write_regions, batch_format="pyarrow", num_cpus=0.25, resources=read_resources,
+        fn_kwargs=dict(
+            uri=store.uri(REGIONS), schema=plan.regions_schema, model_id=plan.model_id, storage_options=store.options
+        ),
+        batch_size=cfg.embed.write_regions,
+        batch_format="pyarrow",
+        num_cpus=0.25,
+        resources=read_resources,
     )
     return ds, coords.num_rows, n_actors

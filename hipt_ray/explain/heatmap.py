@@ -21,12 +21,17 @@ from hipt_ray.store import Store
 from hipt_ray.store.tables import resolve_embedding
 from hipt_ray.viz.attention import percentile_map, smoothed_attention, upsample, window_offsets
 from hipt_ray.viz.heatmaps import (
-    blend, content_cells, region_figure, renormalised_over_content, slide_attention_png,
+    blend,
+    content_cells,
+    region_figure,
+    renormalised_over_content,
+    slide_attention_png,
 )
 
 
-def region_heatmaps(cfg: Config, slide_uri: str, xy: tuple[int, int], out_dir: str, *, shifts: int = 2,
-                    display_px: int = 1024) -> dict[str, str]:
+def region_heatmaps(
+    cfg: Config, slide_uri: str, xy: tuple[int, int], out_dir: str, *, shifts: int = 2, display_px: int = 1024
+) -> dict[str, str]:
     """Attention figures of the region at level-0 ``xy`` of ``slide_uri`` (``tiling.region_px``
     at ``tiling.mpp``), smoothed over ``shifts``² shifted windows. Returns name → file path."""
     model, mid = build_model(cfg)
@@ -70,21 +75,40 @@ def region_heatmaps(cfg: Config, slide_uri: str, xy: tuple[int, int], out_dir: s
     v4k = [(f"ViT-4K head {i}", pct(m)) for i, m in enumerate(att.vit4k)]
     hier = att.hierarchical()
     files = {
-        "vit256": region_figure(image, v256, base + "_vit256.png",
-                          f"{stem}: ViT-256 CLS attention inside each 256 px patch ({smooth}, model {mid})"),
-        "vit4k": region_figure(image, v4k, base + "_vit4k.png",
-                         f"{stem}: ViT-4K CLS attention over the patch grid ({smooth}, model {mid})"),
-        "hierarchical": region_figure(image, [("ViT-4K (mean of heads)", pct(att.vit4k.mean(0))),
-                                        ("ViT-256 (mean of heads)", pct(att.vit256.mean(0))),
-                                        ("hierarchical: 4K × 256", pct(hier))],
-                                base + "_hierarchical.png", f"{stem}: hierarchical attention ({smooth})"),
+        "vit256": region_figure(
+            image,
+            v256,
+            base + "_vit256.png",
+            f"{stem}: ViT-256 CLS attention inside each 256 px patch ({smooth}, model {mid})",
+        ),
+        "vit4k": region_figure(
+            image, v4k, base + "_vit4k.png", f"{stem}: ViT-4K CLS attention over the patch grid ({smooth}, model {mid})"
+        ),
+        "hierarchical": region_figure(
+            image,
+            [
+                ("ViT-4K (mean of heads)", pct(att.vit4k.mean(0))),
+                ("ViT-256 (mean of heads)", pct(att.vit256.mean(0))),
+                ("hierarchical: 4K × 256", pct(hier)),
+            ],
+            base + "_hierarchical.png",
+            f"{stem}: hierarchical attention ({smooth})",
+        ),
     }
     overlay = base + "_hierarchical_overlay.png"
     Image.fromarray(blend(image, pct(hier))).save(overlay)
     files["overlay"] = overlay
-    np.savez_compressed(base + "_attention.npz", vit256=att.vit256, vit4k=att.vit4k, hierarchical=hier,
-                        region=region, windows=n_windows, valid_w=valid_w, valid_h=valid_h,
-                        vit4k_tissue=renormalised_over_content(att.vit4k, valid_w, valid_h, size))
+    np.savez_compressed(
+        base + "_attention.npz",
+        vit256=att.vit256,
+        vit4k=att.vit4k,
+        hierarchical=hier,
+        region=region,
+        windows=n_windows,
+        valid_w=valid_w,
+        valid_h=valid_h,
+        vit4k_tissue=renormalised_over_content(att.vit4k, valid_w, valid_h, size),
+    )
     files["npz"] = base + "_attention.npz"
     return files
 
@@ -98,8 +122,10 @@ def load_heads(head_run: str, cfg: Config) -> dict:
         if os.path.isfile(c):
             return load_folds(c, allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
     if os.path.exists(head_run):
-        raise InputError(f"{head_run} holds no heads.pt: pass a train-head/sweep run directory "
-                         "(e.g. OUT/heads/<name>) or an MLflow run id")
+        raise InputError(
+            f"{head_run} holds no heads.pt: pass a train-head/sweep run directory "
+            "(e.g. OUT/heads/<name>) or an MLflow run id"
+        )
     import mlflow
 
     from hipt_ray.tracking import tracking_uri
@@ -108,15 +134,19 @@ def load_heads(head_run: str, cfg: Config) -> dict:
     try:
         local = mlflow.artifacts.download_artifacts(run_id=head_run, artifact_path="heads.pt")
     except Exception as exc:
-        raise InputError(f"{head_run} is neither a run directory nor an MLflow run with a heads.pt artifact "
-                         f"in {tracking_uri(cfg)} ({type(exc).__name__}); for a run id pass the store it is in, "
-                         "e.g. tracking.mlflow_uri=sqlite:///OUT/mlflow.db") from None
-    return load_folds(local, name=f"heads.pt of MLflow run {head_run}",
-                      allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
+        raise InputError(
+            f"{head_run} is neither a run directory nor an MLflow run with a heads.pt artifact "
+            f"in {tracking_uri(cfg)} ({type(exc).__name__}); for a run id pass the store it is in, "
+            "e.g. tracking.mlflow_uri=sqlite:///OUT/mlflow.db"
+        ) from None
+    return load_folds(
+        local, name=f"heads.pt of MLflow run {head_run}", allow_unsafe_pickle=cfg.model.allow_unsafe_pickle
+    )
 
 
-def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[str] | None = None,
-                   thumb_px: int = 1024) -> list[str]:
+def slide_heatmaps(
+    cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[str] | None = None, thumb_px: int = 1024
+) -> list[str]:
     """Each slide's regions coloured by the slide-level head's attention, drawn over the slide
     thumbnail. Every case is scored by the fold model that never trained on it (out-of-fold)."""
     from hipt_ray.heads.cohort import load_cohort
@@ -153,13 +183,13 @@ def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[
         if h.task == "subtyping":
             probs = torch.softmax(logits, 1)[0].numpy()
             k = int(probs.argmax())
-            what = (f"label {cohort.classes[cohort.labels[i]]}, predicted {saved['classes'][k]} ({probs[k]:.2f})")
+            what = f"label {cohort.classes[cohort.labels[i]]}, predicted {saved['classes'][k]} ({probs[k]:.2f})"
         else:
             what = f"{cohort.times[i]:.1f} months, event {cohort.events[i]}"
         start = 0
         for sid in slides:
             rows = by_slide.get(sid, [])
-            part, part_attn = pct[start:start + len(rows)], attn[start:start + len(rows)]
+            part, part_attn = pct[start : start + len(rows)], attn[start : start + len(rows)]
             start += len(rows)
             if wanted is not None and sid not in wanted:
                 continue
@@ -171,13 +201,16 @@ def slide_heatmaps(cfg: Config, head_run: str, out_dir: str, *, slide_ids: list[
             values = np.full(thumb.shape[:2], np.nan, np.float32)
             for r, v in zip(rows, part):
                 x0, y0 = int(r["x"] * k0), int(r["y"] * k0)
-                values[y0:y0 + max(1, int(r["level0_h"] * k0)), x0:x0 + max(1, int(r["level0_w"] * k0))] = v
+                values[y0 : y0 + max(1, int(r["level0_h"] * k0)), x0 : x0 + max(1, int(r["level0_w"] * k0))] = v
             top = int(np.argmax(part_attn)) if len(part_attn) and not uniform else None
             box = None if top is None else tuple(rows[top][k] * k0 for k in ("x", "y", "level0_w", "level0_h"))
-            title = (f"{sid} (case {case}, fold {fold_of[case]} model, out-of-fold)\n{h.head} {h.task}: {what}; "
-                     f"{len(rows)} regions" + (", equal weights (mean pooling)" if uniform else ", top one dashed"))
-            dest = slide_attention_png(thumb, values, os.path.join(out_dir, f"{sid}_slide_attention.png"),
-                                       title=title, top_box=box)
+            title = (
+                f"{sid} (case {case}, fold {fold_of[case]} model, out-of-fold)\n{h.head} {h.task}: {what}; "
+                f"{len(rows)} regions" + (", equal weights (mean pooling)" if uniform else ", top one dashed")
+            )
+            dest = slide_attention_png(
+                thumb, values, os.path.join(out_dir, f"{sid}_slide_attention.png"), title=title, top_box=box
+            )
             written.append(dest)
     if wanted is not None and not written:
         raise InputError(f"none of {sorted(wanted)} is in the head run's cohort")

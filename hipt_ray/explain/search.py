@@ -29,8 +29,16 @@ class SearchResult:
         return [self.table.to_string(index=False), self.index, f"table: {self.csv}", f"mosaic: {self.mosaic}"]
 
 
-def search_similar(cfg: Config, slide: str, xy: tuple[int, int], *, k: int | None = None,
-                   labels: str | None = None, dest: str | None = None, rebuild_index: bool = False) -> SearchResult:
+def search_similar(
+    cfg: Config,
+    slide: str,
+    xy: tuple[int, int],
+    *,
+    k: int | None = None,
+    labels: str | None = None,
+    dest: str | None = None,
+    rebuild_index: bool = False,
+) -> SearchResult:
     """Query with the region of ``slide`` (id or URI) containing level-0 ``xy``."""
     sc = cfg.search
     k = k or sc.k
@@ -42,18 +50,29 @@ def search_similar(cfg: Config, slide: str, xy: tuple[int, int], *, k: int | Non
     query = find_region(store, slide_id, xy, model_id=mid, spec_hash=spec)
     hits = search(store, query["emb4k"], model_id=mid, spec_hash=spec, k=k, sc=sc).to_pylist()
     # The query region itself first (an ANN index may tie or misorder near-zero distances).
-    hits.sort(key=lambda r: (not (r["slide_id"] == slide_id and r["region_index"] == query["region_index"]),
-                             r["_distance"]))
+    hits.sort(
+        key=lambda r: (not (r["slide_id"] == slide_id and r["region_index"] == query["region_index"]), r["_distance"])
+    )
     label_of: dict[str, str] = {}
     if labels:
         df = read_labels(labels, cfg.storage.s3_endpoint_url)
         column = cfg.heads.label_column if cfg.heads.label_column in df.columns else None
         if column:
             label_of = dict(zip(df["slide_id"], df[column].astype(str)))
-    table = pd.DataFrame([{"rank": i, "slide_id": r["slide_id"], "region_index": r["region_index"], "x": r["x"],
-                           "y": r["y"], "distance": round(float(r["_distance"]), 6),
-                           **({"label": label_of.get(r["slide_id"], "")} if label_of else {})}
-                          for i, r in enumerate(hits)])
+    table = pd.DataFrame(
+        [
+            {
+                "rank": i,
+                "slide_id": r["slide_id"],
+                "region_index": r["region_index"],
+                "x": r["x"],
+                "y": r["y"],
+                "distance": round(float(r["_distance"]), 6),
+                **({"label": label_of.get(r["slide_id"], "")} if label_of else {}),
+            }
+            for i, r in enumerate(hits)
+        ]
+    )
     if dest is None:
         dest = local_output_dir(cfg.out, "search")
     os.makedirs(dest, exist_ok=True)
@@ -67,8 +86,13 @@ def search_similar(cfg: Config, slide: str, xy: tuple[int, int], *, k: int | Non
         with s:
             image = region_thumbnail(s, r, sc.thumb_px)
         label = f" [{label_of.get(r['slide_id'], '')}]" if label_of else ""
-        caption = ("query" if i == 0 else f"#{i}  d={r['_distance']:.3g}") + f"\n{r['slide_id']} r{r['region_index']}{label}"
+        caption = (
+            "query" if i == 0 else f"#{i}  d={r['_distance']:.3g}"
+        ) + f"\n{r['slide_id']} r{r['region_index']}{label}"
         tiles.append((image, caption, i == 0))
-    mosaic = mosaic_png(tiles, os.path.join(dest, f"{stem}_mosaic.png"),
-                        title=f"{k} nearest regions to {slide_id} @ {query['x']},{query['y']} ({sc.metric}, model {mid})")
+    mosaic = mosaic_png(
+        tiles,
+        os.path.join(dest, f"{stem}_mosaic.png"),
+        title=f"{k} nearest regions to {slide_id} @ {query['x']},{query['y']} ({sc.metric}, model {mid})",
+    )
     return SearchResult(table=table, csv=csv, mosaic=mosaic, index=index_note)

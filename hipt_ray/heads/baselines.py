@@ -47,12 +47,17 @@ def _summary(task: Subtyping | Survival, per_fold: list[dict], pooled: dict[str,
         metrics[key] = float(np.mean(vals)) if vals else float("nan")
         metrics[f"{key}_std"] = float(np.std(vals)) if vals else float("nan")
     p = task.pooled({key: np.concatenate(v) for key, v in pooled.items()}, seed=seed)
-    return {"metrics": metrics, "per_fold": per_fold, "pooled": p["pooled"],
-            "ci": (p["pooled_ci_low"], p["pooled_ci_high"])}
+    return {
+        "metrics": metrics,
+        "per_fold": per_fold,
+        "pooled": p["pooled"],
+        "ci": (p["pooled_ci_low"], p["pooled_ci_high"]),
+    }
 
 
-def probe_baselines(task: Subtyping, cohort: Cohort, folds: list[dict], *, k: int = 20,
-                    seed: int = 0) -> dict[str, dict]:
+def probe_baselines(
+    task: Subtyping, cohort: Cohort, folds: list[dict], *, k: int = 20, seed: int = 0
+) -> dict[str, dict]:
     """A logistic-regression and a KNN probe (``probe_logreg``, ``probe_knn``) per fold, scored as
     ``task`` scores a head, each summarised as :func:`_summary` says."""
     from sklearn.linear_model import LogisticRegression
@@ -65,8 +70,10 @@ def probe_baselines(task: Subtyping, cohort: Cohort, folds: list[dict], *, k: in
     pooled: dict[str, dict[str, list]] = {n: {} for n in per_fold}
     for fold in folds:
         tr, va = _indices(cohort, fold)
-        models = {"probe_logreg": make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed)),
-                  "probe_knn": KNeighborsClassifier(n_neighbors=min(k, len(tr)))}
+        models = {
+            "probe_logreg": make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed)),
+            "probe_knn": KNeighborsClassifier(n_neighbors=min(k, len(tr))),
+        }
         for name, model in models.items():
             model.fit(x[tr], y[tr])
             probs = np.zeros((len(va), len(cohort.classes)))

@@ -41,17 +41,25 @@ class Cohort:
         return self.token_bags if self.token_bags is not None else self.bags
 
 
-def read_token_grids(store: Store, spec_hash: str, model_id: str, slide_ids: list[str],
-                     patch_px: int) -> dict[str, list[torch.Tensor]]:
+def read_token_grids(
+    store: Store, spec_hash: str, model_id: str, slide_ids: list[str], patch_px: int
+) -> dict[str, list[torch.Tensor]]:
     """Per slide, each region's ViT-256 tokens as a float32 grid ``[D256, rows, cols]``."""
-    rows = store.regions(spec_hash, slide_ids, model_id=model_id,
-                         columns=["slide_id", "region_index", "read_w", "read_h", "tokens256"])
+    rows = store.regions(
+        spec_hash, slide_ids, model_id=model_id, columns=["slide_id", "region_index", "read_w", "read_h", "tokens256"]
+    )
     out: dict[str, list[torch.Tensor]] = {}
-    for sid, w, h, flat in zip(rows["slide_id"].to_pylist(), rows["read_w"].to_pylist(),
-                               rows["read_h"].to_pylist(), rows["tokens256"].to_numpy(zero_copy_only=False)):
+    for sid, w, h, flat in zip(
+        rows["slide_id"].to_pylist(),
+        rows["read_w"].to_pylist(),
+        rows["read_h"].to_pylist(),
+        rows["tokens256"].to_numpy(zero_copy_only=False),
+    ):
         if flat is None:
-            raise InputError(f"{store.out}: slide {sid} was embedded without tokens256 (embed.store_tokens="
-                             "false); re-embed with embed.store_tokens=true or drop heads.local_vit")
+            raise InputError(
+                f"{store.out}: slide {sid} was embedded without tokens256 (embed.store_tokens="
+                "false); re-embed with embed.store_tokens=true or drop heads.local_vit"
+            )
         r, c = h // patch_px, w // patch_px
         grid = torch.from_numpy(tokens_to_grid(np.asarray(flat, dtype=np.float32), r, c))
         out.setdefault(sid, []).append(grid.contiguous())
@@ -69,16 +77,28 @@ def load_cohort(cfg: Config) -> Cohort:
     model_id, spec_hash = resolve_embedding(store, h.model_id)
     emb = read_embeddings(cfg.out, model_id=model_id, spec_hash=spec_hash, endpoint_url=cfg.storage.s3_endpoint_url)
     labelled = set(df["slide_id"])
-    cohort = Cohort([], [], missing_embeddings=sorted(labelled - set(emb)),
-                    unlabelled=sorted(set(emb) - labelled), model_id=model_id, excluded=excluded)
+    cohort = Cohort(
+        [],
+        [],
+        missing_embeddings=sorted(labelled - set(emb)),
+        unlabelled=sorted(set(emb) - labelled),
+        model_id=model_id,
+        excluded=excluded,
+    )
     if cohort.missing_embeddings:
-        log.warning("%d labelled slides have no embeddings: %s", len(cohort.missing_embeddings),
-                    ", ".join(cohort.missing_embeddings[:10]))
+        log.warning(
+            "%d labelled slides have no embeddings: %s",
+            len(cohort.missing_embeddings),
+            ", ".join(cohort.missing_embeddings[:10]),
+        )
     df = df[df["slide_id"].isin(emb)]
     check_cohort(df, task=task)
     per_case = df.groupby("case_id", sort=True)
-    tokens = (read_token_grids(store, spec_hash, model_id, sorted(set(df["slide_id"])), cfg.tiling.patch_px)
-              if h.local_vit else None)
+    tokens = (
+        read_token_grids(store, spec_hash, model_id, sorted(set(df["slide_id"])), cfg.tiling.patch_px)
+        if h.local_vit
+        else None
+    )
     if tokens is not None:
         cohort.token_bags = []
     for case_id, rows in per_case:

@@ -31,8 +31,9 @@ class FeatureTransform(nn.Module):
         return x @ self.proj if self.proj.numel() else x
 
     @classmethod
-    def fit(cls, rows: torch.Tensor, *, standardize: bool = True, pca: int | None = None,
-            whiten: bool = False) -> FeatureTransform | None:
+    def fit(
+        cls, rows: torch.Tensor, *, standardize: bool = True, pca: int | None = None, whiten: bool = False
+    ) -> FeatureTransform | None:
         """Fitted on ``rows`` ``[N, D]`` (every region of the training cases); None when there is
         nothing to do (no standardisation, no PCA)."""
         if not standardize and not pca:

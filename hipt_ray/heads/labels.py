@@ -82,37 +82,47 @@ def check_labels(df: pd.DataFrame, *, task: Task) -> tuple[pd.DataFrame, list[st
     need = list(ID_COLUMNS) + fields
     missing = [c for c in need if c not in df.columns]
     if missing:
-        raise LabelError(f"labels {src} lacks column(s) {missing} (has {list(df.columns)}); the {task.name} task "
-                         f"needs {need}{task.label_hint}")
+        raise LabelError(
+            f"labels {src} lacks column(s) {missing} (has {list(df.columns)}); the {task.name} task "
+            f"needs {need}{task.label_hint}"
+        )
     if df.empty:
         raise LabelError(f"labels {src} has no rows")
     df = df.reset_index(drop=True)
     for col in need:
         bad = _blank(df[col])
         if bad.any():
-            raise LabelError(f"labels {src}: column {col} is empty at {where_rows(df, bad)}; fill it in or drop those rows")
+            raise LabelError(
+                f"labels {src}: column {col} is empty at {where_rows(df, bad)}; fill it in or drop those rows"
+            )
     for col in ID_COLUMNS:
         df[col] = df[col].map(lambda v: str(v).strip())
     df = task.parse_labels(df, src)
     excluded = []
     dup = df.duplicated(subset=need, keep="first")
     if dup.any():
-        excluded.append(f"{int(dup.sum())} duplicate row(s) dropped ({where_rows(df, dup)}: same slide, case and label)")
+        excluded.append(
+            f"{int(dup.sum())} duplicate row(s) dropped ({where_rows(df, dup)}: same slide, case and label)"
+        )
         df = df[~dup]
     clash = df["slide_id"].duplicated(keep=False)
     if clash.any():
         first = df[clash].iloc[0]["slide_id"]
-        raise LabelError(f"labels {src}: slide {first!r} has more than one row with different values "
-                         f"({where_rows(df, (df['slide_id'] == first).to_numpy())}), e.g. under two cases (a slide in "
-                         "train and validation at once); keep one row per slide_id")
+        raise LabelError(
+            f"labels {src}: slide {first!r} has more than one row with different values "
+            f"({where_rows(df, (df['slide_id'] == first).to_numpy())}), e.g. under two cases (a slide in "
+            "train and validation at once); keep one row per slide_id"
+        )
     per_case = df.groupby("case_id", sort=True)
     for col in fields:
         n = per_case[col].nunique()
         if (n > 1).any():
             case = n[n > 1].index[0]
-            raise LabelError(f"labels {src}: case {case!r} has slides with different {col} "
-                             f"({sorted(set(df.loc[df['case_id'] == case, col].astype(str)))}); "
-                             f"a case has one {col}: correct those rows")
+            raise LabelError(
+                f"labels {src}: case {case!r} has slides with different {col} "
+                f"({sorted(set(df.loc[df['case_id'] == case, col].astype(str)))}); "
+                f"a case has one {col}: correct those rows"
+            )
     return df, excluded
 
 
@@ -127,8 +137,10 @@ def check_cohort(df: pd.DataFrame, *, task: Task) -> None:
     src = df.attrs.get("source", "labels")
     cases = df.drop_duplicates("case_id")
     if len(cases) < 4:
-        raise LabelError(f"labels {src}: only {len(cases)} labelled case(s) have embeddings; a head needs at "
-                         "least 4 (2 per class or event group, for 2-fold validation)")
+        raise LabelError(
+            f"labels {src}: only {len(cases)} labelled case(s) have embeddings; a head needs at "
+            "least 4 (2 per class or event group, for 2-fold validation)"
+        )
     task.check_cases(cases, src)
 
 
@@ -136,5 +148,7 @@ def check_group_sizes(counts: pd.Series, what: str, src: str) -> None:
     """Every group (class, or event value) of the embedded cases has at least 2 cases."""
     small = counts[counts < 2]
     if len(small):
-        raise LabelError(f"labels {src}: {what}={small.index[0]!r} has {int(small.iloc[0])} embedded case; "
-                         "case-level folds need at least 2 per group: add cases or drop that group")
+        raise LabelError(
+            f"labels {src}: {what}={small.index[0]!r} has {int(small.iloc[0])} embedded case; "
+            "case-level folds need at least 2 per group: add cases or drop that group"
+        )

@@ -17,8 +17,9 @@ def survival_bins(times: np.ndarray, events: np.ndarray, n_bins: int = 4) -> np.
     return np.quantile(observed, np.linspace(0, 1, n_bins + 1)[1:-1])
 
 
-def survival_nll(logits: torch.Tensor, bins: torch.Tensor, events: torch.Tensor, *, alpha: float = 0.0,
-                 eps: float = 1e-7) -> torch.Tensor:
+def survival_nll(
+    logits: torch.Tensor, bins: torch.Tensor, events: torch.Tensor, *, alpha: float = 0.0, eps: float = 1e-7
+) -> torch.Tensor:
     """Discrete-time survival negative log-likelihood.
 
     ``hazards = sigmoid(logits)`` ``[B, K]``, ``S = cumprod(1 − hazards)``; ``bins`` is each case's
@@ -31,8 +32,9 @@ def survival_nll(logits: torch.Tensor, bins: torch.Tensor, events: torch.Tensor,
     surv_pad = torch.cat([torch.ones_like(surv[:, :1]), surv], dim=1)  # S(−1) = 1
     y = bins.long().view(-1, 1)
     c = (1 - events.float()).view(-1, 1)  # censored
-    uncensored = -(1 - c) * (torch.log(surv_pad.gather(1, y).clamp_min(eps))
-                             + torch.log(hazards.gather(1, y).clamp_min(eps)))
+    uncensored = -(1 - c) * (
+        torch.log(surv_pad.gather(1, y).clamp_min(eps)) + torch.log(hazards.gather(1, y).clamp_min(eps))
+    )
     censored = -c * torch.log(surv_pad.gather(1, y + 1).clamp_min(eps))
     return ((1 - alpha) * (censored + uncensored) + alpha * uncensored).mean()
 

@@ -50,8 +50,11 @@ def concordance(times: np.ndarray, events: np.ndarray, risk: np.ndarray) -> floa
     from sksurv.metrics import concordance_index_censored
 
     with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 when every pair is tied: raised below
-        c = float(concordance_index_censored(np.asarray(events).astype(bool), np.asarray(times, np.float64),
-                                             np.asarray(risk, np.float64))[0])
+        c = float(
+            concordance_index_censored(
+                np.asarray(events).astype(bool), np.asarray(times, np.float64), np.asarray(risk, np.float64)
+            )[0]
+        )
     if not np.isfinite(c):
         raise ValueError("no comparable pair of cases")
     return c
@@ -77,16 +80,24 @@ def evaluation_times(train_times: np.ndarray, train_events: np.ndarray, test_tim
     return t[(t >= np.min(test_times)) & (t < np.max(test_times)) & (t < np.max(train_times))]
 
 
-def survival_metrics(train_times: np.ndarray, train_events: np.ndarray, times: np.ndarray, events: np.ndarray,
-                     risk: np.ndarray, survival: np.ndarray | None, eval_times: np.ndarray
-                     ) -> tuple[dict[str, float], dict[str, str]]:
+def survival_metrics(
+    train_times: np.ndarray,
+    train_events: np.ndarray,
+    times: np.ndarray,
+    events: np.ndarray,
+    risk: np.ndarray,
+    survival: np.ndarray | None,
+    eval_times: np.ndarray,
+) -> tuple[dict[str, float], dict[str, str]]:
     """``c_index`` (Harrell), ``c_index_ipcw`` (Uno, truncated at the last evaluation time),
     ``td_auc`` (cumulative/dynamic AUC, its mean over ``eval_times``) and ``ibs`` (integrated Brier
     score of ``survival`` ``[n, len(eval_times)]``), all by scikit-survival; the training part
     gives the censoring distribution. A metric that cannot be computed on these cases is NaN, and
     the second dict says why."""
     from sksurv.metrics import (
-        concordance_index_ipcw, cumulative_dynamic_auc, integrated_brier_score,
+        concordance_index_ipcw,
+        cumulative_dynamic_auc,
+        integrated_brier_score,
     )
     from sksurv.util import Surv
 
@@ -108,8 +119,7 @@ def survival_metrics(train_times: np.ndarray, train_events: np.ndarray, times: n
     steps = {"c_index": lambda: concordance(times, events, risk)}
     if survival is not None:
         tau = float(eval_times[-1]) if len(eval_times) else None
-        steps.update(c_index_ipcw=lambda: concordance_index_ipcw(train, test, risk, tau=tau)[0], td_auc=td_auc,
-                     ibs=ibs)
+        steps.update(c_index_ipcw=lambda: concordance_index_ipcw(train, test, risk, tau=tau)[0], td_auc=td_auc, ibs=ibs)
     values, why = {}, {}
     for name, step in steps.items():
         try:

@@ -39,9 +39,18 @@ class HIPTLGP(nn.Module):
     which the (frozen or fine-tuned) ViT-4K turns into region embeddings first.
     """
 
-    def __init__(self, *, n_classes: int, dim: int = 192, local_vit: str | None = None,
-                 freeze_local: bool = True, dropout: float = 0.25, n_heads: int = 3, n_layers: int = 2,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        n_classes: int,
+        dim: int = 192,
+        local_vit: str | None = None,
+        freeze_local: bool = True,
+        dropout: float = 0.25,
+        n_heads: int = 3,
+        n_layers: int = 2,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.local_vit = None
         if local_vit:  # random weights: the builder (heads.fit.build_head) loads a checkpoint into it
@@ -55,9 +64,11 @@ class HIPTLGP(nn.Module):
         self.prep: nn.Module = nn.Identity()
         self.global_phi = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout))
         self.global_transformer = nn.TransformerEncoder(
-            nn.TransformerEncoderLayer(d_model=dim, nhead=n_heads, dim_feedforward=dim, dropout=dropout,
-                                       activation="relu"),
-            num_layers=n_layers, enable_nested_tensor=False,
+            nn.TransformerEncoderLayer(
+                d_model=dim, nhead=n_heads, dim_feedforward=dim, dropout=dropout, activation="relu"
+            ),
+            num_layers=n_layers,
+            enable_nested_tensor=False,
         )
         self.global_attn_pool = GatedAttention(dim=dim, hidden=dim, dropout=dropout)
         self.global_rho = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout))

@@ -28,8 +28,7 @@ class Report:
 def report(h: HeadsConfig, cohort: Cohort, states: list[FoldState], folds: list[dict], run_dir: str) -> Report:
     task = task_for(h)
     # Each fold model's outputs on the cases it trained on: risk-group thresholds, survival curves.
-    train_outputs = [evaluate(task, st.head, cohort, st.fit_cases) if task.needs_train_outputs else {}
-                     for st in states]
+    train_outputs = [evaluate(task, st.head, cohort, st.fit_cases) if task.needs_train_outputs else {} for st in states]
     oof = {k: np.concatenate([st.last[k] for st in states]) for k in task.output_keys}
     summary = task.pooled(oof, seed=h.seed)
     per_fold, pooled_extra = task.report_metrics(cohort, states, train_outputs)
@@ -40,8 +39,11 @@ def report(h: HeadsConfig, cohort: Cohort, states: list[FoldState], folds: list[
         summary[f"{name}_pooled_ci_low"], summary[f"{name}_pooled_ci_high"] = b["ci"]
     plot, shown = task.plot(cohort, states, oof, train_outputs, run_dir)
     summary.update(shown)
-    rows = [{"fold": f, "case_id": cohort.case_ids[i], **task.prediction_row(cohort, i, st.last, j)}
-            for f, st in enumerate(states) for j, i in enumerate(st.val)]
+    rows = [
+        {"fold": f, "case_id": cohort.case_ids[i], **task.prediction_row(cohort, i, st.last, j)}
+        for f, st in enumerate(states)
+        for j, i in enumerate(st.val)
+    ]
     results_csv = os.path.join(run_dir, "predictions.csv")
     pd.DataFrame(rows).to_csv(results_csv, index=False)
     return Report(summary=summary, per_fold=per_fold, results_csv=results_csv, plot=plot)

@@ -21,15 +21,30 @@ def save_folds(path: str, cfg: Config, cohort: Cohort, states: list, split_hash:
     """Every fold's selected head with what rebuilds it (the run's config, its classes) and which
     cases it trained on, selected its epoch on and never saw."""
     ids = cohort.case_ids
-    torch.save({
-        "format": FORMAT, "config": cfg.to_dict(), "split_hash": split_hash, "classes": cohort.classes,
-        "model_id": cohort.model_id, "cases": cohort.slides,
-        "folds": [{"train": [ids[i] for i in st.train], "val": [ids[i] for i in st.val],
-                   "inner_val": [ids[i] for i in (st.inner if st.inner is not None else [])],
-                   "state_dict": st.head.state_dict(), "epoch": int(st.best_epoch),
-                   "inner_metrics": dict(st.inner_metrics), "best_loss": float(st.best_loss),
-                   "train_loss": float(st.train_loss)} for st in states],
-    }, path)
+    torch.save(
+        {
+            "format": FORMAT,
+            "config": cfg.to_dict(),
+            "split_hash": split_hash,
+            "classes": cohort.classes,
+            "model_id": cohort.model_id,
+            "cases": cohort.slides,
+            "folds": [
+                {
+                    "train": [ids[i] for i in st.train],
+                    "val": [ids[i] for i in st.val],
+                    "inner_val": [ids[i] for i in (st.inner if st.inner is not None else [])],
+                    "state_dict": st.head.state_dict(),
+                    "epoch": int(st.best_epoch),
+                    "inner_metrics": dict(st.inner_metrics),
+                    "best_loss": float(st.best_loss),
+                    "train_loss": float(st.train_loss),
+                }
+                for st in states
+            ],
+        },
+        path,
+    )
     return path
 
 

@@ -8,8 +8,9 @@ import json
 import numpy as np
 
 
-def case_folds(case_ids: list[str], strata: list, *, k: int, seed: int = 0,
-               train_fraction: float = 1.0) -> tuple[list[dict[str, list[str]]], str]:
+def case_folds(
+    case_ids: list[str], strata: list, *, k: int, seed: int = 0, train_fraction: float = 1.0
+) -> tuple[list[dict[str, list[str]]], str]:
     """``k`` folds of ``{"train": [...], "val": [...]}`` case ids, stratified by ``strata`` (one
     value per case: the label, or the event indicator for survival), and the splits' content hash.
 
@@ -27,8 +28,9 @@ def case_folds(case_ids: list[str], strata: list, *, k: int, seed: int = 0,
     folds = []
     for train_idx, val_idx in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(cases, y):
         if train_fraction < 1.0:
-            train_idx, _ = train_test_split(train_idx, train_size=train_fraction, random_state=seed,
-                                            stratify=y[train_idx])
+            train_idx, _ = train_test_split(
+                train_idx, train_size=train_fraction, random_state=seed, stratify=y[train_idx]
+            )
         fold = {"train": sorted(cases[train_idx].tolist()), "val": sorted(cases[val_idx].tolist())}
         if set(fold["train"]) & set(fold["val"]):
             raise ValueError(f"case(s) {sorted(set(fold['train']) & set(fold['val']))} in both parts of a fold")

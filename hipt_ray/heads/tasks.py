@@ -73,8 +73,7 @@ class Task(ABC):
         ...
 
     @abstractmethod
-    def n_outputs(self, cohort: Cohort) -> int:
-        ...
+    def n_outputs(self, cohort: Cohort) -> int: ...
 
     def fold_aux(self, cohort: Cohort, train: np.ndarray) -> dict:
         """What the loss needs from the fold's training part (class weights, bin edges)."""
@@ -89,12 +88,10 @@ class Task(ABC):
 
     # --- training and evaluation
     @abstractmethod
-    def loss(self, logits: torch.Tensor, cohort: Cohort, idx: list[int], aux: dict) -> torch.Tensor:
-        ...
+    def loss(self, logits: torch.Tensor, cohort: Cohort, idx: list[int], aux: dict) -> torch.Tensor: ...
 
     @abstractmethod
-    def outputs(self, logits: torch.Tensor, cohort: Cohort, idx: np.ndarray) -> dict:
-        ...
+    def outputs(self, logits: torch.Tensor, cohort: Cohort, idx: np.ndarray) -> dict: ...
 
     @abstractmethod
     def metrics(self, out: dict) -> dict[str, float]:
@@ -108,28 +105,29 @@ class Task(ABC):
         ...
 
     @abstractmethod
-    def run_baselines(self, cohort: Cohort, folds: list[dict], *, seed: int) -> dict[str, dict]:
-        ...
+    def run_baselines(self, cohort: Cohort, folds: list[dict], *, seed: int) -> dict[str, dict]: ...
 
     def report_metrics(self, cohort: Cohort, states: list, train_outputs: list[dict]) -> tuple[list[dict], dict]:
         """Metrics computed once, on the selected models: per fold, and out-of-fold."""
         return [{} for _ in states], {}
 
     @abstractmethod
-    def prediction_row(self, cohort: Cohort, i: int, out: dict, j: int) -> dict:
-        ...
+    def prediction_row(self, cohort: Cohort, i: int, out: dict, j: int) -> dict: ...
 
     @abstractmethod
-    def plot(self, cohort: Cohort, states: list, oof: dict, train_outputs: list[dict], run_dir: str
-             ) -> tuple[str, dict[str, float]]:
+    def plot(
+        self, cohort: Cohort, states: list, oof: dict, train_outputs: list[dict], run_dir: str
+    ) -> tuple[str, dict[str, float]]:
         """The task's figure of the pooled out-of-fold outputs, and the metrics it shows."""
         ...
 
 
 class Subtyping(Task):
     name, metric, default_folds = "subtyping", "auc", 10
-    baselines = {"probe_logreg": "baseline logistic regression on mean embeddings",
-                 "probe_knn": "baseline KNN on mean embeddings"}
+    baselines = {
+        "probe_logreg": "baseline logistic regression on mean embeddings",
+        "probe_knn": "baseline KNN on mean embeddings",
+    }
     output_keys = ("probs", "labels")
     label_hint = "; set heads.label_column=… for another label column"
 
@@ -144,8 +142,10 @@ class Subtyping(Task):
         col = self.h.label_column
         counts = cases[col].value_counts()
         if len(counts) < 2:
-            raise LabelError(f"labels {src}: every embedded case has {col}={counts.index[0]!r}; "
-                             "a classifier needs at least two classes")
+            raise LabelError(
+                f"labels {src}: every embedded case has {col}={counts.index[0]!r}; "
+                "a classifier needs at least two classes"
+            )
         check_group_sizes(counts, col, src)
 
     def attach_targets(self, cohort: Cohort, first_rows: pd.DataFrame) -> None:
@@ -181,14 +181,21 @@ class Subtyping(Task):
         return probe_baselines(self, cohort, folds, seed=seed)
 
     def prediction_row(self, cohort, i, out, j):
-        return {"label": cohort.classes[cohort.labels[i]],
-                **{f"p_{c}": float(out["probs"][j, k]) for k, c in enumerate(cohort.classes)}}
+        return {
+            "label": cohort.classes[cohort.labels[i]],
+            **{f"p_{c}": float(out["probs"][j, k]) for k, c in enumerate(cohort.classes)},
+        }
 
     def plot(self, cohort, states, oof, train_outputs, run_dir):
         from hipt_ray.viz.plots import roc_png
 
-        return roc_png(oof["labels"], oof["probs"], cohort.classes, os.path.join(run_dir, "roc.png"),
-                       f"{self.h.head}: out-of-fold ROC"), {}
+        return roc_png(
+            oof["labels"],
+            oof["probs"],
+            cohort.classes,
+            os.path.join(run_dir, "roc.png"),
+            f"{self.h.head}: out-of-fold ROC",
+        ), {}
 
 
 class Survival(Task):
@@ -208,27 +215,34 @@ class Survival(Task):
         months = as_numbers(df["survival_months"])
         bad = ~np.isfinite(months) | (months < 0)
         if bad.any():
-            raise LabelError(f"labels {src}: column survival_months must be a number ≥ 0 (months); "
-                             f"{where_rows(df, bad)} hold {sorted(set(df['survival_months'][bad].astype(str)))[:5]}")
+            raise LabelError(
+                f"labels {src}: column survival_months must be a number ≥ 0 (months); "
+                f"{where_rows(df, bad)} hold {sorted(set(df['survival_months'][bad].astype(str)))[:5]}"
+            )
         event = as_numbers(df["event"])
         bad = ~np.isin(event, (0.0, 1.0))
         if bad.any():
-            raise LabelError(f"labels {src}: column event must be 1 (event observed) or 0 (censored); "
-                             f"{where_rows(df, bad)} hold {sorted(set(df['event'][bad].astype(str)))[:5]}")
+            raise LabelError(
+                f"labels {src}: column event must be 1 (event observed) or 0 (censored); "
+                f"{where_rows(df, bad)} hold {sorted(set(df['event'][bad].astype(str)))[:5]}"
+            )
         df["survival_months"], df["event"] = months, event.astype(int)
         return df
 
     def check_cases(self, cases, src):
         counts = cases["event"].value_counts()
         if counts.get(1, 0) == 0:
-            raise LabelError(f"labels {src}: no embedded case has event=1; survival models and the c-index need "
-                             "observed events")
+            raise LabelError(
+                f"labels {src}: no embedded case has event=1; survival models and the c-index need observed events"
+            )
         if len(counts) > 1:  # all events: one group, folds stratify by nothing
             check_group_sizes(counts, "event", src)
         times, events = cases["survival_months"].to_numpy(), cases["event"].to_numpy()
         if not any(e and (times > t).any() for t, e in zip(times, events)):
-            raise LabelError(f"labels {src}: no pair of cases can be ordered (every event is at the longest "
-                             "time); the c-index needs an event earlier than another case's time")
+            raise LabelError(
+                f"labels {src}: no pair of cases can be ordered (every event is at the longest "
+                "time); the c-index needs an event earlier than another case's time"
+            )
 
     def attach_targets(self, cohort: Cohort, first_rows: pd.DataFrame) -> None:
         cohort.times = first_rows["survival_months"].to_numpy(dtype=float)
@@ -241,8 +255,7 @@ class Survival(Task):
         return bool(cohort.events[cases].any())  # no event: a Cox loss is 0 every epoch
 
     @abstractmethod
-    def risk(self, logits: torch.Tensor) -> torch.Tensor:
-        ...
+    def risk(self, logits: torch.Tensor) -> torch.Tensor: ...
 
     @abstractmethod
     def survival_at(self, out: dict, aux: dict, train_out: dict, times: np.ndarray) -> np.ndarray:
@@ -250,8 +263,12 @@ class Survival(Task):
         ...
 
     def outputs(self, logits, cohort, idx):
-        return {"risk": self.risk(logits).numpy(), "times": cohort.times[idx], "events": cohort.events[idx],
-                "logits": logits.numpy()}
+        return {
+            "risk": self.risk(logits).numpy(),
+            "times": cohort.times[idx],
+            "events": cohort.events[idx],
+            "logits": logits.numpy(),
+        }
 
     def metrics(self, out):
         if not out["events"].any():
@@ -260,8 +277,11 @@ class Survival(Task):
 
     def pooled(self, oof, *, seed):
         low, high = M.bootstrap_ci(M.concordance, oof["times"], oof["events"], oof["risk"], seed=seed)
-        return {"pooled": M.harrell_c(oof["times"], oof["events"], oof["risk"]),
-                "pooled_ci_low": low, "pooled_ci_high": high}
+        return {
+            "pooled": M.harrell_c(oof["times"], oof["events"], oof["risk"]),
+            "pooled_ci_low": low,
+            "pooled_ci_high": high,
+        }
 
     def run_baselines(self, cohort, folds, *, seed):
         return cox_baseline(self, cohort, folds, seed=seed)
@@ -271,8 +291,15 @@ class Survival(Task):
         for f, (st, tr) in enumerate(zip(states, train_outputs)):
             out = st.last
             times = M.evaluation_times(tr["times"], tr["events"], out["times"])
-            values, why = M.survival_metrics(tr["times"], tr["events"], out["times"], out["events"], out["risk"],
-                                             self.survival_at(out, st.aux, tr, times), times)
+            values, why = M.survival_metrics(
+                tr["times"],
+                tr["events"],
+                out["times"],
+                out["events"],
+                out["risk"],
+                self.survival_at(out, st.aux, tr, times),
+                times,
+            )
             for name, reason in why.items():
                 log.warning("fold %d: %s undefined (%s)", f, name, reason)
             per_fold.append({k: v for k, v in values.items() if k != "c_index"})  # c_index: per epoch
@@ -281,15 +308,19 @@ class Survival(Task):
         oof = {k: np.concatenate([st.last[k] for st in states]) for k in self.output_keys}
         times = M.evaluation_times(cohort.times, cohort.events, oof["times"])
         surv = np.concatenate([self.survival_at(st.last, st.aux, tr, times) for st, tr in zip(states, train_outputs)])
-        values, why = M.survival_metrics(cohort.times, cohort.events, oof["times"], oof["events"], oof["risk"],
-                                         surv, times)
+        values, why = M.survival_metrics(
+            cohort.times, cohort.events, oof["times"], oof["events"], oof["risk"], surv, times
+        )
         for name, reason in why.items():
             log.warning("out-of-fold %s undefined (%s)", name, reason)
         return per_fold, {f"pooled_{k}": v for k, v in values.items() if k != "c_index"}
 
     def prediction_row(self, cohort, i, out, j):
-        return {"risk": float(out["risk"][j]), "survival_months": float(cohort.times[i]),
-                "event": int(cohort.events[i])}
+        return {
+            "risk": float(out["risk"][j]),
+            "survival_months": float(cohort.times[i]),
+            "event": int(cohort.events[i]),
+        }
 
     def plot(self, cohort, states, oof, train_outputs, run_dir):
         """Kaplan–Meier curves of risk groups split at each fold's training-part median risk, pooled."""
@@ -297,8 +328,9 @@ class Survival(Task):
 
         high = np.concatenate([st.last["risk"] > np.median(tr["risk"]) for st, tr in zip(states, train_outputs)])
         km = M.km_split(oof["times"], oof["events"], high.astype(float), threshold=0.5)
-        return km_png(km, os.path.join(run_dir, "km.png"), f"{self.h.head}: out-of-fold risk groups"), \
-            {"logrank_p": km["p_value"]}
+        return km_png(km, os.path.join(run_dir, "km.png"), f"{self.h.head}: out-of-fold risk groups"), {
+            "logrank_p": km["p_value"]
+        }
 
 
 class CoxSurvival(Survival):
@@ -315,8 +347,9 @@ class CoxSurvival(Survival):
         return logits[:, 0]
 
     def loss(self, logits, cohort, idx, aux):
-        return cox_loss(logits[:, 0], torch.as_tensor(cohort.times[idx], dtype=torch.float32),
-                        torch.as_tensor(cohort.events[idx]))
+        return cox_loss(
+            logits[:, 0], torch.as_tensor(cohort.times[idx], dtype=torch.float32), torch.as_tensor(cohort.events[idx])
+        )
 
     def survival_at(self, out, aux, train_out, times):
         from sksurv.linear_model.coxph import BreslowEstimator

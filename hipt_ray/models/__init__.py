@@ -11,7 +11,18 @@ from hipt_ray.models.registry import create_model, list_models
 from hipt_ray.models.vit import ViT4K, ViT256, resize_pos_embed, set_fused_attention
 
 __all__ = [
-    "HIPT4K", "CheckpointError", "ViT256", "ViT4K", "create_model", "export_checkpoint",
-    "list_models", "load_checkpoint", "model_id", "normalize_uint8", "patchify", "patchify_uint8",
-    "resize_pos_embed", "set_fused_attention",
+    "HIPT4K",
+    "CheckpointError",
+    "ViT256",
+    "ViT4K",
+    "create_model",
+    "export_checkpoint",
+    "list_models",
+    "load_checkpoint",
+    "model_id",
+    "normalize_uint8",
+    "patchify",
+    "patchify_uint8",
+    "resize_pos_embed",
+    "set_fused_attention",
 ]

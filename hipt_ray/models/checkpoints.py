@@ -98,7 +98,7 @@ def extract_state_dict(obj: object, *, key: str | None = "teacher") -> dict[str,
             changed = False
             for p in _PREFIXES:
                 if k.startswith(p):
-                    k, changed = k[len(p):], True
+                    k, changed = k[len(p) :], True
         if k.startswith(_SKIPPED):
             continue
         out[k] = v
@@ -110,8 +110,11 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
     problems = []
     if missing:
         problems.append(f"missing keys: {', '.join(missing)}")
@@ -124,8 +127,9 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
     model.load_state_dict(state, strict=True)
 
 
-def load_checkpoint(model: nn.Module, uri: str, *, key: str | None = "teacher",
-                    allow_unsafe_pickle: bool = False) -> nn.Module:
+def load_checkpoint(
+    model: nn.Module, uri: str, *, key: str | None = "teacher", allow_unsafe_pickle: bool = False
+) -> nn.Module:
     """Load an official HIPT/DINO checkpoint or a plain state dict into ``model`` (strict)."""
     state = extract_state_dict(read_checkpoint(uri, allow_unsafe_pickle=allow_unsafe_pickle), key=key)
     load_state_dict_strict(model, state, source=uri)

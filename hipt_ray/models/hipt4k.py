@@ -44,7 +44,7 @@ def patchify_uint8(images: torch.Tensor, patch_px: int) -> torch.Tensor:
     return patchify(images.permute(0, 3, 1, 2), patch_px)
 
 
-def default_micro_batch(device: "str | torch.device" = "cpu", configured: int | None = None) -> int:
+def default_micro_batch(device: str | torch.device = "cpu", configured: int | None = None) -> int:
     """Patches per ViT-256 forward, decided here only: ``model.micro_batch`` when set, else 256
     on a GPU (the bench/gpu.py optimum) and 32 on a CPU (larger batches gain nothing there)."""
     if configured:

@@ -67,8 +67,9 @@ class CastInputs(nn.Module):
             return self.model(x).float()
 
 
-def compile_for_inference(model: nn.Module, *, dtype: torch.dtype = torch.bfloat16,
-                          dynamic: bool | None = None) -> nn.Module:
+def compile_for_inference(
+    model: nn.Module, *, dtype: torch.dtype = torch.bfloat16, dynamic: bool | None = None
+) -> nn.Module:
     """A frozen, compiled copy of ``model`` for inference in ``dtype`` (the original is untouched).
 
     Freezing lets inductor fold the weights into prepacked kernels, which is what makes bf16
@@ -81,8 +82,9 @@ def compile_for_inference(model: nn.Module, *, dtype: torch.dtype = torch.bfloat
     return CastInputs(torch.compile(frozen, dynamic=dynamic), dtype, eager=frozen)
 
 
-def prepare_for_inference(model: HIPT4K, *, device: torch.device | str = "cpu",
-                          dtype: torch.dtype | None = None, compile: bool = True) -> HIPT4K:
+def prepare_for_inference(
+    model: HIPT4K, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, compile: bool = True
+) -> HIPT4K:
     """A copy of ``model`` on ``device`` in its fastest safe form (see the module docstring).
 
     ``dtype`` defaults to :func:`fast_dtype`; outputs are float32 either way and agree with

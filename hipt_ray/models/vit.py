@@ -31,7 +31,9 @@ def resize_pos_embed(pos_embed: torch.Tensor, rows: int, cols: int) -> torch.Ten
     # The +0.1 avoids floating-point floor errors (facebookresearch/dino#8); the scale factor,
     # not the target size, sets the sampling grid, which is what the checkpoints were used with.
     grid_pos = F.interpolate(
-        grid_pos.float(), scale_factor=((rows + 0.1) / n, (cols + 0.1) / n), mode="bicubic",
+        grid_pos.float(),
+        scale_factor=((rows + 0.1) / n, (cols + 0.1) / n),
+        mode="bicubic",
         align_corners=False,
     ).to(pos_embed.dtype)
     assert grid_pos.shape[-2:] == (rows, cols), grid_pos.shape
@@ -64,13 +66,29 @@ def set_fused_attention(model: nn.Module, fused: bool) -> None:
 class ViT256(VisionTransformer):
     """ViT on 256 px patches (ViT-S/16 for HIPT). ``forward`` → CLS after the final norm."""
 
-    def __init__(self, *, embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
-                 patch_size: int = 16, drop_path_rate: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        patch_size: int = 16,
+        drop_path_rate: float = 0.0,
+    ) -> None:
         super().__init__(
-            img_size=224, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-            num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True, num_classes=0,
-            global_pool="token", class_token=True, dynamic_img_size=True,
-            norm_layer=partial(nn.LayerNorm, eps=LN_EPS), act_layer=nn.GELU,
+            img_size=224,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=4.0,
+            qkv_bias=True,
+            num_classes=0,
+            global_pool="token",
+            class_token=True,
+            dynamic_img_size=True,
+            norm_layer=partial(nn.LayerNorm, eps=LN_EPS),
+            act_layer=nn.GELU,
             drop_path_rate=drop_path_rate,
         )
 
@@ -91,9 +109,17 @@ class ViT256(VisionTransformer):
 class ViT4K(nn.Module):
     """ViT over a grid of ViT-256 CLS tokens: ``[B, in_dim, H, W]`` → ``[B, embed_dim]``."""
 
-    def __init__(self, *, in_dim: int = 384, embed_dim: int = 192, depth: int = 6,
-                 num_heads: int = 6, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 pos_grid: int = 14) -> None:
+    def __init__(
+        self,
+        *,
+        in_dim: int = 384,
+        embed_dim: int = 192,
+        depth: int = 6,
+        num_heads: int = 6,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        pos_grid: int = 14,
+    ) -> None:
         super().__init__()
         self.in_dim, self.embed_dim, self.num_features = in_dim, embed_dim, embed_dim
         self.phi = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.GELU(), nn.Dropout(drop_rate))
@@ -102,8 +128,15 @@ class ViT4K(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True,
-                  proj_drop=drop_rate, drop_path=dpr[i], norm_layer=partial(nn.LayerNorm, eps=LN_EPS))
+            Block(
+                dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=4.0,
+                qkv_bias=True,
+                proj_drop=drop_rate,
+                drop_path=dpr[i],
+                norm_layer=partial(nn.LayerNorm, eps=LN_EPS),
+            )
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)

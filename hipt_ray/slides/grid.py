@@ -129,8 +129,9 @@ def patch_tissue_fractions(
             if vh <= 0 or vw <= 0:
                 continue
             r0, c0 = int((y_t + y0) * k), int((x_t + x0) * k)
-            window = mask[r0 : max(r0 + 1, int(round((y_t + y0 + vh) * k))),
-                          c0 : max(c0 + 1, int(round((x_t + x0 + vw) * k)))]
+            window = mask[
+                r0 : max(r0 + 1, int(round((y_t + y0 + vh) * k))), c0 : max(c0 + 1, int(round((x_t + x0 + vw) * k)))
+            ]
             if window.size:
                 out[r * cols + c] = window.mean() * (vh * vw) / tiling.patch_px**2
     return out

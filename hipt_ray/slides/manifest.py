@@ -15,8 +15,18 @@ from hipt_ray.storage import filesystem, is_remote
 
 # Extensions of the single- and multi-file formats OpenSlide 4 reads.
 SLIDE_EXTENSIONS = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
-    ".dcm", ".czi",
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".dcm",
+    ".czi",
 )
 
 
@@ -45,8 +55,14 @@ def checked_slide(slide_id: str, uri: str, mpp: float | None = None) -> SlideSpe
     without a slide_id)."""
     problem = name_problem(slide_id)
     shown = uri if uri.isprintable() else repr(uri)  # one line, even for a name with a newline
-    error = (f"{shown}: the slide id {slide_id[:80]!r} taken from the file name {problem} ({NAME_RULE}); "
-             "rename the file, or list it in a manifest CSV with a slide_id") if problem else ""
+    error = (
+        (
+            f"{shown}: the slide id {slide_id[:80]!r} taken from the file name {problem} ({NAME_RULE}); "
+            "rename the file, or list it in a manifest CSV with a slide_id"
+        )
+        if problem
+        else ""
+    )
     return SlideSpec(slide_id, uri, mpp, error)
 
 
@@ -115,8 +131,10 @@ def list_slides(source: str, *, endpoint_url: str | None = None) -> list[SlideSp
             elif fs.exists(path):
                 paths = [path]
             else:
-                raise ManifestError(f"slide source {source} does not exist; pass a directory, a glob, "
-                                    "an s3:// prefix or a manifest .csv")
+                raise ManifestError(
+                    f"slide source {source} does not exist; pass a directory, a glob, "
+                    "an s3:// prefix or a manifest .csv"
+                )
         except ManifestError:
             raise
         except Exception as exc:
@@ -131,9 +149,13 @@ def list_slides(source: str, *, endpoint_url: str | None = None) -> list[SlideSp
     for spec in specs:
         shared = uris[spec.slide_id]
         if len(shared) > 1 and not spec.error:
-            spec = replace(spec, error=(
-                f"{spec.uri}: slide id {spec.slide_id!r} is shared by {len(shared)} files ({', '.join(shared)}); "
-                "none of them is processed: rename one, or list them in a manifest CSV with distinct "
-                "slide_id values"))
+            spec = replace(
+                spec,
+                error=(
+                    f"{spec.uri}: slide id {spec.slide_id!r} is shared by {len(shared)} files ({', '.join(shared)}); "
+                    "none of them is processed: rename one, or list them in a manifest CSV with distinct "
+                    "slide_id values"
+                ),
+            )
         out.append(spec)
     return sorted(out, key=lambda s: (s.slide_id, s.uri))

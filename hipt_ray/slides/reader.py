@@ -71,7 +71,11 @@ def override_hint(slide_id: str) -> str:
 
 
 def resolve_mpp(
-    properties: dict[str, str], *, override: float | None, mpp_range: tuple[float, float], name: str,
+    properties: dict[str, str],
+    *,
+    override: float | None,
+    mpp_range: tuple[float, float],
+    name: str,
     slide_id: str | None = None,
 ) -> MPPInfo:
     """Slide MPP from an explicit override, the MPP tags, or the objective power (10 / power).
@@ -148,7 +152,10 @@ class Slide:
             raise SlideError(f"{self.name}: the slide file is corrupt or truncated ({exc})") from None
         self.properties = dict(self._osr.properties)
         self.mpp_info = resolve_mpp(
-            self.properties, override=mpp_override, mpp_range=mpp_range, name=self.name,
+            self.properties,
+            override=mpp_override,
+            mpp_range=mpp_range,
+            name=self.name,
             slide_id=slide_id,
         )
 
@@ -201,9 +208,7 @@ class Slide:
             ) from None
         return composite_on_white(np.asarray(img))
 
-    def read_region(
-        self, level0_xy: tuple[int, int], size_px: tuple[int, int], mpp: float
-    ) -> tuple[np.ndarray, int]:
+    def read_region(self, level0_xy: tuple[int, int], size_px: tuple[int, int], mpp: float) -> tuple[np.ndarray, int]:
         """``size_px`` (w, h) pixels at ``mpp`` µm/px with top-left corner ``level0_xy``.
 
         Returns:
@@ -218,8 +223,12 @@ class Slide:
         exact_factor = factor > 1 and (lw, lh) == (w * factor, h * factor)
         # scaled decoding only with the corner on the shrunk level's pixel grid (regions of a grid
         # are; an arbitrary point is read exactly, not half a pixel off)
-        if exact_factor and self.scaled_decode and self._osr.can_scale(level, factor) and all(
-                round(v / self._osr.level_downsamples[level]) % factor == 0 for v in level0_xy):
+        if (
+            exact_factor
+            and self.scaled_decode
+            and self._osr.can_scale(level, factor)
+            and all(round(v / self._osr.level_downsamples[level]) % factor == 0 for v in level0_xy)
+        ):
             return self._read(level0_xy, level, (w, h), scale=factor), level
         rgb = self._read(level0_xy, level, (lw, lh))
         if (lw, lh) == (w, h):
@@ -267,8 +276,10 @@ def open_slide(ref: SlideRef, cfg, *, cache: StagingCache) -> tuple[Slide, Objec
     slide, info = _open(ref, cfg, cache)
     if ref.version is not None and not same_version(ref.version, slide_version(info.size, info.version)):
         slide.close()
-        raise SlideError(f"{ref.uri}: the file changed after it was tiled (its size, ETag/mtime or content differ); "
-                         "rerun the command to tile and embed it again")
+        raise SlideError(
+            f"{ref.uri}: the file changed after it was tiled (its size, ETag/mtime or content differ); "
+            "rerun the command to tile and embed it again"
+        )
     return slide, info
 
 
@@ -280,14 +291,17 @@ def _open(ref: SlideRef, cfg, cache: StagingCache) -> tuple[Slide, ObjectInfo]:
         if info.size == 0:
             raise SlideError(f"{uri}: the file is empty (0 bytes); re-upload the slide")
         try:
-            source = open_tiled(uri, endpoint_url=s.s3_endpoint_url, range_gap=cfg.reader.range_gap_bytes,
-                                retries=s.retries)
+            source = open_tiled(
+                uri, endpoint_url=s.s3_endpoint_url, range_gap=cfg.reader.range_gap_bytes, retries=s.retries
+            )
         except TileError as exc:  # a TIFF whose structure is broken
             raise SlideError(str(exc)) from None
         if source is not None:
             return Slide(uri, source=source, scaled_decode=cfg.reader.scaled_decode, **kwargs), info
         if cfg.reader.backend == "tiles":
-            raise SlideError(f"{uri}: reader.backend=tiles reads generic tiled TIFF and Aperio SVS only and this "
-                             "file is neither; set reader.backend=auto to read it through OpenSlide")
+            raise SlideError(
+                f"{uri}: reader.backend=tiles reads generic tiled TIFF and Aperio SVS only and this "
+                "file is neither; set reader.backend=auto to read it through OpenSlide"
+            )
     path, info = cache.fetch(uri)
     return Slide(path, **kwargs), info

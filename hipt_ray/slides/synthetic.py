@@ -58,18 +58,18 @@ def tissue_tile(*, subtype: int = 0, risk: float = 0.0, seed: int = 0) -> np.nda
     tile = np.clip(tile * (1.0 - 0.35 * float(np.clip(risk, 0, 1))), 0, 255)
     n_nuclei = int(round(np.clip(risk, 0, 1) * 480))  # up to ~25 % of the area
     if n_nuclei:
-        for cy, cx, r in zip(rng.integers(0, 512, n_nuclei), rng.integers(0, 512, n_nuclei),
-                             rng.uniform(4, 8, n_nuclei)):
+        for cy, cx, r in zip(
+            rng.integers(0, 512, n_nuclei), rng.integers(0, 512, n_nuclei), rng.uniform(4, 8, n_nuclei)
+        ):
             # each disk drawn in its own bounding box (r < 8), not tested over the whole tile
             y0, x0 = max(0, cy - 8), max(0, cx - 8)
-            yy, xx = np.ogrid[y0:min(512, cy + 9), x0:min(512, cx + 9)]
+            yy, xx = np.ogrid[y0 : min(512, cy + 9), x0 : min(512, cx + 9)]
             disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-            tile[y0:y0 + disk.shape[0], x0:x0 + disk.shape[1]][disk] = (70, 35, 95)
+            tile[y0 : y0 + disk.shape[0], x0 : x0 + disk.shape[1]][disk] = (70, 35, 95)
     return tile.astype(np.uint8)
 
 
-def blob_mask(shape: tuple[int, int], *, n_blobs: int, rng: np.random.Generator,
-              fill: float = 0.45) -> np.ndarray:
+def blob_mask(shape: tuple[int, int], *, n_blobs: int, rng: np.random.Generator, fill: float = 0.45) -> np.ndarray:
     """Irregular tissue blobs on a low-resolution grid (ellipses with noisy borders)."""
     h, w = shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -86,8 +86,15 @@ def blob_mask(shape: tuple[int, int], *, n_blobs: int, rng: np.random.Generator,
 
 
 def render(
-    width: int, height: int, *, mpp: float, seed: int = 0, subtype: int = 0, risk: float = 0.0,
-    n_blobs: int = 3, tissue: bool = True,
+    width: int,
+    height: int,
+    *,
+    mpp: float,
+    seed: int = 0,
+    subtype: int = 0,
+    risk: float = 0.0,
+    n_blobs: int = 3,
+    tissue: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """RGB uint8 ``[height, width, 3]`` at ``mpp`` and its ground-truth mask at ``GT_MASK_MPP``."""
     rng = np.random.default_rng(seed)
@@ -95,10 +102,13 @@ def render(
     gt_shape = (max(1, round(height * k)), max(1, round(width * k)))
     gt = blob_mask(gt_shape, n_blobs=n_blobs, rng=rng) if tissue else np.zeros(gt_shape, bool)
     tile = tissue_tile(subtype=subtype, risk=risk, seed=seed)
-    block = np.concatenate([np.concatenate([tile, tile[:, ::-1]], 1),
-                            np.concatenate([tile[::-1], tile[::-1, ::-1]], 1)], 0)  # 1024², seamless
+    block = np.concatenate(
+        [np.concatenate([tile, tile[:, ::-1]], 1), np.concatenate([tile[::-1], tile[::-1, ::-1]], 1)], 0
+    )  # 1024², seamless
     texture = np.tile(block, (math.ceil(height / 1024), math.ceil(width / 1024), 1))[:height, :width]
-    full = np.asarray(Image.fromarray(gt.astype(np.uint8) * 255).resize((width, height), Image.Resampling.BILINEAR)) > 127
+    full = (
+        np.asarray(Image.fromarray(gt.astype(np.uint8) * 255).resize((width, height), Image.Resampling.BILINEAR)) > 127
+    )
     rgb = np.empty((height, width, 3), np.uint8)
     rgb[:] = GLASS_RGB
     np.copyto(rgb, texture, where=full[..., None])
@@ -114,8 +124,13 @@ def _pyramid(rgb: np.ndarray, factor: int = 4, min_px: int = 512) -> list[np.nda
 
 
 def write_slide(
-    path: str | Path, rgb: np.ndarray, *, mpp: float | None, aperio: bool = False,
-    objective: float | None = None, quality: int = 85,
+    path: str | Path,
+    rgb: np.ndarray,
+    *,
+    mpp: float | None,
+    aperio: bool = False,
+    objective: float | None = None,
+    quality: int = 85,
 ) -> None:
     """Write ``rgb`` as a tiled JPEG pyramid OpenSlide reads (generic TIFF or Aperio SVS).
 
@@ -140,20 +155,35 @@ def write_slide(
                 ds = w / level.shape[1]
                 kwargs.update(resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)), resolutionunit="CENTIMETER")
             tif.write(
-                level, tile=(256, 256), compression="jpeg", compressionargs={"level": quality},
-                photometric="rgb", subfiletype=1 if i else 0, metadata=None, **kwargs,
+                level,
+                tile=(256, 256),
+                compression="jpeg",
+                compressionargs={"level": quality},
+                photometric="rgb",
+                subfiletype=1 if i else 0,
+                metadata=None,
+                **kwargs,
             )
 
 
 def make_slide(
-    path: str | Path, *, width_um: float, height_um: float, mpp: float = 0.5, seed: int = 0,
-    subtype: int = 0, risk: float = 0.0, n_blobs: int = 3, tissue: bool = True,
-    aperio: bool = False, write_mpp: bool = True, objective: float | None = None,
+    path: str | Path,
+    *,
+    width_um: float,
+    height_um: float,
+    mpp: float = 0.5,
+    seed: int = 0,
+    subtype: int = 0,
+    risk: float = 0.0,
+    n_blobs: int = 3,
+    tissue: bool = True,
+    aperio: bool = False,
+    write_mpp: bool = True,
+    objective: float | None = None,
 ) -> SyntheticSlide:
     """Render and write one synthetic slide; returns its path, size and ground-truth mask."""
     width, height = round(width_um / mpp), round(height_um / mpp)
-    rgb, gt = render(width, height, mpp=mpp, seed=seed, subtype=subtype, risk=risk,
-                     n_blobs=n_blobs, tissue=tissue)
+    rgb, gt = render(width, height, mpp=mpp, seed=seed, subtype=subtype, risk=risk, n_blobs=n_blobs, tissue=tissue)
     write_slide(path, rgb, mpp=mpp if write_mpp else None, aperio=aperio, objective=objective)
     return SyntheticSlide(str(path), mpp if write_mpp else None, (width, height), gt, GT_MASK_MPP)
 
@@ -193,8 +223,14 @@ class DemoPlan:
         return int(pixels * DEMO_BYTES_PER_PIXEL)
 
 
-def plan_demo_data(out: str | Path, *, n_slides: int = 12, seed: int = 0, n_subtypes: int = 2,
-                   size_um: tuple[float, float] = (3000.0, 6000.0)) -> DemoPlan:
+def plan_demo_data(
+    out: str | Path,
+    *,
+    n_slides: int = 12,
+    seed: int = 0,
+    n_subtypes: int = 2,
+    size_um: tuple[float, float] = (3000.0, 6000.0),
+) -> DemoPlan:
     """The slides and labels of a demo cohort (see :func:`make_demo_data`), nothing written yet.
 
     The class is in ``label`` (``subtype-<k>``), the column ``train-head`` reads by default; the
@@ -220,15 +256,31 @@ def plan_demo_data(out: str | Path, *, n_slides: int = 12, seed: int = 0, n_subt
             lo, hi = sorted((lo * 0.73, hi * 0.6))
         width_um, height_um = rng.uniform(lo, hi, 2)
         ext = ".svs" if aperio else ".tiff"
-        slides.append(dict(path=out / "slides" / f"{slide_id}{ext}", width_um=width_um, height_um=height_um,
-                           mpp=mpp, seed=seed * 1000 + i, subtype=subtype, risk=risk,
-                           n_blobs=int(rng.integers(1, 4)), aperio=aperio,
-                           objective=10.0 / mpp if aperio else None))
-        rows.append({
-            "slide_id": slide_id, "case_id": f"case-{case:03d}", "label": f"subtype-{subtype}", "subtype": subtype,
-            "survival_months": round(min(t_event, t_censor), 2), "event": int(t_event <= t_censor),
-            "risk": round(risk, 4),
-        })
+        slides.append(
+            dict(
+                path=out / "slides" / f"{slide_id}{ext}",
+                width_um=width_um,
+                height_um=height_um,
+                mpp=mpp,
+                seed=seed * 1000 + i,
+                subtype=subtype,
+                risk=risk,
+                n_blobs=int(rng.integers(1, 4)),
+                aperio=aperio,
+                objective=10.0 / mpp if aperio else None,
+            )
+        )
+        rows.append(
+            {
+                "slide_id": slide_id,
+                "case_id": f"case-{case:03d}",
+                "label": f"subtype-{subtype}",
+                "subtype": subtype,
+                "survival_months": round(min(t_event, t_censor), 2),
+                "event": int(t_event <= t_censor),
+                "risk": round(risk, 4),
+            }
+        )
     return DemoPlan(out=out, slides=slides, rows=rows)
 
 
@@ -250,8 +302,14 @@ def write_demo_data(plan: DemoPlan, *, on_slide: Callable[[], None] | None = Non
     return plan.out
 
 
-def make_demo_data(out: str | Path, *, n_slides: int = 12, seed: int = 0, n_subtypes: int = 2,
-                   size_um: tuple[float, float] = (3000.0, 6000.0)) -> Path:
+def make_demo_data(
+    out: str | Path,
+    *,
+    n_slides: int = 12,
+    seed: int = 0,
+    n_subtypes: int = 2,
+    size_um: tuple[float, float] = (3000.0, 6000.0),
+) -> Path:
     """Write ``n_slides`` synthetic slides plus ``labels.csv`` (slide_id, case_id, label, subtype,
     survival_months, event, risk) with subtype and risk planted in the slide content.
 
@@ -259,5 +317,4 @@ def make_demo_data(out: str | Path, *, n_slides: int = 12, seed: int = 0, n_subt
     ratio of e³ ≈ 20 between risk 0 and 1), censored uniformly between 12 and 120 months.
     Slide sides are drawn from ``size_um`` (µm; the 40× slides are about a third smaller).
     """
-    return write_demo_data(plan_demo_data(out, n_slides=n_slides, seed=seed, n_subtypes=n_subtypes,
-                                          size_um=size_um))
+    return write_demo_data(plan_demo_data(out, n_slides=n_slides, seed=seed, n_subtypes=n_subtypes, size_um=size_um))

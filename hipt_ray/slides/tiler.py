@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import fsspec
 
 from hipt_ray.config import Config
-from hipt_ray.slides.grid import planned_regions, region_grid
 from hipt_ray.slide_ref import SlideRef, slide_version
+from hipt_ray.slides.grid import planned_regions, region_grid
 from hipt_ray.slides.manifest import SlideSpec
 from hipt_ray.slides.qc import qc_thumbnail
 from hipt_ray.slides.reader import Slide, SlideError, make_cache, open_slide, override_hint
@@ -61,8 +61,8 @@ def check_plausible(ref: SlideRef, slide: Slide, cfg: Config) -> None:
         raise SlideError(
             f"{ref.uri}: at {slide.mpp:g} µm/px (from {slide.mpp_info.source}) its "
             f"{slide.dimensions[0]}×{slide.dimensions[1]} pixels would measure {w_mm:,.0f} × {h_mm:,.0f} mm, "
-            "larger than any glass slide (75 × 25 mm, or 75 × 50 mm); its MPP is wrong: "
-            + override_hint(ref.slide_id))
+            "larger than any glass slide (75 × 25 mm, or 75 × 50 mm); its MPP is wrong: " + override_hint(ref.slide_id)
+        )
     planned = planned_regions(slide.dimensions, slide.mpp, cfg.tiling)
     if planned > cfg.tiling.max_regions_per_slide:
         raise SlideError(
@@ -81,16 +81,29 @@ def tile_slide(spec: SlideSpec | SlideRef, cfg: Config, *, cache: StagingCache, 
     """
     t0 = time.perf_counter()
     ref = spec.to_ref(cfg.tiling.mpp_overrides) if isinstance(spec, SlideSpec) else spec
-    row = {"slide_id": ref.slide_id, "uri": ref.uri, "spec_hash": spec_hash, "etag": "", "vendor": "",
-           "mpp_source": "", "qc_uri": ""}  # what was found; the status comes last
+    row = {
+        "slide_id": ref.slide_id,
+        "uri": ref.uri,
+        "spec_hash": spec_hash,
+        "etag": "",
+        "vendor": "",
+        "mpp_source": "",
+        "qc_uri": "",
+    }  # what was found; the status comes last
     status, error = "failed", ""
     regions: list[dict] = []
     try:
         slide, info = open_slide(ref, cfg, cache=cache)
         row.update(size=info.size, etag=info.version)
         with slide:
-            row.update(backend=slide.backend, vendor=slide.vendor, mpp=slide.mpp, mpp_source=slide.mpp_info.source,
-                       width=slide.dimensions[0], height=slide.dimensions[1])
+            row.update(
+                backend=slide.backend,
+                vendor=slide.vendor,
+                mpp=slide.mpp,
+                mpp_source=slide.mpp_info.source,
+                width=slide.dimensions[0],
+                height=slide.dimensions[1],
+            )
             check_plausible(ref, slide, cfg)  # refused before any pixel is read
             lowres, lowres_mpp = slide.read_lowres(cfg.tissue.mask_mpp)
             mask, threshold = tissue_mask(lowres, lowres_mpp, cfg.tissue)
@@ -105,14 +118,31 @@ def tile_slide(spec: SlideSpec | SlideRef, cfg: Config, *, cache: StagingCache, 
                 cx = r.x + int((min(r.valid_w, r.read_w) // 2 - p // 2) * scale)
                 cy = r.y + int((min(r.valid_h, r.read_h) // 2 - p // 2) * scale)
                 slide.read_region((max(cx, r.x), max(cy, r.y)), (p, p), cfg.tiling.mpp)
-                regions.append({**r.to_row(), "region_index": r.index, "slide_id": ref.slide_id,
-                                "level": level, "mpp": cfg.tiling.mpp, "read_mpp": read_mpp,
-                                "mpp_source": slide.mpp_info.source, "spec_hash": spec_hash,
-                                "model_id": "", "slide_version": slide_version(info.size, info.version)})
+                regions.append(
+                    {
+                        **r.to_row(),
+                        "region_index": r.index,
+                        "slide_id": ref.slide_id,
+                        "level": level,
+                        "mpp": cfg.tiling.mpp,
+                        "read_mpp": read_mpp,
+                        "mpp_source": slide.mpp_info.source,
+                        "spec_hash": spec_hash,
+                        "model_id": "",
+                        "slide_version": slide_version(info.size, info.version),
+                    }
+                )
             if cfg.qc.enabled and cfg.out:
                 qc_uri = join(cfg.out, "qc", f"{ref.slide_id}.png")
-                png = qc_thumbnail(lowres, lowres_mpp, mask, grid, slide.mpp, max_px=cfg.qc.thumb_px,
-                                   title=f"{ref.slide_id}  {len(grid)} regions  mpp {slide.mpp:g}")
+                png = qc_thumbnail(
+                    lowres,
+                    lowres_mpp,
+                    mask,
+                    grid,
+                    slide.mpp,
+                    max_px=cfg.qc.thumb_px,
+                    title=f"{ref.slide_id}  {len(grid)} regions  mpp {slide.mpp:g}",
+                )
                 _write_bytes(qc_uri, png, cfg.storage.s3_endpoint_url)
                 row["qc_uri"] = qc_uri
         if regions:

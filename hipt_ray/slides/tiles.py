@@ -55,8 +55,7 @@ def _properties(tif, page) -> dict[str, str]:
     props: dict[str, str] = {}
     if desc.startswith("Aperio"):
         props["openslide.vendor"] = "aperio"
-        fields = dict(
-            (k.strip(), v.strip()) for k, v in (f.split("=", 1) for f in desc.split("|")[1:] if "=" in f))
+        fields = dict((k.strip(), v.strip()) for k, v in (f.split("=", 1) for f in desc.split("|")[1:] if "=" in f))
         if "MPP" in fields:
             props["openslide.mpp-x"] = props["openslide.mpp-y"] = fields["MPP"]
         if "AppMag" in fields:
@@ -80,8 +79,9 @@ class TiledTiff:
     level-0 coordinates, a level, a size in that level's pixels, RGBA out (alpha 0 outside the
     image)."""
 
-    def __init__(self, uri: str, *, endpoint_url: str | None = None, range_gap: int = 64 * 1024,
-                 retries: int = 3) -> None:
+    def __init__(
+        self, uri: str, *, endpoint_url: str | None = None, range_gap: int = 64 * 1024, retries: int = 3
+    ) -> None:
         import tifffile
 
         self.uri, self.range_gap, self.retries = uri, range_gap, retries
@@ -93,8 +93,11 @@ class TiledTiff:
         # Tile reads are conditional on this ETag: an object replaced while it is open fails its
         # reads instead of decoding new bytes with the old tile directory.
         self.etag = self.fs.info(self.path, refresh=True).get("ETag") if self.remote else None
-        fh = (self.fs.open(self.path, "rb", block_size=64 * 1024, cache_type="readahead") if self.remote
-              else open(local_path(uri), "rb"))
+        fh = (
+            self.fs.open(self.path, "rb", block_size=64 * 1024, cache_type="readahead")
+            if self.remote
+            else open(local_path(uri), "rb")
+        )
         try:
             try:
                 tif = tifffile.TiffFile(fh)
@@ -117,8 +120,11 @@ class TiledTiff:
         self.level_downsamples = tuple((w0 / lv.width + h0 / lv.height) / 2 for lv in self._levels)
 
     def _structure(self, tif) -> tuple[list[_Level], dict[str, str]]:
-        special = [name for name in ("ndpi", "philips", "ome", "scn", "bif", "qpi", "lsm", "stk", "imagej")
-                   if getattr(tif, f"is_{name}", False)]
+        special = [
+            name
+            for name in ("ndpi", "philips", "ome", "scn", "bif", "qpi", "lsm", "stk", "imagej")
+            if getattr(tif, f"is_{name}", False)
+        ]
         if special:
             raise Unsupported(f"{special[0]} TIFF (read through OpenSlide)")
         pages = list(tif.pages)
@@ -133,18 +139,38 @@ class TiledTiff:
                 if i == 0:
                     raise Unsupported("not tiled")
                 continue
-            if aperio and i > 0 and (page.description or "").startswith("Aperio") and (
-                    "label" in page.description or "macro" in page.description):
+            if (
+                aperio
+                and i > 0
+                and (page.description or "").startswith("Aperio")
+                and ("label" in page.description or "macro" in page.description)
+            ):
                 continue
-            if (page.samplesperpixel != 3 or page.bitspersample != 8 or page.planarconfig != 1
-                    or int(page.photometric) not in (2, 6) or page.imagedepth != 1):
-                raise Unsupported(f"page {i}: {page.samplesperpixel}×{page.bitspersample}-bit, "
-                                  f"photometric {int(page.photometric)}")
+            if (
+                page.samplesperpixel != 3
+                or page.bitspersample != 8
+                or page.planarconfig != 1
+                or int(page.photometric) not in (2, 6)
+                or page.imagedepth != 1
+            ):
+                raise Unsupported(
+                    f"page {i}: {page.samplesperpixel}×{page.bitspersample}-bit, photometric {int(page.photometric)}"
+                )
             if levels and (page.imagewidth >= levels[-1].width or page.imagelength >= levels[-1].height):
                 continue  # not a smaller pyramid level (OpenSlide would not list it either)
-            levels.append(_Level(page.imagewidth, page.imagelength, page.tilewidth, page.tilelength,
-                                 np.asarray(page.dataoffsets, np.int64), np.asarray(page.databytecounts, np.int64),
-                                 page.decode, page.jpegtables, int(page.compression) == 7))
+            levels.append(
+                _Level(
+                    page.imagewidth,
+                    page.imagelength,
+                    page.tilewidth,
+                    page.tilelength,
+                    np.asarray(page.dataoffsets, np.int64),
+                    np.asarray(page.databytecounts, np.int64),
+                    page.decode,
+                    page.jpegtables,
+                    int(page.compression) == 7,
+                )
+            )
         if not levels:
             raise Unsupported("no tiled level")
         _check_chain_ends(tif, pages, self.uri)
@@ -167,12 +193,15 @@ class TiledTiff:
                 merged.append([start, start + n, i])
         if self.remote:
             try:
-                blobs = with_retries(lambda: self._get_ranges([(m[0], m[1]) for m in merged]),
-                                     what=self.uri, retries=self.retries)
+                blobs = with_retries(
+                    lambda: self._get_ranges([(m[0], m[1]) for m in merged]), what=self.uri, retries=self.retries
+                )
             except OSError as exc:
                 if "precondition" in str(exc).lower().replace("-", ""):
-                    raise TileError(f"{self.uri}: the object changed while it was being read (its ETag is no "
-                                    "longer the one it was opened with); rerun to tile and embed it again") from None
+                    raise TileError(
+                        f"{self.uri}: the object changed while it was being read (its ETag is no "
+                        "longer the one it was opened with); rerun to tile and embed it again"
+                    ) from None
                 raise
         else:
             with open(local_path(self.uri), "rb") as fh:
@@ -201,8 +230,9 @@ class TiledTiff:
         bucket, key, _ = self.fs.split_path(self.path)
 
         async def get(start: int, end: int) -> bytes:
-            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
-                                          IfMatch=self.etag)
+            resp = await self.fs._call_s3(
+                "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=self.etag
+            )
             try:
                 return await resp["Body"].read()
             finally:
@@ -224,8 +254,7 @@ class TiledTiff:
             out[box + (3,)] = 255
         return out
 
-    def read_rgb(self, level0_xy: tuple[int, int], level: int, size: tuple[int, int], *,
-                 scale: int = 1) -> np.ndarray:
+    def read_rgb(self, level0_xy: tuple[int, int], level: int, size: tuple[int, int], *, scale: int = 1) -> np.ndarray:
         """The same region as RGB uint8 ``[h, w, 3]`` on white (what :class:`Slide` wants: one
         pass over the pixels, no alpha channel).
 
@@ -266,8 +295,12 @@ class TiledTiff:
             return False
         same = ours.shape == exact[..., :3].shape and int(np.abs(ours.astype(np.int16) - exact[..., :3]).max()) <= 1
         if not same:
-            log.info("%s: level %d decodes to other colours through libjpeg-turbo directly; reading it "
-                     "exactly instead of with reader.scaled_decode", self.uri, level)
+            log.info(
+                "%s: level %d decodes to other colours through libjpeg-turbo directly; reading it "
+                "exactly instead of with reader.scaled_decode",
+                self.uri,
+                level,
+            )
         return same
 
     def _tiles(self, level0_xy: tuple[int, int], level: int, size: tuple[int, int], scale: int = 1):
@@ -282,11 +315,16 @@ class TiledTiff:
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
         if x1 <= x0 or y1 <= y0:
             return
-        tiles = [(r, c) for r in range(y0 // tile_h, (y1 - 1) // tile_h + 1)
-                 for c in range(x0 // tile_w, (x1 - 1) // tile_w + 1)]
+        tiles = [
+            (r, c)
+            for r in range(y0 // tile_h, (y1 - 1) // tile_h + 1)
+            for c in range(x0 // tile_w, (x1 - 1) // tile_w + 1)
+        ]
         index = [r * lv.cols + c for r, c in tiles]
         if max(index) >= len(lv.offsets):
-            raise TileError(f"{self.uri}: level {level} lists {len(lv.offsets)} tiles, the region needs tile {max(index)}")
+            raise TileError(
+                f"{self.uri}: level {level} lists {len(lv.offsets)} tiles, the region needs tile {max(index)}"
+            )
         spans = [(int(lv.offsets[i]), int(lv.counts[i])) for i in index]
         if scale > 1:
             import simplejpeg
@@ -295,17 +333,22 @@ class TiledTiff:
                 raise TileError(f"{self.uri}: tile ({c}, {r}) of level {level} is empty (offset {off}, {n} bytes)")
         for (r, c), i, data in zip(tiles, index, self._fetch(spans)):
             if len(data) != lv.counts[i]:
-                raise TileError(f"{self.uri}: tile ({c}, {r}) of level {level} is cut short ({len(data)} of "
-                                f"{lv.counts[i]} bytes): the file is corrupt or truncated")
+                raise TileError(
+                    f"{self.uri}: tile ({c}, {r}) of level {level} is cut short ({len(data)} of "
+                    f"{lv.counts[i]} bytes): the file is corrupt or truncated"
+                )
             try:
                 if scale > 1:
-                    tile = simplejpeg.decode_jpeg(_jpeg_stream(data, lv.jpegtables), colorspace="RGB",
-                                                  min_width=tile_w, min_height=tile_h)
+                    tile = simplejpeg.decode_jpeg(
+                        _jpeg_stream(data, lv.jpegtables), colorspace="RGB", min_width=tile_w, min_height=tile_h
+                    )
                 else:
                     tile = lv.decode(data, int(i), jpegtables=lv.jpegtables)[0]
             except Exception as exc:
-                raise TileError(f"{self.uri}: tile ({c}, {r}) of level {level} failed to decode "
-                                f"({type(exc).__name__}: {exc}): the file is corrupt") from None
+                raise TileError(
+                    f"{self.uri}: tile ({c}, {r}) of level {level} failed to decode "
+                    f"({type(exc).__name__}: {exc}): the file is corrupt"
+                ) from None
             if tile is None:
                 raise TileError(f"{self.uri}: tile ({c}, {r}) of level {level} failed to decode: the file is corrupt")
             tile = np.asarray(tile).reshape(tile_h, tile_w, -1)
@@ -313,8 +356,10 @@ class TiledTiff:
             # the part of this tile inside both the image and the requested box
             ax0, ay0 = max(tx, x0), max(ty, y0)
             ax1, ay1 = min(tx + tile_w, x1), min(ty + tile_h, y1)
-            yield ((slice(ay0 - y, ay1 - y), slice(ax0 - x, ax1 - x)),
-                   tile[ay0 - ty : ay1 - ty, ax0 - tx : ax1 - tx, :3])
+            yield (
+                (slice(ay0 - y, ay1 - y), slice(ax0 - x, ax1 - x)),
+                tile[ay0 - ty : ay1 - ty, ax0 - tx : ax1 - tx, :3],
+            )
 
 
 def _check_chain_ends(tif, pages: list, uri: str) -> None:
@@ -326,12 +371,18 @@ def _check_chain_ends(tif, pages: list, uri: str) -> None:
     fmt, fh = tif.tiff, tif.filehandle
     offset, seen = pages[0].offset, {}  # directory offset → its number
     while offset:
-        what = (f"loops back to directory {seen[offset]}" if offset in seen
-                else f"points to offset {offset}, past the end of the file ({fh.size} bytes)"
-                if offset + fmt.tagnosize > fh.size else None)
+        what = (
+            f"loops back to directory {seen[offset]}"
+            if offset in seen
+            else f"points to offset {offset}, past the end of the file ({fh.size} bytes)"
+            if offset + fmt.tagnosize > fh.size
+            else None
+        )
         if what:
-            raise TileError(f"{uri}: TIFF directory {len(seen) - 1} (at offset {list(seen)[-1]}) {what}: "
-                            "the file is corrupt or truncated; re-export or re-upload it")
+            raise TileError(
+                f"{uri}: TIFF directory {len(seen) - 1} (at offset {list(seen)[-1]}) {what}: "
+                "the file is corrupt or truncated; re-export or re-upload it"
+            )
         seen[offset] = len(seen)
         fh.seek(offset)
         (n,) = struct.unpack(fmt.tagnoformat, fh.read(fmt.tagnosize))
@@ -346,8 +397,9 @@ def _jpeg_stream(tile: bytes, tables: bytes | None) -> bytes:
     return tables[:-2] + tile[2:] if tables else tile
 
 
-def open_tiled(uri: str, *, endpoint_url: str | None = None, range_gap: int = 64 * 1024,
-               retries: int = 3) -> TiledTiff | None:
+def open_tiled(
+    uri: str, *, endpoint_url: str | None = None, range_gap: int = 64 * 1024, retries: int = 3
+) -> TiledTiff | None:
     """The tile backend for ``uri``, or ``None`` when its format is not one it reads."""
     try:
         return TiledTiff(uri, endpoint_url=endpoint_url, range_gap=range_gap, retries=retries)

@@ -11,6 +11,13 @@ from hipt_ray.ssl.loss import DINOLoss
 from hipt_ray.ssl.schedules import cosine_schedule, ema_update, teacher_temperature_schedule
 
 __all__ = [
-    "DINOHead", "DINOLoss", "GridCrops", "MultiCrop", "PixelCrops", "cancel_last_layer_gradients",
-    "cosine_schedule", "ema_update", "teacher_temperature_schedule",
+    "DINOHead",
+    "DINOLoss",
+    "GridCrops",
+    "MultiCrop",
+    "PixelCrops",
+    "cancel_last_layer_gradients",
+    "cosine_schedule",
+    "ema_update",
+    "teacher_temperature_schedule",
 ]

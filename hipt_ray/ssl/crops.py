@@ -21,9 +21,15 @@ MEAN = STD = (0.5, 0.5, 0.5)
 class PixelCrops:
     """uint8 ``[3, H, W]`` patch → list of float crops (2 global, then ``n_local`` local)."""
 
-    def __init__(self, *, global_px: int = 224, local_px: int = 96, n_local: int = 8,
-                 global_scale: tuple[float, float] = (0.4, 1.0),
-                 local_scale: tuple[float, float] = (0.05, 0.4)) -> None:
+    def __init__(
+        self,
+        *,
+        global_px: int = 224,
+        local_px: int = 96,
+        n_local: int = 8,
+        global_scale: tuple[float, float] = (0.4, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.4),
+    ) -> None:
         flip_jitter = [
             v2.RandomHorizontalFlip(p=0.5),
             v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
@@ -35,13 +41,31 @@ class PixelCrops:
             return v2.RandomApply([v2.GaussianBlur(kernel_size=23, sigma=(0.1, 2.0))], p=p)
 
         bicubic = v2.InterpolationMode.BICUBIC
-        self.global1 = v2.Compose([v2.RandomResizedCrop(global_px, scale=global_scale, interpolation=bicubic,
-                                                        antialias=True), *flip_jitter, blur(1.0), *normalize])
-        self.global2 = v2.Compose([v2.RandomResizedCrop(global_px, scale=global_scale, interpolation=bicubic,
-                                                        antialias=True), *flip_jitter, blur(0.1),
-                                   v2.RandomSolarize(threshold=128, p=0.2), *normalize])
-        self.local = v2.Compose([v2.RandomResizedCrop(local_px, scale=local_scale, interpolation=bicubic,
-                                                      antialias=True), *flip_jitter, blur(0.5), *normalize])
+        self.global1 = v2.Compose(
+            [
+                v2.RandomResizedCrop(global_px, scale=global_scale, interpolation=bicubic, antialias=True),
+                *flip_jitter,
+                blur(1.0),
+                *normalize,
+            ]
+        )
+        self.global2 = v2.Compose(
+            [
+                v2.RandomResizedCrop(global_px, scale=global_scale, interpolation=bicubic, antialias=True),
+                *flip_jitter,
+                blur(0.1),
+                v2.RandomSolarize(threshold=128, p=0.2),
+                *normalize,
+            ]
+        )
+        self.local = v2.Compose(
+            [
+                v2.RandomResizedCrop(local_px, scale=local_scale, interpolation=bicubic, antialias=True),
+                *flip_jitter,
+                blur(0.5),
+                *normalize,
+            ]
+        )
         self.n_local = n_local
 
     def __call__(self, patch: torch.Tensor) -> list[torch.Tensor]:
@@ -52,8 +76,15 @@ class GridCrops:
     """Token grid ``[D, H, W]`` → list of crops: 2 of ``global_size``², then ``n_local`` of
     ``local_size``², each at a random position with random flips (and 90° turns if asked)."""
 
-    def __init__(self, *, global_size: int = 14, local_size: int = 6, n_local: int = 8,
-                 rotate: bool = False, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        global_size: int = 14,
+        local_size: int = 6,
+        n_local: int = 8,
+        rotate: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
         self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
         self.rotate, self.g = rotate, generator
 
@@ -75,5 +106,6 @@ class GridCrops:
         return out.contiguous()
 
     def __call__(self, grid: torch.Tensor) -> list[torch.Tensor]:
-        return ([self.crop(grid, self.global_size) for _ in range(2)]
-                + [self.crop(grid, self.local_size) for _ in range(self.n_local)])
+        return [self.crop(grid, self.global_size) for _ in range(2)] + [
+            self.crop(grid, self.local_size) for _ in range(self.n_local)
+        ]

@@ -11,8 +11,16 @@ class DINOHead(nn.Module):
     """MLP (``nlayers`` linear layers, GELU) → bottleneck → L2-normalise → weight-normalised
     linear layer to ``out_dim`` prototypes, whose gain is fixed at 1 when ``norm_last_layer``."""
 
-    def __init__(self, *, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, nlayers: int = 3, norm_last_layer: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        norm_last_layer: bool = True,
+    ) -> None:
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (max(nlayers, 1) - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []

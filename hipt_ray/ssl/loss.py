@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 
 class DINOLoss(nn.Module):
-    def __init__(self, *, out_dim: int, n_global: int = 2, student_temp: float = 0.1,
-                 center_momentum: float = 0.9) -> None:
+    def __init__(
+        self, *, out_dim: int, n_global: int = 2, student_temp: float = 0.1, center_momentum: float = 0.9
+    ) -> None:
         super().__init__()
         self.n_global, self.student_temp, self.center_momentum = n_global, student_temp, center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
@@ -43,5 +44,3 @@ class DINOLoss(nn.Module):
             dist.all_reduce(count)
         batch_center = batch_center / count
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
-
-

@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 
 
-def cosine_schedule(base: float, final: float, *, epochs: int, steps_per_epoch: int,
-                    warmup_epochs: float = 0, warmup_start: float = 0.0) -> np.ndarray:
+def cosine_schedule(
+    base: float, final: float, *, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0, warmup_start: float = 0.0
+) -> np.ndarray:
     """The published DINO/HIPT ``cosine_scheduler``, one value per step (``epochs ·
     steps_per_epoch`` in all): a linear warm-up from ``warmup_start`` to ``base`` that includes
     ``base`` as its last step, then ``final + ½(base − final)(1 + cos(π i / n))`` for ``i`` in
@@ -24,8 +25,9 @@ def cosine_schedule(base: float, final: float, *, epochs: int, steps_per_epoch: 
     return np.concatenate([ramp, cos])
 
 
-def teacher_temperature_schedule(warmup_temp: float, temp: float, *, epochs: int, steps_per_epoch: int,
-                                 warmup_epochs: float = 0) -> np.ndarray:
+def teacher_temperature_schedule(
+    warmup_temp: float, temp: float, *, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0
+) -> np.ndarray:
     """Teacher temperature per step: linear from ``warmup_temp`` to ``temp``, then constant."""
     total = epochs * steps_per_epoch
     warmup = min(total, int(round(warmup_epochs * steps_per_epoch)))

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from hipt_ray.store.tables import SLIDES_SCHEMA
 
@@ -23,14 +23,21 @@ log = logging.getLogger(__name__)
 STATUSES = ("ok", "failed", "no_tissue")
 
 
-def status_row(base: Mapping, *, status: str, error: str = "", n_regions: int = 0,
-               model_id: str | None = None, seconds: float | None = None) -> dict:
+def status_row(
+    base: Mapping,
+    *,
+    status: str,
+    error: str = "",
+    n_regions: int = 0,
+    model_id: str | None = None,
+    seconds: float | None = None,
+) -> dict:
     """A ``slides`` row: the fields of ``base`` (a slide's tiling row, or just its id, uri and
     spec hash; any field it lacks is null) with this status, error and region count, stamped
     now."""
     assert status in STATUSES, status
     row = {f.name: base.get(f.name) for f in SLIDES_SCHEMA}
-    row.update(status=status, error=error, n_regions=n_regions, time=datetime.now(timezone.utc))
+    row.update(status=status, error=error, n_regions=n_regions, time=datetime.now(UTC))
     if model_id is not None:
         row["model_id"] = model_id
     row["model_id"] = row["model_id"] or ""
@@ -52,8 +59,14 @@ class SlideCommitter:
             (a progress line, say).
     """
 
-    def __init__(self, store, *, batch_slides: int, replaces: Iterable[str] = (),
-                 on_finished: Callable[[str, str, str, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        store,
+        *,
+        batch_slides: int,
+        replaces: Iterable[str] = (),
+        on_finished: Callable[[str, str, str, int], None] | None = None,
+    ) -> None:
         self.store, self.batch_slides = store, batch_slides
         self.replaces, self.on_finished = set(replaces), on_finished
         self.counts: Counter[str] = Counter()  # status → slides finished
@@ -85,13 +98,13 @@ class SlideCommitter:
         self._commit(self._rows, self._region_rows)
         self._rows, self._region_rows = [], []
 
-    def _commit(self, rows: list[dict], region_rows: list[dict] = (), fragments: list = (),
-                replaces: Iterable[str] = ()) -> None:
+    def _commit(
+        self, rows: list[dict], region_rows: list[dict] = (), fragments: list = (), replaces: Iterable[str] = ()
+    ) -> None:
         if not rows and not fragments:
             return
         t0 = time.perf_counter()
-        self.store.append_slides(rows, list(region_rows), fragments=fragments,
-                                 replaces=self.replaces | set(replaces))
+        self.store.append_slides(rows, list(region_rows), fragments=fragments, replaces=self.replaces | set(replaces))
         self.commits += bool(region_rows or fragments) + bool(rows)
         self.commit_seconds += time.perf_counter() - t0
 

@@ -21,27 +21,30 @@ from collections.abc import Callable, Iterable
 
 import pyarrow as pa
 
-from hipt_ray.store.commit import SlideCommitter
 from hipt_ray.storage import describe_error, with_retries
+from hipt_ray.store.commit import SlideCommitter
 
 log = logging.getLogger(__name__)
 
 # What a write returns to the driver: one row per region it was given.
-META_SCHEMA = pa.schema([
-    ("slide_id", pa.string()),
-    ("region_index", pa.int32()),
-    ("error", pa.string()),  # "" when the region's row was written
-    ("fragment", pa.string()),  # key of the fragment holding the row ("" when not written)
-    ("fragment_json", pa.string()),  # the fragment's metadata, on its first row only
-    ("read_node", pa.string()),
-    ("model_node", pa.string()),
-    ("read_seconds", pa.float32()),  # how long the region's read and its model call took
-    ("model_seconds", pa.float32()),
-])
+META_SCHEMA = pa.schema(
+    [
+        ("slide_id", pa.string()),
+        ("region_index", pa.int32()),
+        ("error", pa.string()),  # "" when the region's row was written
+        ("fragment", pa.string()),  # key of the fragment holding the row ("" when not written)
+        ("fragment_json", pa.string()),  # the fragment's metadata, on its first row only
+        ("read_node", pa.string()),
+        ("model_node", pa.string()),
+        ("read_seconds", pa.float32()),  # how long the region's read and its model call took
+        ("model_seconds", pa.float32()),
+    ]
+)
 
 
-def write_region_fragments(batch: pa.Table, *, uri: str, schema: pa.Schema, model_id: str,
-                           storage_options: dict | None = None) -> pa.Table:
+def write_region_fragments(
+    batch: pa.Table, *, uri: str, schema: pa.Schema, model_id: str, storage_options: dict | None = None
+) -> pa.Table:
     """Write the rows of ``batch`` without an error as fragments of the table at ``uri``
     (whose schema is ``schema``), one per slide, and return :data:`META_SCHEMA` rows, one per
     input row. A write that fails after retries marks its rows with the error instead of
@@ -55,16 +58,20 @@ def write_region_fragments(batch: pa.Table, *, uri: str, schema: pa.Schema, mode
     good = batch.filter(ok)
     if good.num_rows:
         good = good.append_column("model_id", pa.array([model_id] * good.num_rows, pa.string()))
-        data = pa.table({f.name: (good[f.name].cast(f.type) if f.name in good.column_names
-                                  else pa.nulls(good.num_rows, f.type)) for f in schema}, schema=schema)
+        data = pa.table(
+            {
+                f.name: (good[f.name].cast(f.type) if f.name in good.column_names else pa.nulls(good.num_rows, f.type))
+                for f in schema
+            },
+            schema=schema,
+        )
         rows = [i for i in range(n) if not errors[i]]
         sids = good["slide_id"].to_pylist()
         for sid in dict.fromkeys(sids):  # one fragment per slide: it commits when its slide is done
             mine = [j for j, s in enumerate(sids) if s == sid]
             part = data.take(mine)
             try:
-                frags = with_retries(lambda: write_fragments(part, uri, storage_options=storage_options),
-                                     what=uri)
+                frags = with_retries(lambda: write_fragments(part, uri, storage_options=storage_options), what=uri)
             except Exception as exc:  # noqa: BLE001 - the driver fails this slide with this reason
                 for j in mine:
                     errors[rows[j]] = f"writing region rows to {describe_error(uri, exc)}"
@@ -80,12 +87,23 @@ def write_region_fragments(batch: pa.Table, *, uri: str, schema: pa.Schema, mode
                 for j in mine:
                     errors[rows[j]] = f"writing region rows to {uri}: {start} of {len(mine)} rows written"
                     frag_keys[rows[j]] = frag_json[rows[j]] = ""
-    passed = {c: batch[c].cast(META_SCHEMA.field(c).type) if c in batch.column_names
-              else pa.nulls(n, META_SCHEMA.field(c).type)
-              for c in ("read_node", "model_node", "read_seconds", "model_seconds")}
-    return pa.table({"slide_id": batch["slide_id"], "region_index": batch["region_index"].cast(pa.int32()),
-                     "error": errors, "fragment": frag_keys, "fragment_json": frag_json, **passed},
-                    schema=META_SCHEMA)
+    passed = {
+        c: batch[c].cast(META_SCHEMA.field(c).type)
+        if c in batch.column_names
+        else pa.nulls(n, META_SCHEMA.field(c).type)
+        for c in ("read_node", "model_node", "read_seconds", "model_seconds")
+    }
+    return pa.table(
+        {
+            "slide_id": batch["slide_id"],
+            "region_index": batch["region_index"].cast(pa.int32()),
+            "error": errors,
+            "fragment": frag_keys,
+            "fragment_json": frag_json,
+            **passed,
+        },
+        schema=META_SCHEMA,
+    )
 
 
 class RegionCommitter(SlideCommitter):
@@ -107,9 +125,16 @@ class RegionCommitter(SlideCommitter):
         status_row: (slide_id, status, error, n_regions) → its ``slides`` row.
     """
 
-    def __init__(self, store, *, expected: dict[str, int], status_row: Callable[..., dict],
-                 batch_slides: int, replaces: Iterable[str] = (),
-                 on_finished: Callable[[str, str, str, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        store,
+        *,
+        expected: dict[str, int],
+        status_row: Callable[..., dict],
+        batch_slides: int,
+        replaces: Iterable[str] = (),
+        on_finished: Callable[[str, str, str, int], None] | None = None,
+    ) -> None:
         super().__init__(store, batch_slides=batch_slides, replaces=replaces, on_finished=on_finished)
         self.expected, self.status_row = expected, status_row
         self.got: dict[str, set[int]] = defaultdict(set)
@@ -163,8 +188,11 @@ class RegionCommitter(SlideCommitter):
 
     def _ready(self) -> tuple[list[str], list[str]]:
         """(fragments that may be committed, finished slides whose fragments all are)."""
-        frags = [k for k, slides in self.frag_slides.items()
-                 if k not in self.committed_frags and all(s in self.done or s in self.committed for s in slides)]
+        frags = [
+            k
+            for k, slides in self.frag_slides.items()
+            if k not in self.committed_frags and all(s in self.done or s in self.committed for s in slides)
+        ]
         can = self.committed_frags | set(frags)
         slides = [s for s in self.done if self.slide_frags.get(s, set()) <= can]
         return frags, slides
@@ -176,12 +204,17 @@ class RegionCommitter(SlideCommitter):
         missing = [k for k in frags if k not in self.frag_meta]
         if missing:  # cannot happen: a fragment's metadata travels with its rows
             raise RuntimeError(f"fragments without metadata: {missing[:3]}")
-        rows = [self.status_row(s, self.done[s], self.error.get(s, ""),
-                                len(self.got[s]) if self.done[s] == "ok" else 0) for s in slides]
+        rows = [
+            self.status_row(s, self.done[s], self.error.get(s, ""), len(self.got[s]) if self.done[s] == "ok" else 0)
+            for s in slides
+        ]
         failed_with_rows = [s for s in slides if self.done[s] == "failed" and self.slide_frags.get(s)]
-        self._commit(self._rows + rows, self._region_rows,
-                     fragments=[FragmentMetadata.from_json(self.frag_meta[k]) for k in frags],
-                     replaces=failed_with_rows)
+        self._commit(
+            self._rows + rows,
+            self._region_rows,
+            fragments=[FragmentMetadata.from_json(self.frag_meta[k]) for k in frags],
+            replaces=failed_with_rows,
+        )
         self._rows, self._region_rows = [], []
         self.committed_frags.update(frags)
         for k in frags:
@@ -197,6 +230,10 @@ class RegionCommitter(SlideCommitter):
         for sid, n in self.expected.items():
             if sid not in self.done and sid not in self.committed:
                 have = len(self.got.get(sid, ()))
-                self._done(sid, "failed", self.error.get(sid) or (
-                    f"{sid}: only {have} of {n} regions came back from the pipeline; rerun to retry"))
+                self._done(
+                    sid,
+                    "failed",
+                    self.error.get(sid)
+                    or (f"{sid}: only {have} of {n} regions came back from the pipeline; rerun to retry"),
+                )
         self.flush()

@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from hipt_ray.config import ConfigError
 from hipt_ray.storage import OutputStoreError, filesystem, is_remote, join, local_path
@@ -35,7 +35,7 @@ from hipt_ray.storage import OutputStoreError, filesystem, is_remote, join, loca
 log = logging.getLogger(__name__)
 
 LEASE = "_writer.lease"
-_held: dict[str, "_Lease"] = {}  # output → this process's lease on it (re-entrant: embed runs tile)
+_held: dict[str, _Lease] = {}  # output → this process's lease on it (re-entrant: embed runs tile)
 _held_lock = threading.Lock()
 
 
@@ -56,9 +56,11 @@ def _key(out: str) -> str:
 
 
 def _describe(holder: dict) -> str:
-    started = datetime.fromtimestamp(holder.get("started", 0), timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return (f"`hipt-ray {holder.get('command', '?')}` (host {holder.get('host', '?')}, pid "
-            f"{holder.get('pid', '?')}, started {started})")
+    started = datetime.fromtimestamp(holder.get("started", 0), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return (
+        f"`hipt-ray {holder.get('command', '?')}` (host {holder.get('host', '?')}, pid "
+        f"{holder.get('pid', '?')}, started {started})"
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -76,8 +78,15 @@ class _Lease:
         self.out, self.command, self.ttl = out, command, ttl
         self.uri = join(out, LEASE)
         self.fs, self.path = filesystem(self.uri, endpoint_url)
-        self.holder = {"token": uuid.uuid4().hex, "command": command, "host": socket.gethostname(),
-                       "pid": os.getpid(), "started": time.time(), "renewed": time.time(), "ttl": ttl}
+        self.holder = {
+            "token": uuid.uuid4().hex,
+            "command": command,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+            "renewed": time.time(),
+            "ttl": ttl,
+        }
         self.lost: str | None = None
         self.depth = 0
 
@@ -163,8 +172,12 @@ class _ObjectLease(_Lease):
                 self.etag = self._put(IfMatch=etag)
             except OSError:  # another successor took it over first
                 continue
-            log.warning("took over the writer lease of %s from %s (%s)", self.out, _describe(holder),
-                        "its process has exited" if dead_here else f"not renewed for {age:.0f} s")
+            log.warning(
+                "took over the writer lease of %s from %s (%s)",
+                self.out,
+                _describe(holder),
+                "its process has exited" if dead_here else f"not renewed for {age:.0f} s",
+            )
             break
         else:
             current = self._current()
@@ -181,9 +194,11 @@ class _ObjectLease(_Lease):
                 self.lost = f"the writer lease {self.uri} was deleted while this run held it"
             except OSError as exc:
                 if getattr(exc, "errno", None) == errno.EINVAL or "precondition" in str(exc).lower():
-                    self.lost = (f"this run's writer lease on {self.out} expired and another run took the "
-                                 "output over; this run stopped before committing more (nothing committed "
-                                 "is lost: rerun to resume once the other run has finished)")
+                    self.lost = (
+                        f"this run's writer lease on {self.out} expired and another run took the "
+                        "output over; this run stopped before committing more (nothing committed "
+                        "is lost: rerun to resume once the other run has finished)"
+                    )
                 else:
                     log.warning("could not renew the writer lease %s (retrying): %s", self.uri, exc)
             except Exception as exc:  # a transient network error: retried at the next tick

@@ -59,16 +59,31 @@ class RunPlan:
         """slide_id → the number of regions each ``todo`` slide was tiled with."""
         return {r.slide_id: int(self.base[r.slide_id].get("n_regions") or 0) for r in self.todo}
 
-    def status_row(self, slide_id: str, *, status: str, error: str = "", n_regions: int = 0,
-                   seconds: float | None = None) -> dict:
+    def status_row(
+        self, slide_id: str, *, status: str, error: str = "", n_regions: int = 0, seconds: float | None = None
+    ) -> dict:
         """The ``slides`` row that ends ``todo`` slide ``slide_id`` for this run."""
-        return status_row(self.base[slide_id], status=status, error=error, n_regions=n_regions,
-                          model_id=self.model_id, seconds=seconds)
+        return status_row(
+            self.base[slide_id],
+            status=status,
+            error=error,
+            n_regions=n_regions,
+            model_id=self.model_id,
+            seconds=seconds,
+        )
 
 
-def plan_run(store: Store, slides: Sequence[SlideRef], *, spec_hash: str, model_id: str = "",
-             refused: Sequence[tuple[SlideRef, str]] = (), regions_schema: pa.Schema | None = None,
-             keep_versions_days: float = 7.0, endpoint_url: str | None = None) -> RunPlan:
+def plan_run(
+    store: Store,
+    slides: Sequence[SlideRef],
+    *,
+    spec_hash: str,
+    model_id: str = "",
+    refused: Sequence[tuple[SlideRef, str]] = (),
+    regions_schema: pa.Schema | None = None,
+    keep_versions_days: float = 7.0,
+    endpoint_url: str | None = None,
+) -> RunPlan:
     """Plan a run over ``slides`` (as listed) under the writer lease.
 
     Removes region rows no reader takes (a killed run's, an earlier file version's); for an
@@ -89,10 +104,13 @@ def plan_run(store: Store, slides: Sequence[SlideRef], *, spec_hash: str, model_
     else:
         current = {r.slide_id: r for r in slides}
         plan.base = {r.slide_id: {"slide_id": r.slide_id, "uri": r.uri, "spec_hash": spec_hash} for r in slides}
-        plan.carried = [status_row({"slide_id": r.slide_id, "uri": r.uri, "spec_hash": spec_hash},
-                                   status="failed", error=error) for r, error in refused]
-        now = file_versions([r for r in slides if r.slide_id in done and done[r.slide_id]["uri"] == r.uri],
-                            endpoint_url)
+        plan.carried = [
+            status_row({"slide_id": r.slide_id, "uri": r.uri, "spec_hash": spec_hash}, status="failed", error=error)
+            for r, error in refused
+        ]
+        now = file_versions(
+            [r for r in slides if r.slide_id in done and done[r.slide_id]["uri"] == r.uri], endpoint_url
+        )
         current = {sid: SlideRef(r.slide_id, r.uri, r.mpp_override, now.get(sid)) for sid, r in current.items()}
     for sid, ref in current.items():
         earlier = done.get(sid)
@@ -104,10 +122,14 @@ def plan_run(store: Store, slides: Sequence[SlideRef], *, spec_hash: str, model_
             continue
         plan.todo.append(ref if model_id else SlideRef(ref.slide_id, ref.uri, ref.mpp_override))
     if plan.changed:
-        log.info("%d slides changed since they were %s (size, ETag/mtime or content): doing them again", plan.changed,
-                 "embedded" if model_id else "tiled")
+        log.info(
+            "%d slides changed since they were %s (size, ETag/mtime or content): doing them again",
+            plan.changed,
+            "embedded" if model_id else "tiled",
+        )
     plan.replaces = {r.slide_id for r in plan.todo if r.slide_id in done} | {
-        row["slide_id"] for row in plan.carried if row["slide_id"] in done}
+        row["slide_id"] for row in plan.carried if row["slide_id"] in done
+    }
     if model_id and plan.todo and regions_schema is not None:
         if removed := store.remove_uncommitted(keep_versions_days):
             log.info("removed %.1f MB of region files an earlier run wrote but never committed", removed / 1e6)
@@ -127,8 +149,14 @@ def _as_tiled(store: Store, plan: RunPlan, slides: Sequence[SlideRef], done: dic
             plan.base[sid], current[sid] = row, slide_ref(row)
         elif sid not in done or row_version(done[sid]) != row_version(row):
             plan.carried.append(status_row(row, status=row["status"], error=row["error"], model_id=plan.model_id))
-    plan.skipped = sum(1 for sid in wanted if sid in done and sid in tiled and tiled[sid]["status"] != "ok"
-                       and row_version(done[sid]) == row_version(tiled[sid]))
+    plan.skipped = sum(
+        1
+        for sid in wanted
+        if sid in done
+        and sid in tiled
+        and tiled[sid]["status"] != "ok"
+        and row_version(done[sid]) == row_version(tiled[sid])
+    )
     return current
 
 
@@ -140,8 +168,9 @@ def file_versions(slides: Sequence[SlideRef], endpoint_url: str | None) -> dict[
         try:
             info = with_retries(lambda: stat(ref.uri, endpoint_url), what=ref.uri)
         except Exception as exc:
-            log.warning("%s: cannot check whether it changed since it was tiled (%s); keeping its regions",
-                        ref.uri, exc)
+            log.warning(
+                "%s: cannot check whether it changed since it was tiled (%s); keeping its regions", ref.uri, exc
+            )
             return ref.slide_id, None
         return ref.slide_id, slide_version(info.size, info.version)
 

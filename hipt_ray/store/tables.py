@@ -35,47 +35,51 @@ DONE_STATUSES = ("ok", "no_tissue")
 # rewrite when rows are deleted
 REGION_ROWS_PER_FRAGMENT = 1024
 
-SLIDES_SCHEMA = pa.schema([
-    ("slide_id", pa.string()),
-    ("uri", pa.string()),
-    ("size", pa.int64()),
-    ("etag", pa.string()),
-    ("vendor", pa.string()),
-    ("mpp", pa.float64()),  # the slide's level-0 MPP
-    ("mpp_source", pa.string()),  # metadata | objective | override
-    ("width", pa.int64()),  # level-0 pixels
-    ("height", pa.int64()),
-    ("n_regions", pa.int32()),
-    ("status", pa.string()),  # ok | failed | no_tissue
-    ("error", pa.string()),
-    ("spec_hash", pa.string()),  # tiling + tissue settings
-    ("model_id", pa.string()),  # "" until a model has embedded the slide
-    ("qc_uri", pa.string()),
-    ("backend", pa.string()),  # what read the pixels: tiles | openslide
-    ("seconds", pa.float64()),
-    ("time", pa.timestamp("us", tz="UTC")),
-])
+SLIDES_SCHEMA = pa.schema(
+    [
+        ("slide_id", pa.string()),
+        ("uri", pa.string()),
+        ("size", pa.int64()),
+        ("etag", pa.string()),
+        ("vendor", pa.string()),
+        ("mpp", pa.float64()),  # the slide's level-0 MPP
+        ("mpp_source", pa.string()),  # metadata | objective | override
+        ("width", pa.int64()),  # level-0 pixels
+        ("height", pa.int64()),
+        ("n_regions", pa.int32()),
+        ("status", pa.string()),  # ok | failed | no_tissue
+        ("error", pa.string()),
+        ("spec_hash", pa.string()),  # tiling + tissue settings
+        ("model_id", pa.string()),  # "" until a model has embedded the slide
+        ("qc_uri", pa.string()),
+        ("backend", pa.string()),  # what read the pixels: tiles | openslide
+        ("seconds", pa.float64()),
+        ("time", pa.timestamp("us", tz="UTC")),
+    ]
+)
 
-REGIONS_SCHEMA = pa.schema([
-    ("slide_id", pa.string()),
-    ("region_index", pa.int32()),
-    ("x", pa.int64()),  # level-0 pixels, top-left corner
-    ("y", pa.int64()),
-    ("level", pa.int32()),  # pyramid level read
-    ("level0_w", pa.int64()),  # level-0 pixels covered
-    ("level0_h", pa.int64()),
-    ("read_w", pa.int32()),  # pixels at the target MPP (multiple of the patch size)
-    ("read_h", pa.int32()),
-    ("valid_w", pa.int32()),  # of which slide content; the rest is white padding
-    ("valid_h", pa.int32()),
-    ("mpp", pa.float64()),  # target MPP of the region pixels
-    ("read_mpp", pa.float64()),  # MPP of the pyramid level read before resampling
-    ("mpp_source", pa.string()),
-    ("tissue_fraction", pa.float32()),
-    ("spec_hash", pa.string()),
-    ("model_id", pa.string()),  # "" for rows written by `tile` (no embeddings)
-    ("slide_version", pa.string()),  # "size:etag" of the slide file; null in tables before it
-])
+REGIONS_SCHEMA = pa.schema(
+    [
+        ("slide_id", pa.string()),
+        ("region_index", pa.int32()),
+        ("x", pa.int64()),  # level-0 pixels, top-left corner
+        ("y", pa.int64()),
+        ("level", pa.int32()),  # pyramid level read
+        ("level0_w", pa.int64()),  # level-0 pixels covered
+        ("level0_h", pa.int64()),
+        ("read_w", pa.int32()),  # pixels at the target MPP (multiple of the patch size)
+        ("read_h", pa.int32()),
+        ("valid_w", pa.int32()),  # of which slide content; the rest is white padding
+        ("valid_h", pa.int32()),
+        ("mpp", pa.float64()),  # target MPP of the region pixels
+        ("read_mpp", pa.float64()),  # MPP of the pyramid level read before resampling
+        ("mpp_source", pa.string()),
+        ("tissue_fraction", pa.float32()),
+        ("spec_hash", pa.string()),
+        ("model_id", pa.string()),  # "" for rows written by `tile` (no embeddings)
+        ("slide_version", pa.string()),  # "size:etag" of the slide file; null in tables before it
+    ]
+)
 
 
 def row_version(row: dict) -> str:
@@ -95,8 +99,9 @@ def recorded_override(row: dict | None) -> float | None:
 def slide_ref(row: dict) -> SlideRef:
     """The reference of the slide a ``slides.lance`` row describes: every later reader opens it
     with the MPP override its tiling used and refuses a file that is no longer that version."""
-    return SlideRef(slide_id=row["slide_id"], uri=row["uri"], mpp_override=recorded_override(row),
-                    version=row_version(row))
+    return SlideRef(
+        slide_id=row["slide_id"], uri=row["uri"], mpp_override=recorded_override(row), version=row_version(row)
+    )
 
 
 def sql_string(value: str) -> str:
@@ -170,6 +175,7 @@ class Store:
                 if isinstance(exc, FileNotFoundError) or "was not found" in str(exc).lower():
                     return None
                 raise
+
         return self._io(table, open_)
 
     def read(self, table: str, *, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
@@ -186,13 +192,13 @@ class Store:
         check_lease(self.out)  # a run whose lease was taken over commits nothing more
         ds = self.dataset(table)
         if ds is None:
-            self._io(table, lambda: lance.write_dataset(data, self.uri(table), mode="create",
-                                                        storage_options=self.options))
+            self._io(
+                table, lambda: lance.write_dataset(data, self.uri(table), mode="create", storage_options=self.options)
+            )
             return
         ds = self._with_columns(table, ds, data.schema)
         data = data.select([n for n in ds.schema.names if n in data.schema.names])
-        self._io(table, lambda: lance.write_dataset(data, self.uri(table), mode="append",
-                                                    storage_options=self.options))
+        self._io(table, lambda: lance.write_dataset(data, self.uri(table), mode="append", storage_options=self.options))
 
     def _with_columns(self, table: str, ds: lance.LanceDataset, schema: pa.Schema) -> lance.LanceDataset:
         """``ds`` with every column of ``schema`` (missing ones added all-null, e.g. embeddings
@@ -216,8 +222,10 @@ class Store:
         check_lease(self.out)
         ds = self.dataset(REGIONS)
         if ds is None:
-            self._io(REGIONS, lambda: lance.write_dataset(schema.empty_table(), self.uri(REGIONS),
-                                                          storage_options=self.options))
+            self._io(
+                REGIONS,
+                lambda: lance.write_dataset(schema.empty_table(), self.uri(REGIONS), storage_options=self.options),
+            )
             ds = self.dataset(REGIONS)
         return self._with_columns(REGIONS, ds, schema).schema
 
@@ -227,9 +235,15 @@ class Store:
         check_lease(self.out)
         ds = self.dataset(REGIONS)
         # appends never conflict with each other: Lance rebases on newer versions by itself
-        self._io(REGIONS, lambda: lance.LanceDataset.commit(
-            self.uri(REGIONS), lance.LanceOperation.Append(fragments), read_version=ds.version,
-            storage_options=self.options))
+        self._io(
+            REGIONS,
+            lambda: lance.LanceDataset.commit(
+                self.uri(REGIONS),
+                lance.LanceOperation.Append(fragments),
+                read_version=ds.version,
+                storage_options=self.options,
+            ),
+        )
 
     def remove_uncommitted(self, keep_versions_days: float) -> int:
         """Delete data files of ``regions.lance`` that no version references (fragments written
@@ -239,8 +253,10 @@ class Store:
         if ds is None:
             return 0
         check_lease(self.out)
-        stats = self._io(REGIONS, lambda: ds.cleanup_old_versions(
-            older_than=timedelta(days=keep_versions_days), delete_unverified=True))
+        stats = self._io(
+            REGIONS,
+            lambda: ds.cleanup_old_versions(older_than=timedelta(days=keep_versions_days), delete_unverified=True),
+        )
         return stats.bytes_removed
 
     def tidy(self, keep_versions_days: float) -> str:
@@ -261,9 +277,15 @@ class Store:
             parts.append(f"{table} {len(ds.get_fragments())} fragments, {len(ds.versions())} versions")
         return "; ".join(parts)
 
-    def append_slides(self, slide_rows: list[dict], region_rows: list[dict] | pa.Table = (),
-                      regions_schema: pa.Schema = REGIONS_SCHEMA, *, fragments: list = (),
-                      replaces: Iterable[str] = ()) -> None:
+    def append_slides(
+        self,
+        slide_rows: list[dict],
+        region_rows: list[dict] | pa.Table = (),
+        regions_schema: pa.Schema = REGIONS_SCHEMA,
+        *,
+        fragments: list = (),
+        replaces: Iterable[str] = (),
+    ) -> None:
         """Commit regions (rows, or ``fragments`` workers wrote), then the slides' status rows
         (see the module's visibility rule).
 
@@ -271,8 +293,11 @@ class Store:
         whose rows must go (they failed); once the new status rows are committed, their other
         region rows are deleted.
         """
-        regions = region_rows if isinstance(region_rows, pa.Table) else pa.Table.from_pylist(
-            list(region_rows), schema=regions_schema)
+        regions = (
+            region_rows
+            if isinstance(region_rows, pa.Table)
+            else pa.Table.from_pylist(list(region_rows), schema=regions_schema)
+        )
         self._append(REGIONS, regions)
         self._commit_fragments(list(fragments))
         self._append(SLIDES, pa.Table.from_pylist(slide_rows, schema=SLIDES_SCHEMA))
@@ -298,8 +323,10 @@ class Store:
                 continue  # a table without versions holds only what the status row names
             conds.append(f"({cond})")
         for i in range(0, len(conds), 200):
-            where = (f"spec_hash = {sql_string(spec_hash)} AND model_id = {sql_string(model_id)} AND "
-                     f"({' OR '.join(conds[i : i + 200])})")
+            where = (
+                f"spec_hash = {sql_string(spec_hash)} AND model_id = {sql_string(model_id)} AND "
+                f"({' OR '.join(conds[i : i + 200])})"
+            )
             self._io(REGIONS, lambda: ds.delete(where))
 
     def latest_slides(self, spec_hash: str | None = None, model_id: str | None = None) -> pa.Table:
@@ -341,9 +368,13 @@ class Store:
         if ds is None:
             return []
         versioned = "slide_version" in ds.schema.names
-        rows = self._io(REGIONS, lambda: ds.to_table(
-            columns=["slide_id"] + (["slide_version"] if versioned else []),
-            filter=f"spec_hash = {sql_string(spec_hash)} AND model_id = {sql_string(model_id)}"))
+        rows = self._io(
+            REGIONS,
+            lambda: ds.to_table(
+                columns=["slide_id"] + (["slide_version"] if versioned else []),
+                filter=f"spec_hash = {sql_string(spec_hash)} AND model_id = {sql_string(model_id)}",
+            ),
+        )
         done = self.done_rows(spec_hash, model_id)
         present: dict[str, set] = {}
         for r in rows.group_by(rows.column_names).aggregate([]).to_pylist():
@@ -360,8 +391,13 @@ class Store:
         self._delete_versions(keep, spec_hash, model_id)
         return sorted(keep)
 
-    def regions(self, spec_hash: str, slide_ids: Iterable[str] | None = None, model_id: str = "",
-                columns: list[str] | None = None) -> pa.Table:
+    def regions(
+        self,
+        spec_hash: str,
+        slide_ids: Iterable[str] | None = None,
+        model_id: str = "",
+        columns: list[str] | None = None,
+    ) -> pa.Table:
         """Region rows of completed slides only, one per region of the slide's current file,
         sorted by slide and region index."""
         done = self.done_rows(spec_hash, model_id)
@@ -371,13 +407,19 @@ class Store:
         ds = self.dataset(REGIONS)
         names = ds.schema.names if ds is not None else REGIONS_SCHEMA.names
         cols = list(columns) if columns else list(names)
-        read_cols = [c for c in dict.fromkeys(cols + ["slide_id", "region_index", "slide_version"])
-                     if c != "slide_version" or c in names]
+        read_cols = [
+            c
+            for c in dict.fromkeys(cols + ["slide_id", "region_index", "slide_version"])
+            if c != "slide_version" or c in names
+        ]
         filt = f"spec_hash = {sql_string(spec_hash)} AND model_id = {sql_string(model_id)}"
         if slide_ids is not None and len(done) <= 1000:
             filt += f" AND {_in('slide_id', done)}" if done else " AND false"
-        rows = (self._io(REGIONS, lambda: ds.to_table(columns=read_cols, filter=filt)) if ds is not None
-                else REGIONS_SCHEMA.empty_table().select(read_cols))
+        rows = (
+            self._io(REGIONS, lambda: ds.to_table(columns=read_cols, filter=filt))
+            if ds is not None
+            else REGIONS_SCHEMA.empty_table().select(read_cols)
+        )
         if "slide_version" not in rows.column_names:  # a table written before versions
             rows = rows.append_column("slide_version", pa.nulls(rows.num_rows, pa.string()))
         rows = current_regions(rows, {sid: row_version(r) for sid, r in done.items()})
@@ -423,8 +465,7 @@ def current_regions(rows: pa.Table, versions: dict[str, str]) -> pa.Table:
     return rows.take(pa.array(keep[first]))
 
 
-def resolve_embedding(store: Store, model_id: str | None = None,
-                      spec_hash: str | None = None) -> tuple[str, str]:
+def resolve_embedding(store: Store, model_id: str | None = None, spec_hash: str | None = None) -> tuple[str, str]:
     """The (model id, tiling spec) of the embeddings under ``store``; each may be left out when
     the output holds only one."""
     latest = store.read(SLIDES, columns=["model_id", "spec_hash", "status"])
@@ -440,8 +481,14 @@ def resolve_embedding(store: Store, model_id: str | None = None,
     return found["model_id"], found["spec_hash"]
 
 
-def read_embeddings(out: str, slide_ids: Iterable[str] | None = None, *, model_id: str | None = None,
-                    spec_hash: str | None = None, endpoint_url: str | None = None) -> dict[str, dict]:
+def read_embeddings(
+    out: str,
+    slide_ids: Iterable[str] | None = None,
+    *,
+    model_id: str | None = None,
+    spec_hash: str | None = None,
+    endpoint_url: str | None = None,
+) -> dict[str, dict]:
     """Per-slide arrays from an embedded output: ``{slide_id: {"emb4k": [n, D4k], "mean256":
     [n, D256], "x": [n], "y": [n], "slide_emb": [D4k]}}`` (``slide_emb`` = mean of ``emb4k``, for
     probes). Only slides whose embedding completed are returned.
@@ -450,8 +497,9 @@ def read_embeddings(out: str, slide_ids: Iterable[str] | None = None, *, model_i
     """
     store = Store(out, endpoint_url=endpoint_url)
     model_id, spec_hash = resolve_embedding(store, model_id, spec_hash)
-    rows = store.regions(spec_hash, slide_ids, model_id=model_id,
-                         columns=["slide_id", "region_index", "x", "y", "emb4k", "mean256"])
+    rows = store.regions(
+        spec_hash, slide_ids, model_id=model_id, columns=["slide_id", "region_index", "x", "y", "emb4k", "mean256"]
+    )
     out_dict: dict[str, dict] = {}
     if rows.num_rows == 0:
         return out_dict
@@ -471,6 +519,11 @@ def read_embeddings(out: str, slide_ids: Iterable[str] | None = None, *, model_i
     xs, ys = rows["x"].to_numpy(), rows["y"].to_numpy()
     for a, b in zip(starts, ends):
         emb = emb_all[a:b]
-        out_dict[ids[a]] = {"emb4k": emb, "mean256": m256_all[a:b], "x": xs[a:b], "y": ys[a:b],
-                            "slide_emb": emb.mean(axis=0)}
+        out_dict[ids[a]] = {
+            "emb4k": emb,
+            "mean256": m256_all[a:b],
+            "x": xs[a:b],
+            "y": ys[a:b],
+            "slide_emb": emb.mean(axis=0),
+        }
     return out_dict

@@ -80,22 +80,31 @@ def refresh_index(store: Store, sc, *, rebuild: bool = False) -> str:
 
 def find_region(store: Store, slide_id: str, xy: tuple[int, int], *, model_id: str, spec_hash: str) -> dict:
     """The embedded region of ``slide_id`` that contains level-0 point ``xy``."""
-    rows = store.regions(spec_hash, [slide_id], model_id=model_id,
-                         columns=["slide_id", "region_index", "x", "y", "level0_w", "level0_h", COLUMN])
+    rows = store.regions(
+        spec_hash,
+        [slide_id],
+        model_id=model_id,
+        columns=["slide_id", "region_index", "x", "y", "level0_w", "level0_h", COLUMN],
+    )
     if rows.num_rows == 0:
-        raise InputError(f"slide {slide_id!r} has no embedded regions in {store.out} (model {model_id}); "
-                         "check the slide id (see slides.lance) or embed it first")
+        raise InputError(
+            f"slide {slide_id!r} has no embedded regions in {store.out} (model {model_id}); "
+            "check the slide id (see slides.lance) or embed it first"
+        )
     x, y = xy
     for r in rows.to_pylist():
         if r["x"] <= x < r["x"] + r["level0_w"] and r["y"] <= y < r["y"] + r["level0_h"]:
             return r
     corners = ", ".join(f"{r['x']},{r['y']}" for r in rows.to_pylist()[:12])
-    raise InputError(f"no region of {slide_id} contains {x},{y}; its regions start at {corners}"
-                     + (" …" if rows.num_rows > 12 else ""))
+    raise InputError(
+        f"no region of {slide_id} contains {x},{y}; its regions start at {corners}"
+        + (" …" if rows.num_rows > 12 else "")
+    )
 
 
-def search(store: Store, query: np.ndarray, *, model_id: str, spec_hash: str, k: int, sc,
-           exact: bool = False) -> pa.Table:
+def search(
+    store: Store, query: np.ndarray, *, model_id: str, spec_hash: str, k: int, sc, exact: bool = False
+) -> pa.Table:
     """The ``k`` nearest embedded regions to ``query`` (same model and tiling spec), nearest first,
     with ``_distance``; ``exact`` bypasses the index (brute force, for recall measurements)."""
     ds = store.dataset(REGIONS)
@@ -104,13 +113,23 @@ def search(store: Store, query: np.ndarray, *, model_id: str, spec_hash: str, k:
     versioned = "slide_version" in ds.schema.names
     fetch = k
     while True:  # ask for more neighbours while duplicates or rows of unfinished slides crowd k out
-        nearest = {"column": COLUMN, "q": np.asarray(query, np.float32), "k": fetch, "metric": sc.metric,
-                   "nprobes": sc.nprobes, "use_index": not exact}
+        nearest = {
+            "column": COLUMN,
+            "q": np.asarray(query, np.float32),
+            "k": fetch,
+            "metric": sc.metric,
+            "nprobes": sc.nprobes,
+            "use_index": not exact,
+        }
         if sc.refine_factor and not exact:
             nearest["refine_factor"] = sc.refine_factor
-        table = ds.to_table(columns=cols + (["slide_version"] if versioned else []), nearest=nearest,
-                            prefilter=True, disable_scoring_autoprojection=True,
-                            filter=f"model_id = {sql_string(model_id)} AND spec_hash = {sql_string(spec_hash)}")
+        table = ds.to_table(
+            columns=cols + (["slide_version"] if versioned else []),
+            nearest=nearest,
+            prefilter=True,
+            disable_scoring_autoprojection=True,
+            filter=f"model_id = {sql_string(model_id)} AND spec_hash = {sql_string(spec_hash)}",
+        )
         if not versioned:
             table = table.append_column("slide_version", pa.nulls(table.num_rows, pa.string()))
         found = current_regions(table, versions)

@@ -15,9 +15,9 @@ import ray
 
 from hipt_ray.config import Config, validate_config
 from hipt_ray.console import Progress
+from hipt_ray.slide_ref import SlideRef
 from hipt_ray.slides.manifest import SlideSpec, list_slides
 from hipt_ray.slides.tiler import TileResult, make_cache, tile_slide
-from hipt_ray.slide_ref import SlideRef
 from hipt_ray.store import Store
 from hipt_ray.store.commit import STATUSES, SlideCommitter, status_row
 from hipt_ray.store.lease import writer_lease
@@ -79,12 +79,18 @@ def _status(plan: RunPlan, ref: SlideRef, task: ray.ObjectRef) -> tuple[dict, li
     try:
         result: TileResult = ray.get(task)
     except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError, ray.exceptions.RayError) as exc:
-        return plan.status_row(ref.slide_id, status="failed", error=(
-            f"{ref.uri}: the worker processing this slide died ({type(exc).__name__}); "
-            "the file may crash the slide decoder: check it opens with OpenSlide")), []
+        return plan.status_row(
+            ref.slide_id,
+            status="failed",
+            error=(
+                f"{ref.uri}: the worker processing this slide died ({type(exc).__name__}); "
+                "the file may crash the slide decoder: check it opens with OpenSlide"
+            ),
+        ), []
     found = result.slide
-    return status_row(found, status=found["status"], error=found["error"], n_regions=found["n_regions"],
-                      seconds=found["seconds"]), result.regions
+    return status_row(
+        found, status=found["status"], error=found["error"], n_regions=found["n_regions"], seconds=found["seconds"]
+    ), result.regions
 
 
 def run(cfg: Config, specs: list[SlideSpec] | None = None) -> TileSummary:
@@ -105,15 +111,23 @@ def _run(cfg: Config, specs: list[SlideSpec] | None) -> TileSummary:
     if specs is None:
         specs = list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)
     overrides = cfg.tiling.mpp_overrides
-    plan = plan_run(store, [s.to_ref(overrides) for s in specs if not s.error], spec_hash=cfg.tiling_spec_hash(),
-                    refused=[(s.to_ref(overrides), s.error) for s in specs if s.error],
-                    endpoint_url=cfg.storage.s3_endpoint_url)
+    plan = plan_run(
+        store,
+        [s.to_ref(overrides) for s in specs if not s.error],
+        spec_hash=cfg.tiling_spec_hash(),
+        refused=[(s.to_ref(overrides), s.error) for s in specs if s.error],
+        endpoint_url=cfg.storage.s3_endpoint_url,
+    )
     summary = TileSummary(total=len(specs), skipped=plan.skipped, changed=plan.changed, out=cfg.out)
     progress = Progress("tile", total=len(plan.todo) + len(plan.carried), unit="slides")
     committer = SlideCommitter(
-        store, batch_slides=cfg.ray.write_batch_slides, replaces=plan.replaces,
-        on_finished=lambda *_: progress.update(committer.counts.total(), regions=committer.regions,
-                                               failed=committer.counts["failed"] or None))
+        store,
+        batch_slides=cfg.ray.write_batch_slides,
+        replaces=plan.replaces,
+        on_finished=lambda *_: progress.update(
+            committer.counts.total(), regions=committer.regions, failed=committer.counts["failed"] or None
+        ),
+    )
     for row in plan.carried:
         committer.add_slide(row)
     _tile_all(cfg, plan, committer)

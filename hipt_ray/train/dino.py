@@ -27,8 +27,15 @@ from hipt_ray.config import Config, validate_config
 from hipt_ray.models import create_model
 from hipt_ray.models.checkpoints import load_trusted
 from hipt_ray.ssl import (
-    DINOHead, DINOLoss, GridCrops, MultiCrop, PixelCrops, cancel_last_layer_gradients,
-    cosine_schedule, ema_update, teacher_temperature_schedule,
+    DINOHead,
+    DINOLoss,
+    GridCrops,
+    MultiCrop,
+    PixelCrops,
+    cancel_last_layer_gradients,
+    cosine_schedule,
+    ema_update,
+    teacher_temperature_schedule,
 )
 
 log = logging.getLogger(__name__)
@@ -54,8 +61,12 @@ def stage_arch(cfg: Config) -> str:
 def stage_spec(cfg: Config) -> StageSpec:
     p = cfg.pretrain
     if p.stage == "vit256":
-        return StageSpec(stage_arch(cfg), "patch", True, PixelCrops(
-            n_local=p.n_local_crops, global_scale=p.global_crop_scale, local_scale=p.local_crop_scale))
+        return StageSpec(
+            stage_arch(cfg),
+            "patch",
+            True,
+            PixelCrops(n_local=p.n_local_crops, global_scale=p.global_crop_scale, local_scale=p.local_crop_scale),
+        )
     return StageSpec(stage_arch(cfg), "grid", False, GridCrops(n_local=p.n_local_crops, rotate=p.rotate_grids))
 
 
@@ -90,8 +101,9 @@ def schedules(cfg: Config, steps_per_epoch: int, world_size: int) -> dict[str, n
         "lr": cosine_schedule(base_lr, p.min_lr, warmup_epochs=p.warmup_epochs, **kw),
         "wd": cosine_schedule(p.weight_decay, p.weight_decay_end, **kw),
         "momentum": cosine_schedule(p.momentum_teacher, 1.0, **kw),
-        "teacher_temp": teacher_temperature_schedule(p.warmup_teacher_temp, p.teacher_temp,
-                                                     warmup_epochs=p.warmup_teacher_temp_epochs, **kw),
+        "teacher_temp": teacher_temperature_schedule(
+            p.warmup_teacher_temp, p.teacher_temp, warmup_epochs=p.warmup_teacher_temp_epochs, **kw
+        ),
     }
 
 
@@ -121,9 +133,15 @@ class DinoState:
         return self.student.module if hasattr(self.student, "module") else self.student
 
     def state_dict(self, epoch: int, rng: dict) -> dict:
-        return {"student": self.student_module.state_dict(), "teacher": self.teacher.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "center": self.loss_fn.center.detach().cpu(),
-                "step": self.step, "epoch": epoch, "rng": rng}
+        return {
+            "student": self.student_module.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "center": self.loss_fn.center.detach().cpu(),
+            "step": self.step,
+            "epoch": epoch,
+            "rng": rng,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """From :meth:`state_dict` (a checkpoint written with a ``scaler`` entry loads too)."""
@@ -134,8 +152,16 @@ class DinoState:
         self.step = state["step"]
 
 
-def dino_step(state: DinoState, crops: list[torch.Tensor], sched: dict[str, np.ndarray], *, epoch: int,
-              clip_grad: float, freeze_last_layer: int, use_amp: bool) -> float:
+def dino_step(
+    state: DinoState,
+    crops: list[torch.Tensor],
+    sched: dict[str, np.ndarray],
+    *,
+    epoch: int,
+    clip_grad: float,
+    freeze_last_layer: int,
+    use_amp: bool,
+) -> float:
     """One DINO update at ``state.step``: the scheduled lr/wd, the teacher on the two global
     crops and the student on all, the loss, gradient clipping and the frozen last layer, then the
     EMA teacher. Returns the loss and advances ``state.step``."""
@@ -165,8 +191,11 @@ def dino_step(state: DinoState, crops: list[torch.Tensor], sched: dict[str, np.n
 def _rng_state() -> dict:
     """Every RNG's state as tensors and plain types, so the checkpoint loads with weights_only."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-            "python": random.getstate()}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+        "python": random.getstate(),
+    }
 
 
 def _set_rng_state(state: dict) -> None:
@@ -194,8 +223,9 @@ def train_loop(config: dict) -> None:
 
     student, teacher = build_student_teacher(cfg)
     teacher.to(device)
-    loss_fn = DINOLoss(out_dim=p.out_dim, n_global=2, student_temp=p.student_temp,
-                       center_momentum=p.center_momentum).to(device)
+    loss_fn = DINOLoss(
+        out_dim=p.out_dim, n_global=2, student_temp=p.student_temp, center_momentum=p.center_momentum
+    ).to(device)
     student = prepare_model(student)  # DDP (gloo on CPU, NCCL on GPU) when world > 1
     state = DinoState(student, teacher, torch.optim.AdamW(param_groups(student)), loss_fn)
     use_amp = device.type == "cuda"
@@ -221,17 +251,33 @@ def train_loop(config: dict) -> None:
 
     while state.step < total:
         step_at_pass_start = state.step
-        for batch in shard.iter_batches(batch_size=p.batch_size_per_worker, batch_format="numpy",
-                                        drop_last=True, local_shuffle_buffer_size=p.shuffle_buffer or None):
+        for batch in shard.iter_batches(
+            batch_size=p.batch_size_per_worker,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=p.shuffle_buffer or None,
+        ):
             if state.step >= total:
                 break
             step, epoch = state.step, state.step // spe
             crops = [c.to(device, non_blocking=True) for c in batch_crops(spec, batch)]
-            loss = dino_step(state, crops, sched, epoch=epoch, clip_grad=p.clip_grad,
-                             freeze_last_layer=p.freeze_last_layer, use_amp=use_amp)
+            loss = dino_step(
+                state,
+                crops,
+                sched,
+                epoch=epoch,
+                clip_grad=p.clip_grad,
+                freeze_last_layer=p.freeze_last_layer,
+                use_amp=use_amp,
+            )
             now = time.perf_counter()
-            metrics = {"loss": loss, "step": state.step, "epoch": epoch, "step_seconds": now - t_last,
-                       **{k: float(sched[k][step]) for k in ("lr", "wd", "momentum", "teacher_temp")}}
+            metrics = {
+                "loss": loss,
+                "step": state.step,
+                "epoch": epoch,
+                "step_seconds": now - t_last,
+                **{k: float(sched[k][step]) for k in ("lr", "wd", "momentum", "teacher_temp")},
+            }
             t_last = now
             if tracker:
                 tracker.step(metrics)

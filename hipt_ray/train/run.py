@@ -52,8 +52,9 @@ def _mlflow_run(cfg: Config, params: dict) -> str:
 
     setup_tracking(cfg)
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    found = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.hipt_run = '{cfg.pretrain.run_name}'",
-                               output_format="list")
+    found = mlflow.search_runs(
+        [exp.experiment_id], filter_string=f"tags.hipt_run = '{cfg.pretrain.run_name}'", output_format="list"
+    )
     if found:
         return found[0].info.run_id
     with mlflow.start_run(run_name=cfg.pretrain.run_name, tags={"hipt_run": cfg.pretrain.run_name}) as run:
@@ -63,11 +64,18 @@ def _mlflow_run(cfg: Config, params: dict) -> str:
 
 def export_teacher(cfg: Config, checkpoint_dir: str, uri: str) -> torch.nn.Module:
     state = load_trusted(os.path.join(checkpoint_dir, CKPT_FILE), allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
-    backbone = {k[len("backbone."):]: v for k, v in state["teacher"].items() if k.startswith("backbone.")}
+    backbone = {k[len("backbone.") :]: v for k, v in state["teacher"].items() if k.startswith("backbone.")}
     model = create_model(stage_arch(cfg))
     load_state_dict_strict(model, backbone, source=checkpoint_dir)
-    export_checkpoint(model, uri, metadata={"stage": cfg.pretrain.stage, "step": int(state["step"]),
-                                            "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+    export_checkpoint(
+        model,
+        uri,
+        metadata={
+            "stage": cfg.pretrain.stage,
+            "step": int(state["step"]),
+            "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3},
+        },
+    )
     return model
 
 
@@ -92,7 +100,7 @@ class _StepFollower:
         with open(self.path, "rb") as fh:
             fh.seek(self.offset)
             chunk = fh.read()
-        whole = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for the next look
+        whole = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next look
         self.offset += len(whole)
         for line in whole.decode().splitlines():
             rec = json.loads(line)
@@ -132,8 +140,11 @@ def run(cfg: Config) -> PretrainSummary:
     storage = p.storage_path or join(cfg.out, "pretrain")
     if not is_remote(storage):
         storage = os.path.abspath(local_path(storage))
-    run_dir = (os.path.join(storage, p.run_name) if not is_remote(storage)
-               else os.path.join(tempfile.gettempdir(), "hipt-ray-runs", p.run_name))
+    run_dir = (
+        os.path.join(storage, p.run_name)
+        if not is_remote(storage)
+        else os.path.join(tempfile.gettempdir(), "hipt-ray-runs", p.run_name)
+    )
     uri = tracking_uri(cfg)
     params = {f"pretrain.{k}": v for k, v in p.model_dump(mode="json").items()}
     params.update({"steps_per_epoch": spe, "items_per_epoch_estimate": n_items, "arch": stage_arch(cfg)})
@@ -141,12 +152,20 @@ def run(cfg: Config) -> PretrainSummary:
     resources = {"CPU": p.cpus_per_worker} | ({"GPU": 1} if p.use_gpu else {})
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "steps_per_epoch": spe, "tracking_uri": uri,
-                           "mlflow_run_id": run_id, "run_dir": run_dir},
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "steps_per_epoch": spe,
+            "tracking_uri": uri,
+            "mlflow_run_id": run_id,
+            "run_dir": run_dir,
+        },
         scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=p.run_name, storage_path=storage,
-                             checkpoint_config=CheckpointConfig(num_to_keep=p.num_to_keep),
-                             failure_config=FailureConfig(max_failures=p.max_failures)),
+        run_config=RunConfig(
+            name=p.run_name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=p.num_to_keep),
+            failure_config=FailureConfig(max_failures=p.max_failures),
+        ),
         datasets={"train": ds},
     )
     with _StepFollower(os.path.join(run_dir, STEP_LOG), total=p.epochs * spe, stage=p.stage):
@@ -156,7 +175,13 @@ def run(cfg: Config) -> PretrainSummary:
     export = join(cfg.out, "pretrain", p.run_name, f"teacher_{p.stage}.pth")
     with result.checkpoint.as_directory() as d:
         export_teacher(cfg, d, export)
-    return PretrainSummary(stage=p.stage, steps=int(result.metrics.get("step", 0)), steps_per_epoch=spe,
-                           final_loss=float(result.metrics.get("loss", float("nan"))),
-                           seconds=time.perf_counter() - t0, checkpoint=result.checkpoint.path,
-                           export=export, tracking_uri=uri)
+    return PretrainSummary(
+        stage=p.stage,
+        steps=int(result.metrics.get("step", 0)),
+        steps_per_epoch=spe,
+        final_loss=float(result.metrics.get("loss", float("nan"))),
+        seconds=time.perf_counter() - t0,
+        checkpoint=result.checkpoint.path,
+        export=export,
+        tracking_uri=uri,
+    )

@@ -34,8 +34,17 @@ def search_space(space: dict[str, dict[str, list]]) -> dict:
     return out
 
 
-def _trial(config: dict, *, base: dict, cohort, tracking_uri: str, experiment: str, sweep_name: str,
-           parent_run_id: str, threads: int) -> None:
+def _trial(
+    config: dict,
+    *,
+    base: dict,
+    cohort,
+    tracking_uri: str,
+    experiment: str,
+    sweep_name: str,
+    parent_run_id: str,
+    threads: int,
+) -> None:
     import mlflow
     import torch
     from ray import tune
@@ -53,8 +62,14 @@ def _trial(config: dict, *, base: dict, cohort, tracking_uri: str, experiment: s
     trial = tune.get_context().get_trial_name()
     # A child of the sweep's run (MLflow's nesting: the parent's id as a tag, across processes).
     with mlflow.start_run(run_name=trial, tags={"sweep": sweep_name, "mlflow.parentRunId": parent_run_id}):
-        cv_log = CrossValidationLog(h.model_dump(mode="json"), split_hash=split_hash, n_cases=len(cohort.case_ids),
-                                    n_folds=len(folds), model_id=cohort.model_id, table_version=cohort.table_version)
+        cv_log = CrossValidationLog(
+            h.model_dump(mode="json"),
+            split_hash=split_hash,
+            n_cases=len(cohort.case_ids),
+            n_folds=len(folds),
+            model_id=cohort.model_id,
+            table_version=cohort.table_version,
+        )
         for epoch, states, mean in cross_validate(h, cohort):
             metrics = {**cv_log.log_epoch(states, mean, step=epoch), "epoch": epoch}
             if is_final(h, epoch, states):  # the selected weights are loaded
@@ -103,8 +118,13 @@ def pick_best(results: list, metric: str):
     small: many trials reach AUC 1.0) go to the lower validation loss."""
     if not results:
         raise ValueError(f"no trial reported {metric}: see the trials' errors above")
-    return max(results, key=lambda r: (r.metrics[metric], -r.metrics.get("val_loss", math.inf)
-                                       if _finite(r.metrics.get("val_loss")) else -math.inf))
+    return max(
+        results,
+        key=lambda r: (
+            r.metrics[metric],
+            -r.metrics.get("val_loss", math.inf) if _finite(r.metrics.get("val_loss")) else -math.inf,
+        ),
+    )
 
 
 def _finite(v) -> bool:
@@ -127,14 +147,18 @@ class SweepResult:
 
     def lines(self) -> list[str]:
         key = self.metric.removeprefix("val_")
-        return [self.table,
-                f"{self.n_trials} trials; best {self.metric}: {self.best_metric:.3f} (inner validation: "
-                f"model selection) with {self.best_config}",
-                f"honest {key}: {self.honest:.3f} (nested: each outer fold scored by the trial best on its "
-                f"inner validation); the best trial's out-of-fold {key}: {self.best_outer:.3f}",
-                f"results table: {self.table_csv}", f"MLflow sweep run: {self.parent_run_id}",
-                "refit of the best configuration" + (" (the best trial's trained folds, not trained again):"
-                                                      if self.refit_reused else ":"), *self.refit_lines]
+        return [
+            self.table,
+            f"{self.n_trials} trials; best {self.metric}: {self.best_metric:.3f} (inner validation: "
+            f"model selection) with {self.best_config}",
+            f"honest {key}: {self.honest:.3f} (nested: each outer fold scored by the trial best on its "
+            f"inner validation); the best trial's out-of-fold {key}: {self.best_outer:.3f}",
+            f"results table: {self.table_csv}",
+            f"MLflow sweep run: {self.parent_run_id}",
+            "refit of the best configuration"
+            + (" (the best trial's trained folds, not trained again):" if self.refit_reused else ":"),
+            *self.refit_lines,
+        ]
 
 
 def _n_trials(s) -> int:
@@ -166,8 +190,11 @@ def _TrialProgress(n_trials: int, metric: str):
             value = (trial.last_result or {}).get(metric)
             if _finite(value):
                 self.best = max(self.best, float(value))
-            self.progress.update(advance=1, best=f"{metric} {self.best:.3f}" if math.isfinite(self.best) else None,
-                                 failed=self.errors or None)
+            self.progress.update(
+                advance=1,
+                best=f"{metric} {self.best:.3f}" if math.isfinite(self.best) else None,
+                failed=self.errors or None,
+            )
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._ended(trial)
@@ -202,8 +229,15 @@ def run_sweep(cfg: Config) -> SweepResult:
     uri = setup_tracking(cfg)  # the experiment is created on the driver, before the trials
     run_dir = run_dir_for(cfg, s.name)
     with mlflow.start_run(run_name=s.name, tags={"sweep": s.name, "kind": "sweep"}) as parent:
-        mlflow.log_params({"sweep.space": str(s.space)[:6000], "sweep.num_samples": s.num_samples,
-                           "sweep.metric": metric, "heads.task": h.task, "n_cases": len(cohort.case_ids)})
+        mlflow.log_params(
+            {
+                "sweep.space": str(s.space)[:6000],
+                "sweep.num_samples": s.num_samples,
+                "sweep.metric": metric,
+                "heads.task": h.task,
+                "n_cases": len(cohort.case_ids),
+            }
+        )
         results = _tuner(cfg, cohort, space, uri, parent.info.run_id, metric, run_dir).fit()
         rows = [r.metrics or {} for r in results]
         best = pick_best([r for r in results if r.metrics and _finite(r.metrics.get(metric))], metric)
@@ -212,16 +246,33 @@ def run_sweep(cfg: Config) -> SweepResult:
         table_csv = os.path.join(run_dir, "results.csv")
         table_df.to_csv(table_csv, index=False)
         best_outer = float(best.metrics.get(key, math.nan))
-        mlflow.log_metrics({k: v for k, v in {f"selection_{metric}": float(best.metrics[metric]),
-                                              f"best_trial_{key}": best_outer, f"honest_{key}": honest}.items()
-                            if math.isfinite(v)})
+        mlflow.log_metrics(
+            {
+                k: v
+                for k, v in {
+                    f"selection_{metric}": float(best.metrics[metric]),
+                    f"best_trial_{key}": best_outer,
+                    f"honest_{key}": honest,
+                }.items()
+                if math.isfinite(v)
+            }
+        )
         mlflow.log_params({f"best.{k}": v for k, v in best.config.items()})
         mlflow.log_artifact(table_csv)
         refit = _refit(cfg, best, parent.info.run_id)
-        return SweepResult(best_config=best.config, best_metric=float(best.metrics[metric]), metric=metric,
-                           table_csv=table_csv, table=_top(table_df), refit_lines=refit.lines(),
-                           honest=honest, best_outer=best_outer, n_trials=len(rows), parent_run_id=parent.info.run_id,
-                           refit_reused=refit.reused)
+        return SweepResult(
+            best_config=best.config,
+            best_metric=float(best.metrics[metric]),
+            metric=metric,
+            table_csv=table_csv,
+            table=_top(table_df),
+            refit_lines=refit.lines(),
+            honest=honest,
+            best_outer=best_outer,
+            n_trials=len(rows),
+            parent_run_id=parent.info.run_id,
+            refit_reused=refit.reused,
+        )
 
 
 def _tuner(cfg: Config, cohort, space: dict, tracking_uri: str, parent_run_id: str, metric: str, run_dir: str):
@@ -233,21 +284,36 @@ def _tuner(cfg: Config, cohort, space: dict, tracking_uri: str, parent_run_id: s
 
     s, h = cfg.sweep, cfg.heads
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=cfg.to_dict(), cohort=cohort, tracking_uri=tracking_uri,
-                             experiment=cfg.tracking.experiment, sweep_name=s.name,
-                             parent_run_id=parent_run_id, threads=max(1, int(s.cpus_per_trial))),
+        tune.with_parameters(
+            _trial,
+            base=cfg.to_dict(),
+            cohort=cohort,
+            tracking_uri=tracking_uri,
+            experiment=cfg.tracking.experiment,
+            sweep_name=s.name,
+            parent_run_id=parent_run_id,
+            threads=max(1, int(s.cpus_per_trial)),
+        ),
         {"cpu": s.cpus_per_trial},
     )
     epochs = max([h.epochs] + [int(max(v)) for k, spec in s.space.items() if k == "epochs" for v in spec.values()])
     return tune.Tuner(
-        trainable, param_space=space,
-        tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=s.num_samples,
-                                    search_alg=BasicVariantGenerator(random_state=h.seed),  # reproducible draws
-                                    scheduler=ASHAScheduler(max_t=epochs, grace_period=min(s.grace_period, epochs)),
-                                    max_concurrent_trials=s.max_concurrent),
-        run_config=tune.RunConfig(name=s.name, storage_path=os.path.join(run_dir, "tune"),
-                                  verbose=2 if console.verbose() else 0,  # Tune's tables only with --verbose
-                                  callbacks=[_TrialProgress(_n_trials(s), metric)]),
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode="max",
+            num_samples=s.num_samples,
+            search_alg=BasicVariantGenerator(random_state=h.seed),  # reproducible draws
+            scheduler=ASHAScheduler(max_t=epochs, grace_period=min(s.grace_period, epochs)),
+            max_concurrent_trials=s.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=s.name,
+            storage_path=os.path.join(run_dir, "tune"),
+            verbose=2 if console.verbose() else 0,  # Tune's tables only with --verbose
+            callbacks=[_TrialProgress(_n_trials(s), metric)],
+        ),
     )
 
 

@@ -72,8 +72,9 @@ def window_offsets(patch_px: int, shifts: int, token_px: int = 16) -> list[int]:
     return [i * step for i in range(max(shifts, 1)) if i * step < patch_px]
 
 
-def smoothed_attention(model: HIPT4K, canvas: np.ndarray, size: tuple[int, int], margin: int,
-                       offsets: list[int]) -> tuple[RegionAttention, int]:
+def smoothed_attention(
+    model: HIPT4K, canvas: np.ndarray, size: tuple[int, int], margin: int, offsets: list[int]
+) -> tuple[RegionAttention, int]:
     """Average the attention of shifted windows over a region.
 
     ``canvas`` is the region with ``margin`` extra pixels above and to the left (uint8
@@ -89,13 +90,13 @@ def smoothed_attention(model: HIPT4K, canvas: np.ndarray, size: tuple[int, int],
     n = 0
     for dy in offsets:
         for dx in offsets:
-            att = region_attention(model, canvas[dy:dy + h, dx:dx + w])
+            att = region_attention(model, canvas[dy : dy + h, dx : dx + w])
             cy, cx = dy // t, dx // t
             for name, m in (("vit256", att.vit256), ("vit4k", att.vit4k_cells())):
                 if acc[name] is None:
                     acc[name] = np.zeros((m.shape[0],) + cells, np.float32)
-                acc[name][:, cy:cy + m.shape[1], cx:cx + m.shape[2]] += m
-            count[cy:cy + h // t, cx:cx + w // t] += 1
+                acc[name][:, cy : cy + m.shape[1], cx : cx + m.shape[2]] += m
+            count[cy : cy + h // t, cx : cx + w // t] += 1
             n += 1
     m0 = margin // t
     crop = (slice(None), slice(m0, m0 + h // t), slice(m0, m0 + w // t))

@@ -38,8 +38,9 @@ def content_cells(n: int, extent: float, size: int) -> np.ndarray:
     return np.arange(n) * (size / n) < extent
 
 
-def region_figure(image: np.ndarray, panels: list[tuple[str, np.ndarray]], path: str, title: str,
-            ncols: int = 4) -> str:
+def region_figure(
+    image: np.ndarray, panels: list[tuple[str, np.ndarray]], path: str, title: str, ncols: int = 4
+) -> str:
     """The region and one blended panel per map (percentile colour scale), with a colour bar."""
     n = len(panels) + 1
     ncols = min(ncols, n)
@@ -64,10 +65,14 @@ def region_figure(image: np.ndarray, panels: list[tuple[str, np.ndarray]], path:
     return path
 
 
-
-
-def slide_attention_png(thumb: np.ndarray, values: np.ndarray, path: str, *, title: str,
-                        top_box: tuple[float, float, float, float] | None = None) -> str:
+def slide_attention_png(
+    thumb: np.ndarray,
+    values: np.ndarray,
+    path: str,
+    *,
+    title: str,
+    top_box: tuple[float, float, float, float] | None = None,
+) -> str:
     """A slide thumbnail with ``values`` (percentiles in [0, 1], NaN where no region lies)
     blended over it, the top region ``(x, y, w, h)`` in thumbnail pixels dashed, a colour bar."""
     shown = np.where(np.isnan(values)[..., None], thumb, blend(thumb, np.nan_to_num(values), alpha=0.45))

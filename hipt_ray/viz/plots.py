@@ -33,8 +33,12 @@ def km_png(km: dict, path: str, title: str) -> str:
     for name, colour in (("high", "tab:red"), ("low", "tab:blue")):
         if f"km_{name}" in km:
             km[f"km_{name}"].plot_survival_function(ax=ax, color=colour, ci_show=True)
-    ax.set(xlabel="months", ylabel="survival probability", ylim=(0, 1.02),
-           title=f"{title}\nlog-rank p = {km['p_value']:.3g} (high n={km['n_high']}, low n={km['n_low']})")
+    ax.set(
+        xlabel="months",
+        ylabel="survival probability",
+        ylim=(0, 1.02),
+        title=f"{title}\nlog-rank p = {km['p_value']:.3g} (high n={km['n_high']}, low n={km['n_low']})",
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

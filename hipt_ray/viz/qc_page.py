@@ -31,8 +31,15 @@ def _thumb(uri: str, endpoint_url: str | None) -> Image.Image | None:
     return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.LANCZOS)
 
 
-def qc_page(slides: pa.Table, dest: str, *, endpoint_url: str | None = None, columns: int = 6,
-            title: str = "", max_slides: int = 240) -> str:
+def qc_page(
+    slides: pa.Table,
+    dest: str,
+    *,
+    endpoint_url: str | None = None,
+    columns: int = 6,
+    title: str = "",
+    max_slides: int = 240,
+) -> str:
     """Write the page for the latest status rows ``slides`` (``slides.lance`` columns) to ``dest``
     (a PNG path or URI); returns ``dest``. Failed and tissue-less slides come first; beyond
     ``max_slides`` the page says how many more there are (each has its own thumbnail)."""
@@ -47,8 +54,12 @@ def qc_page(slides: pa.Table, dest: str, *, endpoint_url: str | None = None, col
     counts = {s: sum(r["status"] == s for r in all_rows) for s in ("ok", "no_tissue", "failed")}
     more = f" (first {len(rows)} shown; the rest in qc/<slide_id>.png)" if len(all_rows) > len(rows) else ""
     draw.text((8, 6), (title or "hipt-ray QC") + more, fill=(0, 0, 0))
-    draw.text((8, 19), f"{len(all_rows)} slides: {counts['ok']} ok, {counts['no_tissue']} no tissue, "
-                       f"{counts['failed']} failed  (green: tissue contour, blue: kept regions)", fill=(60, 60, 60))
+    draw.text(
+        (8, 19),
+        f"{len(all_rows)} slides: {counts['ok']} ok, {counts['no_tissue']} no tissue, "
+        f"{counts['failed']} failed  (green: tissue contour, blue: kept regions)",
+        fill=(60, 60, 60),
+    )
     for i, r in enumerate(rows):
         x0, y0 = (i % cols) * CELL, head + (i // cols) * (CELL + CAPTION)
         colour = STATUS_RGB.get(r["status"], (0, 0, 0))
@@ -83,5 +94,9 @@ def write_qc_page(out: str, spec_hash: str, *, endpoint_url: str | None = None) 
     from hipt_ray.store import Store
 
     slides = Store(out, endpoint_url=endpoint_url).latest_slides(spec_hash, model_id="")
-    return qc_page(slides, join(out, "qc", "overview.png"), endpoint_url=endpoint_url,
-                   title=f"hipt-ray QC  {out}  (tiling spec {spec_hash})")
+    return qc_page(
+        slides,
+        join(out, "qc", "overview.png"),
+        endpoint_url=endpoint_url,
+        title=f"hipt-ray QC  {out}  (tiling spec {spec_hash})",
+    )

@@ -35,8 +35,7 @@ with writer_lease(sys.argv[1], "embed"):
 
 def _hold(out: str) -> subprocess.Popen:
     """Another process holding ``out``'s writer lease, as a running `hipt-ray embed` does."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, out], stdout=subprocess.PIPE, cwd=ROOT,
-                            start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, out], stdout=subprocess.PIPE, cwd=ROOT, start_new_session=True)
     assert proc.stdout.readline().strip() == b"held"
     return proc
 

@@ -28,8 +28,7 @@ from ..conftest import TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 N_SLIDES = 100
-COMMON = ["--config", TINY, "tiling.region_px=1024", "tiling.min_tissue_fraction=0.05",
-          "search.min_rows=150"]
+COMMON = ["--config", TINY, "tiling.region_px=1024", "tiling.min_tissue_fraction=0.05", "search.min_rows=150"]
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +56,23 @@ def test_the_index_is_built_then_refreshed_when_new_slides_are_embedded(demo, ca
     assert info and info["unindexed"] == 0 and info["type"] == "IVF_PQ"
     # A region of a slide from the second run is found by the index (distance ~0, ranked first).
     mid, spec = resolve_embedding(store)
-    last = store.regions(spec, ["demo-099"], model_id=mid, columns=["slide_id", "region_index", "x", "y"]).to_pylist()[0]
-    code = main(["search", "--out", demo["out"], "--slide", "demo-099", "--region", f"{last['x']},{last['y']}",
-                 "-k", "5", *COMMON[2:]])
+    last = store.regions(spec, ["demo-099"], model_id=mid, columns=["slide_id", "region_index", "x", "y"]).to_pylist()[
+        0
+    ]
+    code = main(
+        [
+            "search",
+            "--out",
+            demo["out"],
+            "--slide",
+            "demo-099",
+            "--region",
+            f"{last['x']},{last['y']}",
+            "-k",
+            "5",
+            *COMMON[2:],
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "vector index up to date" in printed
@@ -70,10 +83,24 @@ def test_the_index_is_built_then_refreshed_when_new_slides_are_embedded(demo, ca
 def _sweep(demo, task: str, name: str, capsys) -> str:
     # The task's defaults (configs/heads/<task>.yaml: preprocessing, inner validation, epochs, lr)
     # over two heads; 5 folds to keep the suite short. No ASHA stopping, seeded draws.
-    code = main(["sweep", "--out", demo["out"], "--labels", demo["labels"], "--task", task,
-                 "heads.label_column=subtype", "heads.folds=5", "sweep.num_samples=1", f"sweep.name={name}",
-                 "sweep.grace_period=200", "sweep.cpus_per_trial=1",
-                 "sweep.space={head: {grid: [abmil, mean_mlp]}}"])
+    code = main(
+        [
+            "sweep",
+            "--out",
+            demo["out"],
+            "--labels",
+            demo["labels"],
+            "--task",
+            task,
+            "heads.label_column=subtype",
+            "heads.folds=5",
+            "sweep.num_samples=1",
+            f"sweep.name={name}",
+            "sweep.grace_period=200",
+            "sweep.cpus_per_trial=1",
+            "sweep.space={head: {grid: [abmil, mean_mlp]}}",
+        ]
+    )
     captured = capsys.readouterr()
     printed = captured.out
     assert code == 0, printed + captured.err[-3000:]
@@ -115,8 +142,22 @@ def test_swept_heads_match_the_linear_baselines_and_shuffled_labels_stay_at_chan
     labels.to_csv(path, index=False)
     chance = {}
     for task, key in (("subtyping", "auc"), ("survival", "c_index")):
-        code = main(["train-head", "--out", demo["out"], "--labels", str(path), "--run-name", f"shuffled-{task}",
-                     "--task", task, "heads.label_column=subtype", "heads.head=abmil", "heads.folds=5"])
+        code = main(
+            [
+                "train-head",
+                "--out",
+                demo["out"],
+                "--labels",
+                str(path),
+                "--run-name",
+                f"shuffled-{task}",
+                "--task",
+                task,
+                "heads.label_column=subtype",
+                "heads.head=abmil",
+                "heads.folds=5",
+            ]
+        )
         printed = capsys.readouterr().out
         assert code == 0, printed
         chance[key] = _number(printed, f"{key}: ")
@@ -133,8 +174,23 @@ def test_search_puts_the_query_first_and_its_planted_class_ahead(demo, capsys):
     queries = [next(r for r in regions if r["slide_id"] == s) for s in sorted({r["slide_id"] for r in regions})[::10]]
     precisions = []
     for q in queries:
-        code = main(["search", "--out", demo["out"], "--slide", q["slide_id"], "--region", f"{q['x']},{q['y']}",
-                     "-k", "11", "--labels", demo["labels"], "heads.label_column=subtype", *COMMON[2:]])
+        code = main(
+            [
+                "search",
+                "--out",
+                demo["out"],
+                "--slide",
+                q["slide_id"],
+                "--region",
+                f"{q['x']},{q['y']}",
+                "-k",
+                "11",
+                "--labels",
+                demo["labels"],
+                "heads.label_column=subtype",
+                *COMMON[2:],
+            ]
+        )
         printed = capsys.readouterr().out
         assert code == 0, printed
         table = pd.read_csv(Path(demo["out"]) / "search" / f"{q['slide_id']}_{q['x']}_{q['y']}.csv")
@@ -147,7 +203,9 @@ def test_search_puts_the_query_first_and_its_planted_class_ahead(demo, capsys):
         print(f"search precision@10 (same planted subtype): {precision:.3f} over {len(queries)} queries")
     # Two subtypes in about equal numbers: chance ≈ 0.5. Measured 0.83 with the random tiny twin.
     assert precision > 0.7, precisions
-    mosaic = Image.open(Path(demo["out"]) / "search" / f"{queries[0]['slide_id']}_{queries[0]['x']}_{queries[0]['y']}_mosaic.png")
+    mosaic = Image.open(
+        Path(demo["out"]) / "search" / f"{queries[0]['slide_id']}_{queries[0]['x']}_{queries[0]['y']}_mosaic.png"
+    )
     assert mosaic.width > 6 * 192 and np.asarray(mosaic).std() > 10
 
 
@@ -169,10 +227,21 @@ def test_slide_heatmaps_of_the_best_head(demo, capsys):
 
     uri = f"sqlite:///{Path(demo['out']) / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    run_id = mlflow.search_runs(experiment_names=["hipt-ray"], output_format="list",
-                                filter_string="attributes.run_name = 'demo-sub-best'")[0].info.run_id
-    code = main(["heatmap", "--head-run", run_id, "--out", str(out / "by-id"), "--slide", "demo-004",
-                 f"tracking.mlflow_uri={uri}"])
+    run_id = mlflow.search_runs(
+        experiment_names=["hipt-ray"], output_format="list", filter_string="attributes.run_name = 'demo-sub-best'"
+    )[0].info.run_id
+    code = main(
+        [
+            "heatmap",
+            "--head-run",
+            run_id,
+            "--out",
+            str(out / "by-id"),
+            "--slide",
+            "demo-004",
+            f"tracking.mlflow_uri={uri}",
+        ]
+    )
     assert code == 0 and (out / "by-id" / "demo-004_slide_attention.png").is_file()
     assert main(["heatmap", "--head-run", "0123abc", "--out", str(out), f"tracking.mlflow_uri={uri}"]) == 2
     assert "tracking.mlflow_uri" in capsys.readouterr().err
@@ -180,19 +249,48 @@ def test_slide_heatmaps_of_the_best_head(demo, capsys):
 
 def test_hipt_lgp_runs_its_own_vit4k_over_the_stored_tokens(demo, capsys):
     """heads.local_vit: bags of tokens256 grids embedded by the head's own (frozen, random) ViT-4K."""
-    code = main(["train-head", "--out", demo["out"], "--labels", demo["labels"], "--run-name", "local-vit",
-                 "heads.label_column=subtype", "heads.head=hipt_lgp", "heads.local_vit=vit4k_tiny",
-                 "heads.folds=5", "heads.epochs=10", "heads.lr=0.0005"])
+    code = main(
+        [
+            "train-head",
+            "--out",
+            demo["out"],
+            "--labels",
+            demo["labels"],
+            "--run-name",
+            "local-vit",
+            "heads.label_column=subtype",
+            "heads.head=hipt_lgp",
+            "heads.local_vit=vit4k_tiny",
+            "heads.folds=5",
+            "heads.epochs=10",
+            "heads.lr=0.0005",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     auc = float(printed.split("auc: ")[1].split(" ")[0])
     with capsys.disabled():
         print(f"demo cohort subtyping AUC, hipt_lgp over tokens256 with a frozen random ViT-4K: {auc:.3f}")
-    assert auc > 0.6, printed  # measured 0.981 (batches of 8 bags; 1.000 one bag a step) with standardisation fitted on the frozen ViT-4K (0.583 without; chance 0.5)
+    # measured 0.981 (batches of 8 bags; 1.000 one bag a step) with standardisation fitted on the
+    # frozen ViT-4K (0.583 without; chance 0.5)
+    assert auc > 0.6, printed
     import torch
 
     saved = torch.load(Path(demo["out"]) / "heads" / "local-vit" / "heads.pt", weights_only=False)
     assert any(k.startswith("local_vit.") for k in saved["folds"][0]["state_dict"])
-    assert main(["train-head", "--out", demo["out"], "--labels", demo["labels"], "heads.label_column=subtype",
-                 "heads.head=abmil", "heads.local_vit=vit4k_tiny"]) == 2
+    assert (
+        main(
+            [
+                "train-head",
+                "--out",
+                demo["out"],
+                "--labels",
+                demo["labels"],
+                "heads.label_column=subtype",
+                "heads.head=abmil",
+                "heads.local_vit=vit4k_tiny",
+            ]
+        )
+        == 2
+    )
     assert "needs heads.head=hipt_lgp" in capsys.readouterr().err

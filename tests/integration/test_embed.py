@@ -43,8 +43,15 @@ def test_embed_from_s3_with_failures(ray_local, slide_set, s3fs_client, tmp_path
         synthetic.make_slide(tmp_path / f"{name}.tiff", width_um=2500, height_um=2100, seed=30)
         s3fs_client.put(str(tmp_path / f"{name}.tiff"), f"{bucket}/slides/{name}.tiff")
     out = f"s3://{bucket}/out"
-    args = ["--slides", f"s3://{bucket}/slides/", "--out", out, "--config", TINY,
-            f"storage.cache_dir={tmp_path / 'cache'}"]
+    args = [
+        "--slides",
+        f"s3://{bucket}/slides/",
+        "--out",
+        out,
+        "--config",
+        TINY,
+        f"storage.cache_dir={tmp_path / 'cache'}",
+    ]
     assert main(["tile", *args]) == 3  # notaslide
     tiled = {r["slide_id"]: r for r in Store(out).latest_slides(model_id="").to_pylist()}
     assert tiled["breaks"]["status"] == tiled["vanishes"]["status"] == "ok"
@@ -53,9 +60,21 @@ def test_embed_from_s3_with_failures(ray_local, slide_set, s3fs_client, tmp_path
     s3fs_client.rm(f"{bucket}/slides/vanishes.tiff")
     # the manifest keeps listing the vanished slide, as a stale manifest would
     manifest = tmp_path / "m.csv"
-    manifest.write_text("uri\n" + "".join(f"s3://{bucket}/slides/{n}\n" for n in
-                                          ["good.tiff", "forty.svs", "small.tiff", "blank.tiff",
-                                           "notaslide.svs", "breaks.tiff", "vanishes.tiff"]))
+    manifest.write_text(
+        "uri\n"
+        + "".join(
+            f"s3://{bucket}/slides/{n}\n"
+            for n in [
+                "good.tiff",
+                "forty.svs",
+                "small.tiff",
+                "blank.tiff",
+                "notaslide.svs",
+                "breaks.tiff",
+                "vanishes.tiff",
+            ]
+        )
+    )
     args[1] = str(manifest)
     capsys.readouterr()
     code = main(["embed", *args])
@@ -63,11 +82,21 @@ def test_embed_from_s3_with_failures(ray_local, slide_set, s3fs_client, tmp_path
     assert code == 3, printed
     assert "3 embedded, 3 failed, 1 no tissue" in printed
     store = Store(out)
-    mid = store.latest_slides(model_id=None).filter(pc.starts_with(store.latest_slides(model_id=None)["model_id"], "random-"))["model_id"][0].as_py()
+    mid = (
+        store.latest_slides(model_id=None)
+        .filter(pc.starts_with(store.latest_slides(model_id=None)["model_id"], "random-"))["model_id"][0]
+        .as_py()
+    )
     status = _latest(out, mid)
     assert {k: v["status"] for k, v in status.items()} == {
-        "good": "ok", "forty": "ok", "small": "ok", "blank": "no_tissue", "notaslide": "failed",
-        "breaks": "failed", "vanishes": "failed"}
+        "good": "ok",
+        "forty": "ok",
+        "small": "ok",
+        "blank": "no_tissue",
+        "notaslide": "failed",
+        "breaks": "failed",
+        "vanishes": "failed",
+    }
     assert "failed to decode" in status["breaks"]["error"]
     assert "no such file" in status["vanishes"]["error"] and "vanishes.tiff" in status["vanishes"]["error"]
     emb = read_embeddings(out)
@@ -77,8 +106,10 @@ def test_embed_from_s3_with_failures(ray_local, slide_set, s3fs_client, tmp_path
     regions = store.read(REGIONS, filter=f"model_id = '{mid}'")
     assert regions.schema.field("emb4k").type.list_size == 32
     tokens = regions["tokens256"].to_pylist()
-    assert all(len(t) == (r // 256) * (c // 256) * 48 for t, r, c in
-               zip(tokens, regions["read_h"].to_pylist(), regions["read_w"].to_pylist()))
+    assert all(
+        len(t) == (r // 256) * (c // 256) * 48
+        for t, r, c in zip(tokens, regions["read_h"].to_pylist(), regions["read_w"].to_pylist())
+    )
 
     # rerun: nothing new is embedded, failed slides are retried and still fail
     code = main(["embed", *args])
@@ -91,8 +122,10 @@ def test_embeddings_equal_the_in_process_model(ray_local, slide_set, tmp_path, c
     src.mkdir()
     os.symlink(slide_set["forty"], src / "forty.svs")
     out = str(tmp_path / "out")
-    assert main(["embed", "--slides", str(src), "--out", out, "--config", TINY,
-                 f"storage.cache_dir={tmp_path / 'c'}"]) == 0
+    assert (
+        main(["embed", "--slides", str(src), "--out", out, "--config", TINY, f"storage.cache_dir={tmp_path / 'c'}"])
+        == 0
+    )
     capsys.readouterr()
     assert Store(out).latest_slides(model_id="")["backend"].to_pylist() == ["tiles"]  # compared with OpenSlide below
     cfg = load_config("embed", files=[TINY], values={"slides": str(src), "out": out})
@@ -105,8 +138,9 @@ def test_embeddings_equal_the_in_process_model(ray_local, slide_set, tmp_path, c
             feats = model.forward_features(normalize_uint8(torch.from_numpy(rgb)[None]))
             assert np.allclose(r["emb4k"], feats["emb4k"][0].numpy(), atol=1e-5)
             assert np.allclose(r["mean256"], feats["mean256"][0].numpy(), atol=1e-5)
-            assert np.allclose(np.asarray(r["tokens256"], np.float32),
-                               feats["tokens256"][0].half().float().numpy().ravel(), atol=1e-3)
+            assert np.allclose(
+                np.asarray(r["tokens256"], np.float32), feats["tokens256"][0].half().float().numpy().ravel(), atol=1e-3
+            )
 
 
 def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
@@ -119,11 +153,23 @@ def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
         synthetic.make_slide(src / f"s{i}.tiff", width_um=2500, height_um=2100, seed=40 + i)
     out = str(tmp_path / "out")
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    cmd = [sys.executable, "-m", "hipt_ray.cli", "embed", "--slides", str(src), "--out", out,
-           "--config", TINY, "ray.write_batch_slides=1", "embed.write_regions=2", "embed.regions_per_task=1",
-           f"storage.cache_dir={tmp_path / 'c'}"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "hipt_ray.cli",
+        "embed",
+        "--slides",
+        str(src),
+        "--out",
+        out,
+        "--config",
+        TINY,
+        "ray.write_batch_slides=1",
+        "embed.write_regions=2",
+        "embed.regions_per_task=1",
+        f"storage.cache_dir={tmp_path / 'c'}",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     store = Store(out)
     deadline = time.time() + 240
     while time.time() < deadline:  # kill once at least one slide is committed, before all are
@@ -146,11 +192,16 @@ def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
     keys = list(zip(regions["slide_id"].to_pylist(), regions["region_index"].to_pylist()))
     assert len(keys) == len(set(keys)) == sum(tiled.values())  # none duplicated, none missing
     assert {r["slide_id"]: r["status"] for r in store.latest_slides(model_id=mid).to_pylist()} == {
-        f"s{i}": "ok" for i in range(n_slides)}
+        f"s{i}": "ok" for i in range(n_slides)
+    }
     # the fragments the killed run wrote but never committed are gone: every file is in a version
     ds = store.dataset(REGIONS)
-    referenced = {f.path for v in ds.versions() for frag in ds.checkout_version(v["version"]).get_fragments()
-                  for f in frag.data_files()}
+    referenced = {
+        f.path
+        for v in ds.versions()
+        for frag in ds.checkout_version(v["version"]).get_fragments()
+        for f in frag.data_files()
+    }
     assert set(os.listdir(Path(out) / REGIONS / "data")) == referenced
 
 
@@ -164,7 +215,11 @@ def test_a_slide_whose_mpp_is_only_an_override_is_searchable(ray_local, slide_se
     out = str(tmp_path / "out")
     common = ["--out", out, "--config", TINY, f"storage.cache_dir={tmp_path / 'cache'}"]
     assert main(["embed", "--slides", str(src), *common, "tiling.mpp_overrides={nompp: 0.5}"]) == 0
-    row = Store(out).latest_slides(model_id="").filter(pc.equal(Store(out).latest_slides(model_id="")["slide_id"], "nompp"))
+    row = (
+        Store(out)
+        .latest_slides(model_id="")
+        .filter(pc.equal(Store(out).latest_slides(model_id="")["slide_id"], "nompp"))
+    )
     assert row["mpp_source"][0].as_py() == "override" and row["backend"][0].as_py() == "tiles"
     capsys.readouterr()
     assert main(["search", "--slide", "nompp", "--region", "10,10", "-k", "2", *common]) == 0

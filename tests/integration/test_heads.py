@@ -34,14 +34,42 @@ def cohort(tmp_path_factory):
         for r in range(int(rng.integers(3, 7))):
             emb = rng.standard_normal(192) * 0.3
             emb += 2.0 * subtype * u + 3.0 * risk * v
-            regions.append({"slide_id": f"s{c}", "region_index": r, "x": 0, "y": 0, "read_w": 4096, "read_h": 4096,
-                            "spec_hash": spec, "model_id": "m1", "emb4k": emb.astype("float32"),
-                            "mean256": np.zeros(384, "float32"), "tokens256": None})
-        slides.append({"slide_id": f"s{c}", "uri": f"s{c}", "status": "ok", "spec_hash": spec, "model_id": "m1",
-                       "n_regions": 1, "time": None})
+            regions.append(
+                {
+                    "slide_id": f"s{c}",
+                    "region_index": r,
+                    "x": 0,
+                    "y": 0,
+                    "read_w": 4096,
+                    "read_h": 4096,
+                    "spec_hash": spec,
+                    "model_id": "m1",
+                    "emb4k": emb.astype("float32"),
+                    "mean256": np.zeros(384, "float32"),
+                    "tokens256": None,
+                }
+            )
+        slides.append(
+            {
+                "slide_id": f"s{c}",
+                "uri": f"s{c}",
+                "status": "ok",
+                "spec_hash": spec,
+                "model_id": "m1",
+                "n_regions": 1,
+                "time": None,
+            }
+        )
         t = rng.exponential(40 * np.exp(-4.0 * (risk - 0.5)))
-        labels.append({"slide_id": f"s{c}", "case_id": f"c{c}", "label": ["luad", "lusc"][subtype],
-                       "survival_months": round(min(t, 100.0), 2), "event": int(t < 100.0)})
+        labels.append(
+            {
+                "slide_id": f"s{c}",
+                "case_id": f"c{c}",
+                "label": ["luad", "lusc"][subtype],
+                "survival_months": round(min(t, 100.0), 2),
+                "event": int(t < 100.0),
+            }
+        )
     labels.append({"slide_id": "not-embedded", "case_id": "c999", "label": "luad", "survival_months": 5.0, "event": 1})
     Store(str(out)).append_slides(slides, pa.Table.from_pylist(regions, schema=schema), schema)
     pd.DataFrame(labels).to_csv(out / "labels.csv", index=False)
@@ -73,16 +101,25 @@ def test_subtyping_well_above_chance_with_baselines_and_predictions(cohort, caps
 
 
 def test_survival_cindex_above_chance_and_mlflow_run(cohort, capsys):
-    text = _run(cohort, "--task", "survival", "heads.head=mean_mlp", "heads.epochs=20", "heads.lr=0.003",
-                "heads.weight_decay=0.01", capsys=capsys)
+    text = _run(
+        cohort,
+        "--task",
+        "survival",
+        "heads.head=mean_mlp",
+        "heads.epochs=20",
+        "heads.lr=0.003",
+        "heads.weight_decay=0.01",
+        capsys=capsys,
+    )
     cidx = float(text.split("c_index: ")[1].split(" ")[0])
     # Measured 0.63 ± 0.02 over 5 folds (seeded); chance is 0.5 and the planted risk itself ≈ 0.72.
     assert cidx > 0.58, text
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{cohort / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["hipt-ray"], output_format="list",
-                              filter_string="attributes.run_name = 'survival-mean_mlp'")
+    runs = mlflow.search_runs(
+        experiment_names=["hipt-ray"], output_format="list", filter_string="attributes.run_name = 'survival-mean_mlp'"
+    )
     run = runs[0]
     assert run.data.params["model_id"] == "m1" and len(run.data.params["split_hash"]) == 16
     assert "c_index" in run.data.metrics and "fold0_c_index" in run.data.metrics
@@ -96,8 +133,10 @@ def test_survival_cindex_above_chance_and_mlflow_run(cohort, capsys):
 
 
 def test_missing_label_column_is_exit_2(cohort, capsys):
-    assert main(["train-head", "--out", str(cohort), "--labels", str(cohort / "labels.csv"),
-                 "heads.label_column=grade"]) == 2
+    assert (
+        main(["train-head", "--out", str(cohort), "--labels", str(cohort / "labels.csv"), "heads.label_column=grade"])
+        == 2
+    )
     assert "grade" in capsys.readouterr().err
 
 
@@ -110,8 +149,18 @@ def test_malformed_labels_are_one_line_exit_2_and_duplicates_are_counted(cohort,
     err = capsys.readouterr().err
     assert "Traceback" not in err and "column event must be 1" in err.strip().splitlines()[-1] and "line 5" in err
     pd.concat([df, df.iloc[:2]]).to_csv(tmp_path / "dup.csv", index=False)
-    code = main(["train-head", "--out", str(cohort), "--labels", str(tmp_path / "dup.csv"), "heads.epochs=2",
-                 "heads.folds=2", "heads.head=mean_mlp"])
+    code = main(
+        [
+            "train-head",
+            "--out",
+            str(cohort),
+            "--labels",
+            str(tmp_path / "dup.csv"),
+            "heads.epochs=2",
+            "heads.folds=2",
+            "heads.head=mean_mlp",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "2 duplicate row(s) dropped (lines 83, 84" in out, out
 
@@ -119,11 +168,24 @@ def test_malformed_labels_are_one_line_exit_2_and_duplicates_are_counted(cohort,
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_two_trial_sweep_logs_every_trial_to_mlflow(ray_local, cohort, capsys):
-    code = main(["sweep", "--out", str(cohort), "--labels", str(cohort / "labels.csv"),
-                 "--config", str(Path(__file__).resolve().parents[2] / "hipt_ray" / "configs" / "heads" / "subtyping.yaml"),
-                 "sweep.num_samples=2", "sweep.name=s2",
-                 "heads.epochs=4", "heads.folds=3", "sweep.grace_period=2", "sweep.cpus_per_trial=0.5",
-                 "sweep.space={lr: {loguniform: [1.0e-3, 3.0e-3]}, head: {choice: [abmil, mean_mlp]}}"])
+    code = main(
+        [
+            "sweep",
+            "--out",
+            str(cohort),
+            "--labels",
+            str(cohort / "labels.csv"),
+            "--config",
+            str(Path(__file__).resolve().parents[2] / "hipt_ray" / "configs" / "heads" / "subtyping.yaml"),
+            "sweep.num_samples=2",
+            "sweep.name=s2",
+            "heads.epochs=4",
+            "heads.folds=3",
+            "sweep.grace_period=2",
+            "sweep.cpus_per_trial=0.5",
+            "sweep.space={lr: {loguniform: [1.0e-3, 3.0e-3]}, head: {choice: [abmil, mean_mlp]}}",
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0, text
     assert "best val_auc:" in text and "honest auc: " in text and (cohort / "heads" / "s2" / "results.csv").is_file()
@@ -139,14 +201,17 @@ def test_two_trial_sweep_logs_every_trial_to_mlflow(ray_local, cohort, capsys):
         assert run.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
         assert {"auc", "val_auc", "fold0_val_auc"} <= set(run.data.metrics)
         assert run.data.params["heads.head"] in ("abmil", "mean_mlp")
-    refit = mlflow.search_runs(experiment_names=["hipt-ray"], output_format="list",
-                               filter_string="attributes.run_name = 's2-best'")[0]
+    refit = mlflow.search_runs(
+        experiment_names=["hipt-ray"], output_format="list", filter_string="attributes.run_name = 's2-best'"
+    )[0]
     assert refit.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
     assert (cohort / "heads" / "s2-best" / "roc.png").is_file()
     # The refit takes the best trial's trained folds when the trial ran to its last epoch (ASHA
     # may stop one at epoch 2): then its out-of-fold AUC is the trial's, exactly.
     table = pd.read_csv(cohort / "heads" / "s2" / "results.csv")
-    best_epoch = int(table.loc[np.isclose(table["config/lr"], float(parent[0].data.params["best.lr"])), "epoch"].iloc[0])
+    best_epoch = int(
+        table.loc[np.isclose(table["config/lr"], float(parent[0].data.params["best.lr"])), "epoch"].iloc[0]
+    )
     reused = "(the best trial's trained folds, not trained again)" in text
     assert reused == (best_epoch == 4), (best_epoch, text)
     if reused:
@@ -157,11 +222,29 @@ def test_a_four_case_survival_cohort_reports_an_undefined_fold_not_a_traceback(c
     # Issue 31: 4 cases, 2 folds; one fold holds a case censored at 5 months and an event at 20:
     # no pair of its cases can be ordered, so that fold has no c-index. It used to end in a
     # traceback (ZeroDivisionError: No admissable pairs), exit 1.
-    pd.DataFrame({"slide_id": ["s0", "s1", "s2", "s3"], "case_id": ["c0", "c1", "c2", "c3"],
-                  "survival_months": [5.0, 10.0, 20.0, 30.0], "event": [0, 1, 1, 0]}).to_csv(tmp_path / "four.csv",
-                                                                                           index=False)
-    code = main(["train-head", "--out", str(cohort), "--labels", str(tmp_path / "four.csv"), "--task", "survival",
-                 "--run-name", "four-cases", "heads.epochs=2", "heads.head=mean_mlp"])
+    pd.DataFrame(
+        {
+            "slide_id": ["s0", "s1", "s2", "s3"],
+            "case_id": ["c0", "c1", "c2", "c3"],
+            "survival_months": [5.0, 10.0, 20.0, 30.0],
+            "event": [0, 1, 1, 0],
+        }
+    ).to_csv(tmp_path / "four.csv", index=False)
+    code = main(
+        [
+            "train-head",
+            "--out",
+            str(cohort),
+            "--labels",
+            str(tmp_path / "four.csv"),
+            "--task",
+            "survival",
+            "--run-name",
+            "four-cases",
+            "heads.epochs=2",
+            "heads.head=mean_mlp",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0 and "Traceback" not in err, err
     assert "c_index undefined (Data has no comparable pairs" in err, err

@@ -15,25 +15,43 @@ from hipt_ray.store import Store
 from ..conftest import VENV_BIN, copy_slides, ray_head, stop_process_group
 
 # What the suite's `ray_local` fixture and every command without an address run.
-PROBE = ("import ray; from hipt_ray.runtime import start_ray; start_ray(num_cpus=1); "
-         "print(ray.get_runtime_context().gcs_address)")
+PROBE = (
+    "import ray; from hipt_ray.runtime import start_ray; start_ray(num_cpus=1); "
+    "print(ray.get_runtime_context().gcs_address)"
+)
 
 
 def _env() -> dict:
     # Token auth on both sides, as Ray 2.60 recommends: without it a bare ray.init() cannot join the
     # foreign head and falls back to a local Ray, which would hide the bug this test is about.
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token"}
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+    }
     env.pop("RAY_ADDRESS", None)
     return env
 
 
 def _tile_and_probe(src, out, tmp_path) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
     """A command (`tile`) and the suite's own start-up, side by side (each waits mostly on Ray)."""
-    procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for cmd in ([str(VENV_BIN / "hipt-ray"), "tile", "--slides", str(src), "--out", str(out),
-                          f"storage.cache_dir={tmp_path / 'cache'}", "qc.enabled=false"],
-                         [sys.executable, "-c", PROBE])]
+    procs = [
+        subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for cmd in (
+            [
+                str(VENV_BIN / "hipt-ray"),
+                "tile",
+                "--slides",
+                str(src),
+                "--out",
+                str(out),
+                f"storage.cache_dir={tmp_path / 'cache'}",
+                "qc.enabled=false",
+            ],
+            [sys.executable, "-c", PROBE],
+        )
+    ]
     done = []
     for p in procs:
         try:
@@ -58,10 +76,8 @@ def test_commands_ignore_a_live_foreign_head_and_a_dead_one(slide_set, tmp_path)
         assert "slides: 1 (1 ok" in live.stdout
         # The foreign cluster saw no driver but the one below that asks it (a bare ray.init() would
         # have run the tile command on it).
-        ask = ("import ray; from ray._private import state; ray.init(address='%s'); "
-               "print(len(state.jobs()))" % foreign)
-        seen = subprocess.run([sys.executable, "-c", ask], env=_env(), capture_output=True, text=True,
-                              timeout=180)
+        ask = f"import ray; from ray._private import state; ray.init(address='{foreign}'); print(len(state.jobs()))"
+        seen = subprocess.run([sys.executable, "-c", ask], env=_env(), capture_output=True, text=True, timeout=180)
         assert seen.returncode == 0 and seen.stdout.strip().splitlines()[-1] == "1", seen.stderr[-2000:]
 
         stop_process_group(head)

@@ -34,8 +34,9 @@ def test_cluster_yaml_passes_ray_validation():
 
 @pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "jobs").glob("*.py")))
 def test_job_help_exits_0(job):
-    out = subprocess.run([sys.executable, str(ROOT / "jobs" / job), "--help"], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / job), "--help"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0 and "usage" in out.stdout
 
 
@@ -46,20 +47,41 @@ def test_ray_job_submit_tile_and_embed(slide_set, tmp_path):
     out = tmp_path / "out"
     dash, agent = free_port(), free_port()
     # Token auth is on by default in Ray 2.60; the CLI clients only send the token in "token" mode.
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token"}
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+    }
     env.pop("RAY_ADDRESS", None)
-    dashboard = ("--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                 f"--dashboard-agent-listen-port={agent}")
+    dashboard = (
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--dashboard-agent-listen-port={agent}",
+    )
     # Two nodes, as cluster.yaml places work: the model actor where `model` is (the head here),
     # region reads on a worker node that joined with a `decode` resource.
-    with ray_head(num_cpus=2, temp_dir=Path("/tmp") / f"rayjob{dash}", env=env,
-                  extra=(*dashboard, '--resources={"model": 1}')) as (_, gcs, _f):
+    with ray_head(
+        num_cpus=2, temp_dir=Path("/tmp") / f"rayjob{dash}", env=env, extra=(*dashboard, '--resources={"model": 1}')
+    ) as (_, gcs, _f):
         worker = subprocess.Popen(
-            [str(VENV_BIN / "ray"), "start", f"--address={gcs}", "--num-cpus=1", '--resources={"decode": 1}',
-             # its own session folder, as on a machine of its own (nodes sharing one unpack the
-             # job's working_dir over each other)
-             f"--temp-dir=/tmp/rayjobw{dash}", "--block"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                str(VENV_BIN / "ray"),
+                "start",
+                f"--address={gcs}",
+                "--num-cpus=1",
+                '--resources={"decode": 1}',
+                # its own session folder, as on a machine of its own (nodes sharing one unpack the
+                # job's working_dir over each other)
+                f"--temp-dir=/tmp/rayjobw{dash}",
+                "--block",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             _submit_tile_and_embed(src, out, tmp_path, env, dash)
         finally:
@@ -70,8 +92,9 @@ def _submit_tile_and_embed(src: Path, out: Path, tmp_path: Path, env: dict, dash
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
     while time.time() < deadline:
-        probe = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", address],
-                               env=env, capture_output=True, text=True)
+        probe = subprocess.run(
+            [str(VENV_BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True, text=True
+        )
         if probe.returncode == 0:
             break
         time.sleep(2)
@@ -81,18 +104,57 @@ def _submit_tile_and_embed(src: Path, out: Path, tmp_path: Path, env: dict, dash
     # tile alone, and embed (which tiles first).
     tile_out = tmp_path / "tile_out"
     tile_job = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-         "--", "python", "jobs/tile.py", "--slides", str(src), "--out", str(tile_out),
-         f"storage.cache_dir={tmp_path / 'cache_tile'}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        [
+            str(VENV_BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "jobs/tile.py",
+            "--slides",
+            str(src),
+            "--out",
+            str(tile_out),
+            f"storage.cache_dir={tmp_path / 'cache_tile'}",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
     )
     try:
         job = subprocess.run(
-            [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-             "--", "python", "jobs/embed.py", "--slides", str(src), "--out", str(out),
-             "--config", "tiny", "embed.read_resources={decode: 1}",
-             "embed.actor_resources={model: 1}", f"storage.cache_dir={tmp_path / 'cache'}"],
-            env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+            [
+                str(VENV_BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                str(ROOT),
+                "--",
+                "python",
+                "jobs/embed.py",
+                "--slides",
+                str(src),
+                "--out",
+                str(out),
+                "--config",
+                "tiny",
+                "embed.read_resources={decode: 1}",
+                "embed.actor_resources={model: 1}",
+                f"storage.cache_dir={tmp_path / 'cache'}",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
         )
         tile_printed, _ = tile_job.communicate(timeout=300)
     finally:
@@ -116,8 +178,12 @@ def _submit_tile_and_embed(src: Path, out: Path, tmp_path: Path, env: dict, dash
     assert placed["read"].count("×") == placed["model"].count("×") == 1, line  # one node each
     assert placed["read"].split("×")[0] != placed["model"].split("×")[0], line  # not the same one
     # where a region's time went, measured by the workers and carried back with the metadata
-    stages = re.search(r"^stages: read (\S+) s and model (\S+) s a region; "
-                       r"1 model actor busy (\d+) % of the pipeline$", job.stdout, re.M)
+    stages = re.search(
+        r"^stages: read (\S+) s and model (\S+) s a region; "
+        r"1 model actor busy (\d+) % of the pipeline$",
+        job.stdout,
+        re.M,
+    )
     assert stages and float(stages[1]) > 0 and float(stages[2]) > 0 and 0 < int(stages[3]) <= 100, job.stdout
     emb = read_embeddings(str(out))
     assert set(emb) == {"good", "small"} and emb["small"]["emb4k"].shape == (1, 32)

@@ -38,9 +38,11 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    nodes = {"decode": c.add_node(num_cpus=2, resources={"decode": 2}),
-             "model": c.add_node(num_cpus=1, resources={"model": 1}),
-             "any": c.add_node(num_cpus=1)}  # tiling tasks and fragment writes
+    nodes = {
+        "decode": c.add_node(num_cpus=2, resources={"decode": 2}),
+        "model": c.add_node(num_cpus=1, resources={"model": 1}),
+        "any": c.add_node(num_cpus=1),
+    }  # tiling tasks and fragment writes
     c.wait_for_nodes()
     try:
         yield c, nodes
@@ -49,13 +51,30 @@ def cluster():
 
 
 def _embed(out: Path, src: Path, address: str, tmp_path: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "hipt_ray.cli", "embed", "--slides", str(src), "--out", str(out),
-           "--address", address, "--config", TINY, "embed.read_resources={decode: 1}",
-           "embed.actor_resources={model: 1}", "ray.write_batch_slides=1", "embed.write_regions=2",
-           "embed.regions_per_task=1", f"storage.cache_dir={tmp_path / 'cache'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hipt_ray.cli",
+        "embed",
+        "--slides",
+        str(src),
+        "--out",
+        str(out),
+        "--address",
+        address,
+        "--config",
+        TINY,
+        "embed.read_resources={decode: 1}",
+        "embed.actor_resources={model: 1}",
+        "ray.write_batch_slides=1",
+        "embed.write_regions=2",
+        "embed.regions_per_task=1",
+        f"storage.cache_dir={tmp_path / 'cache'}",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def _embedded(store: Store) -> int:
@@ -72,7 +91,8 @@ def _check_exactly_once(out: Path) -> str:
     latest = store.latest_slides(model_id=None)
     mid = [m for m in latest["model_id"].to_pylist() if m.startswith("random-")][0]
     assert {r["slide_id"]: r["status"] for r in store.latest_slides(model_id=mid).to_pylist()} == {
-        f"s{i}": "ok" for i in range(N_SLIDES)}
+        f"s{i}": "ok" for i in range(N_SLIDES)
+    }
     rows = store.read(REGIONS, columns=["slide_id", "region_index"], filter=f"model_id = '{mid}'")
     keys = list(zip(rows["slide_id"].to_pylist(), rows["region_index"].to_pylist()))
     assert len(keys) == len(set(keys)) == sum(tiled.values())  # 0 lost, 0 duplicated
@@ -92,14 +112,23 @@ def _kill_model_actor(cluster) -> int:
     # The GCS's actor table, which ray.util.state.list_actors also serves, read directly: that
     # API goes through the dashboard, which this cluster's head runs without.
     state = GlobalState()
-    state._initialize_global_state(GcsClientOptions.create(
-        cluster.address, cluster.head_node.cluster_id.hex(), allow_cluster_id_nil=False,
-        fetch_cluster_id_if_nil=False))
+    state._initialize_global_state(
+        GcsClientOptions.create(
+            cluster.address,
+            cluster.head_node.cluster_id.hex(),
+            allow_cluster_id_nil=False,
+            fetch_cluster_id_if_nil=False,
+        )
+    )
     try:
         ours = {node.node_id for node in cluster.list_all_nodes()}
-        pids = [a["Pid"] for a in state.actor_table(None, actor_state_name="ALIVE").values()
-                if a["ActorClassName"].startswith("MapWorker(") and "RegionEmbedder" in a["ActorClassName"]
-                and a["Address"]["NodeID"] in ours]
+        pids = [
+            a["Pid"]
+            for a in state.actor_table(None, actor_state_name="ALIVE").values()
+            if a["ActorClassName"].startswith("MapWorker(")
+            and "RegionEmbedder" in a["ActorClassName"]
+            and a["Address"]["NodeID"] in ours
+        ]
     finally:
         state.disconnect()
     for pid in pids:
@@ -146,10 +175,13 @@ def test_embed_survives_losing_the_decode_node_the_model_node_and_the_actor(clus
     # reads ran on the decode nodes only, the model on the model nodes only
     line = next(ln for ln in printed.splitlines() if ln.startswith("pipeline:"))
     print(f"decode node lost after {done[0]} slides, model node after {done[1]}, actor killed after {done[2]}; {line}")
-    placed = {kind: set(re.findall(r"([0-9a-f]{8})×", part)) for kind, part in
-              re.findall(r"(read|model) on ([^;]+)", line)}
-    meant = {"read": {nodes["decode"].node_id[:8], replaced["decode"].node_id[:8]},
-             "model": {nodes["model"].node_id[:8], replaced["model"].node_id[:8]}}
+    placed = {
+        kind: set(re.findall(r"([0-9a-f]{8})×", part)) for kind, part in re.findall(r"(read|model) on ([^;]+)", line)
+    }
+    meant = {
+        "read": {nodes["decode"].node_id[:8], replaced["decode"].node_id[:8]},
+        "model": {nodes["model"].node_id[:8], replaced["model"].node_id[:8]},
+    }
     assert placed["read"] and placed["read"] <= meant["read"], line
     assert placed["model"] and placed["model"] <= meant["model"], line
     assert replaced["model"].node_id[:8] in placed["model"], line  # the replacement took over

@@ -49,11 +49,28 @@ def test_stage1_from_s3_with_two_workers_learns(ray_local, patch_slides, s3fs_cl
     s3fs_client.mkdir("pre-bkt")
     s3fs_client.put(str(patch_slides) + "/", "pre-bkt/slides/", recursive=True)
     out = tmp_path / "out"
-    code = main(["pretrain", "--stage", "vit256", "--slides", "s3://pre-bkt/slides/", "--out", str(out),
-                 "--config", TINY, f"storage.cache_dir={tmp_path / 'c'}", "pretrain.num_workers=2",
-                 "pretrain.patches_per_region=4", "pretrain.cache_dataset=true", "pretrain.steps_per_epoch=8",
-                 "pretrain.epochs=3", "pretrain.checkpoint_every_steps=8",
-                 "pretrain.teacher_temp=0.04", "pretrain.momentum_teacher=0.9"])
+    code = main(
+        [
+            "pretrain",
+            "--stage",
+            "vit256",
+            "--slides",
+            "s3://pre-bkt/slides/",
+            "--out",
+            str(out),
+            "--config",
+            TINY,
+            f"storage.cache_dir={tmp_path / 'c'}",
+            "pretrain.num_workers=2",
+            "pretrain.patches_per_region=4",
+            "pretrain.cache_dataset=true",
+            "pretrain.steps_per_epoch=8",
+            "pretrain.epochs=3",
+            "pretrain.checkpoint_every_steps=8",
+            "pretrain.teacher_temp=0.04",
+            "pretrain.momentum_teacher=0.9",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     steps = [s["loss"] for s in _steps(out / "pretrain" / "hipt-pretrain") if "loss" in s]
@@ -64,7 +81,9 @@ def test_stage1_from_s3_with_two_workers_learns(ray_local, patch_slides, s3fs_cl
     # learning: at lr 4.0 the last steps sat above the first in 1 of 4 runs (CI, exit 2).
     first, middle = sum(steps[:2]) / 2, sum(steps[8:14]) / 6
     assert middle < 0.6 * first, steps
-    teacher = load_checkpoint(create_model("vit256_tiny"), str(out / "pretrain" / "hipt-pretrain" / "teacher_vit256.pth"))
+    teacher = load_checkpoint(
+        create_model("vit256_tiny"), str(out / "pretrain" / "hipt-pretrain" / "teacher_vit256.pth")
+    )
     assert torch.isfinite(teacher(torch.randn(1, 3, 256, 256))).all()
     import mlflow
 
@@ -79,10 +98,25 @@ def test_stage2_from_lance_and_export_into_hipt4k(ray_local, patch_slides, tmp_p
     big = tmp_path / "big"
     big.mkdir()
     synthetic.make_slide(big / "g0.tiff", width_um=4200, height_um=2100, seed=60, n_blobs=3)
-    assert main(["embed", "--slides", str(big), "--out", out, "--config", TINY,
-                 f"storage.cache_dir={tmp_path / 'c'}"]) == 0
-    code = main(["pretrain", "--stage", "vit4k", "--out", out, "--config", TINY, "pretrain.cache_dataset=true",
-                 "pretrain.steps_per_epoch=3", "pretrain.epochs=2", "pretrain.batch_size_per_worker=2"])
+    assert (
+        main(["embed", "--slides", str(big), "--out", out, "--config", TINY, f"storage.cache_dir={tmp_path / 'c'}"])
+        == 0
+    )
+    code = main(
+        [
+            "pretrain",
+            "--stage",
+            "vit4k",
+            "--out",
+            out,
+            "--config",
+            TINY,
+            "pretrain.cache_dataset=true",
+            "pretrain.steps_per_epoch=3",
+            "pretrain.epochs=2",
+            "pretrain.batch_size_per_worker=2",
+        ]
+    )
     assert code == 0, capsys.readouterr().out
     steps = _steps(Path(out) / "pretrain" / "hipt-pretrain")
     assert [s["step"] for s in steps if "loss" in s] == list(range(1, 7))
@@ -109,12 +143,31 @@ def test_a_killed_driver_then_a_killed_worker_each_resume_from_a_checkpoint(ray_
 
     out = tmp_path / "out"
     run_dir = out / "pretrain" / "hipt-pretrain"
-    args = ["pretrain", "--stage", "vit256", "--slides", str(patch_slides), "--out", str(out), "--config", TINY,
-            f"storage.cache_dir={tmp_path / 'c'}", "pretrain.cache_dataset=true", "pretrain.steps_per_epoch=15",
-            "pretrain.epochs=2", "pretrain.checkpoint_every_steps=3", "pretrain.max_failures=2"]
+    args = [
+        "pretrain",
+        "--stage",
+        "vit256",
+        "--slides",
+        str(patch_slides),
+        "--out",
+        str(out),
+        "--config",
+        TINY,
+        f"storage.cache_dir={tmp_path / 'c'}",
+        "pretrain.cache_dataset=true",
+        "pretrain.steps_per_epoch=15",
+        "pretrain.epochs=2",
+        "pretrain.checkpoint_every_steps=3",
+        "pretrain.max_failures=2",
+    ]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-m", "hipt_ray.cli", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hipt_ray.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not _checkpoint_registered(run_dir):
         time.sleep(0.2)
@@ -131,8 +184,11 @@ def test_a_killed_driver_then_a_killed_worker_each_resume_from_a_checkpoint(ray_
             starts = [e for e in _steps(run_dir) if e.get("event") == "start"]
             if len(starts) >= 2 and _snapshot(run_dir) not in ("", first) and _checkpoint_registered(run_dir):
                 # Ray titles its worker processes "ray::<actor class>"
-                workers = [p for p in psutil.process_iter(["cmdline"])
-                           if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
+                workers = [
+                    p
+                    for p in psutil.process_iter(["cmdline"])
+                    if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")
+                ]
                 if workers:
                     os.kill(workers[0].pid, signal.SIGKILL)
                     killed["pid"] = workers[0].pid
@@ -150,7 +206,7 @@ def test_a_killed_driver_then_a_killed_worker_each_resume_from_a_checkpoint(ray_
     at = [log[i]["step"] for i in starts]
     # the rerun resumed from the killed driver's checkpoint, the restarted worker from a later one
     assert len(at) == 3 and at[0] == 0 and 0 < at[1] < at[2] and at[1] % 3 == at[2] % 3 == 0, at
-    rerun = [e["step"] for e in log[starts[1]:starts[2]] if "loss" in e]
+    rerun = [e["step"] for e in log[starts[1] : starts[2]] if "loss" in e]
     # between the two resumptions, nothing the restarted worker's checkpoint held was repeated
     assert sorted(s for s in rerun if s <= at[2]) == list(range(at[1] + 1, at[2] + 1)), rerun
     done = [e["step"] for e in log if "loss" in e]

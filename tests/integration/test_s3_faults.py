@@ -28,17 +28,26 @@ def proxy(s3_endpoint):
     p.stop()
 
 
-def test_throttled_tile_reads_are_retried_then_fail_the_slide_alone(proxy, s3fs_client, slide_set, tmp_path,
-                                                                    monkeypatch):
+def test_throttled_tile_reads_are_retried_then_fail_the_slide_alone(
+    proxy, s3fs_client, slide_set, tmp_path, monkeypatch
+):
     p, endpoint = proxy
     s3fs_client.mkdir("throttle-bkt")
     s3fs_client.put(str(slide_set["small"]), "throttle-bkt/small.tiff")
     uri = "s3://throttle-bkt/small.tiff"
 
     def tile(*overrides: str):
-        cfg = load_config("tile", values={"slides": "x", "out": str(tmp_path / "o")}, overrides=[
-            f"storage.s3_endpoint_url={endpoint}", f"storage.cache_dir={tmp_path / 'c'}", "reader.backend=tiles",
-            "qc.enabled=false", *overrides])
+        cfg = load_config(
+            "tile",
+            values={"slides": "x", "out": str(tmp_path / "o")},
+            overrides=[
+                f"storage.s3_endpoint_url={endpoint}",
+                f"storage.cache_dir={tmp_path / 'c'}",
+                "reader.backend=tiles",
+                "qc.enabled=false",
+                *overrides,
+            ],
+        )
         return tile_slide(SlideSpec("small", uri), cfg, cache=make_cache(cfg), spec_hash="h").slide
 
     clean = tile()
@@ -61,21 +70,32 @@ def test_throttled_tile_reads_are_retried_then_fail_the_slide_alone(proxy, s3fs_
 
 @pytest.mark.ray
 def test_a_fragment_write_refused_half_way_fails_its_slide_and_a_rerun_completes_it(
-        ray_local, proxy, s3fs_client, slide_set, tmp_path, capsys):
+    ray_local, proxy, s3fs_client, slide_set, tmp_path, capsys
+):
     p, endpoint = proxy
     bucket = "fragfault-bkt"
     s3fs_client.mkdir(bucket)
     for name in ("good", "small", "objective"):
         s3fs_client.put(str(slide_set[name]), f"{bucket}/slides/{slide_set[name].name}")
     out = f"s3://{bucket}/out"
-    args = ["--slides", f"s3://{bucket}/slides/", "--out", out, "--config", TINY,
-            f"storage.cache_dir={tmp_path / 'cache'}", f"storage.s3_endpoint_url={endpoint}"]
+    args = [
+        "--slides",
+        f"s3://{bucket}/slides/",
+        "--out",
+        out,
+        "--config",
+        TINY,
+        f"storage.cache_dir={tmp_path / 'cache'}",
+        f"storage.s3_endpoint_url={endpoint}",
+    ]
     assert main(["tile", *args]) == 0
     p.seen.clear()
     # region data files: two 503s (S3 throttling: Lance's client retries them), then one PUT
     # refused for good (403) after the first went through
-    p.rules[:] = [slow := Rule("PUT", rf"/{bucket}/out/regions\.lance/data/", 503, times=2),
-                  denied := Rule("PUT", rf"/{bucket}/out/regions\.lance/data/", 403, times=1, skip=1)]
+    p.rules[:] = [
+        slow := Rule("PUT", rf"/{bucket}/out/regions\.lance/data/", 503, times=2),
+        denied := Rule("PUT", rf"/{bucket}/out/regions\.lance/data/", 403, times=1, skip=1),
+    ]
     capsys.readouterr()
     code = main(["embed", *args])
     text = capsys.readouterr().out

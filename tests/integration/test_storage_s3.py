@@ -51,8 +51,10 @@ def test_list_s3_prefix_and_missing_objects(s3fs_client):
     for key in ("p/one.svs", "p/two.tiff", "p/readme.txt", "q/three.svs"):
         s3fs_client.pipe(f"list-bkt/{key}", b"x")
     specs = list_slides("s3://list-bkt/p/")
-    assert [(s.slide_id, s.uri) for s in specs] == [("one", "s3://list-bkt/p/one.svs"),
-                                                     ("two", "s3://list-bkt/p/two.tiff")]
+    assert [(s.slide_id, s.uri) for s in specs] == [
+        ("one", "s3://list-bkt/p/one.svs"),
+        ("two", "s3://list-bkt/p/two.tiff"),
+    ]
     with pytest.raises(FileNotFoundError):
         stat("s3://list-bkt/p/missing.svs")
 
@@ -95,10 +97,21 @@ def test_output_store_errors_are_one_line_with_the_cause_and_the_fix(s3_auth_end
 
     src = copy_slides(slide_set, ["small"], tmp_path / "slides")
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    for endpoint, cause in ((s3_auth_endpoint, "access denied (Forbidden); check AWS_ACCESS_KEY_ID"),
-                            (dead, f"cannot reach the object store at {dead}; check AWS_ENDPOINT_URL")):
-        code = main(["tile", "--slides", str(src), "--out", "s3://locked/out", f"storage.s3_endpoint_url={endpoint}",
-                     f"storage.cache_dir={tmp_path}"])
+    for endpoint, cause in (
+        (s3_auth_endpoint, "access denied (Forbidden); check AWS_ACCESS_KEY_ID"),
+        (dead, f"cannot reach the object store at {dead}; check AWS_ENDPOINT_URL"),
+    ):
+        code = main(
+            [
+                "tile",
+                "--slides",
+                str(src),
+                "--out",
+                "s3://locked/out",
+                f"storage.s3_endpoint_url={endpoint}",
+                f"storage.cache_dir={tmp_path}",
+            ]
+        )
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.count("\n") == 0 and "output s3://locked/out: " + cause in err, err
     # Lance's own errors (raw XML from the server) become the same one line, as a setting to fix.
@@ -147,8 +160,11 @@ def test_a_crafted_checkpoint_in_s3_is_refused_before_its_code_runs(s3fs_client,
     torch.save({"teacher": {"x": RunsCode(str(marker))}}, buf)
     s3fs_client.mkdir("pickle-bkt")
     s3fs_client.pipe_file("pickle-bkt/evil.pth", buf.getvalue())
-    with pytest.raises(CheckpointError, match=r"^s3://pickle-bkt/evil.pth: refused to unpickle it.*"
-                                              r"model\.allow_unsafe_pickle=true$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"^s3://pickle-bkt/evil.pth: refused to unpickle it.*"
+        r"model\.allow_unsafe_pickle=true$",
+    ):
         load_checkpoint(create_model("vit4k_tiny"), "s3://pickle-bkt/evil.pth")
     assert not marker.exists()
 
@@ -179,8 +195,11 @@ def test_tile_backend_reads_only_the_needed_tiles_from_s3_and_stages_nothing(s3f
         compressed = sum(int(page.databytecounts[i]) for i in needed)
     assert remote.bytes_read - before == compressed  # exactly the 32 tiles' bytes (no gap allowed)
     assert remote.requests - header_requests <= 4  # one coalesced range per tile row here
-    cfg = load_config("tile", values={"slides": "x", "out": str(tmp_path / "out")},
-                      overrides=[f"storage.cache_dir={tmp_path / 'cache'}"])
+    cfg = load_config(
+        "tile",
+        values={"slides": "x", "out": str(tmp_path / "out")},
+        overrides=[f"storage.cache_dir={tmp_path / 'cache'}"],
+    )
     result = tile_slide(SlideSpec("good", "s3://range-bkt/good.tiff"), cfg, cache=make_cache(cfg), spec_hash="h")
     assert result.slide["status"] == "ok" and result.slide["backend"] == "tiles"
     assert not any((tmp_path / "cache").iterdir())  # nothing staged

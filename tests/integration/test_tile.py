@@ -47,7 +47,7 @@ def test_tile_local_dir_with_every_bad_input(ray_local, slide_set, tmp_path, cap
     img = np.asarray(Image.open(page).convert("RGB"))
     n = len(EXPECTED)
     assert img.shape[1] == 6 * 320 and img.shape[0] == 34 + -(-n // 6) * (320 + 58)
-    first_cell = img[34:34 + 320, :320]
+    first_cell = img[34 : 34 + 320, :320]
     assert (np.abs(first_cell.astype(int) - [200, 30, 30]).sum(-1) < 30).any()  # a failed slide's red text/frame
 
     # A rerun skips what is done, retries what failed, and duplicates nothing.
@@ -56,8 +56,17 @@ def test_tile_local_dir_with_every_bad_input(ray_local, slide_set, tmp_path, cap
     assert store.read(REGIONS).num_rows == regions.num_rows
 
     # Fixing a slide's MPP in the config lets it through on the next run.
-    code = main(["tile", "--slides", str(slide_set["good"].parent), "--out", out, cache,
-                 "tiling.mpp_overrides={nompp: 0.5, absurd: 0.5}"])
+    code = main(
+        [
+            "tile",
+            "--slides",
+            str(slide_set["good"].parent),
+            "--out",
+            out,
+            cache,
+            "tiling.mpp_overrides={nompp: 0.5, absurd: 0.5}",
+        ]
+    )
     capsys.readouterr()
     assert _statuses(out)["nompp"] == "ok" and _statuses(out)["absurd"] == "ok"
 
@@ -76,7 +85,9 @@ def test_rerun_after_a_kill_between_commits(ray_local, slide_set, tmp_path, caps
     assert main(["tile", "--slides", str(src), "--out", out]) == 0
     again = store.regions(spec)
     assert again.num_rows == full.num_rows  # exactly one row per region
-    assert again.select(["slide_id", "region_index", "x", "y"]).equals(full.select(["slide_id", "region_index", "x", "y"]))
+    assert again.select(["slide_id", "region_index", "x", "y"]).equals(
+        full.select(["slide_id", "region_index", "x", "y"])
+    )
     capsys.readouterr()
 
 
@@ -131,8 +142,17 @@ def test_tile_from_s3_to_s3(ray_local, slide_set, s3fs_client, tmp_path, capsys)
 def test_wrong_credentials_fail_each_slide_with_a_reason(ray_local, s3_auth_endpoint, tmp_path, capsys):
     manifest = tmp_path / "m.csv"
     manifest.write_text("uri\ns3://locked/a.svs\ns3://locked/b.svs\n")
-    code = main(["tile", "--slides", str(manifest), "--out", str(tmp_path / "o"),
-                 f"storage.s3_endpoint_url={s3_auth_endpoint}", f"storage.cache_dir={tmp_path / 'c'}"])
+    code = main(
+        [
+            "tile",
+            "--slides",
+            str(manifest),
+            "--out",
+            str(tmp_path / "o"),
+            f"storage.s3_endpoint_url={s3_auth_endpoint}",
+            f"storage.cache_dir={tmp_path / 'c'}",
+        ]
+    )
     assert code == 3
     latest = Store(str(tmp_path / "o")).latest_slides()
     assert latest.num_rows == 2

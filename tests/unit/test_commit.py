@@ -11,8 +11,15 @@ BASE = {"slide_id": "a", "uri": "/s/a.tiff", "spec_hash": "h1", "size": 10, "eta
 
 
 def _region(sid: str, i: int) -> dict:
-    return {"slide_id": sid, "region_index": i, "x": 4096 * i, "y": 0, "spec_hash": "h1", "model_id": "",
-            "slide_version": "10:e"}
+    return {
+        "slide_id": sid,
+        "region_index": i,
+        "x": 4096 * i,
+        "y": 0,
+        "spec_hash": "h1",
+        "model_id": "",
+        "slide_version": "10:e",
+    }
 
 
 def test_status_row_keeps_what_was_found_and_nulls_the_rest():

@@ -20,8 +20,9 @@ def test_base_yaml_is_generated_from_the_code_defaults():
     from hipt_ray.config import defaults_yaml
 
     assert load_config() == Config()
-    assert (CONFIG_DIR / "base.yaml").read_text() == defaults_yaml(), \
+    assert (CONFIG_DIR / "base.yaml").read_text() == defaults_yaml(), (
         "hipt_ray/configs/base.yaml is stale: run .venv/bin/python -m hipt_ray.config > hipt_ray/configs/base.yaml"
+    )
     assert Config.model_validate(yaml.safe_load((CONFIG_DIR / "base.yaml").read_text())) == Config()
     assert "# Any S3-compatible endpoint (MinIO, Ceph, moto). null: the standard AWS" in defaults_yaml()
 
@@ -93,12 +94,19 @@ def test_names_used_in_paths_cannot_escape_the_output(bad, tmp_path, capsys):
         manifest.unlink()
 
 
-@pytest.mark.parametrize("override, key", [
-    ("tiling.mpp=1e-9", "tiling.mpp"), ("tiling.mpp=.inf", "tiling.mpp"), ("tiling.mpp=.nan", "tiling.mpp"),
-    ("tiling.region_px=1099511627776", "tiling.region_px"), ("tiling.patch_px=1", "tiling.patch_px"),
-    ("tissue.mask_mpp=1e-6", "tissue.mask_mpp"), ("tiling.mpp_range=[0.1, .inf]", "mpp_range"),
-    ("tiling.mpp_overrides={a: 1e-12}", "mpp_overrides"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("tiling.mpp=1e-9", "tiling.mpp"),
+        ("tiling.mpp=.inf", "tiling.mpp"),
+        ("tiling.mpp=.nan", "tiling.mpp"),
+        ("tiling.region_px=1099511627776", "tiling.region_px"),
+        ("tiling.patch_px=1", "tiling.patch_px"),
+        ("tissue.mask_mpp=1e-6", "tissue.mask_mpp"),
+        ("tiling.mpp_range=[0.1, .inf]", "mpp_range"),
+        ("tiling.mpp_overrides={a: 1e-12}", "mpp_overrides"),
+    ],
+)
 def test_numeric_settings_have_sane_ranges(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(overrides=[override])
@@ -107,8 +115,10 @@ def test_numeric_settings_have_sane_ranges(override, key):
 def test_commands_that_run_without_ray_take_no_address(capsys):
     from hipt_ray.cli import main
 
-    for command in (["train-head", "--out", "o", "--labels", "l.csv"], ["search", "--out", "o", "--slide", "s",
-                                                                          "--region", "1,1"]):
+    for command in (
+        ["train-head", "--out", "o", "--labels", "l.csv"],
+        ["search", "--out", "o", "--slide", "s", "--region", "1,1"],
+    ):
         assert main([*command, "--address", "127.0.0.1:6379"]) == 2
         assert "unrecognized arguments: --address" in capsys.readouterr().err
 
@@ -120,7 +130,8 @@ def test_a_named_layer_that_is_missing_is_an_error_listing_the_shipped_ones():
     from hipt_ray.config import layer_path, shipped_layers
 
     assert {"tile", "embed", "tiny", "demo", "heads/survival", "heads/subtyping", "pretrain/vit4k"} <= set(
-        shipped_layers())
+        shipped_layers()
+    )
     assert "base" not in shipped_layers()  # the generated list of defaults is for reading, not a layer
     assert layer_path("heads/survival.yaml") == layer_path("heads/survival")
     with pytest.raises(ConfigError, match=r"no shipped config layer 'heads/survivl'.*heads/survival"):

@@ -43,6 +43,7 @@ def test_more_than_the_disk_holds_is_refused_before_anything_is_written(tmp_path
 def test_the_estimate_comes_first_then_progress(tmp_path, capsys):
     assert main(["make-demo-data", str(tmp_path / "d"), "--n-slides", "2", "--size-um", "300", "300"]) == 0
     err = capsys.readouterr().err.splitlines()
-    assert re.fullmatch(rf"make-demo-data: 2 slides, about \d+ kB, into {tmp_path / 'd'} \([\d.,]+ [kMG]B free there\)",
-                        err[0]), err
+    assert re.fullmatch(
+        rf"make-demo-data: 2 slides, about \d+ kB, into {tmp_path / 'd'} \([\d.,]+ [kMG]B free there\)", err[0]
+    ), err
     assert err[-1].startswith("make-demo-data: 2/2 slides")

@@ -16,23 +16,41 @@ SPEC, MID = "spec1", "model1"
 def _embedded(rows: list[tuple[str, int, str]]) -> pa.Table:
     """What the model actors return: coordinates, embeddings, an error per region."""
     n = len(rows)
-    return pa.table({
-        "slide_id": [r[0] for r in rows], "region_index": pa.array([r[1] for r in rows], pa.int32()),
-        "x": pa.array([r[1] * 4096 for r in rows], pa.int64()), "spec_hash": [SPEC] * n,
-        "slide_version": ["10:e"] * n, "emb4k": [np.full(4, r[1], np.float32) for r in rows],
-        "mean256": [np.zeros(2, np.float32)] * n, "tokens256": [np.zeros(3, np.float16)] * n,
-        "error": [r[2] for r in rows], "read_node": ["nodeA"] * n, "model_node": ["nodeB"] * n,
-        "model_seconds": [0.5] * n,  # float64 here, as the actors return it (no read_seconds)
-    })
+    return pa.table(
+        {
+            "slide_id": [r[0] for r in rows],
+            "region_index": pa.array([r[1] for r in rows], pa.int32()),
+            "x": pa.array([r[1] * 4096 for r in rows], pa.int64()),
+            "spec_hash": [SPEC] * n,
+            "slide_version": ["10:e"] * n,
+            "emb4k": [np.full(4, r[1], np.float32) for r in rows],
+            "mean256": [np.zeros(2, np.float32)] * n,
+            "tokens256": [np.zeros(3, np.float16)] * n,
+            "error": [r[2] for r in rows],
+            "read_node": ["nodeA"] * n,
+            "model_node": ["nodeB"] * n,
+            "model_seconds": [0.5] * n,  # float64 here, as the actors return it (no read_seconds)
+        }
+    )
 
 
 def _status(sid: str, status: str, error: str, n: int) -> dict:
     import datetime
 
     row = {f.name: None for f in SLIDES_SCHEMA}
-    return {**row, "slide_id": sid, "uri": f"/s/{sid}.tiff", "size": 10, "etag": "e", "status": status,
-            "error": error, "n_regions": n, "spec_hash": SPEC, "model_id": MID,
-            "time": datetime.datetime.now(datetime.timezone.utc)}
+    return {
+        **row,
+        "slide_id": sid,
+        "uri": f"/s/{sid}.tiff",
+        "size": 10,
+        "etag": "e",
+        "status": status,
+        "error": error,
+        "n_regions": n,
+        "spec_hash": SPEC,
+        "model_id": MID,
+        "time": datetime.datetime.now(datetime.UTC),
+    }
 
 
 @pytest.fixture()
@@ -43,8 +61,9 @@ def store(tmp_path) -> tuple[Store, pa.Schema]:
 
 
 def _committer(store: Store, expected: dict[str, int], finished: list) -> RegionCommitter:
-    return RegionCommitter(store, expected=expected, status_row=_status, batch_slides=1,
-                           on_finished=lambda *a: finished.append(a[:2]))
+    return RegionCommitter(
+        store, expected=expected, status_row=_status, batch_slides=1, on_finished=lambda *a: finished.append(a[:2])
+    )
 
 
 def test_rows_become_visible_with_their_slide_and_failed_slides_leave_nothing(store):
@@ -82,8 +101,9 @@ def test_a_failed_write_fails_its_slide_and_the_others_go_on(store, tmp_path, ca
     store, schema = store
     bad = tmp_path / "not-a-table"
     bad.write_text("a file where the table's directory should be")
-    meta = write_region_fragments(_embedded([("a", 0, ""), ("b", 0, "")]), uri=str(bad / REGIONS),
-                                  schema=schema, model_id=MID)
+    meta = write_region_fragments(
+        _embedded([("a", 0, ""), ("b", 0, "")]), uri=str(bad / REGIONS), schema=schema, model_id=MID
+    )
     assert "retrying" not in caplog.text  # "Not a directory (os error 20)" does not go away by waiting
     assert meta["fragment"].to_pylist() == ["", ""]
     assert all(e.startswith("writing region rows to ") and "not-a-table" in e for e in meta["error"].to_pylist())
@@ -92,7 +112,9 @@ def test_a_failed_write_fails_its_slide_and_the_others_go_on(store, tmp_path, ca
     committer.add(meta)
     committer.close()
     assert {r["slide_id"]: r["status"] for r in store.latest_slides(SPEC, MID).to_pylist()} == {
-        "a": "failed", "b": "failed"}
+        "a": "failed",
+        "b": "failed",
+    }
 
 
 def test_uncommitted_fragments_are_removed_and_committed_ones_kept(store):

@@ -38,7 +38,7 @@ def test_patches_are_row_major():
     region = np.zeros((512, 768, 3), np.uint8)
     for k in range(6):
         r, c = divmod(k, 3)
-        region[r * 256:(r + 1) * 256, c * 256:(c + 1) * 256] = k
+        region[r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256] = k
     patches = region_to_patches(region, 256)
     assert patches.shape == (6, 3, 256, 256)
     assert [int(p.mean()) for p in patches] == list(range(6))

@@ -66,9 +66,16 @@ def test_shifted_windows_see_different_crops(model):
     assert n4 == 4 and smooth.vit256.shape == plain.vit256.shape
     # Cell (r, c) of the region is the mean of what each window's own crop gives at that place.
     r, c = 10, 37
-    expected = np.mean([region_attention(model, canvas[dy:dy + 1024, dx:dx + 1024])
-                        .vit256[:, r + (margin - dy) // 16, c + (margin - dx) // 16]
-                        for dy in offsets for dx in offsets], axis=0)
+    expected = np.mean(
+        [
+            region_attention(model, canvas[dy : dy + 1024, dx : dx + 1024]).vit256[
+                :, r + (margin - dy) // 16, c + (margin - dx) // 16
+            ]
+            for dy in offsets
+            for dx in offsets
+        ],
+        axis=0,
+    )
     np.testing.assert_allclose(smooth.vit256[:, r, c], expected, rtol=1e-5)
     assert np.abs(smooth.vit256 - plain.vit256).max() > 0.05 * plain.vit256.std()
     # The 4K map of the smoothed result is no longer constant on 256 px blocks.
@@ -94,8 +101,25 @@ def test_padding_beyond_the_slide_edge_is_grey_not_attention(tmp_path, capsys):
     slide = make_slide(tmp_path / "e.tiff", width_um=700, height_um=700, mpp=0.5, seed=3, n_blobs=1)
     out = tmp_path / "hm"
     # a 512 px region at 1100,1000 of a 1400 px slide: 300 × 400 px of slide, the rest padding
-    assert main(["heatmap", "--slide", slide.path, "--region", "1100,1000", "--out", str(out), "--shifts", "1",
-                 "--config", TINY, "tiling.region_px=512"]) == 0
+    assert (
+        main(
+            [
+                "heatmap",
+                "--slide",
+                slide.path,
+                "--region",
+                "1100,1000",
+                "--out",
+                str(out),
+                "--shifts",
+                "1",
+                "--config",
+                TINY,
+                "tiling.region_px=512",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     maps = np.load(out / "e_1100_1000_attention.npz")
     assert (int(maps["valid_w"]), int(maps["valid_h"])) == (300, 400)
@@ -113,11 +137,26 @@ def test_padding_beyond_the_slide_edge_is_grey_not_attention(tmp_path, capsys):
 
 
 def test_heatmap_command_writes_the_figures(tmp_path, capsys):
-    slide = make_slide(tmp_path / "s.tiff", width_um=700, height_um=700, mpp=0.5, seed=2, subtype=1, risk=0.5,
-                       n_blobs=1)
+    slide = make_slide(
+        tmp_path / "s.tiff", width_um=700, height_um=700, mpp=0.5, seed=2, subtype=1, risk=0.5, n_blobs=1
+    )
     out = tmp_path / "hm"
-    code = main(["heatmap", "--slide", slide.path, "--region", "64,64", "--out", str(out), "--shifts", "2",
-                 "--config", TINY, "tiling.region_px=512"])
+    code = main(
+        [
+            "heatmap",
+            "--slide",
+            slide.path,
+            "--region",
+            "64,64",
+            "--out",
+            str(out),
+            "--shifts",
+            "2",
+            "--config",
+            TINY,
+            "tiling.region_px=512",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     overlay = np.asarray(Image.open(out / "s_64_64_hierarchical_overlay.png"))
@@ -127,6 +166,5 @@ def test_heatmap_command_writes_the_figures(tmp_path, capsys):
         assert img.width > 800 and img.height > 300
     maps = np.load(out / "s_64_64_attention.npz")
     assert maps["vit256"].shape == (2, 32, 32) and int(maps["windows"]) == 4
-    assert main(["heatmap", "--slide", slide.path, "--region", "99999,5", "--out", str(out),
-                 "--config", TINY]) == 2
+    assert main(["heatmap", "--slide", slide.path, "--region", "99999,5", "--out", str(out), "--config", TINY]) == 2
     assert "outside the slide" in capsys.readouterr().err

@@ -29,8 +29,13 @@ def test_viz_imports_nothing_above_it():
     found = []
     for path in sorted((Path(hipt_ray.__file__).parent / "viz").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             found += [f"{path.name}: {n}" for n in names if n.split(".")[:2] in (["hipt_ray", p] for p in above)]
     assert found == []
 
@@ -60,10 +65,13 @@ def test_slides_and_store_do_not_import_each_other():
     import hipt_ray
 
     root = Path(hipt_ray.__file__).parent
-    found = [f"{pkg}/{path.name}: {name}"
-             for pkg, other in (("slides", "store"), ("store", "slides"))
-             for path in sorted((root / pkg).glob("*.py"))
-             for name in _project_imports(path) if name.split(".")[:2] == ["hipt_ray", other]]
+    found = [
+        f"{pkg}/{path.name}: {name}"
+        for pkg, other in (("slides", "store"), ("store", "slides"))
+        for path in sorted((root / pkg).glob("*.py"))
+        for name in _project_imports(path)
+        if name.split(".")[:2] == ["hipt_ray", other]
+    ]
     assert found == []
 
 
@@ -71,6 +79,8 @@ def test_the_import_check_sees_imports_inside_functions(tmp_path):
     # the check above must not pass because it misses a lazy import (the old store → slides one was)
     bad = tmp_path / "store" / "x.py"
     bad.parent.mkdir()
-    bad.write_text("def f():\n    from hipt_ray.slides.reader import Slide\n    from .tables import Store\n"
-                   "    from ..slides import tiler\n")
+    bad.write_text(
+        "def f():\n    from hipt_ray.slides.reader import Slide\n    from .tables import Store\n"
+        "    from ..slides import tiler\n"
+    )
     assert _project_imports(bad) == ["hipt_ray.slides.reader", "hipt_ray.store.tables", "hipt_ray.slides"]

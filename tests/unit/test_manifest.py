@@ -27,7 +27,6 @@ def test_bad_sources_are_usage_errors(tmp_path):
         list_slides(str(bad))
 
 
-
 def test_slides_sharing_an_id_are_listed_with_a_reason(tmp_path):
     dup = tmp_path / "d.csv"
     dup.write_text("uri\na/x.svs\nb/x.svs\nc/y.svs\n")
@@ -55,10 +54,16 @@ def test_a_slide_whose_file_name_makes_an_unsafe_id_fails_alone_with_the_reason(
     assert "240 bytes long" in list_slides(str(manifest))[0].error
 
 
-@pytest.mark.parametrize("bad, problem", [
-    ("z" * 300, "is 300 bytes long"), ('"a\nb"', "control character '\\n'"), ("a/b", "path separator '/'"),
-    ("..", "starts with '.'"), ('"tab\there"', "control character '\\t'"),
-])
+@pytest.mark.parametrize(
+    "bad, problem",
+    [
+        ("z" * 300, "is 300 bytes long"),
+        ('"a\nb"', "control character '\\n'"),
+        ("a/b", "path separator '/'"),
+        ("..", "starts with '.'"),
+        ('"tab\there"', "control character '\\t'"),
+    ],
+)
 def test_an_unsafe_slide_id_in_a_manifest_is_a_usage_error_naming_the_line(bad, problem, tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"uri,slide_id\nok.svs,fine\nx.svs,{bad}\n")

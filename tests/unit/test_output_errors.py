@@ -10,18 +10,24 @@ import pytest
 from hipt_ray.cli import main
 from hipt_ray.storage import disk_write_error, output_error
 
-LANCE_FULL = ("LanceError(IO): Generic LocalFileSystem error: Unable to copy data to file: No space left on device "
-              "(os error 28), /rust/lance-io/src/object_writer.rs:201:25")
+LANCE_FULL = (
+    "LanceError(IO): Generic LocalFileSystem error: Unable to copy data to file: No space left on device "
+    "(os error 28), /rust/lance-io/src/object_writer.rs:201:25"
+)
 
 
 def test_disk_refusals_are_one_line_naming_the_path_the_cause_and_the_fix():
     ro = output_error("/data/out", OSError(errno.EROFS, "Read-only file system", "/data/out/slides.lance/x"))
-    assert str(ro) == ("output /data/out: the file system is read-only (writing /data/out/slides.lance/x); "
-                       "choose a writable --out; nothing committed is lost: rerun to resume")
+    assert str(ro) == (
+        "output /data/out: the file system is read-only (writing /data/out/slides.lance/x); "
+        "choose a writable --out; nothing committed is lost: rerun to resume"
+    )
     assert not ro.config
     full = output_error("/data/out", ValueError(LANCE_FULL))
-    assert str(full) == ("output /data/out: no space left on the device; free some space (or choose another --out); "
-                         "nothing committed is lost: rerun to resume")
+    assert str(full) == (
+        "output /data/out: no space left on the device; free some space (or choose another --out); "
+        "nothing committed is lost: rerun to resume"
+    )
     assert "\n" not in str(full) and "LanceError" not in str(full)
     # found through a chain (a Ray task's error wrapping the disk's), and only for the disk's refusals
     try:
@@ -53,11 +59,14 @@ def test_a_read_only_output_is_refused_before_ray_starts(tmp_path, monkeypatch, 
     assert err[0].startswith(f"hipt-ray tile: output {tmp_path / 'out'}: the file system is read-only")
 
 
-@pytest.mark.parametrize("raised, cause", [
-    (ValueError(LANCE_FULL), "no space left on the device"),
-    (OSError(errno.ENOSPC, "No space left on device", "/o/qc/overview.png"), "no space left on the device"),
-    (OSError(errno.EROFS, "Read-only file system", "/o/heads/run/heads.pt"), "the file system is read-only"),
-])
+@pytest.mark.parametrize(
+    "raised, cause",
+    [
+        (ValueError(LANCE_FULL), "no space left on the device"),
+        (OSError(errno.ENOSPC, "No space left on device", "/o/qc/overview.png"), "no space left on the device"),
+        (OSError(errno.EROFS, "Read-only file system", "/o/heads/run/heads.pt"), "the file system is read-only"),
+    ],
+)
 def test_a_full_or_read_only_disk_met_mid_run_is_one_line_exit_1(raised, cause, tmp_path, monkeypatch, capsys):
     import hipt_ray.heads.run as heads_run
 
@@ -81,16 +90,19 @@ def test_a_full_disk_while_writing_demo_data_is_one_line(tmp_path, monkeypatch, 
     assert main(["make-demo-data", str(tmp_path / "demo"), "--n-slides", "2", "--size-um", "300", "300"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err, err  # the estimate, then one line for the full disk
-    assert err.strip().splitlines()[-1].startswith(f"hipt-ray make-demo-data: output {tmp_path / 'demo'}: "
-                                                   "no space left on the device (writing "), err
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(f"hipt-ray make-demo-data: output {tmp_path / 'demo'}: no space left on the device (writing ")
+    ), err
 
 
 def test_one_rule_for_the_local_folder_of_an_output(tmp_path, monkeypatch):
     """Head runs, search results and the MLflow store: under a local --out, else in the current
     directory (an s3:// output holds tables only); made if missing, one line if it cannot be."""
+    from hipt_ray.config import load_config
     from hipt_ray.storage import OutputStoreError, local_output_dir
     from hipt_ray.tracking import tracking_uri
-    from hipt_ray.config import load_config
 
     monkeypatch.chdir(tmp_path)
     assert local_output_dir(str(tmp_path / "o"), "heads", "r1") == str(tmp_path / "o" / "heads" / "r1")

@@ -25,15 +25,17 @@ def test_absurd_mpp_is_an_error_not_a_guess(slide_set):
     with pytest.raises(SlideError, match=r"MPP 50 .*outside the sane range 0.1–2"):
         Slide(str(slide_set["absurd"]))
     with pytest.raises(SlideError, match="non-square"):
-        resolve_mpp({"openslide.mpp-x": "0.5", "openslide.mpp-y": "0.8"}, override=None,
-                    mpp_range=(0.1, 2), name="x")
+        resolve_mpp({"openslide.mpp-x": "0.5", "openslide.mpp-y": "0.8"}, override=None, mpp_range=(0.1, 2), name="x")
 
 
-@pytest.mark.parametrize("name, match", [
-    ("notaslide", "not a slide OpenSlide can read"),
-    ("empty", "empty"),
-    ("truncated", "corrupt or truncated|not a slide"),
-])
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("notaslide", "not a slide OpenSlide can read"),
+        ("empty", "empty"),
+        ("truncated", "corrupt or truncated|not a slide"),
+    ],
+)
 def test_unreadable_files_name_the_problem(slide_set, name, match):
     with pytest.raises(SlideError, match=match):
         Slide(str(slide_set[name]), name=str(slide_set[name]))
@@ -80,9 +82,19 @@ def test_composite_on_white():
 
 
 def _region_row(ref, **kw):
-    return {"slide_id": ref.slide_id, "uri": ref.uri, "mpp_override": ref.mpp_override,
-            "slide_version": ref.version, "region_index": 0, "x": 0, "y": 0, "read_w": 512, "read_h": 256,
-            "mpp": 0.5, **kw}
+    return {
+        "slide_id": ref.slide_id,
+        "uri": ref.uri,
+        "mpp_override": ref.mpp_override,
+        "slide_version": ref.version,
+        "region_index": 0,
+        "x": 0,
+        "y": 0,
+        "read_w": 512,
+        "read_h": 256,
+        "mpp": 0.5,
+        **kw,
+    }
 
 
 def test_region_reader_opens_each_slide_once_and_refuses_a_changed_file(slide_set, tmp_path):
@@ -92,8 +104,11 @@ def test_region_reader_opens_each_slide_once_and_refuses_a_changed_file(slide_se
     from hipt_ray.slide_ref import SlideRef, slide_version
     from hipt_ray.storage import stat
 
-    cfg = load_config("embed", values={"slides": "x", "out": str(tmp_path / "o")},
-                      overrides=[f"storage.cache_dir={tmp_path / 'cache'}"])
+    cfg = load_config(
+        "embed",
+        values={"slides": "x", "out": str(tmp_path / "o")},
+        overrides=[f"storage.cache_dir={tmp_path / 'cache'}"],
+    )
     info = stat(str(slide_set["good"]))
     ref = SlideRef("good", str(slide_set["good"]), version=slide_version(info.size, info.version))
     reader = RegionReader(cfg_dict=cfg.to_dict(), max_open=1)

@@ -8,10 +8,12 @@ import pytest
 from hipt_ray import storage
 from hipt_ray.config import load_config
 
-REFUSED = ("LanceError(IO): Generic S3 error: Error after 0 retries in 1.2ms, max_retries:10, retry_timeout:180s, "
-           "source:error sending request for url (http://127.0.0.1:9/bucket/out/slides.lance/_versions/1.manifest): "
-           "client error (Connect): tcp connect error: Connection refused (os error 111), "
-           "/home/runner/.cargo/registry/src/index.crates.io/lance-io-0.37.0/src/object_store.rs:312:27")
+REFUSED = (
+    "LanceError(IO): Generic S3 error: Error after 0 retries in 1.2ms, max_retries:10, retry_timeout:180s, "
+    "source:error sending request for url (http://127.0.0.1:9/bucket/out/slides.lance/_versions/1.manifest): "
+    "client error (Connect): tcp connect error: Connection refused (os error 111), "
+    "/home/runner/.cargo/registry/src/index.crates.io/lance-io-0.37.0/src/object_store.rs:312:27"
+)
 
 
 class Clock:
@@ -53,8 +55,13 @@ def test_each_retry_is_one_clear_line(clock, caplog):
         "s3://bucket/out/slides.lance: cannot reach the object store at http://127.0.0.1:9; retry 2 of 2 in 1.0 s",
     ]
     # anything else from Lance: its words without the wrapper and the Rust source location
-    line = storage.retry_warning("s3://b/t", OSError("LanceError(IO): Generic S3 error: 503 SlowDown, "
-                                                     "/src/lance-io/src/object_store.rs:1:2"), 0, 3, 0.5)
+    line = storage.retry_warning(
+        "s3://b/t",
+        OSError("LanceError(IO): Generic S3 error: 503 SlowDown, /src/lance-io/src/object_store.rs:1:2"),
+        0,
+        3,
+        0.5,
+    )
     assert line == "s3://b/t: Generic S3 error: 503 SlowDown; retry 1 of 3 in 0.5 s"
 
 
@@ -79,8 +86,13 @@ def test_the_budget_is_a_setting_that_reaches_lance_and_the_defaults(clock, monk
     assert storage.retry_budget() == (3, 60.0)
     # Lance's client gets one try's share of the budget (its defaults: 180 s of retries, 30 s a request)
     assert lance_storage_options("s3://b/o", "http://127.0.0.1:9") == {
-        "client_max_retries": "3", "client_retry_timeout": "15", "timeout": "15s", "connect_timeout": "5s",
-        "aws_endpoint": "http://127.0.0.1:9", "allow_http": "true"}
+        "client_max_retries": "3",
+        "client_retry_timeout": "15",
+        "timeout": "15s",
+        "connect_timeout": "5s",
+        "aws_endpoint": "http://127.0.0.1:9",
+        "allow_http": "true",
+    }
     assert lance_storage_options("/local/out") is None
     monkeypatch.setenv(storage.RETRIES_ENV, "1")  # what the CLI sets from storage.* before Ray starts
     monkeypatch.setenv(storage.RETRY_SECONDS_ENV, "4.0")
@@ -103,6 +115,10 @@ def test_the_cli_sets_the_budget_from_the_config(tmp_path, monkeypatch):
     monkeypatch.setattr(heads_run, "train_head", stage)
     monkeypatch.setenv(storage.RETRIES_ENV, "3")  # restored after the test (main sets them)
     monkeypatch.setenv(storage.RETRY_SECONDS_ENV, "60.0")
-    assert main(["train-head", "--out", str(tmp_path), "--labels", "l.csv", "storage.retries=5",
-                 "storage.retry_seconds=30"]) == 130
+    assert (
+        main(
+            ["train-head", "--out", str(tmp_path), "--labels", "l.csv", "storage.retries=5", "storage.retry_seconds=30"]
+        )
+        == 130
+    )
     assert seen["budget"] == (5, 30.0)

@@ -1,4 +1,4 @@
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import lance
 import pyarrow as pa
@@ -7,8 +7,15 @@ from hipt_ray.store import REGIONS, SLIDES, Store
 
 
 def _slide(sid, status, t=0, spec="h1"):
-    return {"slide_id": sid, "uri": f"/x/{sid}.svs", "status": status, "spec_hash": spec,
-            "n_regions": 1, "model_id": "", "time": datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=t)}
+    return {
+        "slide_id": sid,
+        "uri": f"/x/{sid}.svs",
+        "status": status,
+        "spec_hash": spec,
+        "n_regions": 1,
+        "model_id": "",
+        "time": datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=t),
+    }
 
 
 def _region(sid, i, spec="h1"):
@@ -68,11 +75,13 @@ def test_a_changed_slide_file_replaces_its_regions_at_its_status_commit(tmp_path
     # The file changed: a new grid of 2 regions is committed first (the job could die here) …
     store.append_slides([], [_versioned("a", i, "12:new") for i in range(2)])
     assert store.regions("h1", columns=["region_index", "slide_version"]).to_pylist() == [
-        {"region_index": i, "slide_version": "10:old"} for i in range(3)]
+        {"region_index": i, "slide_version": "10:old"} for i in range(3)
+    ]
     # … and replaces the old grid when its status row lands; the old rows are then deleted.
     store.append_slides([_slide_v("a", 12, "new", 1)], [], replaces=["a"])
     assert store.regions("h1", columns=["region_index", "slide_version"]).to_pylist() == [
-        {"region_index": i, "slide_version": "12:new"} for i in range(2)]
+        {"region_index": i, "slide_version": "12:new"} for i in range(2)
+    ]
     assert sorted(store.read(REGIONS)["slide_version"].to_pylist()) == ["12:new", "12:new"]
 
 
@@ -82,7 +91,9 @@ def test_leftovers_of_an_earlier_file_version_are_orphans(tmp_path):
     store.append_slides([], [_versioned("a", 0, "12:new"), _versioned("a", 1, "12:new")])
     store.append_slides([_slide_v("a", 12, "new", 1)], [])  # killed before retiring the old row
     assert store.regions("h1", columns=["region_index", "slide_version"]).to_pylist() == [
-        {"region_index": 0, "slide_version": "12:new"}, {"region_index": 1, "slide_version": "12:new"}]
+        {"region_index": 0, "slide_version": "12:new"},
+        {"region_index": 1, "slide_version": "12:new"},
+    ]
     assert store.remove_orphans("h1") == ["a"]
     assert store.read(REGIONS)["slide_version"].to_pylist() == ["12:new", "12:new"]
     assert store.remove_orphans("h1") == []
@@ -96,15 +107,30 @@ def test_current_regions_keeps_each_slides_current_rows_once_in_order():
 
     from hipt_ray.store.tables import current_regions
 
-    rows = [("b", 1, "v2", "b1"), ("a", 0, None, "a0"), ("b", 0, "v1", "old"), ("c", 2, None, "c2"),
-            ("b", 0, "v2", "b0"), ("a", 1, None, "a1"), ("z", 0, "v1", "no"), ("b", 1, "v2", "dup"),
-            ("c", 0, "v9", "c0"), ("a", 0, None, "dup"), ("c", 1, None, "c1-unversioned")]
+    rows = [
+        ("b", 1, "v2", "b1"),
+        ("a", 0, None, "a0"),
+        ("b", 0, "v1", "old"),
+        ("c", 2, None, "c2"),
+        ("b", 0, "v2", "b0"),
+        ("a", 1, None, "a1"),
+        ("z", 0, "v1", "no"),
+        ("b", 1, "v2", "dup"),
+        ("c", 0, "v9", "c0"),
+        ("a", 0, None, "dup"),
+        ("c", 1, None, "c1-unversioned"),
+    ]
     cols = list(zip(*rows))
     table = pa.Table.from_arrays([pa.array(c) for c in cols], ["slide_id", "region_index", "slide_version", "tag"])
     table = pa.concat_tables([table.slice(0, 4), table.slice(4, 3), table.slice(7)])  # three chunks
     got = current_regions(table, {"a": "v1", "b": "v2", "c": "v9"})
     assert list(zip(got["slide_id"].to_pylist(), got["region_index"].to_pylist(), got["tag"].to_pylist())) == [
-        ("a", 0, "a0"), ("a", 1, "a1"), ("b", 0, "b0"), ("b", 1, "b1"), ("c", 0, "c0")]
+        ("a", 0, "a0"),
+        ("a", 1, "a1"),
+        ("b", 0, "b0"),
+        ("b", 1, "b1"),
+        ("c", 0, "c0"),
+    ]
     assert current_regions(table, {}).num_rows == 0
     assert current_regions(table.slice(0, 0), {"a": "v1"}).num_rows == 0
 
@@ -126,8 +152,10 @@ def test_plan_tiling_skips_done_redoes_changed_and_carries_refused(tmp_path):
     store = Store(str(tmp_path / "out"))
     a, b, c = (_file(tmp_path, f"{s}.svs") for s in "abc")
     info = {p: stat(p) for p in (a, b)}
-    store.append_slides([{**_slide(s, "ok"), "uri": p, "size": info[p].size, "etag": info[p].version}
-                         for s, p in (("a", a), ("b", b))], [_region("a", 0), _region("b", 0)])
+    store.append_slides(
+        [{**_slide(s, "ok"), "uri": p, "size": info[p].size, "etag": info[p].version} for s, p in (("a", a), ("b", b))],
+        [_region("a", 0), _region("b", 0)],
+    )
     os.utime(b, (1, 1))  # b's file changes after it was tiled
     refs = [SlideRef("a", a), SlideRef("b", b, mpp_override=0.5), SlideRef("c", c)]
     plan = plan_run(store, refs, spec_hash="h1", refused=[(SlideRef("a", "/elsewhere/a.svs"), "shared id")])
@@ -146,17 +174,24 @@ def test_plan_embedding_takes_the_slides_as_tiled(tmp_path):
     from hipt_ray.store.tables import REGIONS_SCHEMA, embedding_fields
 
     store = Store(str(tmp_path))
-    tiled = [{**_slide_v("a", 10, "e", 0), "n_regions": 2, "mpp": 0.25, "mpp_source": "override"},
-             {**_slide_v("b", 10, "e", 0), "n_regions": 1},
-             {**_slide_v("c", 10, "e", 0, status="failed"), "error": "c: corrupt"},
-             {**_slide_v("d", 10, "e", 0, status="no_tissue")}]
+    tiled = [
+        {**_slide_v("a", 10, "e", 0), "n_regions": 2, "mpp": 0.25, "mpp_source": "override"},
+        {**_slide_v("b", 10, "e", 0), "n_regions": 1},
+        {**_slide_v("c", 10, "e", 0, status="failed"), "error": "c: corrupt"},
+        {**_slide_v("d", 10, "e", 0, status="no_tissue")},
+    ]
     store.append_slides(tiled, [_versioned("a", 0, "10:e"), _versioned("a", 1, "10:e"), _versioned("b", 0, "10:e")])
     # b was embedded from an earlier file; d was found empty for this model already
-    store.append_slides([{**_slide_v("b", 9, "old", 1), "model_id": "m"},
-                         {**_slide_v("d", 10, "e", 1, status="no_tissue"), "model_id": "m"}])
+    store.append_slides(
+        [
+            {**_slide_v("b", 9, "old", 1), "model_id": "m"},
+            {**_slide_v("d", 10, "e", 1, status="no_tissue"), "model_id": "m"},
+        ]
+    )
     schema = pa.schema(list(REGIONS_SCHEMA) + embedding_fields(4, 8))
-    plan = plan_run(store, [SlideRef(s, f"/x/{s}.svs") for s in "abcd"], spec_hash="h1", model_id="m",
-                    regions_schema=schema)
+    plan = plan_run(
+        store, [SlideRef(s, f"/x/{s}.svs") for s in "abcd"], spec_hash="h1", model_id="m", regions_schema=schema
+    )
     assert plan.todo == [SlideRef("a", "/x/a.svs", 0.25, "10:e"), SlideRef("b", "/x/b.svs", None, "10:e")]
     assert plan.expected == {"a": 2, "b": 1} and plan.changed == 1 and plan.skipped == 1
     assert [(r["slide_id"], r["status"], r["model_id"]) for r in plan.carried] == [("c", "failed", "m")]
@@ -190,7 +225,7 @@ def test_tokens_to_grid_is_row_major():
     tokens = np.arange(2 * 3 * 4, dtype=np.float32)  # rows 2, cols 3, D 4
     grid = tokens_to_grid(tokens, 2, 3)
     assert grid.shape == (4, 2, 3) and grid.flags.c_contiguous
-    assert grid[:, 1, 2].tolist() == tokens[(1 * 3 + 2) * 4:(1 * 3 + 3) * 4].tolist()  # patch k = row·cols + col
+    assert grid[:, 1, 2].tolist() == tokens[(1 * 3 + 2) * 4 : (1 * 3 + 3) * 4].tolist()  # patch k = row·cols + col
 
 
 def test_a_copy_that_keeps_size_and_mtime_is_seen_as_changed(tmp_path):

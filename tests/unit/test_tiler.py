@@ -25,11 +25,14 @@ REASONS = {
 @pytest.fixture(scope="module")
 def results(slide_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    cfg = load_config("tile", values={"slides": "unused", "out": str(out)},
-                      overrides=[f"storage.cache_dir={out / 'cache'}"])
+    cfg = load_config(
+        "tile", values={"slides": "unused", "out": str(out)}, overrides=[f"storage.cache_dir={out / 'cache'}"]
+    )
     cache = make_cache(cfg)
-    return {name: tile_slide(SlideSpec(name, str(path)), cfg, cache=cache, spec_hash="h")
-            for name, path in slide_set.items()}, out
+    return {
+        name: tile_slide(SlideSpec(name, str(path)), cfg, cache=cache, spec_hash="h")
+        for name, path in slide_set.items()
+    }, out
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -98,12 +101,16 @@ def test_a_slide_over_the_region_cap_fails_with_a_reason(slide_set, tmp_path):
 
 def test_a_slide_larger_than_any_glass_slide_fails_with_its_size(slide_set, tmp_path):
     # a widened mpp_range let a wrong MPP turn a small image into hundreds of regions silently
-    cfg = load_config("tile", values={"slides": "unused", "out": str(tmp_path)},
-                      overrides=["tiling.mpp_range=[0.1,300]"])
+    cfg = load_config(
+        "tile", values={"slides": "unused", "out": str(tmp_path)}, overrides=["tiling.mpp_range=[0.1,300]"]
+    )
     spec = SlideSpec("good", str(slide_set["good"]), mpp=100.0)  # 10000×6000 px → 1000 × 600 mm
     r = tile_slide(spec, cfg, cache=make_cache(cfg), spec_hash="h")
     assert r.slide["status"] == "failed" and r.regions == []
-    assert re.search(r"at 100 µm/px \(from override\) its 10000×6000 pixels would measure 1,000 × 600 mm, "
-                     r"larger than any glass slide", r.slide["error"]), r.slide["error"]
+    assert re.search(
+        r"at 100 µm/px \(from override\) its 10000×6000 pixels would measure 1,000 × 600 mm, "
+        r"larger than any glass slide",
+        r.slide["error"],
+    ), r.slide["error"]
     ok = tile_slide(SlideSpec("good", str(slide_set["good"]), mpp=2.0), cfg, cache=make_cache(cfg), spec_hash="h")
     assert ok.slide["status"] == "ok", ok.slide["error"]  # 20 × 12 mm: a real slide's size

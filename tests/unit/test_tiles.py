@@ -8,8 +8,8 @@ import pytest
 import tifffile
 
 from hipt_ray.config import load_config
-from hipt_ray.slides.manifest import SlideSpec
 from hipt_ray.slide_ref import SlideRef
+from hipt_ray.slides.manifest import SlideSpec
 from hipt_ray.slides.reader import Slide, SlideError, open_slide
 from hipt_ray.slides.tiler import make_cache, tile_slide
 from hipt_ray.slides.tiles import TiledTiff, open_tiled
@@ -29,8 +29,11 @@ def test_same_geometry_properties_and_pixels_as_openslide(slide_set, name):
         boxes = [((0, 0), (lw + 37, lh + 21))]  # the whole level and a margin beyond its edges
         if ds == round(ds):  # level coordinates are whole: interior, edge and before-the-corner boxes
             step = round(ds)
-            boxes += [((256 * step, 512 * step), (700, 300)), (((lw - 200) * step, (lh - 100) * step), (512, 400)),
-                      ((-100 * step, -50 * step), (300, 200))]
+            boxes += [
+                ((256 * step, 512 * step), (700, 300)),
+                (((lw - 200) * step, (lh - 100) * step), (512, 400)),
+                ((-100 * step, -50 * step), (300, 200)),
+            ]
         # (at fractional level coordinates OpenSlide interpolates and the tile backend takes the
         # nearest level pixel; region corners fall on whole level pixels where a pyramid halves exactly)
         for (x, y), size in boxes:
@@ -47,16 +50,23 @@ def test_auto_falls_back_to_openslide_and_tiles_alone_refuses(slide_set, tmp_pat
     gray = np.tile(np.linspace(40, 230, 1024, dtype=np.uint8), (768, 1))
     tifffile.imwrite(tmp_path / "gray.tiff", gray, tile=(256, 256), compression="jpeg", photometric="minisblack")
     assert open_tiled(str(tmp_path / "gray.tiff")) is None  # one sample per pixel: not this backend's
-    cfg = load_config("tile", values={"slides": "x", "out": str(tmp_path / "o")},
-                      overrides=[f"storage.cache_dir={tmp_path / 'c'}", "tiling.mpp_overrides={gray: 0.5}"])
+    cfg = load_config(
+        "tile",
+        values={"slides": "x", "out": str(tmp_path / "o")},
+        overrides=[f"storage.cache_dir={tmp_path / 'c'}", "tiling.mpp_overrides={gray: 0.5}"],
+    )
     slide, _ = open_slide(SlideRef("gray", str(tmp_path / "gray.tiff"), 0.5), cfg, cache=make_cache(cfg))
     assert slide.backend == "openslide" and slide.dimensions == (1024, 768)
     slide, _ = open_slide(SlideRef("good", str(slide_set["good"])), cfg, cache=make_cache(cfg))
     assert slide.backend == "tiles"
-    tiles_only = load_config("tile", values={"slides": "x", "out": str(tmp_path / "o")}, overrides=["reader.backend=tiles"])
+    tiles_only = load_config(
+        "tile", values={"slides": "x", "out": str(tmp_path / "o")}, overrides=["reader.backend=tiles"]
+    )
     with pytest.raises(SlideError, match="reader.backend=tiles reads generic tiled TIFF and Aperio SVS only"):
         open_slide(SlideRef("gray", str(tmp_path / "gray.tiff"), 0.5), tiles_only, cache=make_cache(cfg))
-    forced = load_config("tile", values={"slides": "x", "out": str(tmp_path / "o")}, overrides=["reader.backend=openslide"])
+    forced = load_config(
+        "tile", values={"slides": "x", "out": str(tmp_path / "o")}, overrides=["reader.backend=openslide"]
+    )
     assert open_slide(SlideRef("good", str(slide_set["good"])), forced, cache=make_cache(cfg))[0].backend == "openslide"
 
 
@@ -80,9 +90,13 @@ def test_bad_tiles_fail_the_slide_with_a_reason(slide_set, tmp_path):
     junk = bytearray(data)
     junk[off : off + n] = bytes(n)
     (tmp_path / "junk.tiff").write_bytes(bytes(junk))
-    cfg = load_config("tile", values={"slides": "x", "out": str(tmp_path / "o")},
-                      overrides=[f"storage.cache_dir={tmp_path / 'c'}"])
-    for name, reason in (("zero", r"tile \(1, 0\) of level 0 is empty"), ("junk", r"tile \(1, 0\) of level 0 failed to decode")):
+    cfg = load_config(
+        "tile", values={"slides": "x", "out": str(tmp_path / "o")}, overrides=[f"storage.cache_dir={tmp_path / 'c'}"]
+    )
+    for name, reason in (
+        ("zero", r"tile \(1, 0\) of level 0 is empty"),
+        ("junk", r"tile \(1, 0\) of level 0 failed to decode"),
+    ):
         with Slide(str(tmp_path / f"{name}.tiff"), source=TiledTiff(str(tmp_path / f"{name}.tiff"))) as s:
             with pytest.raises(SlideError, match=reason + r".*re-export or re-upload it"):
                 s.read_region((0, 0), (512, 256), 0.5)
@@ -118,16 +132,30 @@ def _write_abbreviated(src: str, dest, *, with_tables: bool = True) -> tuple[lis
         page = tif.pages[0]
         data = open(src, "rb").read()
         tiles = [data[o : o + n] for o, n in zip(page.dataoffsets, page.databytecounts)]
-        shape, tile, res = (page.imagelength, page.imagewidth, 3), (page.tilelength, page.tilewidth), page.tags[282].value
+        shape, tile, res = (
+            (page.imagelength, page.imagewidth, 3),
+            (page.tilelength, page.tilewidth),
+            page.tags[282].value,
+        )
     # every tile encoded with the same tables, as a scanner does
     pixels = [simplejpeg.decode_jpeg(t, colorspace="RGB") for t in tiles]
     encoded = [simplejpeg.encode_jpeg(p, quality=90, colorspace="RGB", colorsubsampling="420") for p in pixels]
     tables = _split_jpeg(encoded[0])[0]
     abbreviated = [_split_jpeg(e)[1] for e in encoded]
     extratags = [(347, 7, len(tables), tables, True)] if with_tables else []
-    tifffile.imwrite(dest, iter(abbreviated), shape=shape, dtype=np.uint8, tile=tile, compression="jpeg",
-                     photometric="ycbcr", subsampling=(2, 2), resolution=(res[0] / res[1], res[0] / res[1]),
-                     resolutionunit="CENTIMETER", extratags=extratags)
+    tifffile.imwrite(
+        dest,
+        iter(abbreviated),
+        shape=shape,
+        dtype=np.uint8,
+        tile=tile,
+        compression="jpeg",
+        photometric="ycbcr",
+        subsampling=(2, 2),
+        resolution=(res[0] / res[1], res[0] / res[1]),
+        resolutionunit="CENTIMETER",
+        extratags=extratags,
+    )
     return [simplejpeg.decode_jpeg(e, colorspace="RGB") for e in encoded], tile
 
 
@@ -138,8 +166,9 @@ def test_abbreviated_tiles_read_with_the_shared_jpeg_tables_and_fail_without_the
     first = src.read_rgb((0, 0), 0, (tw, th))
     assert int(np.abs(first.astype(int) - pixels[0]).max()) <= 1
     ref = Slide(str(tmp_path / "abbr.tiff"))  # OpenSlide reads the same file the same way
-    assert np.array_equal(ref.read_region((0, 0), (1024, 768), 0.5)[0],
-                          Slide("abbr", source=src).read_region((0, 0), (1024, 768), 0.5)[0])
+    assert np.array_equal(
+        ref.read_region((0, 0), (1024, 768), 0.5)[0], Slide("abbr", source=src).read_region((0, 0), (1024, 768), 0.5)[0]
+    )
     # scaled decoding splices the tables in front of each tile too
     assert src.can_scale(0, 2)
     half = src.read_rgb((0, 0), 0, (tw // 2, th // 2), scale=2)
@@ -164,8 +193,9 @@ def test_an_ifd_loop_fails_the_slide_with_a_reason(slide_set, tmp_path):
     assert struct.unpack_from(fmt, data, next_at)[0] == 0  # the last IFD ends the chain …
     struct.pack_into(fmt, data, next_at, offsets[0])  # … now it points back to the first
     (tmp_path / "loop.tiff").write_bytes(bytes(data))
-    cfg = load_config("tile", values={"slides": "x", "out": str(tmp_path / "o")},
-                      overrides=[f"storage.cache_dir={tmp_path / 'c'}"])
+    cfg = load_config(
+        "tile", values={"slides": "x", "out": str(tmp_path / "o")}, overrides=[f"storage.cache_dir={tmp_path / 'c'}"]
+    )
     result = tile_slide(SlideSpec("loop", str(tmp_path / "loop.tiff")), cfg, cache=make_cache(cfg), spec_hash="h")
     assert result.slide["status"] == "failed"
     assert f"directory {len(offsets) - 1} (at offset {offsets[-1]}) loops back to directory 0" in result.slide["error"]
@@ -189,6 +219,8 @@ def test_scaled_decode_is_opt_in_close_to_exact_and_exact_off_the_grid(slide_set
     assert np.array_equal(exact.read_region(odd, (512, 512), 0.5)[0], scaled.read_region(odd, (512, 512), 0.5)[0])
     assert not scaled._osr.can_scale(0, 3)
     cfg = load_config("tile", values={"slides": "x", "out": str(tmp_path / "o")})
-    on = load_config("tile", values={"slides": "x", "out": str(tmp_path / "o")}, overrides=["reader.scaled_decode=true"])
+    on = load_config(
+        "tile", values={"slides": "x", "out": str(tmp_path / "o")}, overrides=["reader.scaled_decode=true"]
+    )
     assert cfg.tiling_spec_hash() != on.tiling_spec_hash()  # scaled pixels never mix with exact ones
     assert open_slide(SlideRef("forty", path), on, cache=make_cache(on))[0].backend == "tiles+scaled"

@@ -14,8 +14,9 @@ def _iou(a, b):
 
 @pytest.mark.parametrize("seed, subtype, n_blobs", [(20, 0, 1), (21, 1, 2), (22, 2, 3), (23, 0, 3)])
 def test_tissue_mask_matches_ground_truth(tmp_path, seed, subtype, n_blobs):
-    s = synthetic.make_slide(tmp_path / "s.tiff", width_um=4000, height_um=3000, seed=seed,
-                             subtype=subtype, risk=0.5, n_blobs=n_blobs)
+    s = synthetic.make_slide(
+        tmp_path / "s.tiff", width_um=4000, height_um=3000, seed=seed, subtype=subtype, risk=0.5, n_blobs=n_blobs
+    )
     with Slide(s.path) as slide:
         rgb, mpp = slide.read_lowres(8.0)
     mask, _ = tissue_mask(rgb, mpp, TissueConfig())
@@ -64,6 +65,12 @@ def test_stage1_patches_of_a_grayscale_region_are_kept_where_there_is_tissue():
 
     img = np.full((512, 512, 3), 238, np.uint8)
     img[:, :256] = 120  # the left column of patches is tissue, gray
-    rows = _patch_rows({"error": "", "image": img, "region_index": 0, "slide_id": "g"}, patch_px=256,
-                       per_region=4, min_tissue=0.5, threshold=0.1, seed=0)
+    rows = _patch_rows(
+        {"error": "", "image": img, "region_index": 0, "slide_id": "g"},
+        patch_px=256,
+        per_region=4,
+        min_tissue=0.5,
+        threshold=0.1,
+        seed=0,
+    )
     assert len(rows) == 2 and all(r["patch"].mean() < 130 for r in rows)

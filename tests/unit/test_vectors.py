@@ -16,12 +16,37 @@ SCHEMA = pa.schema(list(REGIONS_SCHEMA) + embedding_fields(DIM, 48))
 
 
 def _append(store: Store, vecs: np.ndarray, start: int, model_id: str = "m1") -> None:
-    rows = [{"slide_id": f"s{i}", "region_index": 0, "x": 0, "y": 0, "level0_w": 4096, "level0_h": 4096,
-             "read_w": 4096, "read_h": 4096, "mpp": 0.5, "spec_hash": "spec", "model_id": model_id,
-             "emb4k": v.astype("float32"), "mean256": np.zeros(48, "float32"), "tokens256": None}
-            for i, v in enumerate(vecs, start)]
-    slides = [{"slide_id": r["slide_id"], "uri": r["slide_id"], "status": "ok", "spec_hash": "spec",
-               "model_id": model_id, "n_regions": 1, "time": None} for r in rows]
+    rows = [
+        {
+            "slide_id": f"s{i}",
+            "region_index": 0,
+            "x": 0,
+            "y": 0,
+            "level0_w": 4096,
+            "level0_h": 4096,
+            "read_w": 4096,
+            "read_h": 4096,
+            "mpp": 0.5,
+            "spec_hash": "spec",
+            "model_id": model_id,
+            "emb4k": v.astype("float32"),
+            "mean256": np.zeros(48, "float32"),
+            "tokens256": None,
+        }
+        for i, v in enumerate(vecs, start)
+    ]
+    slides = [
+        {
+            "slide_id": r["slide_id"],
+            "uri": r["slide_id"],
+            "status": "ok",
+            "spec_hash": "spec",
+            "model_id": model_id,
+            "n_regions": 1,
+            "time": None,
+        }
+        for r in rows
+    ]
     store.append_slides(slides, pa.Table.from_pylist(rows, schema=SCHEMA), SCHEMA)
 
 
@@ -76,9 +101,22 @@ def test_search_returns_each_region_once_and_only_finished_slides(tmp_path, vect
     _append(store, vectors[:40], 0)
     _append(store, vectors[:40], 0)  # what two runs on one output used to leave: every row twice
     # rows of a slide whose status row never landed (a killed run): not returned
-    store._append("regions.lance", pa.Table.from_pylist(
-        [{"slide_id": "half", "region_index": 0, "spec_hash": "spec", "model_id": "m1",
-          "emb4k": vectors[3].astype("float32"), "mean256": np.zeros(48, "float32")}], schema=SCHEMA))
+    store._append(
+        "regions.lance",
+        pa.Table.from_pylist(
+            [
+                {
+                    "slide_id": "half",
+                    "region_index": 0,
+                    "spec_hash": "spec",
+                    "model_id": "m1",
+                    "emb4k": vectors[3].astype("float32"),
+                    "mean256": np.zeros(48, "float32"),
+                }
+            ],
+            schema=SCHEMA,
+        ),
+    )
     got = search(store, vectors[3], model_id="m1", spec_hash="spec", k=10, sc=sc)
     ids = got["slide_id"].to_pylist()
     assert len(ids) == 10 and len(set(ids)) == 10 and ids[0] == "s3" and "half" not in ids

@@ -5,24 +5,53 @@ import pytest
 import torch
 
 from hipt_ray.heads import (
-    HIPTLGP, case_folds, classification_metrics, concordance, cox_loss, create_head,
-    km_split, survival_bins, survival_nll,
+    HIPTLGP,
+    case_folds,
+    classification_metrics,
+    concordance,
+    cox_loss,
+    create_head,
+    km_split,
+    survival_bins,
+    survival_nll,
 )
 from hipt_ray.heads.losses import risk_from_logits
 
 
 def test_hipt_lgp_has_the_published_parameter_names():
     keys = set(HIPTLGP(n_classes=3, local_vit="vit4k_xs").state_dict())
-    expected = {"global_phi.0.weight", "global_phi.0.bias", "classifier.weight", "classifier.bias",
-                "global_rho.0.weight", "global_rho.0.bias"}
+    expected = {
+        "global_phi.0.weight",
+        "global_phi.0.bias",
+        "classifier.weight",
+        "classifier.bias",
+        "global_rho.0.weight",
+        "global_rho.0.bias",
+    }
     for i in (0, 1):
         p = f"global_transformer.layers.{i}."
-        expected |= {p + k for k in ("self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.out_proj.weight",
-                                     "self_attn.out_proj.bias", "linear1.weight", "linear1.bias", "linear2.weight",
-                                     "linear2.bias", "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias")}
+        expected |= {
+            p + k
+            for k in (
+                "self_attn.in_proj_weight",
+                "self_attn.in_proj_bias",
+                "self_attn.out_proj.weight",
+                "self_attn.out_proj.bias",
+                "linear1.weight",
+                "linear1.bias",
+                "linear2.weight",
+                "linear2.bias",
+                "norm1.weight",
+                "norm1.bias",
+                "norm2.weight",
+                "norm2.bias",
+            )
+        }
     for branch in ("attention_a.0", "attention_b.0", "attention_c"):
         expected |= {f"global_attn_pool.{branch}.weight", f"global_attn_pool.{branch}.bias"}
-    vit4k = {"local_vit." + k for k in __import__("hipt_ray.models", fromlist=["x"]).create_model("vit4k_xs").state_dict()}
+    vit4k = {
+        "local_vit." + k for k in __import__("hipt_ray.models", fromlist=["x"]).create_model("vit4k_xs").state_dict()
+    }
     assert keys == expected | vit4k
     assert set(HIPTLGP(n_classes=3).state_dict()) == expected
     layer = HIPTLGP(n_classes=2).global_transformer.layers[0]
@@ -74,7 +103,7 @@ def test_a_padded_batch_of_bags_gives_each_bag_its_own_outputs_and_gradients(nam
         one = [head(b) for b in bags]
         assert torch.allclose(logits, torch.cat([o[0] for o in one]), atol=1e-5)
         for k, (b, o) in enumerate(zip(bags, one)):
-            assert torch.allclose(attn[k, :len(b)], o[1], atol=1e-6) and (attn[k, len(b):] == 0).all()
+            assert torch.allclose(attn[k, : len(b)], o[1], atol=1e-6) and (attn[k, len(b) :] == 0).all()
     # a step on the batch moves the weights as the bag-by-bag step does
     grads = []
     for run in (lambda: forward_bags(head, bags), lambda: torch.cat([head(b)[0] for b in bags])):
@@ -130,7 +159,11 @@ def test_classification_metrics_and_km():
     risk = np.r_[np.ones(30), np.zeros(30)]
     times = np.r_[rng.exponential(5, 30), rng.exponential(50, 30)]
     km = km_split(times, np.ones(60), risk, threshold=0.5)
-    assert km["n_high"] == 30 and km["p_value"] < 1e-3 and km["km_high"].median_survival_time_ < km["km_low"].median_survival_time_
+    assert (
+        km["n_high"] == 30
+        and km["p_value"] < 1e-3
+        and km["km_high"].median_survival_time_ < km["km_low"].median_survival_time_
+    )
 
 
 def test_metrics_equal_scikit_learns_with_ties_and_several_classes():
@@ -147,8 +180,11 @@ def test_metrics_equal_scikit_learns_with_ties_and_several_classes():
                     classification_metrics(y, probs)
                 continue
             ours = classification_metrics(y, probs)
-            ref = (roc_auc_score(y, probs[:, 1]) if n_classes == 2 else
-                   roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(n_classes))))
+            ref = (
+                roc_auc_score(y, probs[:, 1])
+                if n_classes == 2
+                else roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(n_classes)))
+            )
             assert ours["auc"] == pytest.approx(ref, abs=1e-12)
             assert ours["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, probs.argmax(1)), abs=1e-12)
     with pytest.raises(ValueError, match="one class"):

@@ -30,18 +30,21 @@ def _subtyping(tmp_path, body: str) -> tuple[pd.DataFrame, list[str]]:
     return check_labels(_csv(tmp_path, "slide_id,case_id,label\n" + body), task=_task("subtyping"))
 
 
-@pytest.mark.parametrize("body, match", [
-    ("a,c1,12.5,1\nb,c2,,0\n", r"column survival_months is empty at line 3"),
-    ("a,c1,12.5,1\nb,c2,NaN,0\n", r"column survival_months is empty at line 3"),
-    ("a,c1,12.5,1\nb,c2,-3,0\n", r"survival_months must be a number ≥ 0 .*line 3 hold \['-3'\]"),
-    ("a,c1,12.5,1\nb,c2,inf,0\n", r"survival_months must be a number ≥ 0"),
-    ("a,c1,12.5,no\nb,c2,3,0\n", r"column event must be 1 .* or 0 .*line 2 hold \['no'\]"),
-    ("a,c1,12.5,2\nb,c2,3,0\n", r"column event must be 1 .*line 2 hold \['2'\]"),
-    ("a,c1,12.5,1\nb,c1,3,1\n", r"case 'c1' has slides with different survival_months"),
-    ("a,c1,12.5,1\nb,c1,12.5,0\n", r"case 'c1' has slides with different event"),
-    ("a,c1,12.5,1\na,c2,12.5,1\n", r"slide 'a' has more than one row .*lines 2, 3.*under two cases"),
-    (",c1,12.5,1\n", r"column slide_id is empty at line 2"),
-])
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ("a,c1,12.5,1\nb,c2,,0\n", r"column survival_months is empty at line 3"),
+        ("a,c1,12.5,1\nb,c2,NaN,0\n", r"column survival_months is empty at line 3"),
+        ("a,c1,12.5,1\nb,c2,-3,0\n", r"survival_months must be a number ≥ 0 .*line 3 hold \['-3'\]"),
+        ("a,c1,12.5,1\nb,c2,inf,0\n", r"survival_months must be a number ≥ 0"),
+        ("a,c1,12.5,no\nb,c2,3,0\n", r"column event must be 1 .* or 0 .*line 2 hold \['no'\]"),
+        ("a,c1,12.5,2\nb,c2,3,0\n", r"column event must be 1 .*line 2 hold \['2'\]"),
+        ("a,c1,12.5,1\nb,c1,3,1\n", r"case 'c1' has slides with different survival_months"),
+        ("a,c1,12.5,1\nb,c1,12.5,0\n", r"case 'c1' has slides with different event"),
+        ("a,c1,12.5,1\na,c2,12.5,1\n", r"slide 'a' has more than one row .*lines 2, 3.*under two cases"),
+        (",c1,12.5,1\n", r"column slide_id is empty at line 2"),
+    ],
+)
 def test_survival_tables_that_are_refused(tmp_path, body, match):
     with pytest.raises(LabelError, match=match) as err:
         _survival(tmp_path, body)
@@ -71,8 +74,9 @@ def test_parquet_numeric_ids_become_text(tmp_path):
     pd.DataFrame({"slide_id": [1, 2], "case_id": [10, 20], "label": ["a", "b"]}).to_parquet(tmp_path / "l.parquet")
     df, _ = check_labels(read_labels(str(tmp_path / "l.parquet")), task=_task("subtyping"))
     assert df["slide_id"].tolist() == ["1", "2"] and df["case_id"].tolist() == ["10", "20"]
-    bad = pd.DataFrame({"slide_id": ["a", "b"], "case_id": ["c1", "c2"], "survival_months": [1.0, None],
-                        "event": [1, 0]})
+    bad = pd.DataFrame(
+        {"slide_id": ["a", "b"], "case_id": ["c1", "c2"], "survival_months": [1.0, None], "event": [1, 0]}
+    )
     bad.to_parquet(tmp_path / "s.parquet")
     with pytest.raises(LabelError, match="survival_months is empty at row 2"):
         check_labels(read_labels(str(tmp_path / "s.parquet")), task=_task("survival"))

@@ -27,8 +27,9 @@ def _survival_cohort(n: int = 60, dim: int = 8, seed: int = 0) -> Cohort:
         x = rng.standard_normal((int(rng.integers(2, 5)), dim)) * 0.3
         x[:, 0] += 2 * r
         bags.append(torch.from_numpy(x.astype(np.float32)))
-    return Cohort([f"c{i:02d}" for i in range(n)], bags, times=np.minimum(t, 60.0).round(2),
-                  events=(t < 60).astype(int))
+    return Cohort(
+        [f"c{i:02d}" for i in range(n)], bags, times=np.minimum(t, 60.0).round(2), events=(t < 60).astype(int)
+    )
 
 
 def test_the_task_is_chosen_once_from_the_config():
@@ -45,8 +46,12 @@ def test_the_task_is_chosen_once_from_the_config():
 def test_a_fold_without_a_comparable_pair_is_undefined_not_a_crash(tmp_path, caplog, loss):
     # issue 31: 4 cases, 2 folds; fold 1 holds a case censored at 5 and an event at 20, no pair
     # can be ordered, and the c-index (lifelines: ZeroDivisionError "No admissable pairs") crashed.
-    cohort = Cohort(["a", "b", "c", "d"], [torch.randn(3, 8) for _ in range(4)], times=np.array([5.0, 10, 20, 30]),
-                    events=np.array([0, 1, 1, 0]))
+    cohort = Cohort(
+        ["a", "b", "c", "d"],
+        [torch.randn(3, 8) for _ in range(4)],
+        times=np.array([5.0, 10, 20, 30]),
+        events=np.array([0, 1, 1, 0]),
+    )
     h = HeadsConfig(task="survival", survival_loss=loss, head="mean_mlp", epochs=2, val_fraction=0)
     folds, _ = make_folds(h, cohort)
     assert folds[1]["val"] == ["a", "c"]
@@ -62,8 +67,7 @@ def test_a_fold_without_a_comparable_pair_is_undefined_not_a_crash(tmp_path, cap
 
 @pytest.mark.parametrize("loss", ["nll", "cox"])
 def test_the_survival_report_has_the_field_metrics_per_fold_and_out_of_fold(tmp_path, loss):
-    h = HeadsConfig(task="survival", survival_loss=loss, head="mean_mlp", epochs=30, lr=3e-3, val_fraction=0,
-                    folds=3)
+    h = HeadsConfig(task="survival", survival_loss=loss, head="mean_mlp", epochs=30, lr=3e-3, val_fraction=0, folds=3)
     cohort = _survival_cohort()
     _, states, mean = list(cross_validate(h, cohort))[-1]
     rep = report(h, cohort, states, make_folds(h, cohort)[0], str(tmp_path))
@@ -86,8 +90,11 @@ def test_survival_curves_of_both_survival_heads():
     # before the first edge nobody has died; after it, the product of (1 − hazard) of the bins passed
     assert np.allclose(s[0], [1, 0.5, 0.5, 0.25]) and np.all(np.diff(s, axis=1) <= 0) and np.all(s[1] <= s[0])
     cox = CoxSurvival(HeadsConfig(task="survival", survival_loss="cox"))
-    train = {"risk": np.array([0.0, 0.5, -0.5, 1.0]), "events": np.array([1, 0, 1, 1]),
-             "times": np.array([5.0, 10, 20, 30])}
+    train = {
+        "risk": np.array([0.0, 0.5, -0.5, 1.0]),
+        "events": np.array([1, 0, 1, 1]),
+        "times": np.array([5.0, 10, 20, 30]),
+    }
     s = cox.survival_at({"risk": np.array([-1.0, 0.0, 1.0])}, {}, train, np.array([1.0, 6.0, 25.0, 99.0]))
     assert np.all(s[:, 0] == 1.0) and np.all(np.diff(s, axis=1) <= 0) and np.all(np.diff(s, axis=0) <= 0)
 
@@ -97,7 +104,8 @@ def test_undefined_survival_metrics_are_nan_with_a_reason():
     # deciles 10–90 % of the event times 5, 20, 30 are 8, 11, 14, …, 28; the test part follows up 12–35
     assert list(evaluation_times(times, events, np.array([12.0, 35.0]))) == pytest.approx([14, 17, 20, 22, 24, 26, 28])
     assert len(evaluation_times(times, np.zeros(5), times)) == 0
-    values, why = survival_metrics(times, events, np.array([8.0, 9.0]), np.array([0, 0]), np.array([1.0, 2.0]),
-                                   np.ones((2, 0)), np.empty(0))
+    values, why = survival_metrics(
+        times, events, np.array([8.0, 9.0]), np.array([0, 0]), np.array([1.0, 2.0]), np.ones((2, 0)), np.empty(0)
+    )
     assert all(np.isnan(v) for v in values.values()) and set(why) == {"c_index", "c_index_ipcw", "td_auc", "ibs"}
     assert "censored" in why["c_index"] and "evaluation time" in why["td_auc"]

@@ -112,9 +112,17 @@ def test_class_weights_balance_an_imbalanced_training_part():
 
 
 def test_nested_score_takes_each_fold_from_the_trial_best_on_its_inner_validation():
-    rows = [{"fold0_val_auc": 0.9, "fold0_auc": 0.6, "fold1_val_auc": 0.5, "fold1_auc": 0.99},
-            {"fold0_val_auc": 0.8, "fold0_auc": 0.95, "fold1_val_auc": 0.7, "fold1_auc": 0.7},
-            {"fold0_val_auc": 0.9, "fold0_val_loss": 0.1, "fold0_auc": 0.8, "fold1_val_auc": float("nan"), "fold1_auc": 1.0}]
+    rows = [
+        {"fold0_val_auc": 0.9, "fold0_auc": 0.6, "fold1_val_auc": 0.5, "fold1_auc": 0.99},
+        {"fold0_val_auc": 0.8, "fold0_auc": 0.95, "fold1_val_auc": 0.7, "fold1_auc": 0.7},
+        {
+            "fold0_val_auc": 0.9,
+            "fold0_val_loss": 0.1,
+            "fold0_auc": 0.8,
+            "fold1_val_auc": float("nan"),
+            "fold1_auc": 1.0,
+        },
+    ]
     score, picks = nested_score(rows, "auc", 2)
     # fold 0: trials 0 and 2 tie on 0.9 and trial 2 reported a validation loss (none counts as the
     # worst); fold 1: trial 1, not trial 0's 0.99 or trial 2's 1.0 on the test cases

@@ -5,8 +5,17 @@ import torch
 import torch.nn.functional as F
 
 from hipt_ray.models import (
-    CheckpointError, create_model, export_checkpoint, list_models, load_checkpoint, model_id,
-    normalize_uint8, patchify, patchify_uint8, resize_pos_embed, set_fused_attention,
+    CheckpointError,
+    create_model,
+    export_checkpoint,
+    list_models,
+    load_checkpoint,
+    model_id,
+    normalize_uint8,
+    patchify,
+    patchify_uint8,
+    resize_pos_embed,
+    set_fused_attention,
 )
 
 from ... import reference_hipt as ref
@@ -23,14 +32,22 @@ def _published_layout(embed, depth, *, patch_in=None, mlp=4):
         shapes.update({"phi.0.weight": (embed, patch_in), "phi.0.bias": (embed,)})
     for i in range(depth):
         p = f"blocks.{i}."
-        shapes.update({
-            p + "norm1.weight": (embed,), p + "norm1.bias": (embed,),
-            p + "attn.qkv.weight": (3 * embed, embed), p + "attn.qkv.bias": (3 * embed,),
-            p + "attn.proj.weight": (embed, embed), p + "attn.proj.bias": (embed,),
-            p + "norm2.weight": (embed,), p + "norm2.bias": (embed,),
-            p + "mlp.fc1.weight": (mlp * embed, embed), p + "mlp.fc1.bias": (mlp * embed,),
-            p + "mlp.fc2.weight": (embed, mlp * embed), p + "mlp.fc2.bias": (embed,),
-        })
+        shapes.update(
+            {
+                p + "norm1.weight": (embed,),
+                p + "norm1.bias": (embed,),
+                p + "attn.qkv.weight": (3 * embed, embed),
+                p + "attn.qkv.bias": (3 * embed,),
+                p + "attn.proj.weight": (embed, embed),
+                p + "attn.proj.bias": (embed,),
+                p + "norm2.weight": (embed,),
+                p + "norm2.bias": (embed,),
+                p + "mlp.fc1.weight": (mlp * embed, embed),
+                p + "mlp.fc1.bias": (mlp * embed,),
+                p + "mlp.fc2.weight": (embed, mlp * embed),
+                p + "mlp.fc2.bias": (embed,),
+            }
+        )
     shapes.update({"norm.weight": (embed,), "norm.bias": (embed,)})
     return shapes
 
@@ -134,10 +151,15 @@ def test_hipt4k_equals_vit4k_on_patchwise_vit256_grid_in_row_major_order():
         for b in range(2):
             for k in range(12):
                 r, c = divmod(k, 4)
-                patch = x[b:b + 1, :, r * 256:(r + 1) * 256, c * 256:(c + 1) * 256]
+                patch = x[b : b + 1, :, r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256]
                 assert torch.allclose(feats["tokens256"][b, k], m.vit256(patch)[0], atol=1e-5)
-            grid = torch.stack([m.vit256(x[b:b + 1, :, r * 256:(r + 1) * 256, c * 256:(c + 1) * 256])[0]
-                                for r in range(3) for c in range(4)]).T.reshape(1, -1, 3, 4)
+            grid = torch.stack(
+                [
+                    m.vit256(x[b : b + 1, :, r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256])[0]
+                    for r in range(3)
+                    for c in range(4)
+                ]
+            ).T.reshape(1, -1, 3, 4)
             assert torch.allclose(feats["emb4k"][b], m.vit4k(grid)[0], atol=1e-5)
     assert torch.allclose(feats["mean256"], feats["tokens256"].mean(1))
     assert feats["tokens256"].shape == (2, 12, 48) and feats["emb4k"].shape == (2, 32)
@@ -151,7 +173,9 @@ def test_patchify_and_normalize():
     x = normalize_uint8(img[None, :, :, None].expand(1, 256, 384, 3))
     assert x.shape == (1, 3, 256, 384) and x.min() >= -1 and x.max() <= 1
     assert torch.allclose(x[0, :, 0, 0], torch.full((3,), -1.0))
-    p = patchify(torch.arange(2 * 3, dtype=torch.float32).reshape(1, 1, 2, 3).repeat_interleave(4, 2).repeat_interleave(4, 3), 4)
+    p = patchify(
+        torch.arange(2 * 3, dtype=torch.float32).reshape(1, 1, 2, 3).repeat_interleave(4, 2).repeat_interleave(4, 3), 4
+    )
     assert p.shape == (6, 1, 4, 4) and p[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 5]
 
 
@@ -201,14 +225,24 @@ def test_bf16_real_vit256_close_to_fp32():
 
 # ------------------------------------------------------------------ checkpoints
 
+
 def _official(model, *, prefix="module.backbone.", extra=None):
     """A file laid out like the published DINO checkpoints, with random tensors."""
     teacher = {prefix + k: v.clone() for k, v in model.state_dict().items()}
-    teacher.update({prefix.replace("backbone.", "") + "head.mlp.0.weight": torch.randn(8, 4),
-                    prefix.replace("backbone.", "") + "head.last_layer.weight_g": torch.ones(8, 1)})
+    teacher.update(
+        {
+            prefix.replace("backbone.", "") + "head.mlp.0.weight": torch.randn(8, 4),
+            prefix.replace("backbone.", "") + "head.last_layer.weight_g": torch.ones(8, 1),
+        }
+    )
     student = {k: v + 1 for k, v in teacher.items()}
-    return {"teacher": teacher, "student": student, "epoch": 100, "args": argparse.Namespace(arch="vit_small"),
-            **(extra or {})}
+    return {
+        "teacher": teacher,
+        "student": student,
+        "epoch": 100,
+        "args": argparse.Namespace(arch="vit_small"),
+        **(extra or {}),
+    }
 
 
 def test_official_layout_loads_strictly(tmp_path):

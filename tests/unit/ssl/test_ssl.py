@@ -6,8 +6,15 @@ import torch
 
 from hipt_ray.models import create_model
 from hipt_ray.ssl import (
-    DINOHead, DINOLoss, GridCrops, MultiCrop, PixelCrops, cancel_last_layer_gradients,
-    cosine_schedule, ema_update, teacher_temperature_schedule,
+    DINOHead,
+    DINOLoss,
+    GridCrops,
+    MultiCrop,
+    PixelCrops,
+    cancel_last_layer_gradients,
+    cosine_schedule,
+    ema_update,
+    teacher_temperature_schedule,
 )
 
 
@@ -86,8 +93,9 @@ def test_head_shapes_frozen_gain_and_first_epoch_freeze():
 
 def test_multicrop_batches_equal_sizes_and_matches_per_crop():
     torch.manual_seed(0)
-    wrapper = MultiCrop(create_model("vit256_tiny").eval(), DINOHead(in_dim=48, out_dim=10, hidden_dim=16,
-                                                                        bottleneck_dim=8).eval())
+    wrapper = MultiCrop(
+        create_model("vit256_tiny").eval(), DINOHead(in_dim=48, out_dim=10, hidden_dim=16, bottleneck_dim=8).eval()
+    )
     crops = [torch.randn(2, 3, 224, 224) for _ in range(2)] + [torch.randn(2, 3, 96, 96) for _ in range(3)]
     with torch.no_grad():
         out = wrapper(crops)
@@ -99,8 +107,14 @@ def test_grid_crops_shapes_and_stay_inside_the_grid():
     grid = torch.arange(16 * 16, dtype=torch.float32).reshape(1, 16, 16).expand(4, 16, 16)
     crops = GridCrops(n_local=8, rotate=True, generator=torch.Generator().manual_seed(1))(grid)
     assert [tuple(c.shape) for c in crops] == [(4, 14, 14)] * 2 + [(4, 6, 6)] * 8
-    windows = {size: [set(grid[0, i:i + size, j:j + size].flatten().tolist())
-                      for i in range(17 - size) for j in range(17 - size)] for size in (14, 6)}
+    windows = {
+        size: [
+            set(grid[0, i : i + size, j : j + size].flatten().tolist())
+            for i in range(17 - size)
+            for j in range(17 - size)
+        ]
+        for size in (14, 6)
+    }
     for c in crops:  # each crop is a (flipped/rotated) contiguous window of the grid
         assert set(c[0].flatten().tolist()) in windows[c.shape[-1]]
     with pytest.raises(ValueError, match="does not fit"):

@@ -10,22 +10,39 @@ import torch
 
 from hipt_ray.config import load_config
 from hipt_ray.ssl import DINOLoss
-from hipt_ray.train.dino import DinoState, batch_crops, build_student_teacher, dino_step, param_groups, schedules, stage_spec
+from hipt_ray.train.dino import (
+    DinoState,
+    batch_crops,
+    build_student_teacher,
+    dino_step,
+    param_groups,
+    schedules,
+    stage_spec,
+)
 
 from ...conftest import TINY
 
 
-
 def _setup(stage: str, steps: int):
-    cfg = load_config(files=[TINY], values={"out": "unused"},
-                      overrides=[f"pretrain.stage={stage}", "pretrain.epochs=1",
-                                 "pretrain.teacher_temp=0.04", "pretrain.momentum_teacher=0.9"])
+    cfg = load_config(
+        files=[TINY],
+        values={"out": "unused"},
+        overrides=[
+            f"pretrain.stage={stage}",
+            "pretrain.epochs=1",
+            "pretrain.teacher_temp=0.04",
+            "pretrain.momentum_teacher=0.9",
+        ],
+    )
     torch.manual_seed(0)
     p = cfg.pretrain
     student, teacher = build_student_teacher(cfg)
-    state = DinoState(student, teacher, torch.optim.AdamW(param_groups(student)),
-                      DINOLoss(out_dim=p.out_dim, n_global=2, student_temp=p.student_temp,
-                               center_momentum=p.center_momentum))
+    state = DinoState(
+        student,
+        teacher,
+        torch.optim.AdamW(param_groups(student)),
+        DINOLoss(out_dim=p.out_dim, n_global=2, student_temp=p.student_temp, center_momentum=p.center_momentum),
+    )
     return cfg, state, schedules(cfg, steps, 1)
 
 
@@ -38,8 +55,10 @@ def _batch(stage: str, n: int) -> dict:
 
 def _run(state, cfg, sched, crops_of, n: int) -> list[float]:
     p = cfg.pretrain
-    return [dino_step(state, crops_of(), sched, epoch=1, clip_grad=p.clip_grad, freeze_last_layer=0, use_amp=False)
-            for _ in range(n)]
+    return [
+        dino_step(state, crops_of(), sched, epoch=1, clip_grad=p.clip_grad, freeze_last_layer=0, use_amp=False)
+        for _ in range(n)
+    ]
 
 
 def test_twenty_tiny_steps_lower_the_loss():
