@@ -12,7 +12,7 @@ from hipt_ray.models import create_model
 from hipt_ray.slides.synthetic import make_slide, tissue_tile
 from hipt_ray.viz.attention import percentile_map, region_attention, smoothed_attention, window_offsets
 
-from ..conftest import TINY
+from ...conftest import TINY
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from hipt_ray.config import load_config
 from hipt_ray.slides.manifest import SlideSpec
 from hipt_ray.slides.tiler import make_cache, tile_slide
 
-from ..conftest import EXPECTED
+from ...conftest import EXPECTED
 
 # What each bad input's reason must say: the problem and what to do.
 REASONS = {
