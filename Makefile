@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast lint typecheck demo venv lock clean
+.PHONY: test test-fast lint demo venv lock clean
 
 venv: $(STAMP)
 
@@ -19,26 +19,23 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(BIN)/ruff check hipt_ray tests bench jobs
-	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
-
-# pytest exits 5 when the selection is empty, so a marker mix-up cannot pass as a green run.
-test-fast: $(STAMP)
-	$(BIN)/ruff check hipt_ray tests bench jobs
-	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m "not ray and not s3" $(PYTEST_ARGS)
-
-# The habits CI is to check, ready but not yet part of `make test` (the tree is not yet formatted
-# or typed): line length, import order and pyupgrade on top of pyproject's rules, the formatter,
-# and mypy over the paths [tool.mypy] names. Switching them on: move E501, I, UP into pyproject's
-# [tool.ruff.lint] select and make `test` depend on `lint`.
 LINT_PATHS := hipt_ray tests bench jobs
 
-lint: $(STAMP) typecheck
-	$(BIN)/ruff check --extend-select E501,I,UP $(LINT_PATHS)
-	$(BIN)/ruff format --check $(LINT_PATHS)
+# What CI runs: the habits (lint, formatter, types), then every test.
+test: lint
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-typecheck: $(STAMP)
+# The development loop: the tests that start neither Ray nor moto (pytest exits 5 when the
+# selection is empty, so a marker mix-up cannot pass as a green run).
+test-fast: $(STAMP)
+	$(BIN)/ruff check $(LINT_PATHS)
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m "not ray and not s3" $(PYTEST_ARGS)
+
+# ruff's rules (pyproject: pyflakes, bugbear, pycodestyle errors, line length 120, import order,
+# pyupgrade), the formatter's check, and mypy over the paths [tool.mypy] names.
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/python -m mypy
 
 demo: $(STAMP)

@@ -13,6 +13,10 @@ import time
 from pathlib import Path
 
 from hipt_ray.cli import main as cli
+from hipt_ray.console import quiet_ray
+from hipt_ray.runtime import ray_address, start_ray
+from hipt_ray.store import Store
+from hipt_ray.store.tables import resolve_embedding
 
 _TIMES: list[tuple[str, float]] = []  # (command, wall seconds) of each step run
 
@@ -33,6 +37,49 @@ def _times() -> str:
     return f"wall time per step: {steps} · total {int(total // 60)}:{int(total % 60):02d}"
 
 
+def _commands(data: Path, tables: Path, ssl: Path) -> list[tuple[str, tuple[int, ...]]]:
+    """The demo's pipeline as a user types it, and the exit codes each step may end with (tile
+    and embed: 3 when some slides failed, which the demo's cohort allows)."""
+    slides, tab, labels = (shlex.quote(str(p)) for p in (data / "slides", tables, data / "labels.csv"))
+    stage1 = shlex.quote(str(ssl / "pretrain" / "demo-vit256" / "teacher_vit256.pth"))
+    q_ssl = shlex.quote(str(ssl))
+    return [
+        (f"tile --slides {slides} --out {tab} --config demo", (0, 3)),
+        (f"embed --slides {slides} --out {tab} --config demo", (0, 3)),
+        # Pretraining: stage 1 on the slides' patches, embed with the stage-1 ViT-256 into a
+        # separate output, stage 2 on the token grids of that output.
+        (f"pretrain --stage vit256 --slides {slides} --out {q_ssl} --run-name demo-vit256 --config demo", (0,)),
+        (f"embed --slides {slides} --out {q_ssl} --checkpoint-256 {stage1} --config demo", (0, 3)),
+        (f"pretrain --stage vit4k --out {q_ssl} --run-name demo-vit4k --config demo", (0,)),
+        # Slide-level heads: small sweeps for subtyping and survival on the first embeddings.
+        *(
+            (f"sweep --out {tab} --labels {labels} --task {task} --config demo sweep.name=demo-{task}", (0,))
+            for task in ("subtyping", "survival")
+        ),
+    ]
+
+
+def _look_at_it(data: Path, tables: Path, figures: Path) -> list[str]:
+    """A region's attention, an attention head's attention over each slide, and the regions
+    most like that region across every slide (the region: the one with the most tissue)."""
+    store = Store(str(tables))
+    mid, spec = resolve_embedding(store)
+    regions = store.regions(spec, model_id=mid, columns=["slide_id", "region_index", "x", "y", "tissue_fraction"])
+    best = max(regions.to_pylist(), key=lambda r: r["tissue_fraction"])
+    uri = shlex.quote(store.completed(spec, mid)[best["slide_id"]])
+    tab, labels, at = shlex.quote(str(tables)), shlex.quote(str(data / "labels.csv")), f"{best['x']},{best['y']}"
+    fig = {k: shlex.quote(str(figures / k)) for k in ("region", "slides", "search")}
+    return [
+        f"heatmap --slide {uri} --region {at} --out {fig['region']} --config demo",
+        # An attention head (the sweep's best may be mean pooling, which has no attention to show).
+        f"train-head --out {tab} --labels {labels} --run-name demo-abmil --config demo heads.head=abmil",
+        f"heatmap --head-run {shlex.quote(str(tables / 'heads' / 'demo-abmil'))} --out {fig['slides']} --config demo",
+        # 8 rows in the console, not 16; the CSV and mosaic show the same 8
+        f"search --out {tab} --slide {shlex.quote(best['slide_id'])} --region {at} --labels {labels} "
+        f"--dest {fig['search']} --config demo search.k=8",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="demo_out")
@@ -40,147 +87,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _TIMES.clear()  # this run's steps only, if main runs twice in one process
     out = Path(args.out).resolve()
-    data, tables = out / "data", out / "tables"
+    data, tables, ssl, figures = out / "data", out / "tables", out / "ssl", out / "figures"
     # One Ray for every step, with its dashboard: pretraining's Ray Train asks the State API it
     # serves (without it Train's placement-group cleaner logs a warning every few seconds).
-    from hipt_ray.console import quiet_ray
-    from hipt_ray.runtime import ray_address, start_ray
-
     quiet_ray()
     start_ray(address=ray_address(), dashboard=True)
     if not (data / "labels.csv").is_file():
         # Small slides (1–4 regions each) so that the cohort has enough cases for the heads.
-        if code := _step(
-            ["make-demo-data", str(data), "--n-slides", str(args.n_slides), "--seed", "0", "--size-um", "2100", "4200"]
-        ):
+        make = f"make-demo-data {shlex.quote(str(data))} --n-slides {args.n_slides} --seed 0 --size-um 2100 4200"
+        if code := _step(shlex.split(make)):
             return code
-    code = _step(["tile", "--slides", str(data / "slides"), "--out", str(tables), "--config", "demo"])
-    if code not in (0, 3):
-        return code
-    code = _step(["embed", "--slides", str(data / "slides"), "--out", str(tables), "--config", "demo"])
-    if code not in (0, 3):
-        return code
-    # Pretraining: stage 1 on the slides' patches, embed with the stage-1 ViT-256 into a separate
-    # output, stage 2 on the token grids of that output.
-    ssl = out / "ssl"
-    if code := _step(
-        [
-            "pretrain",
-            "--stage",
-            "vit256",
-            "--slides",
-            str(data / "slides"),
-            "--out",
-            str(ssl),
-            "--run-name",
-            "demo-vit256",
-            "--config",
-            "demo",
-        ]
-    ):
-        return code
-    stage1 = ssl / "pretrain" / "demo-vit256" / "teacher_vit256.pth"
-    if (
-        code := _step(
-            [
-                "embed",
-                "--slides",
-                str(data / "slides"),
-                "--out",
-                str(ssl),
-                "--checkpoint-256",
-                str(stage1),
-                "--config",
-                "demo",
-            ]
-        )
-    ) not in (0, 3):
-        return code
-    if code := _step(
-        ["pretrain", "--stage", "vit4k", "--out", str(ssl), "--run-name", "demo-vit4k", "--config", "demo"]
-    ):
-        return code
-    # Slide-level heads: small sweeps for subtyping and survival on the first embeddings.
-    for task in ("subtyping", "survival"):
-        if code := _step(
-            [
-                "sweep",
-                "--out",
-                str(tables),
-                "--labels",
-                str(data / "labels.csv"),
-                "--task",
-                task,
-                "--config",
-                "demo",
-                f"sweep.name=demo-{task}",
-            ]
-        ):
+    for command, allowed in _commands(data, tables, ssl):
+        if (code := _step(shlex.split(command))) not in allowed:
             return code
-    # Look at it: a region's attention, the best subtyping head's attention over each slide, and
-    # the regions most like one region across every slide.
-    from hipt_ray.store import Store
-    from hipt_ray.store.tables import resolve_embedding
-
-    store = Store(str(tables))
-    mid, spec = resolve_embedding(store)
-    regions = store.regions(spec, model_id=mid, columns=["slide_id", "region_index", "x", "y", "tissue_fraction"])
-    best = max(regions.to_pylist(), key=lambda r: r["tissue_fraction"])
-    uri = store.completed(spec, mid)[best["slide_id"]]
-    figures = out / "figures"
-    steps = [
-        [
-            "heatmap",
-            "--slide",
-            uri,
-            "--region",
-            f"{best['x']},{best['y']}",
-            "--out",
-            str(figures / "region"),
-            "--config",
-            "demo",
-        ],
-        # An attention head (the sweep's best may be mean pooling, which has no attention to show).
-        [
-            "train-head",
-            "--out",
-            str(tables),
-            "--labels",
-            str(data / "labels.csv"),
-            "--run-name",
-            "demo-abmil",
-            "--config",
-            "demo",
-            "heads.head=abmil",
-        ],
-        [
-            "heatmap",
-            "--head-run",
-            str(tables / "heads" / "demo-abmil"),
-            "--out",
-            str(figures / "slides"),
-            "--config",
-            "demo",
-        ],
-        [
-            "search",
-            "--out",
-            str(tables),
-            "--slide",
-            best["slide_id"],
-            "--region",
-            f"{best['x']},{best['y']}",
-            "--labels",
-            str(data / "labels.csv"),
-            "--dest",
-            str(figures / "search"),
-            "--config",
-            "demo",
-            "search.k=8",
-        ],  # 8 rows in the console, not 16; the CSV and mosaic show the same 8
-    ]
-    for argv in steps:
-        if code := _step(argv):
+    for command in _look_at_it(data, tables, figures):
+        if code := _step(shlex.split(command)):
             return code
     print(f"""
 {_times()}
@@ -206,7 +127,7 @@ demo outputs under {out}:
 read them with:   .venv/bin/python -c "from hipt_ray.store import read_embeddings; print(read_embeddings('{tables}'))"
                   .venv/bin/python -c "import lance; print(lance.dataset('{tables}/regions.lance').to_table())"
 """)
-    return code
+    return 0
 
 
 if __name__ == "__main__":
