@@ -15,8 +15,6 @@ from pathlib import Path
 from hipt_ray.cli import main as cli
 from hipt_ray.console import quiet_ray
 from hipt_ray.runtime import ray_address, start_ray
-from hipt_ray.store import Store
-from hipt_ray.store.tables import resolve_embedding
 
 _TIMES: list[tuple[str, float]] = []  # (command, wall seconds) of each step run
 
@@ -62,6 +60,11 @@ def _commands(data: Path, tables: Path, ssl: Path) -> list[tuple[str, tuple[int,
 def _look_at_it(data: Path, tables: Path, figures: Path) -> list[str]:
     """A region's attention, an attention head's attention over each slide, and the regions
     most like that region across every slide (the region: the one with the most tissue)."""
+    # Lance is imported after Ray has started (it warns about forks made after its import), as
+    # the CLI imports the stages
+    from hipt_ray.store import Store
+    from hipt_ray.store.tables import resolve_embedding
+
     store = Store(str(tables))
     mid, spec = resolve_embedding(store)
     regions = store.regions(spec, model_id=mid, columns=["slide_id", "region_index", "x", "y", "tissue_fraction"])
