@@ -76,18 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hipt-ray", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    _slide_commands(sub)
+    _head_commands(sub)
+    _look_commands(sub)
+    return parser
 
+
+_SLIDES_HELP = "a directory, a glob, an s3:// prefix or a manifest .csv (uri[,slide_id,mpp])"
+_LABELS_HELP = "CSV/Parquet: slide_id, case_id, label | survival_months, event"
+
+
+def _slide_commands(sub) -> None:
+    """The commands that read slides: tile, embed, pretrain."""
     tile = sub.add_parser("tile", help="find tissue and grid 4096² regions of every slide into Lance")
-    tile.add_argument(
-        "--slides", required=True, help="a directory, a glob, an s3:// prefix or a manifest .csv (uri[,slide_id,mpp])"
-    )
+    tile.add_argument("--slides", required=True, help=_SLIDES_HELP)
     tile.add_argument("--out", required=True, help="output URI (local or s3://)")
     _common(tile)
 
     embed = sub.add_parser("embed", help="embed every slide's regions with HIPT-4K into Lance")
-    embed.add_argument(
-        "--slides", required=True, help="a directory, a glob, an s3:// prefix or a manifest .csv (uri[,slide_id,mpp])"
-    )
+    embed.add_argument("--slides", required=True, help=_SLIDES_HELP)
     embed.add_argument("--out", required=True, help="output URI (local or s3://); tile results there are reused")
     _checkpoint_args(embed)
     _common(embed)
@@ -100,16 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--run-name", help="Ray Train run name; rerunning the same name resumes it")
     _common(pre)
 
+
+def _head_commands(sub) -> None:
+    """Slide-level heads: train-head, sweep."""
     th = sub.add_parser("train-head", help="cross-validate one slide-level head on the embeddings under --out")
     th.add_argument("--out", required=True, help="an embed output")
-    th.add_argument("--labels", required=True, help="CSV/Parquet: slide_id, case_id, label | survival_months, event")
+    th.add_argument("--labels", required=True, help=_LABELS_HELP)
     th.add_argument("--task", choices=("subtyping", "survival"))
     th.add_argument("--run-name", help="MLflow run name (default <task>-<head>)")
     _common(th, uses_ray=False)
 
     sw = sub.add_parser("sweep", help="Ray Tune sweep of slide-level heads, every trial logged to MLflow")
     sw.add_argument("--out", required=True, help="an embed output")
-    sw.add_argument("--labels", required=True, help="CSV/Parquet: slide_id, case_id, label | survival_months, event")
+    sw.add_argument("--labels", required=True, help=_LABELS_HELP)
     sw.add_argument(
         "--task",
         choices=["subtyping", "survival"],
@@ -117,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(sw)
 
+
+def _look_commands(sub) -> None:
+    """What people look at, and data to try it on: heatmap, search, make-demo-data."""
     hm = sub.add_parser(
         "heatmap",
         help="attention heatmaps: a region's ViT-256/ViT-4K attention, or a "
@@ -160,7 +173,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("MIN", "MAX"),
         help="range of the slides' sides in µm (default 3000 6000)",
     )
-    return parser
 
 
 # ---------------------------------------------------------------- commands

@@ -246,18 +246,7 @@ def run_sweep(cfg: Config) -> SweepResult:
         table_csv = os.path.join(run_dir, "results.csv")
         table_df.to_csv(table_csv, index=False)
         best_outer = float(best.metrics.get(key, math.nan))
-        mlflow.log_metrics(
-            {
-                k: v
-                for k, v in {
-                    f"selection_{metric}": float(best.metrics[metric]),
-                    f"best_trial_{key}": best_outer,
-                    f"honest_{key}": honest,
-                }.items()
-                if math.isfinite(v)
-            }
-        )
-        mlflow.log_params({f"best.{k}": v for k, v in best.config.items()})
+        _log_selection(best, metric, key, honest, best_outer)
         mlflow.log_artifact(table_csv)
         refit = _refit(cfg, best, parent.info.run_id)
         return SweepResult(
@@ -273,6 +262,20 @@ def run_sweep(cfg: Config) -> SweepResult:
             parent_run_id=parent.info.run_id,
             refit_reused=refit.reused,
         )
+
+
+def _log_selection(best, metric: str, key: str, honest: float, best_outer: float) -> None:
+    """The parent run's record of the choice: the selection metric, the best trial's own outer
+    score, the honest (nested) score — the finite ones — and the best configuration."""
+    import mlflow
+
+    scores = {
+        f"selection_{metric}": float(best.metrics[metric]),
+        f"best_trial_{key}": best_outer,
+        f"honest_{key}": honest,
+    }
+    mlflow.log_metrics({k: v for k, v in scores.items() if math.isfinite(v)})
+    mlflow.log_params({f"best.{k}": v for k, v in best.config.items()})
 
 
 def _tuner(cfg: Config, cohort, space: dict, tracking_uri: str, parent_run_id: str, metric: str, run_dir: str):
