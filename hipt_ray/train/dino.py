@@ -209,7 +209,7 @@ def train_loop(config: dict) -> None:
     """Ray Train worker entry point: ``config = {"cfg": Config dict, "steps_per_epoch": int,
     "tracking_uri": str | None, "run_dir": str}``."""
     import ray.train
-    from ray.train.torch import get_device, prepare_model
+    from ray.train.torch import get_device
 
     cfg = validate_config(config["cfg"])
     p = cfg.pretrain
@@ -220,27 +220,12 @@ def train_loop(config: dict) -> None:
     np.random.seed(p.seed + rank)
     random.seed(p.seed + rank)
     torch.set_num_threads(max(1, int(os.cpu_count() or 1) // max(world, 1)))
-
-    student, teacher = build_student_teacher(cfg)
-    teacher.to(device)
-    loss_fn = DINOLoss(
-        out_dim=p.out_dim, n_global=2, student_temp=p.student_temp, center_momentum=p.center_momentum
-    ).to(device)
-    student = prepare_model(student)  # DDP (gloo on CPU, NCCL on GPU) when world > 1
-    state = DinoState(student, teacher, torch.optim.AdamW(param_groups(student)), loss_fn)
+    state = _build_state(cfg, device)
+    _resume(state, cfg, rank)
     use_amp = device.type == "cuda"
     spe = int(config["steps_per_epoch"])
     sched = schedules(cfg, spe, world)
     total = len(sched["lr"])
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            saved = load_trusted(os.path.join(d, CKPT_FILE), allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
-        state.load_state_dict(saved)
-        if saved.get("rng") and saved["rng"].get(rank) is not None:
-            _set_rng_state(saved["rng"][rank])
-        log.info("rank %d resumed from step %d", rank, state.step)
 
     spec = stage_spec(cfg)
     shard = ray.train.get_dataset_shard("train")
@@ -293,6 +278,36 @@ def train_loop(config: dict) -> None:
     if tracker:
         tracker.event({"event": "end", "step": state.step})
         tracker.close()
+
+
+def _build_state(cfg: Config, device: torch.device) -> DinoState:
+    """Student (wrapped for DDP: gloo on CPU, NCCL on GPU, when world > 1), teacher, AdamW and the
+    DINO loss on ``device``."""
+    from ray.train.torch import prepare_model
+
+    p = cfg.pretrain
+    student, teacher = build_student_teacher(cfg)
+    teacher.to(device)
+    loss_fn = DINOLoss(
+        out_dim=p.out_dim, n_global=2, student_temp=p.student_temp, center_momentum=p.center_momentum
+    ).to(device)
+    student = prepare_model(student)
+    return DinoState(student, teacher, torch.optim.AdamW(param_groups(student)), loss_fn)
+
+
+def _resume(state: DinoState, cfg: Config, rank: int) -> None:
+    """Load Ray Train's latest checkpoint into ``state`` (and this rank's RNG state), if any."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if not ckpt:
+        return
+    with ckpt.as_directory() as d:
+        saved = load_trusted(os.path.join(d, CKPT_FILE), allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
+    state.load_state_dict(saved)
+    if saved.get("rng") and saved["rng"].get(rank) is not None:
+        _set_rng_state(saved["rng"][rank])
+    log.info("rank %d resumed from step %d", rank, state.step)
 
 
 def _report(metrics: dict, state: DinoState, rank: int, world: int) -> None:
