@@ -29,6 +29,25 @@ from hipt_ray.viz.heatmaps import (
 )
 
 
+def _read_canvas(cfg: Config, slide_uri: str, xy: tuple[int, int], margin: int) -> tuple[np.ndarray, int, int]:
+    """The region at level-0 ``xy`` with ``margin`` pixels (at ``tiling.mpp``) more above and to
+    the left, for the shifted windows; and the width and height of the region's pixels that hold
+    slide content (the rest is white padding beyond the slide's edge)."""
+    size = cfg.tiling.region_px
+    ref = SlideSpec(slide_id_from_uri(slide_uri), slide_uri).to_ref(cfg.tiling.mpp_overrides)
+    slide, _ = open_slide(ref, cfg, cache=make_cache(cfg))
+    with slide:
+        scale = cfg.tiling.mpp / slide.mpp
+        w0, h0 = slide.dimensions
+        x, y = xy
+        if not (0 <= x < w0 and 0 <= y < h0):
+            raise InputError(f"{slide_uri}: region {x},{y} lies outside the slide ({w0}×{h0} level-0 pixels)")
+        origin = (int(round(x - margin * scale)), int(round(y - margin * scale)))
+        canvas, _ = slide.read_region(origin, (size + margin, size + margin), cfg.tiling.mpp)
+        valid_w, valid_h = min(size, int(np.ceil((w0 - x) / scale))), min(size, int(np.ceil((h0 - y) / scale)))
+    return canvas, valid_w, valid_h
+
+
 def region_heatmaps(
     cfg: Config, slide_uri: str, xy: tuple[int, int], out_dir: str, *, shifts: int = 2, display_px: int = 1024
 ) -> dict[str, str]:
@@ -42,18 +61,8 @@ def region_heatmaps(
     size = cfg.tiling.region_px
     offsets = window_offsets(cfg.tiling.patch_px, shifts)
     margin = max(offsets)
-    ref = SlideSpec(slide_id_from_uri(slide_uri), slide_uri).to_ref(cfg.tiling.mpp_overrides)
-    slide, _ = open_slide(ref, cfg, cache=make_cache(cfg))
-    with slide:
-        scale = cfg.tiling.mpp / slide.mpp
-        w0, h0 = slide.dimensions
-        x, y = xy
-        if not (0 <= x < w0 and 0 <= y < h0):
-            raise InputError(f"{slide_uri}: region {x},{y} lies outside the slide ({w0}×{h0} level-0 pixels)")
-        origin = (int(round(x - margin * scale)), int(round(y - margin * scale)))
-        canvas, _ = slide.read_region(origin, (size + margin, size + margin), cfg.tiling.mpp)
-        # region pixels holding slide content; the rest is white padding beyond the slide edge
-        valid_w, valid_h = min(size, int(np.ceil((w0 - x) / scale))), min(size, int(np.ceil((h0 - y) / scale)))
+    x, y = xy
+    canvas, valid_w, valid_h = _read_canvas(cfg, slide_uri, xy, margin)
     att, n_windows = smoothed_attention(model, canvas, (size, size), margin, offsets)
     region = canvas[margin:, margin:]
     image = np.asarray(Image.fromarray(region).resize((display_px, display_px), Image.Resampling.LANCZOS))
