@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 
+from hipt_ray.console import verbose
+
 
 def ray_address(configured: str | None = None) -> str | None:
     """The cluster to join: ``configured`` (``--address`` / ``ray.address``), else
@@ -36,8 +38,6 @@ def start_ray(
     instance, or a driver that called ``ray.init`` itself).
     """
     import ray
-
-    from hipt_ray.console import verbose
 
     if ray.is_initialized():
         return

@@ -12,6 +12,9 @@ import torch
 from PIL import Image
 
 from hipt_ray.config import Config, InputError, validate_config
+from hipt_ray.heads.cohort import load_cohort
+from hipt_ray.heads.fit import load_head
+from hipt_ray.heads.saved import HEADS_FILE, load_folds
 from hipt_ray.models.hipt4k import default_micro_batch
 from hipt_ray.models.inference import inference_device
 from hipt_ray.models.loading import build_model
@@ -19,6 +22,7 @@ from hipt_ray.slides.manifest import SlideSpec, slide_id_from_uri
 from hipt_ray.slides.reader import make_cache, open_slide
 from hipt_ray.store import Store
 from hipt_ray.store.tables import resolve_embedding
+from hipt_ray.tracking import tracking_uri
 from hipt_ray.viz.attention import percentile_map, smoothed_attention, upsample, window_offsets
 from hipt_ray.viz.heatmaps import (
     blend,
@@ -124,7 +128,6 @@ def region_heatmaps(
 
 def load_heads(head_run: str, cfg: Config) -> dict:
     """``heads.pt`` from a run directory, the file itself, or an MLflow run id."""
-    from hipt_ray.heads.saved import HEADS_FILE, load_folds
 
     candidates = [head_run, os.path.join(head_run, HEADS_FILE)]
     for c in candidates:
@@ -136,8 +139,6 @@ def load_heads(head_run: str, cfg: Config) -> dict:
             "(e.g. OUT/heads/<name>) or an MLflow run id"
         )
     import mlflow
-
-    from hipt_ray.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
     try:
@@ -158,8 +159,6 @@ def slide_heatmaps(
 ) -> list[str]:
     """Each slide's regions coloured by the slide-level head's attention, drawn over the slide
     thumbnail. Every case is scored by the fold model that never trained on it (out-of-fold)."""
-    from hipt_ray.heads.cohort import load_cohort
-    from hipt_ray.heads.fit import load_head
 
     saved = load_heads(head_run, cfg)
     run_cfg = validate_config(saved["config"])

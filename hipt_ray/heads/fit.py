@@ -11,9 +11,11 @@ import torch
 
 from hipt_ray.config import ConfigError, HeadsConfig
 from hipt_ray.heads.cohort import Cohort
+from hipt_ray.heads.features import FeatureTransform
 from hipt_ray.heads.models import create_head, forward_bags
 from hipt_ray.heads.splits import case_folds
 from hipt_ray.heads.tasks import Task, task_for
+from hipt_ray.models import create_model, load_checkpoint
 
 EVAL_BAGS = 32  # bags evaluated in one padded call
 
@@ -71,7 +73,6 @@ def fit_transform(h: HeadsConfig, cohort: Cohort, cases: np.ndarray, head: torch
     on emb4k, or with a frozen local ViT-4K on what ``head``'s own ViT makes of the token grids
     (standardisation only, the aggregator's width is the ViT's). None when there is nothing to fit
     (nothing asked for, or a ViT-4K being fine-tuned: its outputs move)."""
-    from hipt_ray.heads.features import FeatureTransform
 
     if not h.local_vit:
         rows = torch.cat([cohort.bags[i] for i in cases])
@@ -92,8 +93,6 @@ def build_head(h: HeadsConfig, cohort: Cohort, transform: torch.nn.Module | None
     if h.local_vit and h.head != "hipt_lgp":
         raise ConfigError(f"heads.local_vit runs HIPT's own ViT-4K and needs heads.head=hipt_lgp (got {h.head})")
     if h.local_vit:
-        from hipt_ray.models import create_model
-
         dim = create_model(h.local_vit).embed_dim
     else:
         dim = transform.out_dim if transform is not None else cohort.bags[0].shape[-1]
@@ -106,8 +105,6 @@ def build_head(h: HeadsConfig, cohort: Cohort, transform: torch.nn.Module | None
         kwargs["hidden"] = h.hidden
     head = create_head(h.head, **kwargs)
     if h.local_vit and h.local_vit_checkpoint:  # the module holds no file access: its weights are loaded here
-        from hipt_ray.models import load_checkpoint
-
         load_checkpoint(head.local_vit, h.local_vit_checkpoint)
     if transform is not None:
         head.prep = transform
@@ -230,7 +227,6 @@ def is_final(h: HeadsConfig, epoch: int, states: list[FoldState]) -> bool:
 
 def load_head(h: HeadsConfig, cohort: Cohort, state_dict: dict) -> torch.nn.Module:
     """A head saved as ``state_dict`` (its fitted preprocessing included), rebuilt for ``cohort``."""
-    from hipt_ray.heads.features import FeatureTransform
 
     head = build_head(h, cohort, FeatureTransform.from_state_dict(state_dict))
     head.load_state_dict(state_dict)

@@ -16,6 +16,7 @@ from hipt_ray.heads.report import report
 from hipt_ray.heads.saved import HEADS_FILE, save_folds
 from hipt_ray.heads.tasks import task_for
 from hipt_ray.storage import local_output_dir
+from hipt_ray.tracking import CrossValidationLog, setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,6 @@ def train_head(
     configuration, as :func:`~hipt_ray.heads.saved.save_folds` writes them) its folds are taken as
     trained, and everything after training (baselines, CIs, predictions, plots) is done on them."""
     import mlflow
-
-    from hipt_ray.tracking import CrossValidationLog, setup_tracking
 
     h, task = cfg.heads, task_for(cfg.heads)
     name = check_name(run_name or f"{h.task}-{h.head}", "--run-name")

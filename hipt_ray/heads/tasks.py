@@ -24,6 +24,7 @@ from hipt_ray.heads import metrics as M
 from hipt_ray.heads.baselines import cox_baseline, probe_baselines
 from hipt_ray.heads.labels import LabelError, as_numbers, check_group_sizes, where_rows
 from hipt_ray.heads.losses import cox_loss, risk_from_logits, survival_bins, survival_nll
+from hipt_ray.viz.plots import km_png, roc_png
 
 if TYPE_CHECKING:
     from hipt_ray.heads.cohort import Cohort
@@ -187,8 +188,6 @@ class Subtyping(Task):
         }
 
     def plot(self, cohort, states, oof, train_outputs, run_dir):
-        from hipt_ray.viz.plots import roc_png
-
         return roc_png(
             oof["labels"],
             oof["probs"],
@@ -324,7 +323,6 @@ class Survival(Task):
 
     def plot(self, cohort, states, oof, train_outputs, run_dir):
         """Kaplan–Meier curves of risk groups split at each fold's training-part median risk, pooled."""
-        from hipt_ray.viz.plots import km_png
 
         high = np.concatenate([st.last["risk"] > np.median(tr["risk"]) for st, tr in zip(states, train_outputs)])
         km = M.km_split(oof["times"], oof["events"], high.astype(float), threshold=0.5)

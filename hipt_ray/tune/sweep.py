@@ -12,6 +12,12 @@ from dataclasses import dataclass
 
 from hipt_ray import console
 from hipt_ray.config import Config, ConfigError, validate_config
+from hipt_ray.heads.cohort import load_cohort
+from hipt_ray.heads.fit import cross_validate, is_final, make_folds
+from hipt_ray.heads.run import run_dir_for, train_head
+from hipt_ray.heads.saved import HEADS_FILE, load_folds, save_folds
+from hipt_ray.heads.tasks import task_for
+from hipt_ray.tracking import CrossValidationLog, setup_tracking
 
 log = logging.getLogger(__name__)
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -49,10 +55,6 @@ def _trial(
     import torch
     from ray import tune
 
-    from hipt_ray.heads.fit import cross_validate, is_final, make_folds
-    from hipt_ray.heads.saved import HEADS_FILE, save_folds
-    from hipt_ray.tracking import CrossValidationLog
-
     torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers; a trial owns its CPUs
     cfg = validate_config({**base, "heads": {**base["heads"], **config}})
     h = cfg.heads
@@ -85,7 +87,6 @@ def _trial(
 def trained_folds(result, cfg: Config) -> dict | None:
     """The best trial's trained folds from its last checkpoint; None when it has none (stopped by
     ASHA before its last epoch)."""
-    from hipt_ray.heads.saved import HEADS_FILE, load_folds
 
     if result.checkpoint is None:
         return None
@@ -213,12 +214,6 @@ def run_sweep(cfg: Config) -> SweepResult:
     sweep honestly (nested), and refit the best configuration with ``train-head``."""
     import mlflow
 
-    from hipt_ray.heads.cohort import load_cohort
-    from hipt_ray.heads.fit import make_folds
-    from hipt_ray.heads.run import run_dir_for
-    from hipt_ray.heads.tasks import task_for
-    from hipt_ray.tracking import setup_tracking
-
     s, h = cfg.sweep, cfg.heads
     key = task_for(h).metric
     # Trials are chosen on the inner validation split of each training fold, never on the test folds.
@@ -329,8 +324,6 @@ def _results_table(df, metric: str, key: str):
 def _refit(cfg: Config, best, parent_run_id: str):
     """``train-head`` on the best configuration, taking the best trial's trained folds when it has them."""
     import torch
-
-    from hipt_ray.heads.run import train_head
 
     best_cfg = validate_config({**cfg.to_dict(), "heads": {**cfg.to_dict()["heads"], **best.config}})
     trained = trained_folds(best, cfg)
