@@ -509,7 +509,10 @@ class Config(_Section):
 
     def tiling_spec_hash(self) -> str:
         """Identity of the tiling: two runs with the same hash cut the same regions."""
-        spec = {"tiling": self.tiling.model_dump(mode="json"), "tissue": self.tissue.model_dump(mode="json")}
+        spec: dict[str, Any] = {
+            "tiling": self.tiling.model_dump(mode="json"),
+            "tissue": self.tissue.model_dump(mode="json"),
+        }
         spec["tiling"].pop("mpp_overrides")  # per-slide facts, not part of the grid rule
         spec["tiling"].pop("max_regions_per_slide")  # a guard: it fails a slide, never changes a grid
         if self.reader.scaled_decode:  # other pixels: kept apart (off leaves earlier hashes as they were)
@@ -585,8 +588,9 @@ def parse_override(text: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    nested: dict[str, Any] = value
-    for part in reversed(key.strip().split(".")):
+    *sections, leaf = key.strip().split(".")
+    nested: dict[str, Any] = {leaf: value}
+    for part in reversed(sections):
         nested = {part: nested}
     return nested
 

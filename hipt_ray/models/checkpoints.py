@@ -16,7 +16,8 @@ import hashlib
 import io
 import logging
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import fsspec
 import torch
@@ -27,7 +28,8 @@ from hipt_ray.storage import is_remote, storage_options
 log = logging.getLogger(__name__)
 
 # What DINO training checkpoints need beyond tensors and plain containers.
-SAFE_GLOBALS = [argparse.Namespace]
+# (typed as torch.serialization.safe_globals takes it: a list of classes or (class, name) pairs)
+SAFE_GLOBALS: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [argparse.Namespace]
 _PREFIXES = ("module.", "backbone.")
 _SKIPPED = ("head.",)  # the DINO projection head is not part of the backbone
 
@@ -83,14 +85,19 @@ def extract_state_dict(obj: object, *, key: str | None = "teacher") -> dict[str,
     default, else ``student``), else ``obj`` itself; prefixes stripped, DINO head dropped."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"expected a dict checkpoint, got {type(obj).__name__}")
+    state, where = obj, None
     if key and key in obj:
-        obj = obj[key]
+        where = key
     elif "teacher" in obj or "student" in obj:
-        obj = obj["teacher" if "teacher" in obj else "student"]
+        where = "teacher" if "teacher" in obj else "student"
     elif "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
+        where = "state_dict"
+    if where is not None:
+        state = obj[where]
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"expected a state dict under {where!r}, got {type(state).__name__}")
     out = {}
-    for k, v in obj.items():
+    for k, v in state.items():
         if not isinstance(v, torch.Tensor):
             continue
         changed = True

@@ -59,7 +59,10 @@ class HIPT4K(nn.Module):
         super().__init__()
         if vit4k.in_dim != vit256.embed_dim:
             raise ValueError(f"ViT-4K takes {vit4k.in_dim}-d tokens, ViT-256 gives {vit256.embed_dim}")
-        self.vit256, self.vit4k = vit256, vit4k
+        # typed as any module: prepare_for_inference swaps in compiled or cast wrappers that
+        # only run forward (get_attention needs the ViTs as built)
+        self.vit256: nn.Module = vit256
+        self.vit4k: nn.Module = vit4k
         self.patch_px, self.micro_batch = patch_px, default_micro_batch("cpu", micro_batch)
         self.embed_dim = vit4k.embed_dim
         # > 0: a region's last ViT-256 batch is padded to a multiple of this many patches (the
@@ -113,9 +116,15 @@ class HIPT4K(nn.Module):
     def get_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Last-block self-attention of both levels: ``[B·N, h, 1 + (p/16)², …]`` for the patches
         (row-major) and ``[B, h, 1 + N, 1 + N]`` for the regions."""
+        vit256, vit4k = self.vit256, self.vit4k
+        if not (isinstance(vit256, ViT256) and isinstance(vit4k, ViT4K)):
+            raise TypeError(
+                f"attention maps need the model as built, not one prepared for inference "
+                f"(ViT-256 is a {type(vit256).__name__}, ViT-4K a {type(vit4k).__name__})"
+            )
         rows, cols = x.shape[-2] // self.patch_px, x.shape[-1] // self.patch_px
         patches = patchify(x, self.patch_px)
-        attn256 = torch.cat([self.vit256.get_last_selfattention(c) for c in patches.split(self.micro_batch)])
+        attn256 = torch.cat([vit256.get_last_selfattention(c) for c in patches.split(self.micro_batch)])
         tokens = self.tokens256(x)
-        attn4k = self.vit4k.get_last_selfattention(self.grid(tokens, rows, cols))
+        attn4k = vit4k.get_last_selfattention(self.grid(tokens, rows, cols))
         return attn256, attn4k

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -79,7 +80,10 @@ def compile_for_inference(
 
     inductor_config.freezing = True
     frozen = copy.deepcopy(model).eval().requires_grad_(False).to(dtype)
-    return CastInputs(torch.compile(frozen, dynamic=dynamic), dtype, eager=frozen)
+    # torch.compile(module) returns an OptimizedModule (an nn.Module); its annotation only says
+    # "a callable like the argument"
+    compiled = cast(nn.Module, torch.compile(frozen, dynamic=dynamic))
+    return CastInputs(compiled, dtype, eager=frozen)
 
 
 def prepare_for_inference(

@@ -6,14 +6,16 @@ import torch
 
 from hipt_ray.config import Config, ConfigError
 from hipt_ray.models.checkpoints import load_checkpoint, model_id
-from hipt_ray.models.hipt4k import default_micro_batch
+from hipt_ray.models.hipt4k import HIPT4K, default_micro_batch
 from hipt_ray.models.registry import create_model
 
 
-def build_model(cfg: Config) -> tuple[torch.nn.Module, str]:
+def build_model(cfg: Config) -> tuple[HIPT4K, str]:
     """The configured model with its weights, and its id (``random-…`` for random weights)."""
     torch.manual_seed(cfg.model.seed)
     model = create_model(cfg.model.name, micro_batch=default_micro_batch("cpu", cfg.model.micro_batch))
+    # only the HIPT-4K builders take micro_batch: any other model.name failed in create_model
+    assert isinstance(model, HIPT4K), type(model)
     c256, c4k = cfg.model.checkpoint_256, cfg.model.checkpoint_4k
     if not (c256 and c4k) and not cfg.model.allow_random_weights:
         raise ConfigError(

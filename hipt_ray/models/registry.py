@@ -4,6 +4,7 @@ structure (for tests and the demo)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch.nn as nn
 
@@ -12,10 +13,14 @@ from hipt_ray.models.hipt4k import HIPT4K
 from hipt_ray.models.vit import ViT4K, ViT256
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_Builder = TypeVar("_Builder", bound=Callable[..., nn.Module])
 
 
-def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+def register(name: str) -> Callable[[_Builder], _Builder]:
+    """Register a model builder under ``name``; the builder is returned as it is (its own
+    return type kept, so ``hipt4k()`` is a ``HIPT4K`` to the type checker)."""
+
+    def deco(fn: _Builder) -> _Builder:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = fn

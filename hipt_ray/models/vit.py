@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 LN_EPS = 1e-6
@@ -41,13 +43,16 @@ def resize_pos_embed(pos_embed: torch.Tensor, rows: int, cols: int) -> torch.Ten
     return torch.cat([cls_pos, grid_pos], dim=1)
 
 
-def last_block_attention(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+def last_block_attention(blocks: nn.ModuleList | nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """Run all but the last block on tokens ``x``; return the last block's softmax attention
     ``[B, heads, T, T]`` (computed explicitly, since fused attention never forms it)."""
     for blk in blocks[:-1]:
         x = blk(x)
-    attn = blocks[-1].attn
-    y = blocks[-1].norm1(x)
+    last = blocks[-1]
+    # both ViTs build timm Blocks with timm's default Attention: its q, k are what is formed here
+    assert isinstance(last, Block) and isinstance(last.attn, Attention), type(last)
+    attn = last.attn
+    y = last.norm1(x)
     b, t, _ = y.shape
     qkv = attn.qkv(y).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, _ = qkv.unbind(0)  # (B, heads, T, hd)
@@ -59,8 +64,10 @@ def set_fused_attention(model: nn.Module, fused: bool) -> None:
     """Switch every attention layer between ``F.scaled_dot_product_attention`` (fused) and the
     published code's explicit ``softmax(q @ kᵀ · scale) @ v``."""
     for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = fused
+        if isinstance(m, Attention):
+            # timm declares fused_attn Final for TorchScript (a constant once scripted); in eager
+            # mode it is a per-layer switch, and these models are never scripted
+            m.fused_attn = fused  # type: ignore[misc]
 
 
 class ViT256(VisionTransformer):
@@ -94,6 +101,8 @@ class ViT256(VisionTransformer):
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         b, rows, cols, c = x.shape  # NHWC from the patch embedding (dynamic_img_size)
+        # both exist: built with class_token=True and timm's learned position embedding
+        assert self.cls_token is not None and self.pos_embed is not None
         x = torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, rows * cols, c)], dim=1)
         return self.pos_drop(x + resize_pos_embed(self.pos_embed, rows, cols))
 
@@ -135,7 +144,8 @@ class ViT4K(nn.Module):
                 qkv_bias=True,
                 proj_drop=drop_rate,
                 drop_path=dpr[i],
-                norm_layer=partial(nn.LayerNorm, eps=LN_EPS),
+                # timm types norm_layer as a class, but only calls it (its own models pass partials)
+                norm_layer=cast(type[nn.Module], partial(nn.LayerNorm, eps=LN_EPS)),
             )
             for i in range(depth)
         )

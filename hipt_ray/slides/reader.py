@@ -19,7 +19,7 @@ from PIL import Image
 
 from hipt_ray.slide_ref import SlideRef, same_version, slide_version
 from hipt_ray.slides.manifest import slide_id_from_uri
-from hipt_ray.slides.tiles import TileError, open_tiled
+from hipt_ray.slides.tiles import TiledTiff, TileError, open_tiled
 from hipt_ray.storage import ObjectInfo, StagingCache, stat, with_retries
 
 # A level whose downsample is within this factor of the wanted one counts as exact
@@ -105,8 +105,8 @@ def resolve_mpp(
                 power = math.nan
             if math.isfinite(power) and power > 0:
                 info = MPPInfo(10.0 / power, "objective")
-        if info is None:
-            raise SlideError(f"{name}: the slide records no MPP and no objective power; {how_to}")
+    if info is None:
+        raise SlideError(f"{name}: the slide records no MPP and no objective power; {how_to}")
     lo, hi = mpp_range
     if not lo <= info.mpp <= hi:
         raise SlideError(
@@ -127,7 +127,7 @@ class Slide:
         mpp_override: float | None = None,
         mpp_range: tuple[float, float] = (0.1, 2.0),
         slide_id: str | None = None,
-        source=None,
+        source: TiledTiff | None = None,
         scaled_decode: bool = False,
     ) -> None:
         """``source``: an open pixel source with OpenSlide's interface (the tile backend,
@@ -137,12 +137,12 @@ class Slide:
         the tile backend) instead of decoded whole and box-averaged: faster, not identical."""
         self.path = path
         self.name = name or os.path.basename(path)
-        self.scaled_decode = scaled_decode and hasattr(source, "can_scale")
+        self.scaled_decode = scaled_decode and source is not None
         self.backend = "openslide" if source is None else "tiles+scaled" if self.scaled_decode else "tiles"
         if source is None and os.path.exists(path) and os.path.getsize(path) == 0:
             raise SlideError(f"{self.name}: the file is empty (0 bytes); re-upload the slide")
         try:
-            self._osr = source if source is not None else openslide.OpenSlide(path)
+            self._osr: openslide.OpenSlide | TiledTiff = source if source is not None else openslide.OpenSlide(path)
         except openslide.OpenSlideUnsupportedFormatError:
             raise SlideError(
                 f"{self.name}: not a slide OpenSlide can read (unsupported or unrecognised format); "
@@ -226,6 +226,7 @@ class Slide:
         if (
             exact_factor
             and self.scaled_decode
+            and isinstance(self._osr, TiledTiff)
             and self._osr.can_scale(level, factor)
             and all(round(v / self._osr.level_downsamples[level]) % factor == 0 for v in level0_xy)
         ):

@@ -81,7 +81,7 @@ def tile_slide(spec: SlideSpec | SlideRef, cfg: Config, *, cache: StagingCache, 
     """
     t0 = time.perf_counter()
     ref = spec.to_ref(cfg.tiling.mpp_overrides) if isinstance(spec, SlideSpec) else spec
-    row = {
+    row: dict[str, object] = {
         "slide_id": ref.slide_id,
         "uri": ref.uri,
         "spec_hash": spec_hash,

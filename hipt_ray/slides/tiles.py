@@ -15,7 +15,9 @@ No Ray here, like the rest of ``slides/``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +42,7 @@ class _Level:
     tile_h: int
     offsets: np.ndarray
     counts: np.ndarray
-    decode: object  # tifffile's decoder for this page
+    decode: Callable[..., Any]  # tifffile's decoder for this page (TiffPage.decode)
     jpegtables: bytes | None
     jpeg: bool  # JPEG-compressed tiles (what scaled decoding needs)
 
@@ -131,7 +133,7 @@ class TiledTiff:
         first = pages[0]
         desc = first.description or ""
         aperio = desc.startswith("Aperio")
-        levels = []
+        levels: list[_Level] = []
         for i, page in enumerate(pages):
             if not page.is_tiled:
                 if aperio:
@@ -369,7 +371,8 @@ def _check_chain_ends(tif, pages: list, uri: str) -> None:
     import struct
 
     fmt, fh = tif.tiff, tif.filehandle
-    offset, seen = pages[0].offset, {}  # directory offset → its number
+    offset = pages[0].offset
+    seen: dict[int, int] = {}  # directory offset → its number
     while offset:
         what = (
             f"loops back to directory {seen[offset]}"

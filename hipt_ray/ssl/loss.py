@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 
 class DINOLoss(nn.Module):
+    center: torch.Tensor  # [1, K] running mean of the teacher outputs (a buffer: checkpointed)
+
     def __init__(
         self, *, out_dim: int, n_global: int = 2, student_temp: float = 0.1, center_momentum: float = 0.9
     ) -> None:
@@ -25,7 +27,7 @@ class DINOLoss(nn.Module):
         n_crops = student_out.shape[0] // (teacher_out.shape[0] // self.n_global)
         student = (student_out.float() / self.student_temp).chunk(n_crops)
         teacher = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach().chunk(self.n_global)
-        total, terms = 0.0, 0
+        total, terms = torch.zeros((), device=teacher_out.device), 0
         for iq, q in enumerate(teacher):
             for v, s in enumerate(student):
                 if v == iq:  # a view is never compared with itself

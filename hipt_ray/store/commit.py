@@ -13,10 +13,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from hipt_ray.store.tables import SLIDES_SCHEMA
+
+if TYPE_CHECKING:
+    from lance import FragmentMetadata
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +103,11 @@ class SlideCommitter:
         self._rows, self._region_rows = [], []
 
     def _commit(
-        self, rows: list[dict], region_rows: list[dict] = (), fragments: list = (), replaces: Iterable[str] = ()
+        self,
+        rows: list[dict],
+        region_rows: Sequence[dict] = (),
+        fragments: Sequence[FragmentMetadata] = (),
+        replaces: Iterable[str] = (),
     ) -> None:
         if not rows and not fragments:
             return

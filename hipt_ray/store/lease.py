@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -73,7 +74,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class _Lease:
+class _Lease(ABC):
     def __init__(self, out: str, command: str, ttl: float, endpoint_url: str | None) -> None:
         self.out, self.command, self.ttl = out, command, ttl
         self.uri = join(out, LEASE)
@@ -89,6 +90,14 @@ class _Lease:
         }
         self.lost: str | None = None
         self.depth = 0
+
+    @abstractmethod
+    def acquire(self) -> None:
+        """Take the lease, or raise :class:`OutputInUse` naming the live holder."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Give the lease up (the next run takes it at once, without waiting for expiry)."""
 
     def check(self) -> None:
         if self.lost:

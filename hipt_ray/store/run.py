@@ -114,12 +114,11 @@ def plan_run(
         current = {sid: SlideRef(r.slide_id, r.uri, r.mpp_override, now.get(sid)) for sid, r in current.items()}
     for sid, ref in current.items():
         earlier = done.get(sid)
-        same = earlier is not None and earlier["uri"] == ref.uri
-        if same and ref.version is not None and not same_version(row_version(earlier), ref.version):
+        if earlier is not None and earlier["uri"] == ref.uri:  # listed before: skip unless its file changed
+            if ref.version is None or same_version(row_version(earlier), ref.version):
+                plan.skipped += 1
+                continue
             plan.changed += 1
-        elif same:
-            plan.skipped += 1
-            continue
         plan.todo.append(ref if model_id else SlideRef(ref.slide_id, ref.uri, ref.mpp_override))
     if plan.changed:
         log.info(

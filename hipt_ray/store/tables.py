@@ -178,6 +178,18 @@ class Store:
 
         return self._io(table, open_)
 
+    def existing(self, table: str) -> lance.LanceDataset:
+        """``table``, which must exist by now: this run created or changed it under the writer
+        lease, or a finished stage wrote it."""
+        ds = self.dataset(table)
+        if ds is None:
+            raise OutputStoreError(
+                f"output {self.uri(table)}: the table is missing (deleted while in use?); rerun the "
+                "stage that writes it (tile, then embed)",
+                config=False,
+            )
+        return ds
+
     def read(self, table: str, *, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
         ds = self.dataset(table)
         schema = SLIDES_SCHEMA if table == SLIDES else REGIONS_SCHEMA
@@ -206,7 +218,7 @@ class Store:
         missing = [f for f in schema if f.name not in ds.schema.names]
         if missing:
             self._io(table, lambda: ds.add_columns(missing))
-            ds = self.dataset(table)
+            ds = self.existing(table)
         for f in schema:
             have = ds.schema.field(f.name).type
             if have != f.type:
@@ -226,14 +238,14 @@ class Store:
                 REGIONS,
                 lambda: lance.write_dataset(schema.empty_table(), self.uri(REGIONS), storage_options=self.options),
             )
-            ds = self.dataset(REGIONS)
+            ds = self.existing(REGIONS)
         return self._with_columns(REGIONS, ds, schema).schema
 
-    def _commit_fragments(self, fragments: list) -> None:
+    def _commit_fragments(self, fragments: list[lance.FragmentMetadata]) -> None:
         if not fragments:
             return
         check_lease(self.out)
-        ds = self.dataset(REGIONS)
+        ds = self.existing(REGIONS)  # the workers wrote the fragments into the table prepare_regions made
         # appends never conflict with each other: Lance rebases on newer versions by itself
         self._io(
             REGIONS,
@@ -272,7 +284,7 @@ class Store:
             check_lease(self.out)
             if len(ds.get_fragments()) > 1:
                 self._io(table, lambda: ds.optimize.compact_files(target_rows_per_fragment=rows))
-                ds = self.dataset(table)
+                ds = self.existing(table)
             self._io(table, lambda: ds.cleanup_old_versions(older_than=timedelta(days=keep_versions_days)))
             parts.append(f"{table} {len(ds.get_fragments())} fragments, {len(ds.versions())} versions")
         return "; ".join(parts)
@@ -280,10 +292,10 @@ class Store:
     def append_slides(
         self,
         slide_rows: list[dict],
-        region_rows: list[dict] | pa.Table = (),
+        region_rows: Sequence[dict] | pa.Table = (),
         regions_schema: pa.Schema = REGIONS_SCHEMA,
         *,
-        fragments: list = (),
+        fragments: Sequence[lance.FragmentMetadata] = (),
         replaces: Iterable[str] = (),
     ) -> None:
         """Commit regions (rows, or ``fragments`` workers wrote), then the slides' status rows

@@ -39,7 +39,9 @@ def _sub_vectors(dim: int, wanted: int | None) -> int:
 def index_info(store: Store) -> dict:
     """``{"indexed": rows, "unindexed": rows, "type": ...}`` of the emb4k index (empty if none)."""
     ds = store.dataset(REGIONS)
-    index = next((i for i in ds.list_indices() if i["name"] == INDEX_NAME), None) if ds is not None else None
+    if ds is None:
+        return {}
+    index = next((i for i in ds.list_indices() if i["name"] == INDEX_NAME), None)
     if index is None:
         return {}
     stats = ds.stats.index_stats(INDEX_NAME)
@@ -48,7 +50,7 @@ def index_info(store: Store) -> dict:
 
 def build_index(store: Store, sc, *, num_partitions: int | None = None) -> dict:
     """(Re)build the index over every embedded row."""
-    ds = store.dataset(REGIONS)
+    ds = store.existing(REGIONS)
     n = ds.count_rows(filter=f"{COLUMN} IS NOT NULL")
     dim = ds.schema.field(COLUMN).type.list_size
     parts = num_partitions or sc.num_partitions or max(1, min(4096, round(math.sqrt(n))))
@@ -107,7 +109,7 @@ def search(
 ) -> pa.Table:
     """The ``k`` nearest embedded regions to ``query`` (same model and tiling spec), nearest first,
     with ``_distance``; ``exact`` bypasses the index (brute force, for recall measurements)."""
-    ds = store.dataset(REGIONS)
+    ds = store.existing(REGIONS)
     versions = {sid: row_version(r) for sid, r in store.done_rows(spec_hash, model_id).items()}
     cols = ["slide_id", "region_index", "x", "y", "level0_w", "level0_h", "read_w", "read_h", "mpp", "_distance"]
     versioned = "slide_version" in ds.schema.names

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -62,3 +63,13 @@ def test_compile_failure_falls_back_to_eager():
     wrapped = CastInputs(Broken(), torch.float32, eager=eager)
     x = torch.randn(3, 4)
     assert torch.equal(wrapped(x), eager(x)) and wrapped.eager is None
+
+
+def test_attention_maps_need_the_model_as_built():
+    m = _model()
+    x = torch.randn(1, 3, 256, 512)
+    fast = prepare_for_inference(m, dtype=torch.bfloat16, compile=False)  # ViTs wrapped in CastInputs
+    with pytest.raises(TypeError, match=r"not one prepared for inference \(ViT-256 is a CastInputs"):
+        fast.get_attention(x)
+    attn256, attn4k = m.get_attention(x)  # the original still gives them
+    assert attn256.shape[0] == 2 and attn4k.shape[-1] == 3  # 2 patches; CLS + 2 tokens

@@ -17,6 +17,7 @@ from hipt_ray.models import (
     resize_pos_embed,
     set_fused_attention,
 )
+from hipt_ray.models.checkpoints import extract_state_dict
 
 from ... import reference_hipt as ref
 
@@ -355,3 +356,10 @@ def test_the_micro_batch_default_is_decided_in_one_place():
     assert default_micro_batch("cpu") == 32 and default_micro_batch("cuda") == 256
     assert default_micro_batch("cuda", 64) == 64
     assert create_model("hipt4k_tiny").micro_batch == 32
+
+
+def test_a_checkpoint_entry_that_is_not_a_state_dict_is_named():
+    with pytest.raises(CheckpointError, match=r"expected a state dict under 'teacher', got list"):
+        extract_state_dict({"teacher": [1, 2], "student": {}})
+    state = {"backbone.cls_token": torch.zeros(1), "head.w": torch.zeros(1)}
+    assert list(extract_state_dict({"args": None, "student": state})) == ["cls_token"]

@@ -2,7 +2,9 @@ from datetime import UTC, datetime, timedelta
 
 import lance
 import pyarrow as pa
+import pytest
 
+from hipt_ray.storage import OutputStoreError
 from hipt_ray.store import REGIONS, SLIDES, Store
 
 
@@ -254,3 +256,12 @@ def test_a_copy_that_keeps_size_and_mtime_is_seen_as_changed(tmp_path):
     # a table written before fingerprints recorded the mtime alone: not every slide is redone
     assert same_version(f"10:{mtime}", f"10:{mtime}#abc") and not same_version(f"10:{mtime}#abd", f"10:{mtime}#abc")
     assert not same_version("10:1", "10:2#abc")
+
+
+def test_existing_names_a_missing_table_and_opens_a_written_one(tmp_path):
+    store = Store(str(tmp_path))
+    with pytest.raises(OutputStoreError, match=r"regions\.lance: the table is missing") as info:
+        store.existing(REGIONS)
+    assert info.value.config is False  # not a setting: rerunning writes it again
+    store.append_slides([_slide("a", "ok")], [_region("a", 0)])
+    assert store.existing(REGIONS).count_rows() == 1
