@@ -9,10 +9,11 @@ import time
 from dataclasses import dataclass, field
 
 import fsspec
+import numpy as np
 
 from hipt_ray.config import Config
 from hipt_ray.slide_ref import SlideRef, slide_version
-from hipt_ray.slides.grid import planned_regions, region_grid
+from hipt_ray.slides.grid import Region, planned_regions, region_grid
 from hipt_ray.slides.manifest import SlideSpec
 from hipt_ray.slides.qc import qc_thumbnail
 from hipt_ray.slides.reader import Slide, SlideError, make_cache, open_slide, override_hint
@@ -72,6 +73,47 @@ def check_plausible(ref: SlideRef, slide: Slide, cfg: Config) -> None:
         )
 
 
+def _probed_regions(
+    slide: Slide, grid: list[Region], ref: SlideRef, cfg: Config, spec_hash: str, version: str
+) -> list[dict]:
+    """The region rows of ``grid``, each probed by reading one patch at its centre, so that
+    undecodable tiles fail the slide here, not mid-embedding."""
+    scale = cfg.tiling.mpp / slide.mpp
+    level = slide.best_level(scale)
+    read_mpp = slide.mpp * slide.level_downsamples[level]
+    p = cfg.tiling.patch_px
+    regions = []
+    for r in grid:
+        cx = r.x + int((min(r.valid_w, r.read_w) // 2 - p // 2) * scale)
+        cy = r.y + int((min(r.valid_h, r.read_h) // 2 - p // 2) * scale)
+        slide.read_region((max(cx, r.x), max(cy, r.y)), (p, p), cfg.tiling.mpp)
+        regions.append(
+            {
+                **r.to_row(),
+                "region_index": r.index,
+                "slide_id": ref.slide_id,
+                "level": level,
+                "mpp": cfg.tiling.mpp,
+                "read_mpp": read_mpp,
+                "mpp_source": slide.mpp_info.source,
+                "spec_hash": spec_hash,
+                "model_id": "",
+                "slide_version": version,
+            }
+        )
+    return regions
+
+
+def _no_tissue_reason(uri: str, cfg: Config, mask: np.ndarray, method: str, threshold: float) -> str:
+    return (
+        f"{uri}: no region reaches tiling.min_tissue_fraction="
+        f"{cfg.tiling.min_tissue_fraction} (tissue {mask.mean():.1%} of the slide at "
+        f"{method} threshold {threshold:.3f}); if the slide does hold tissue, lower "
+        f"tiling.min_tissue_fraction or set tissue.{method}_threshold"
+        + (" (or tissue.method=luminance for a slide without colour)" if method == "saturation" else "")
+    )
+
+
 def tile_slide(spec: SlideSpec | SlideRef, cfg: Config, *, cache: StagingCache, spec_hash: str) -> TileResult:
     """Open, find tissue, grid regions, probe that they decode, write a QC PNG.
 
@@ -109,29 +151,7 @@ def tile_slide(spec: SlideSpec | SlideRef, cfg: Config, *, cache: StagingCache, 
             mask, threshold = tissue_mask(lowres, lowres_mpp, cfg.tissue)
             method = tissue_method(lowres, cfg.tissue)
             grid = region_grid(slide.dimensions, slide.mpp, cfg.tiling, mask, lowres_mpp)
-            scale = cfg.tiling.mpp / slide.mpp
-            level = slide.best_level(scale)
-            read_mpp = slide.mpp * slide.level_downsamples[level]
-            p = cfg.tiling.patch_px
-            for r in grid:
-                # Probe one patch per region so that undecodable tiles fail here, not mid-embedding.
-                cx = r.x + int((min(r.valid_w, r.read_w) // 2 - p // 2) * scale)
-                cy = r.y + int((min(r.valid_h, r.read_h) // 2 - p // 2) * scale)
-                slide.read_region((max(cx, r.x), max(cy, r.y)), (p, p), cfg.tiling.mpp)
-                regions.append(
-                    {
-                        **r.to_row(),
-                        "region_index": r.index,
-                        "slide_id": ref.slide_id,
-                        "level": level,
-                        "mpp": cfg.tiling.mpp,
-                        "read_mpp": read_mpp,
-                        "mpp_source": slide.mpp_info.source,
-                        "spec_hash": spec_hash,
-                        "model_id": "",
-                        "slide_version": slide_version(info.size, info.version),
-                    }
-                )
+            regions = _probed_regions(slide, grid, ref, cfg, spec_hash, slide_version(info.size, info.version))
             if cfg.qc.enabled and cfg.out:
                 qc_uri = join(cfg.out, "qc", f"{ref.slide_id}.png")
                 png = qc_thumbnail(
@@ -149,13 +169,7 @@ def tile_slide(spec: SlideSpec | SlideRef, cfg: Config, *, cache: StagingCache, 
             status = "ok"
         else:
             status = "no_tissue"
-            error = (
-                f"{ref.uri}: no region reaches tiling.min_tissue_fraction="
-                f"{cfg.tiling.min_tissue_fraction} (tissue {mask.mean():.1%} of the slide at "
-                f"{method} threshold {threshold:.3f}); if the slide does hold tissue, lower "
-                f"tiling.min_tissue_fraction or set tissue.{method}_threshold"
-                + (" (or tissue.method=luminance for a slide without colour)" if method == "saturation" else "")
-            )
+            error = _no_tissue_reason(ref.uri, cfg, mask, method, threshold)
     except (SlideError, StorageError) as exc:
         error = str(exc)
         regions = []
