@@ -95,5 +95,7 @@ def load_encoder_checkpoint(model: nn.Module, uri: str, *, allow_unsafe_pickle: 
     target = model.trunk if isinstance(model, PatchEncoder) else model
     own = set(target.state_dict())
     state = encoder_state_dict(read_weights(uri, allow_unsafe_pickle=allow_unsafe_pickle), own, source=uri)
+    if isinstance(model, PatchEncoder) and model.adapt_state is not None:
+        state = model.adapt_state(state, source=uri)
     load_state_dict_strict(target, state, source=uri)
     return model

@@ -26,8 +26,9 @@ import torch
 import torch.nn as nn
 
 from hipt_ray.config import ConfigError
+from hipt_ray.models.conch import ConchV15Tower, adapt_conch_state
 
-Pooling = Literal["cls", "cls_mean"]
+Pooling = Literal["cls", "cls_mean", "module"]  # "module": the network's own head (CONCH's pooler)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # TRIDENT utils/constants.py
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,6 +58,8 @@ class EncoderSpec:
     pooling: Pooling
     build: Callable[..., nn.Module] = field(repr=False)
     source: str = ""
+    # A published-layout fix-up applied before the strict check (CONCH v1.5's pos_embed resample).
+    adapt_state: Callable[..., dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
 
 class PatchEncoder(nn.Module):
@@ -72,6 +75,7 @@ class PatchEncoder(nn.Module):
         self.mean = spec.mean
         self.std = spec.std
         self.pooling: Pooling = spec.pooling
+        self.adapt_state = spec.adapt_state
         self.num_prefix_tokens = int(getattr(trunk, "num_prefix_tokens", 1))
         self.patch_size = _patch_size(trunk)
 
@@ -80,6 +84,8 @@ class PatchEncoder(nn.Module):
         return self.trunk.forward_features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "module":
+            return self.trunk(x)
         tokens = self.forward_tokens(x)
         cls = tokens[:, 0]
         if self.pooling == "cls":
@@ -314,6 +320,24 @@ _add(
         "cls",
         _timm("vit_large_patch14_dinov2", img_size=224, patch_size=14, init_values=1e-5),
         "birkhoffkiki/GPFM GPFM.pth",
+    )
+)
+
+
+# CONCH v1.5: ViT-L/16 trunk fed 448 px, attentional pooler + LayerNorm → 768-d, ImageNet norm
+# (TRIDENT model_zoo/conchv1_5/conchv1_5.py; slide2vec conch.py: 448 px, patch 16, 0.5 µm/px).
+_add(
+    EncoderSpec(
+        "conch_v1_5",
+        768,
+        448,
+        0.5,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "module",
+        lambda **kw: ConchV15Tower(**kw),
+        "MahmoodLab/conchv1_5 pytorch_model_vision.bin",
+        adapt_conch_state,
     )
 )
 

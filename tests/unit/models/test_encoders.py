@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from hipt_ray.config import ConfigError
 from hipt_ray.models.checkpoints import CheckpointError
+from hipt_ray.models.conch import TRUNK_GRID
 from hipt_ray.models.encoder_checkpoints import encoder_state_dict, load_encoder_checkpoint
 from hipt_ray.models.encoders import create_encoder, encoder_spec, list_encoders
 
@@ -28,6 +29,7 @@ PUBLISHED = {
     "kaiko_vitl14": (304, 1024, 5, 14),
     "lunit_vits8": (21.7, 384, 1, 8),
     "gpfm": (303, 1024, 1, 14),
+    "conch_v1_5": (306, 1024, 1, 16),  # ViT-L/16 trunk + attentional pooler (768-d)
 }
 SMALL = ["vit256_s16", "kaiko_vits16", "kaiko_vitb16", "lunit_vits8"]  # real size on 2 cores
 
@@ -48,7 +50,7 @@ def test_real_size_structure(name):
     n = sum(p.numel() for p in enc.parameters()) / 1e6
     assert n == pytest.approx(params_m, rel=0.01)
     assert (enc.num_prefix_tokens, enc.patch_size) == (prefix, patch)
-    assert enc.embed_dim == width * (2 if enc.pooling == "cls_mean" else 1)
+    assert enc.embed_dim == {"cls": width, "cls_mean": 2 * width, "module": 768}[enc.pooling]
     assert enc.input_px % enc.patch_size == 0 and enc.mpp > 0
     assert len(enc.mean) == len(enc.std) == 3
     tokens = enc.forward_tokens(torch.empty(2, 3, enc.input_px, enc.input_px, device="meta"))
@@ -203,3 +205,37 @@ def test_truncated_and_code_bearing_files_are_refused(small, tmp_path):
         load_encoder_checkpoint(enc, str(tmp_path / "code.bin"))
     with pytest.raises(CheckpointError, match="not found"):
         load_encoder_checkpoint(enc, str(tmp_path / "absent.bin"))
+
+
+def test_conch_v1_5_embedding_is_its_attentional_pooler(tmp_path):
+    """The pooler recomputed head by head from its weights (one query over all 1 + 28² tokens)."""
+    torch.manual_seed(0)
+    enc = create_encoder("conch_v1_5", depth=1).eval()
+    x = torch.randn(2, 3, 448, 448)
+    with torch.no_grad():
+        y = enc(x)
+        tokens = enc.forward_tokens(x)
+        pool = enc.trunk.attn_pool_contrast
+        q = pool.to_q(pool.ln_q(pool.query))[0]  # (768,)
+        k, v = pool.to_kv(pool.ln_k(tokens)).chunk(2, dim=-1)  # (B, 785, 768)
+        outs = []
+        for h in range(8):
+            sl = slice(96 * h, 96 * (h + 1))
+            attn = ((k[..., sl] @ q[sl]) * 96**-0.5).softmax(dim=-1)  # (B, 785)
+            outs.append(torch.einsum("bn,bnd->bd", attn, v[..., sl]))
+        want = enc.trunk.ln_contrast(pool.to_out(torch.cat(outs, dim=-1)))
+    assert tokens.shape == (2, 1 + 28 * 28, 1024) and y.shape == (2, 768)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_conch_v1_5_resamples_a_published_pos_embed_of_another_grid(tmp_path):
+    torch.manual_seed(0)
+    enc = create_encoder("conch_v1_5", depth=1)
+    state = {k: v.contiguous() for k, v in enc.trunk.state_dict().items()}
+    assert state["trunk.pos_embed"].shape == (1, 1 + TRUNK_GRID**2, 1024)
+    save_file({**state, "trunk.pos_embed": torch.randn(1, 1 + 28 * 28, 1024)}, tmp_path / "v.safetensors")
+    load_encoder_checkpoint(enc, str(tmp_path / "v.safetensors"))
+    assert enc.trunk.trunk.pos_embed.shape == (1, 1 + TRUNK_GRID**2, 1024)
+    save_file({**state, "trunk.pos_embed": torch.randn(1, 1 + 28 * 27, 1024)}, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match=r"trunk\.pos_embed: checkpoint \(1, 757, 1024\)"):
+        load_encoder_checkpoint(enc, str(tmp_path / "bad.safetensors"))
