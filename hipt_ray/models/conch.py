@@ -35,6 +35,7 @@ class ConchTrunk(VisionTransformer):
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         b, rows, cols, c = x.shape  # NHWC from the patch embedding (dynamic_img_size)
+        assert self.cls_token is not None and self.pos_embed is not None  # built with both
         x = torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, rows * cols, c)], dim=1)
         return self.pos_drop(x + resize_pos_embed(self.pos_embed, rows, cols))
 

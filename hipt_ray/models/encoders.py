@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import timm
 import timm.layers
@@ -81,7 +81,8 @@ class PatchEncoder(nn.Module):
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """All output tokens ``[B, prefix + patches, D]`` (after the final norm)."""
-        return self.trunk.forward_features(x)
+        forward_features = cast(Callable[[torch.Tensor], torch.Tensor], self.trunk.forward_features)
+        return forward_features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pooling == "module":
