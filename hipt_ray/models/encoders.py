@@ -1,0 +1,363 @@
+"""Pathology foundation-model patch encoders, built offline from explicit architecture settings.
+
+Every encoder is a timm 1.0.31 ``VisionTransformer`` (``pretrained=False``: no hub look-up, no
+download) configured as its model card and the peers' loaders define it, wrapped in
+:class:`PatchEncoder`, whose ``forward`` takes a float batch ``[B, 3, H, W]`` already normalised
+with the encoder's ``mean``/``std`` and returns the embedding ``[B, embed_dim]`` the model card
+defines (the CLS token, or CLS ⊕ the mean of the patch tokens with register tokens excluded).
+The wrapped network is ``.trunk``; its state-dict keys are the published ones, so a user's weight
+file loads into it strictly (:func:`hipt_ray.models.encoder_checkpoints.load_encoder_checkpoint`).
+
+Sources of the facts, by peer file (read at their newest stored commits):
+  TRIDENT  = mahmoodlab/TRIDENT trident/patch_encoder_models/load.py (+ utils/constants.py)
+  slide2vec = clemsgrs/slide2vec slide2vec/encoders/models/<file>.py
+  eva      = kaiko-ai/eva src/eva/vision/models/networks/backbones/pathology/<file>.py
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+import timm
+import timm.layers
+import torch
+import torch.nn as nn
+
+from hipt_ray.config import ConfigError
+from hipt_ray.models.conch import ConchV15Tower, adapt_conch_state
+
+Pooling = Literal["cls", "cls_mean", "module"]  # "module": the network's own head (CONCH's pooler)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # TRIDENT utils/constants.py
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)  # TRIDENT HOptimus0/1; slide2vec hoptimus.py
+HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+KAIKO_MEAN = (0.5, 0.5, 0.5)  # TRIDENT utils/constants.py KAIKO_MEAN/STD
+KAIKO_STD = (0.5, 0.5, 0.5)
+# Lunit's own statistics (eva lunit.py, from lunit-io/benchmark-ssl-pathology); its weights
+# were trained with these, not with ImageNet's.
+LUNIT_MEAN = (0.70322989, 0.53606487, 0.66096631)
+LUNIT_STD = (0.21716536, 0.26081574, 0.20723464)
+HIPT_MEAN = (0.5, 0.5, 0.5)  # HIPT's ViT-256 transform (hipt_ray.models.inference.normalize_uint8)
+HIPT_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What a model card fixes about an encoder. ``embed_dim`` is the output's width (twice the
+    token width for CLS ⊕ mean); ``mpp`` is the µm/px its input was trained at."""
+
+    name: str
+    embed_dim: int
+    input_px: int
+    mpp: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pooling: Pooling
+    build: Callable[..., nn.Module] = field(repr=False)
+    source: str = ""
+    # A published-layout fix-up applied before the strict check (CONCH v1.5's pos_embed resample).
+    adapt_state: Callable[..., dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+
+
+class PatchEncoder(nn.Module):
+    """A patch encoder with its model-card facts as attributes; ``forward`` returns the embedding."""
+
+    def __init__(self, *, spec: EncoderSpec, trunk: nn.Module) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.name = spec.name
+        self.embed_dim = spec.embed_dim
+        self.input_px = spec.input_px
+        self.mpp = spec.mpp
+        self.mean = spec.mean
+        self.std = spec.std
+        self.pooling: Pooling = spec.pooling
+        self.adapt_state = spec.adapt_state
+        self.num_prefix_tokens = int(getattr(trunk, "num_prefix_tokens", 1))
+        self.patch_size = _patch_size(trunk)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """All output tokens ``[B, prefix + patches, D]`` (after the final norm)."""
+        forward_features = cast(Callable[[torch.Tensor], torch.Tensor], self.trunk.forward_features)
+        return forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "module":
+            return self.trunk(x)
+        tokens = self.forward_tokens(x)
+        cls = tokens[:, 0]
+        if self.pooling == "cls":
+            return cls
+        # Virchow/Virchow2: CLS ⊕ mean of the patch tokens; registers (prefix tokens after the
+        # CLS) are not patches and stay out of the mean (TRIDENT Virchow2 forward: output[:, 5:]).
+        return torch.cat([cls, tokens[:, self.num_prefix_tokens :].mean(dim=1)], dim=-1)
+
+
+def _patch_size(trunk: nn.Module) -> int:
+    ps = getattr(getattr(trunk, "patch_embed", None), "patch_size", 16)
+    return int(ps[0] if isinstance(ps, tuple) else ps)
+
+
+def _timm(arch: str, **kwargs: Any) -> Callable[..., nn.Module]:
+    """A builder for ``timm.create_model(arch, pretrained=False, ...)`` with no classifier head
+    and position embeddings resampled for other input sizes (``dynamic_img_size``, as the peers
+    build them; at the native size nothing is resampled). ``overrides`` (e.g. ``depth=1``) make
+    tiny twins of the same structure for tests."""
+
+    def build(**overrides: Any) -> nn.Module:
+        return timm.create_model(
+            arch, pretrained=False, num_classes=0, dynamic_img_size=True, **{**kwargs, **overrides}
+        )
+
+    return build
+
+
+def _vit256(**overrides: Any) -> nn.Module:
+    from hipt_ray.models.vit import ViT256
+
+    return ViT256(**{"embed_dim": 384, "depth": 12, "num_heads": 6, **overrides})
+
+
+_SPECS: dict[str, EncoderSpec] = {}
+
+
+def _add(spec: EncoderSpec) -> None:
+    if spec.name in _SPECS:
+        raise ValueError(f"encoder {spec.name!r} registered twice")
+    _SPECS[spec.name] = spec
+
+
+_SWIGLU = {"mlp_layer": timm.layers.SwiGLUPacked, "act_layer": nn.SiLU}
+
+# HIPT's ViT-256 (ViT-S/16, 384-d CLS), the default: 256 px at 0.5 µm/px, mean = std = 0.5.
+_add(EncoderSpec("vit256_s16", 384, 256, 0.5, HIPT_MEAN, HIPT_STD, "cls", _vit256, "HIPT vit256_small_dino.pth"))
+# UNI: ViT-L/16 at 224, LayerScale 1e-5, CLS 1024-d, ImageNet norm (TRIDENT UNIInferenceEncoder;
+# slide2vec uni.py: 0.5 µm/px).
+_add(
+    EncoderSpec(
+        "uni",
+        1024,
+        224,
+        0.5,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "cls",
+        _timm("vit_large_patch16_224", img_size=224, patch_size=16, init_values=1e-5),
+        "MahmoodLab/UNI pytorch_model.bin",
+    )
+)
+# UNI2-h: ViT-H/14-ish (1536-d, depth 24, 24 heads), SwiGLU (mlp_ratio 2.66667·2), 8 registers,
+# no_embed_class (registers and CLS carry no position embedding), CLS 1536-d, ImageNet norm
+# (TRIDENT UNIv2InferenceEncoder; slide2vec uni.py).
+_add(
+    EncoderSpec(
+        "uni2_h",
+        1536,
+        224,
+        0.5,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "cls",
+        _timm(
+            "vit_giant_patch14_224",
+            img_size=224,
+            patch_size=14,
+            depth=24,
+            num_heads=24,
+            init_values=1e-5,
+            embed_dim=1536,
+            mlp_ratio=2.66667 * 2,
+            no_embed_class=True,
+            reg_tokens=8,
+            **_SWIGLU,
+        ),
+        "MahmoodLab/UNI2-h pytorch_model.bin",
+    )
+)
+# Virchow: ViT-H/14 at 224, SwiGLU (mlp_ratio 5.3375), LayerScale 1e-5; embedding CLS ⊕ mean of
+# the 256 patch tokens = 2560-d; ImageNet norm (TRIDENT VirchowInferenceEncoder; slide2vec virchow.py).
+_add(
+    EncoderSpec(
+        "virchow",
+        2560,
+        224,
+        0.5,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "cls_mean",
+        _timm("vit_huge_patch14_224", img_size=224, init_values=1e-5, mlp_ratio=5.3375, **_SWIGLU),
+        "paige-ai/Virchow pytorch_model.bin",
+    )
+)
+# Virchow2: Virchow plus 4 registers; class token and registers inside pos_embed (timm's default
+# no_embed_class=False: pos_embed is [1, 1 + 4 + 256, 1280]); CLS ⊕ mean of tokens[:, 5:] = 2560-d
+# (TRIDENT Virchow2InferenceEncoder; slide2vec virchow.py, trained at 0.25–2 µm/px, 0.5 default).
+_add(
+    EncoderSpec(
+        "virchow2",
+        2560,
+        224,
+        0.5,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "cls_mean",
+        _timm("vit_huge_patch14_224", img_size=224, init_values=1e-5, mlp_ratio=5.3375, reg_tokens=4, **_SWIGLU),
+        "paige-ai/Virchow2 pytorch_model.bin",
+    )
+)
+# H-optimus-0 / H-optimus-1: timm vit_giant_patch14_reg4_dinov2 (1536-d, depth 40, SwiGLU, 4
+# registers, no_embed_class) at 224, LayerScale 1e-5, CLS ("global_pool": "token") 1536-d; their
+# own normalisation (TRIDENT HOptimus0/1InferenceEncoder; slide2vec hoptimus.py: 0.5 µm/px).
+for _name in ("h_optimus_0", "h_optimus_1"):
+    _add(
+        EncoderSpec(
+            _name,
+            1536,
+            224,
+            0.5,
+            HOPTIMUS_MEAN,
+            HOPTIMUS_STD,
+            "cls",
+            _timm("vit_giant_patch14_reg4_dinov2", img_size=224, init_values=1e-5),
+            f"bioptimus/{_name.replace('h_optimus', 'H-optimus').replace('_', '-')} pytorch_model.bin",
+        )
+    )
+# Prov-GigaPath tile encoder: timm's vit_giant_patch14_dinov2 architecture but patch size 16 at
+# 224 (1536-d, depth 40, 24 heads, mlp_ratio 5.33334, plain GELU MLP, LayerScale), CLS 1536-d,
+# ImageNet norm (TRIDENT GigaPathInferenceEncoder; eva gigapath.py).
+_add(
+    EncoderSpec(
+        "gigapath",
+        1536,
+        224,
+        0.5,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "cls",
+        _timm(
+            "vit_giant_patch14_dinov2",
+            img_size=224,
+            in_chans=3,
+            patch_size=16,
+            embed_dim=1536,
+            depth=40,
+            num_heads=24,
+            mlp_ratio=5.33334,
+        ),
+        "prov-gigapath/prov-gigapath pytorch_model.bin",
+    )
+)
+# kaiko.ai ViT-S/16, ViT-B/16 (timm vit_small/base_patch16_224) at 224 and ViT-L/14 (timm
+# vit_large_patch14_reg4_dinov2, built at 518 as published, fed 224 with its position embedding
+# resampled), CLS; mean = std = 0.5 (TRIDENT KaikoInferenceEncoder and KAIKO_MEAN/STD; eva kaiko.py).
+_add(
+    EncoderSpec(
+        "kaiko_vits16",
+        384,
+        224,
+        0.5,
+        KAIKO_MEAN,
+        KAIKO_STD,
+        "cls",
+        _timm("vit_small_patch16_224", img_size=224),
+        "kaiko-ai/towards_large_pathology_fms vits16",
+    )
+)
+_add(
+    EncoderSpec(
+        "kaiko_vitb16",
+        768,
+        224,
+        0.5,
+        KAIKO_MEAN,
+        KAIKO_STD,
+        "cls",
+        _timm("vit_base_patch16_224", img_size=224),
+        "kaiko-ai/towards_large_pathology_fms vitb16",
+    )
+)
+_add(
+    EncoderSpec(
+        "kaiko_vitl14",
+        1024,
+        224,
+        0.5,
+        KAIKO_MEAN,
+        KAIKO_STD,
+        "cls",
+        _timm("vit_large_patch14_reg4_dinov2", img_size=518),
+        "kaiko-ai/towards_large_pathology_fms vitl14",
+    )
+)
+# Lunit DINO ViT-S/8 (timm vit_small_patch8_224) at 224, CLS 384-d, Lunit's statistics
+# (eva lunit.py; TRIDENT LunitS8InferenceEncoder; slide2vec lunit.py: 0.5 µm/px).
+_add(
+    EncoderSpec(
+        "lunit_vits8",
+        384,
+        224,
+        0.5,
+        LUNIT_MEAN,
+        LUNIT_STD,
+        "cls",
+        _timm("vit_small_patch8_224", img_size=224),
+        "lunit-io/benchmark-ssl-pathology dino_vit_small_patch8_ep200.torch",
+    )
+)
+# GPFM: DINOv2 ViT-L/14 (timm vit_large_patch14_dinov2) at 224, LayerScale 1e-5, CLS 1024-d,
+# ImageNet norm (eva hkust.py; slide2vec gpfm.py: 0.5 µm/px). The GitHub GPFM.pth is a DINOv2
+# training checkpoint ({"teacher": {"backbone.blocks.<chunk>.<i>.…"}}; see encoder_checkpoints).
+_add(
+    EncoderSpec(
+        "gpfm",
+        1024,
+        224,
+        0.5,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "cls",
+        _timm("vit_large_patch14_dinov2", img_size=224, patch_size=14, init_values=1e-5),
+        "birkhoffkiki/GPFM GPFM.pth",
+    )
+)
+
+
+# CONCH v1.5: ViT-L/16 trunk fed 448 px, attentional pooler + LayerNorm → 768-d, ImageNet norm
+# (TRIDENT model_zoo/conchv1_5/conchv1_5.py; slide2vec conch.py: 448 px, patch 16, 0.5 µm/px).
+_add(
+    EncoderSpec(
+        "conch_v1_5",
+        768,
+        448,
+        0.5,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "module",
+        lambda **kw: ConchV15Tower(**kw),
+        "MahmoodLab/conchv1_5 pytorch_model_vision.bin",
+        adapt_conch_state,
+    )
+)
+
+
+def list_encoders() -> list[str]:
+    return sorted(_SPECS)
+
+
+def encoder_spec(name: str) -> EncoderSpec:
+    if name not in _SPECS:
+        raise ConfigError(f"unknown patch encoder {name!r}; known encoders: {', '.join(list_encoders())}")
+    return _SPECS[name]
+
+
+def create_encoder(name: str, **overrides: Any) -> PatchEncoder:
+    """Build the named encoder with random weights (load the user's file with
+    :func:`~hipt_ray.models.encoder_checkpoints.load_encoder_checkpoint`). Build it under
+    ``with torch.device("meta"):`` to inspect its structure without allocating it;
+    ``overrides`` go to the architecture (``depth=1``: a tiny twin whose embedding width and
+    token layout are the real ones)."""
+    spec = encoder_spec(name)
+    return PatchEncoder(spec=spec, trunk=spec.build(**overrides))
