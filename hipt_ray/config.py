@@ -261,10 +261,27 @@ class EmbedConfig(_Section):
         description="auto: bf16 where the device runs it natively",
     )
     compile: bool = Field(default=True, description="torch.compile + freezing (falls back to eager if it fails)")
-    use_gpu: bool | Literal["auto"] = Field(default="auto", description="auto: when the cluster has GPUs")
-    model_actors: int | None = Field(default=None, gt=0, description="None: one per GPU, else 1")
+    use_gpu: bool | Literal["auto"] = Field(
+        default="auto",
+        description="auto: when the cluster has GPU nodes or its autoscaler can add them; true with no GPU "
+        "anywhere is an error; an actor given a GPU that torch cannot use fails the run",
+    )
+    model_actors: int | None = Field(
+        default=None, gt=0, description="a fixed pool of this many actors; None: a pool that grows as nodes join"
+    )
+    max_model_actors: int | None = Field(
+        default=None,
+        gt=0,
+        description="the growing pool's limit; None: as many as the cluster can hold fully grown when actors "
+        "have nodes of their own (GPUs or actor_resources), else 1",
+    )
     actor_cpus: float = Field(default=1.0, gt=0)
-    actor_memory_gb: float = Field(default=2.5, gt=0, description="the real-size model actor peaked at 1.9 GiB on CPU")
+    actor_memory_gb: float = Field(
+        default=2.5,
+        ge=0,
+        description="the real-size model actor peaked at 1.9 GiB on CPU; 0: no memory request (node types "
+        "that do not declare memory, e.g. Ray's fake autoscaling nodes, can then scale up for it)",
+    )
     read_cpus: float = Field(default=1.0, gt=0)
     store_tokens: bool = Field(
         default=True,
@@ -336,7 +353,9 @@ class PretrainConfig(_Section):
     )
     seed: int = 0
     num_workers: int = Field(default=1, gt=0)
-    use_gpu: bool = False
+    use_gpu: bool | Literal["auto"] = Field(
+        default="auto", description="auto: when the cluster has GPU nodes or its autoscaler can add them"
+    )
     cpus_per_worker: float = Field(default=0.5, gt=0, description="< 1 leaves CPUs for Ray Data on small nodes")
     checkpoint_every_steps: int = Field(default=200, gt=0)
     num_to_keep: int = Field(default=2, gt=0)

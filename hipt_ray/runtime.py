@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 from hipt_ray.console import verbose
 
@@ -51,3 +52,110 @@ def start_ray(
         logging_level=logging_level,
         log_to_driver=verbose(),
     )
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """A kind of node the cluster has or its autoscaler can add: the Ray resources one such node
+    offers and how many of them there can be (``None``: no limit)."""
+
+    name: str
+    resources: dict[str, float]
+    max_count: int | None
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    """What the cluster can grow to (``node_types``) and where that was read (``source``)."""
+
+    node_types: tuple[NodeType, ...]
+    source: str
+
+    def most(self, demand: dict[str, float]) -> int | None:
+        """How many bundles of ``demand`` (an actor's or a worker's resources) the cluster can
+        hold at once when fully grown: 0 when no node type can hold one, ``None`` without limit.
+        A resource a node type does not list is one it lacks, except ``memory``, which the
+        autoscaler infers from the instance type where the config leaves it out."""
+        total = 0
+        for node in self.node_types:
+            per_node = min(
+                (
+                    int(node.resources.get(k, 0) // v)
+                    for k, v in demand.items()
+                    if v > 0 and (k != "memory" or k in node.resources)
+                ),
+                default=0,
+            )
+            if per_node and node.max_count is None:
+                return None
+            total += per_node * (node.max_count or 0)
+        return total
+
+
+def shape_from_autoscaling_config(config: dict, *, source: str) -> ClusterShape:
+    """The node types of a cluster launcher / autoscaler config (``available_node_types``):
+    each worker type up to its ``max_workers`` (and the cluster's ``max_workers``), the head
+    type once."""
+    head = config.get("head_node_type")
+    cap = config.get("max_workers")
+    types = []
+    for name, spec in (config.get("available_node_types") or {}).items():
+        most = 1 if name == head else spec.get("max_workers", cap)
+        if name != head and cap is not None and most is not None:
+            most = min(most, cap)
+        types.append(NodeType(name, {k: float(v) for k, v in (spec.get("resources") or {}).items()}, most))
+    return ClusterShape(tuple(types), source)
+
+
+def shape_from_cluster_config(config, *, source: str) -> ClusterShape:
+    """The node groups an autoscaler reported to the GCS (``autoscaler_pb2.ClusterConfig``:
+    ``node_group_configs`` with ``resources`` and ``max_count``, -1 for no limit)."""
+    return ClusterShape(
+        tuple(
+            NodeType(g.name, dict(g.resources), None if g.max_count == -1 else int(g.max_count))
+            for g in config.node_group_configs
+        ),
+        source,
+    )
+
+
+def shape_from_nodes(nodes: list[dict], *, source: str) -> ClusterShape:
+    """The nodes present (``ray.nodes()``), each a type of its own that cannot grow."""
+    return ClusterShape(tuple(NodeType(n["NodeID"], dict(n["Resources"]), 1) for n in nodes if n.get("Alive")), source)
+
+
+def _autoscaling_config_path(gcs_address: str) -> str | None:
+    """The ``--autoscaling-config`` of this cluster's autoscaler (Ray's monitor process), when it
+    runs on this machine: the head node, where ``ray job submit`` runs the driver. Found the way
+    Ray finds local GCS addresses, from the processes' command lines."""
+    from ray._private import services  # with the psutil Ray vendors
+
+    for proc in services.psutil.process_iter(["cmdline"]):
+        args = proc.info.get("cmdline") or []
+        if not any(a.endswith("monitor.py") for a in args) or f"--gcs-address={gcs_address}" not in args:
+            continue
+        for a in args:
+            if a.startswith("--autoscaling-config="):
+                return os.path.expanduser(a.split("=", 1)[1])
+    return None
+
+
+def cluster_shape() -> ClusterShape:
+    """What the connected cluster can grow to. In order: the node groups an autoscaler reported
+    to the GCS (the key Ray Data and Ray Train read; Ray 2.60's own autoscaler does not write
+    it, managed platforms do); the config this cluster's autoscaler was started with (``ray up``
+    clusters and Ray's test ``AutoscalingCluster``; read on the head node); else the nodes
+    present (a fixed cluster, or a local Ray)."""
+    import ray
+    import ray._private.state
+    import yaml
+
+    reported = ray._private.state.state.get_cluster_config()
+    if reported is not None and reported.node_group_configs:
+        return shape_from_cluster_config(reported, source="the autoscaler's node groups (GCS)")
+    gcs = ray.get_runtime_context().gcs_address
+    path = _autoscaling_config_path(gcs) if gcs else None
+    if path and os.path.exists(path):
+        with open(path) as fh:
+            return shape_from_autoscaling_config(yaml.safe_load(fh), source=f"the autoscaling config {path}")
+    return shape_from_nodes(ray.nodes(), source="the nodes present (no autoscaler seen)")

@@ -20,9 +20,10 @@ import ray
 from hipt_ray.config import Config
 from hipt_ray.console import Progress
 from hipt_ray.data.regions import read_region, reader_kwargs
+from hipt_ray.embed.actors import ActorPlan, plan_actors
 from hipt_ray.embed.embedder import READ_COLUMNS, RegionEmbedder, output_schema, regions_schema
-from hipt_ray.models.inference import wants_gpu
 from hipt_ray.models.loading import build_model
+from hipt_ray.runtime import cluster_shape
 from hipt_ray.slides.manifest import list_slides
 from hipt_ray.store import Store
 from hipt_ray.store.fragments import RegionCommitter, write_region_fragments
@@ -130,6 +131,8 @@ def run(cfg: Config) -> EmbedSummary:
 
 def _run(cfg: Config) -> EmbedSummary:
     t0 = time.perf_counter()
+    actors = plan_actors(cfg.embed, cluster_shape())  # a setting no node can meet fails here, first
+    log.info("model actors: %s", actors)
     listed = list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)
     tiling = tile_run(cfg, listed)  # skips slides already tiled with the same spec
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
@@ -161,7 +164,8 @@ def _run(cfg: Config) -> EmbedSummary:
     for row in plan.carried:
         committer.add_slide(row)
     if plan.todo:
-        ds, progress.total, summary.model_actors = _pipeline(cfg, store, plan, model, dims)
+        ds, progress.total = _pipeline(cfg, store, plan, model, dims, actors)
+        summary.model_actors = actors.max_size or actors.min_size
         cpu0, wall0 = time.process_time(), time.perf_counter()  # all the driver's threads
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -182,13 +186,11 @@ def _run(cfg: Config) -> EmbedSummary:
     return summary
 
 
-def _pipeline(cfg: Config, store: Store, plan: RunPlan, model, dims: tuple[int, int]):
+def _pipeline(cfg: Config, store: Store, plan: RunPlan, model, dims: tuple[int, int], actors: ActorPlan):
     """One streaming pipeline for the whole run: read tasks of ``embed.regions_per_task``
     regions, the model actors, fragment writes. The driver holds only the region coordinates
-    (≈ 200 bytes a region) and the metadata that comes back. Returns the dataset, its number of
-    regions and of model actors."""
-    use_gpu = wants_gpu(cfg.embed.use_gpu, available=ray.cluster_resources().get("GPU", 0) > 0)
-    n_actors = cfg.embed.model_actors or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else 1)
+    (≈ 200 bytes a region) and the metadata that comes back. Returns the dataset and its number
+    of regions."""
     coords = store.region_reads(plan.spec_hash, plan.todo, READ_COLUMNS)
     per_task = cfg.embed.regions_per_task
     blocks = [coords.slice(i, per_task) for i in range(0, coords.num_rows, per_task)]
@@ -203,17 +205,20 @@ def _pipeline(cfg: Config, store: Store, plan: RunPlan, model, dims: tuple[int, 
             micro_batch=cfg.model.micro_batch,
             precision=cfg.embed.precision,
             compile=cfg.embed.compile,
-            use_gpu=use_gpu,
+            use_gpu=actors.use_gpu,
             store_tokens=cfg.embed.store_tokens,
             schema=output_schema(*dims),
             threads=max(1, int(cfg.embed.actor_cpus)),
         ),
         batch_size=cfg.embed.actor_batch_regions,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=n_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=actors.min_size, max_size=actors.max_size),
         num_cpus=cfg.embed.actor_cpus,
-        num_gpus=1 if use_gpu else 0,
-        memory=int(cfg.embed.actor_memory_gb * 2**30),  # also keeps reads and model unfused
+        num_gpus=1 if actors.use_gpu else 0,
+        memory=actors.memory_bytes,
+        # Ray Data's own default for actor pools, said here because an argument the read tasks
+        # lack keeps reads and model unfused (the memory request did, and may be 0 now)
+        max_restarts=-1,
         resources=dict(cfg.embed.actor_resources) or None,
     )
     ds = ds.map_batches(  # the rows with embeddings go to the table from here, not the driver
@@ -226,4 +231,4 @@ def _pipeline(cfg: Config, store: Store, plan: RunPlan, model, dims: tuple[int, 
         num_cpus=0.25,
         resources=read_resources,
     )
-    return ds, coords.num_rows, n_actors
+    return ds, coords.num_rows

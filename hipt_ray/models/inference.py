@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from typing import cast
 
 import torch
 import torch.nn as nn
 
+from hipt_ray.config import ConfigError
 from hipt_ray.models.hipt4k import HIPT4K
 
 log = logging.getLogger(__name__)
@@ -28,11 +30,52 @@ def wants_gpu(setting: bool | str, *, available: bool) -> bool:
     return available if setting == "auto" else bool(setting)
 
 
-def inference_device(setting: bool | str) -> torch.device:
+def cluster_wants_gpu(setting: bool | str, *, gpus: int | None, key: str, source: str) -> bool:
+    """The GPU decision for a job's model actors or training workers on a cluster that may
+    grow: ``gpus`` is how many GPUs the cluster has or its autoscaler can add (``None``: no
+    limit), read from ``source``. ``"auto"`` uses them when there can be any, so a GPU cluster
+    whose GPU nodes start at zero still gets them (the actors' requests make the autoscaler
+    launch them).
+
+    Raises:
+        ConfigError: ``key`` is ``true`` and no node can ever provide a GPU (the job would wait
+            for one forever).
+    """
+    possible = gpus is None or gpus > 0
+    if setting is True and not possible:
+        raise ConfigError(
+            f"{key}=true but this cluster has no GPU and cannot add one (read from {source}); "
+            f"add a GPU node type to the cluster or set {key}=auto"
+        )
+    return wants_gpu(setting, available=possible)
+
+
+def inference_device(setting: bool | str, *, where: str = "this process") -> torch.device:
     """Where a model runs in this process: CUDA if :func:`wants_gpu` says so and this process
-    sees a GPU (a GPU actor placed on a node without one falls back to the CPU), else the CPU."""
+    sees a GPU, else the CPU. ``"auto"`` falls back to the CPU; ``True`` does not.
+
+    Raises:
+        RuntimeError: ``setting`` is ``True`` (a GPU was asked for, e.g. Ray placed this actor
+            on a GPU) and torch cannot use one here; the message names ``where`` and the cause.
+    """
     cuda = torch.cuda.is_available()
+    if setting is True and not cuda:
+        raise RuntimeError(f"a GPU was assigned on {where} but torch cannot use it: {_cuda_cause()}")
     return torch.device("cuda" if cuda and wants_gpu(setting, available=cuda) else "cpu")
+
+
+def _cuda_cause() -> str:
+    """Why ``torch.cuda.is_available()`` is False: a CPU-only torch build, no device visible to
+    this process, or the driver's own error."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build"
+    try:
+        n = torch.cuda.device_count()
+        torch.cuda.init()
+    except Exception as exc:  # the driver's reason, e.g. "Found no NVIDIA driver on your system"
+        return f"CUDA {torch.version.cuda} build, {type(exc).__name__}: {exc}"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"CUDA {torch.version.cuda} build sees {n} devices (CUDA_VISIBLE_DEVICES={visible!r})"
 
 
 def fast_dtype(device: torch.device | str) -> torch.dtype:

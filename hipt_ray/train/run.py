@@ -16,6 +16,8 @@ from hipt_ray.console import Progress
 from hipt_ray.data.pretrain import build_grid_dataset, build_patch_dataset
 from hipt_ray.models import create_model, export_checkpoint
 from hipt_ray.models.checkpoints import load_state_dict_strict, load_trusted
+from hipt_ray.models.inference import cluster_wants_gpu
+from hipt_ray.runtime import cluster_shape
 from hipt_ray.slides.manifest import list_slides
 from hipt_ray.storage import is_remote, join, local_path
 from hipt_ray.tile.job import run as tile_run
@@ -128,6 +130,8 @@ def run(cfg: Config) -> PretrainSummary:
 
     p = cfg.pretrain
     t0 = time.perf_counter()
+    shape = cluster_shape()  # GPU nodes an autoscaler keeps at zero count: the workers ask for them
+    use_gpu = cluster_wants_gpu(p.use_gpu, gpus=shape.most({"GPU": 1}), key="pretrain.use_gpu", source=shape.source)
     if p.stage == "vit256":
         specs = list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)
         tile_run(cfg, specs)  # reuses tiling already under --out
@@ -147,9 +151,11 @@ def run(cfg: Config) -> PretrainSummary:
     )
     uri = tracking_uri(cfg)
     params = {f"pretrain.{k}": v for k, v in p.model_dump(mode="json").items()}
-    params.update({"steps_per_epoch": spe, "items_per_epoch_estimate": n_items, "arch": stage_arch(cfg)})
+    params.update(
+        {"steps_per_epoch": spe, "items_per_epoch_estimate": n_items, "arch": stage_arch(cfg), "use_gpu": use_gpu}
+    )
     run_id = _mlflow_run(cfg, params)
-    resources = {"CPU": p.cpus_per_worker} | ({"GPU": 1} if p.use_gpu else {})
+    resources = {"CPU": p.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -159,7 +165,7 @@ def run(cfg: Config) -> PretrainSummary:
             "mlflow_run_id": run_id,
             "run_dir": run_dir,
         },
-        scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=p.run_name,
             storage_path=storage,

@@ -1,0 +1,72 @@
+"""How many model actors the embedding job runs, with which resources, on a cluster that may
+grow: decided from what the cluster can grow to (:func:`hipt_ray.runtime.cluster_shape`), not
+from the nodes present when the job starts, so that GPU nodes an autoscaler keeps at zero are
+asked for and the actor pool grows as model nodes join (Ray Data's autoscaling actor pool)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hipt_ray.config import ConfigError, EmbedConfig
+from hipt_ray.models.inference import cluster_wants_gpu
+from hipt_ray.runtime import ClusterShape
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """The model actors' pool: GPU or not, its size bounds (``max_size`` ``None``: no limit)
+    and one actor's resource request (what Ray and the autoscaler see)."""
+
+    use_gpu: bool
+    min_size: int
+    max_size: int | None
+    demand: dict[str, float]
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return int(self.demand["memory"]) if "memory" in self.demand else None
+
+
+def plan_actors(embed: EmbedConfig, shape: ClusterShape) -> ActorPlan:
+    """The pool for ``embed`` on a cluster of ``shape``.
+
+    GPU (``embed.use_gpu``, see :func:`cluster_wants_gpu`) when the cluster has or can add GPU
+    nodes. ``embed.model_actors`` fixes the pool's size; otherwise it starts at one actor and
+    grows up to ``embed.max_model_actors``, by default as many actors as the cluster can hold
+    when fully grown where actors have nodes of their own (a GPU each, or ``actor_resources``),
+    else one (CPU actors on shared nodes would take the CPUs the region reads need).
+
+    Raises:
+        ConfigError: ``use_gpu=true`` with no GPU anywhere, or no node type can ever hold one
+            actor (the job would wait for it forever).
+    """
+    use_gpu = cluster_wants_gpu(embed.use_gpu, gpus=shape.most({"GPU": 1}), key="embed.use_gpu", source=shape.source)
+    demand = {"CPU": embed.actor_cpus, **embed.actor_resources}
+    if use_gpu:
+        demand["GPU"] = 1
+    if embed.actor_memory_gb:
+        demand["memory"] = embed.actor_memory_gb * 2**30
+    most = shape.most(demand)
+    if most == 0:
+        raise ConfigError(
+            f"no node of this cluster can ever hold a model actor asking for {_show(demand)} "
+            f"(node types read from {shape.source}: "
+            + "; ".join(f"{t.name}: {_show(t.resources)}" for t in shape.node_types)
+            + "); lower embed.actor_cpus / embed.actor_memory_gb (0: no memory request), "
+            "fix embed.actor_resources, or add such a node type"
+        )
+    if embed.model_actors:
+        return ActorPlan(use_gpu, embed.model_actors, embed.model_actors, demand)
+    own_nodes = use_gpu or bool(embed.actor_resources)
+    max_size = embed.max_model_actors or (most if own_nodes else 1)
+    return ActorPlan(use_gpu, 1, max_size, demand)
+
+
+def _show(resources: dict[str, float]) -> str:
+    return (
+        "{"
+        + ", ".join(
+            f"{k}: {v / 2**30:.3g} GiB" if k == "memory" else f"{k}: {v:g}" for k, v in sorted(resources.items())
+        )
+        + "}"
+    )

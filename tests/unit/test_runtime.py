@@ -1,0 +1,68 @@
+"""What the cluster can grow to, read from an autoscaler's config, the GCS's node groups or the
+nodes present (no Ray: fake descriptions of each)."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import yaml
+
+from hipt_ray.runtime import (
+    ClusterShape,
+    NodeType,
+    shape_from_autoscaling_config,
+    shape_from_cluster_config,
+    shape_from_nodes,
+)
+
+GiB = 2**30
+
+
+def test_the_shipped_cluster_yaml_can_grow_to_16_model_nodes():
+    cfg = yaml.safe_load((Path(__file__).parents[2] / "cluster.yaml").read_text())
+    shape = shape_from_autoscaling_config(cfg, source="cluster.yaml")
+    assert {t.name: t.max_count for t in shape.node_types} == {"head": 1, "cpu_decode": 24, "gpu": 16}
+    assert shape.most({"model": 1}) == 16 and shape.most({"decode": 1}) == 24 * 32
+    # the launcher fills in each instance type's CPUs and GPUs; a type that lists none has none
+    assert shape.most({"GPU": 1}) == 0
+
+
+def test_worker_types_are_capped_by_the_clusters_max_workers():
+    cfg = {
+        "max_workers": 3,
+        "head_node_type": "head",
+        "available_node_types": {
+            "head": {"resources": {"CPU": 2}, "max_workers": 0},
+            "gpu": {"resources": {"CPU": 8, "GPU": 4}, "min_workers": 0, "max_workers": 10},
+        },
+    }
+    shape = shape_from_autoscaling_config(cfg, source="test")
+    assert shape.most({"GPU": 1}) == 12  # 3 nodes × 4 GPUs
+    assert shape.most({"CPU": 3, "GPU": 1}) == 6  # CPUs bound it: 2 a node on the GPU type
+    assert shape.most({"CPU": 2}) == 1 + 3 * 4  # the head holds one too
+
+
+def test_memory_counts_only_where_a_node_type_declares_it():
+    shape = ClusterShape(
+        (NodeType("fake", {"CPU": 1, "model": 1}, 2), NodeType("real", {"CPU": 4, "memory": 2 * GiB}, 1)),
+        source="test",
+    )
+    assert shape.most({"CPU": 1, "model": 1, "memory": 2.5 * GiB}) == 2  # fake: memory unknown
+    assert shape.most({"CPU": 1, "memory": 2.5 * GiB}) == 2  # real: 2 GiB cannot hold 2.5 GiB
+    assert shape.most({"CPU": 1, "memory": 1 * GiB}) == 4
+
+
+def test_reported_node_groups_and_nodes_present():
+    groups = SimpleNamespace(
+        node_group_configs=[
+            SimpleNamespace(name="gpu", resources={"CPU": 8.0, "GPU": 1.0}, max_count=-1),
+            SimpleNamespace(name="cpu", resources={"CPU": 16.0}, max_count=4),
+        ]
+    )
+    shape = shape_from_cluster_config(groups, source="gcs")
+    assert shape.most({"GPU": 1}) is None  # no limit
+    assert shape.most({"CPU": 16}) == 4
+    nodes = [
+        {"NodeID": "a", "Alive": True, "Resources": {"CPU": 2.0, "GPU": 2.0}},
+        {"NodeID": "b", "Alive": False, "Resources": {"CPU": 2.0, "GPU": 2.0}},
+    ]
+    assert shape_from_nodes(nodes, source="present").most({"GPU": 1}) == 2  # the dead node is not counted
