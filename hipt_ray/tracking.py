@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
-from hipt_ray.config import Config
+from hipt_ray.config import Config, HeadsConfig
 from hipt_ray.storage import local_output_dir
+
+if TYPE_CHECKING:  # for the annotation only: importing the cohort loads torch and Lance
+    from hipt_ray.heads.cohort import Cohort
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -57,6 +61,19 @@ class CrossValidationLog:
                 "regions_table_version": table_version,
                 "n_folds": n_folds,
             }
+        )
+
+    @classmethod
+    def of_cohort(cls, heads: HeadsConfig, cohort: Cohort, *, split_hash: str, n_folds: int) -> CrossValidationLog:
+        """The record of ``heads`` cross-validated on ``cohort`` (its cases, embedding model and
+        regions-table version) over ``n_folds`` folds split as ``split_hash``."""
+        return cls(
+            heads.model_dump(mode="json"),
+            split_hash=split_hash,
+            n_cases=len(cohort.case_ids),
+            n_folds=n_folds,
+            model_id=cohort.model_id,
+            table_version=cohort.table_version,
         )
 
     @staticmethod

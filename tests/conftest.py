@@ -265,6 +265,41 @@ def ray_head(*, num_cpus: int = 1, temp_dir: Path | None = None, env: dict | Non
             address_file.write_text(before)
 
 
+@contextlib.contextmanager
+def cluster_gcs(cluster):
+    """A ``ray.cluster_utils`` cluster's own GCS tables, read directly (its head runs without the
+    dashboard that the State API goes through; the test process stays connected to the session's
+    Ray). Never processes found by name across the machine, where another job may run."""
+    from ray._private.state import GlobalState
+    from ray._raylet import GcsClientOptions
+
+    state = GlobalState()
+    state._initialize_global_state(
+        GcsClientOptions.create(
+            cluster.address,
+            cluster.head_node.cluster_id.hex(),
+            allow_cluster_id_nil=False,
+            fetch_cluster_id_if_nil=False,
+        )
+    )
+    try:
+        yield state
+    finally:
+        state.disconnect()
+
+
+def model_actors(cluster, *, alive: bool = False) -> list[dict]:
+    """The embedding job's model actors in ``cluster``'s actor table (Ray Data names their class
+    ``MapWorker(MapBatches(RegionEmbedder…))``): every one it ran, or only the live ones."""
+    with cluster_gcs(cluster) as state:
+        table = state.actor_table(None, actor_state_name="ALIVE" if alive else None)
+    return [
+        a
+        for a in table.values()
+        if a["ActorClassName"].startswith("MapWorker(") and "RegionEmbedder" in a["ActorClassName"]
+    ]
+
+
 @pytest.fixture()
 def cache_dir(tmp_path) -> str:
     return str(tmp_path / "cache")

@@ -105,14 +105,7 @@ def train_head(
     setup_tracking(cfg)
     tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
     with mlflow.start_run(run_name=name, tags=tags, nested=parent_run_id is not None) as run:
-        cv_log = CrossValidationLog(
-            h.model_dump(mode="json"),
-            split_hash=split_hash,
-            n_cases=len(cohort.case_ids),
-            n_folds=len(folds),
-            model_id=cohort.model_id,
-            table_version=cohort.table_version,
-        )
+        cv_log = CrossValidationLog.of_cohort(h, cohort, split_hash=split_hash, n_folds=len(folds))
         states = _restored(h, cohort, trained)
         reused = states is not None
         if reused:

@@ -64,14 +64,7 @@ def _trial(
     trial = tune.get_context().get_trial_name()
     # A child of the sweep's run (MLflow's nesting: the parent's id as a tag, across processes).
     with mlflow.start_run(run_name=trial, tags={"sweep": sweep_name, "mlflow.parentRunId": parent_run_id}):
-        cv_log = CrossValidationLog(
-            h.model_dump(mode="json"),
-            split_hash=split_hash,
-            n_cases=len(cohort.case_ids),
-            n_folds=len(folds),
-            model_id=cohort.model_id,
-            table_version=cohort.table_version,
-        )
+        cv_log = CrossValidationLog.of_cohort(h, cohort, split_hash=split_hash, n_folds=len(folds))
         for epoch, states, mean in cross_validate(h, cohort):
             metrics = {**cv_log.log_epoch(states, mean, step=epoch), "epoch": epoch}
             if is_final(h, epoch, states):  # the selected weights are loaded

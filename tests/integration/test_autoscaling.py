@@ -24,7 +24,7 @@ import pytest
 from hipt_ray.slides import synthetic
 from hipt_ray.store import REGIONS, Store
 
-from ..conftest import TINY, free_port
+from ..conftest import TINY, cluster_gcs, free_port, model_actors
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 N_SLIDES = 4
@@ -142,43 +142,14 @@ def test_an_actor_no_node_type_can_hold_ends_the_job_before_any_work(cluster, sl
     assert time.time() - t0 < 60
 
 
-def _gcs(cluster):
-    """This cluster's GCS tables, read directly (its head runs without the dashboard that the
-    State API goes through); the test process itself stays connected to the session's Ray."""
-    from ray._private.state import GlobalState
-    from ray._raylet import GcsClientOptions
-
-    state = GlobalState()
-    state._initialize_global_state(
-        GcsClientOptions.create(
-            cluster.address,
-            cluster.head_node.cluster_id.hex(),
-            allow_cluster_id_nil=False,
-            fetch_cluster_id_if_nil=False,
-        )
-    )
-    return state
-
-
 def _model_actor_nodes(cluster) -> list[str]:
     """The node of every model actor this cluster ran, alive or dead."""
-    state = _gcs(cluster)
-    try:
-        return [
-            a["Address"]["NodeID"]
-            for a in state.actor_table(None).values()
-            if a["ActorClassName"].startswith("MapWorker(") and "RegionEmbedder" in a["ActorClassName"]
-        ]
-    finally:
-        state.disconnect()
+    return [a["Address"]["NodeID"] for a in model_actors(cluster)]
 
 
 def _alive_nodes(cluster) -> list[str]:
-    state = _gcs(cluster)
-    try:
+    with cluster_gcs(cluster) as state:
         return [n["NodeID"] for n in state.node_table() if n["Alive"]]
-    finally:
-        state.disconnect()
 
 
 def test_embed_started_before_any_model_node_runs_on_the_nodes_the_autoscaler_adds(cluster, slides, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from hipt_ray.slides import synthetic
 from hipt_ray.store import REGIONS, Store
 
-from ..conftest import TINY
+from ..conftest import TINY, model_actors
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 N_SLIDES = 12
@@ -106,31 +106,8 @@ def _kill_model_actor(cluster) -> int:
     found by name across the machine, where another job's embedding actor may run too."""
     import signal
 
-    from ray._private.state import GlobalState
-    from ray._raylet import GcsClientOptions
-
-    # The GCS's actor table, which ray.util.state.list_actors also serves, read directly: that
-    # API goes through the dashboard, which this cluster's head runs without.
-    state = GlobalState()
-    state._initialize_global_state(
-        GcsClientOptions.create(
-            cluster.address,
-            cluster.head_node.cluster_id.hex(),
-            allow_cluster_id_nil=False,
-            fetch_cluster_id_if_nil=False,
-        )
-    )
-    try:
-        ours = {node.node_id for node in cluster.list_all_nodes()}
-        pids = [
-            a["Pid"]
-            for a in state.actor_table(None, actor_state_name="ALIVE").values()
-            if a["ActorClassName"].startswith("MapWorker(")
-            and "RegionEmbedder" in a["ActorClassName"]
-            and a["Address"]["NodeID"] in ours
-        ]
-    finally:
-        state.disconnect()
+    ours = {node.node_id for node in cluster.list_all_nodes()}
+    pids = [a["Pid"] for a in model_actors(cluster, alive=True) if a["Address"]["NodeID"] in ours]
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     return len(pids)
