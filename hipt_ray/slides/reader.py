@@ -19,7 +19,7 @@ from PIL import Image
 
 from hipt_ray.slide_ref import SlideRef, same_version, slide_version
 from hipt_ray.slides.manifest import slide_id_from_uri
-from hipt_ray.slides.tiles import TiledTiff, TileError, open_tiled
+from hipt_ray.slides.tiles import TileError, TileSource, open_tiled
 from hipt_ray.storage import ObjectInfo, StagingCache, stat, with_retries
 
 # A level whose downsample is within this factor of the wanted one counts as exact
@@ -127,11 +127,11 @@ class Slide:
         mpp_override: float | None = None,
         mpp_range: tuple[float, float] = (0.1, 2.0),
         slide_id: str | None = None,
-        source: TiledTiff | None = None,
+        source: TileSource | None = None,
         scaled_decode: bool = False,
     ) -> None:
         """``source``: an open pixel source with OpenSlide's interface (the tile backend,
-        :class:`hipt_ray.slides.tiles.TiledTiff`); ``None`` opens ``path`` with OpenSlide.
+        :class:`hipt_ray.slides.tiles.TileSource`); ``None`` opens ``path`` with OpenSlide.
         ``scaled_decode``: a region read from a level 2, 4 or 8 times finer than wanted is
         decoded at the wanted size in the DCT domain where the source can (JPEG tiles through
         the tile backend) instead of decoded whole and box-averaged: faster, not identical."""
@@ -142,7 +142,7 @@ class Slide:
         if source is None and os.path.exists(path) and os.path.getsize(path) == 0:
             raise SlideError(f"{self.name}: the file is empty (0 bytes); re-upload the slide")
         try:
-            self._osr: openslide.OpenSlide | TiledTiff = source if source is not None else openslide.OpenSlide(path)
+            self._osr: openslide.OpenSlide | TileSource = source if source is not None else openslide.OpenSlide(path)
         except openslide.OpenSlideUnsupportedFormatError:
             raise SlideError(
                 f"{self.name}: not a slide OpenSlide can read (unsupported or unrecognised format); "
@@ -226,7 +226,7 @@ class Slide:
         if (
             exact_factor
             and self.scaled_decode
-            and isinstance(self._osr, TiledTiff)
+            and isinstance(self._osr, TileSource)
             and self._osr.can_scale(level, factor)
             and all(round(v / self._osr.level_downsamples[level]) % factor == 0 for v in level0_xy)
         ):

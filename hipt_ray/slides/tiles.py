@@ -35,14 +35,14 @@ class TileError(RuntimeError):
 
 
 @dataclass
-class _Level:
+class Level:
     width: int
     height: int
     tile_w: int
     tile_h: int
     offsets: np.ndarray
     counts: np.ndarray
-    decode: Callable[..., Any]  # tifffile's decoder for this page (TiffPage.decode)
+    decode: Callable[..., Any]  # (tile bytes, tile index, jpegtables=…) → (pixels, …), as TiffPage.decode
     jpegtables: bytes | None
     jpeg: bool  # JPEG-compressed tiles (what scaled decoding needs)
 
@@ -76,107 +76,38 @@ def _properties(tif, page) -> dict[str, str]:
     return props
 
 
-class TiledTiff:
-    """A generic tiled TIFF or Aperio SVS pyramid, with OpenSlide's ``read_region`` contract:
-    level-0 coordinates, a level, a size in that level's pixels, RGBA out (alpha 0 outside the
-    image)."""
+class TileSource:
+    """A tiled pyramid read by byte range, with OpenSlide's ``read_region`` contract: level-0
+    coordinates, a level, a size in that level's pixels, RGBA out (alpha 0 outside the image).
+
+    The bytes (coalesced ranged reads, conditional on the ETag seen at open) and the pixels
+    (tiles fetched, decoded, placed) are the same for every container; a subclass finds the
+    levels and tiles in its format (tiled TIFF here) and calls :meth:`_set_levels`.
+    """
 
     def __init__(
         self, uri: str, *, endpoint_url: str | None = None, range_gap: int = 64 * 1024, retries: int = 3
     ) -> None:
-        import tifffile
-
         self.uri, self.range_gap, self.retries = uri, range_gap, retries
         self.remote = is_remote(uri)
         self.fs, self.path = filesystem(uri, endpoint_url)
         self.requests = 0  # range requests made (for benchmarks and tests)
         self.bytes_read = 0
+        self.properties: dict[str, str] = {}
+        self._levels: list[Level] = []
         self._scalable: dict[int, bool] = {}  # level → scaled decoding checked and usable
         # Tile reads are conditional on this ETag: an object replaced while it is open fails its
         # reads instead of decoding new bytes with the old tile directory.
         self.etag = self.fs.info(self.path, refresh=True).get("ETag") if self.remote else None
-        fh = (
-            self.fs.open(self.path, "rb", block_size=64 * 1024, cache_type="readahead")
-            if self.remote
-            else open(local_path(uri), "rb")
-        )
-        try:
-            try:
-                tif = tifffile.TiffFile(fh)
-            except OSError:
-                raise  # the object could not be read (throttled, gone): not a question of format
-            except Exception as exc:
-                raise Unsupported(f"not a TIFF ({type(exc).__name__})") from None
-            with tif:
-                self._levels, self.properties = self._structure(tif)
-        finally:
-            if self.remote:
-                cache = getattr(fh, "cache", None)
-                self.bytes_read += getattr(cache, "total_requested_bytes", 0)
-                self.requests += getattr(cache, "miss_count", 0)
-            fh.close()
-        w0, h0 = self._levels[0].width, self._levels[0].height
-        self.dimensions = (w0, h0)
-        self.level_dimensions = tuple((lv.width, lv.height) for lv in self._levels)
-        # OpenSlide's downsample: the mean of the width and height ratios
-        self.level_downsamples = tuple((w0 / lv.width + h0 / lv.height) / 2 for lv in self._levels)
 
-    def _structure(self, tif) -> tuple[list[_Level], dict[str, str]]:
-        special = [
-            name
-            for name in ("ndpi", "philips", "ome", "scn", "bif", "qpi", "lsm", "stk", "imagej")
-            if getattr(tif, f"is_{name}", False)
-        ]
-        if special:
-            raise Unsupported(f"{special[0]} TIFF (read through OpenSlide)")
-        pages = list(tif.pages)
-        first = pages[0]
-        desc = first.description or ""
-        aperio = desc.startswith("Aperio")
-        levels: list[_Level] = []
-        for i, page in enumerate(pages):
-            if not page.is_tiled:
-                if aperio:
-                    continue  # an SVS thumbnail is stripped
-                if i == 0:
-                    raise Unsupported("not tiled")
-                continue
-            if (
-                aperio
-                and i > 0
-                and (page.description or "").startswith("Aperio")
-                and ("label" in page.description or "macro" in page.description)
-            ):
-                continue
-            if (
-                page.samplesperpixel != 3
-                or page.bitspersample != 8
-                or page.planarconfig != 1
-                or int(page.photometric) not in (2, 6)
-                or page.imagedepth != 1
-            ):
-                raise Unsupported(
-                    f"page {i}: {page.samplesperpixel}×{page.bitspersample}-bit, photometric {int(page.photometric)}"
-                )
-            if levels and (page.imagewidth >= levels[-1].width or page.imagelength >= levels[-1].height):
-                continue  # not a smaller pyramid level (OpenSlide would not list it either)
-            levels.append(
-                _Level(
-                    page.imagewidth,
-                    page.imagelength,
-                    page.tilewidth,
-                    page.tilelength,
-                    np.asarray(page.dataoffsets, np.int64),
-                    np.asarray(page.databytecounts, np.int64),
-                    page.decode,
-                    page.jpegtables,
-                    int(page.compression) == 7,
-                )
-            )
-        if not levels:
-            raise Unsupported("no tiled level")
-        _check_chain_ends(tif, pages, self.uri)
-        return levels, _properties(tif, first)
+    def _set_levels(self, levels: list[Level], properties: dict[str, str]) -> None:
+        """The pyramid, largest level first, and the OpenSlide-style properties."""
+        self._levels, self.properties = levels, properties
+        w0, h0 = levels[0].width, levels[0].height
+        self.dimensions = (w0, h0)
+        self.level_dimensions = tuple((lv.width, lv.height) for lv in levels)
+        # OpenSlide's downsample: the mean of the width and height ratios
+        self.level_downsamples = tuple((w0 / lv.width + h0 / lv.height) / 2 for lv in levels)
 
     def close(self) -> None:
         self._levels = []
@@ -362,6 +293,94 @@ class TiledTiff:
                 (slice(ay0 - y, ay1 - y), slice(ax0 - x, ax1 - x)),
                 tile[ay0 - ty : ay1 - ty, ax0 - tx : ax1 - tx, :3],
             )
+
+
+class TiledTiff(TileSource):
+    """A generic tiled TIFF or Aperio SVS pyramid (the structure read by tifffile)."""
+
+    def __init__(
+        self, uri: str, *, endpoint_url: str | None = None, range_gap: int = 64 * 1024, retries: int = 3
+    ) -> None:
+        import tifffile
+
+        super().__init__(uri, endpoint_url=endpoint_url, range_gap=range_gap, retries=retries)
+        fh = (
+            self.fs.open(self.path, "rb", block_size=64 * 1024, cache_type="readahead")
+            if self.remote
+            else open(local_path(uri), "rb")
+        )
+        try:
+            try:
+                tif = tifffile.TiffFile(fh)
+            except OSError:
+                raise  # the object could not be read (throttled, gone): not a question of format
+            except Exception as exc:
+                raise Unsupported(f"not a TIFF ({type(exc).__name__})") from None
+            with tif:
+                self._set_levels(*self._structure(tif))
+        finally:
+            if self.remote:
+                cache = getattr(fh, "cache", None)
+                self.bytes_read += getattr(cache, "total_requested_bytes", 0)
+                self.requests += getattr(cache, "miss_count", 0)
+            fh.close()
+
+    def _structure(self, tif) -> tuple[list[Level], dict[str, str]]:
+        special = [
+            name
+            for name in ("ndpi", "philips", "ome", "scn", "bif", "qpi", "lsm", "stk", "imagej")
+            if getattr(tif, f"is_{name}", False)
+        ]
+        if special:
+            raise Unsupported(f"{special[0]} TIFF (read through OpenSlide)")
+        pages = list(tif.pages)
+        first = pages[0]
+        desc = first.description or ""
+        aperio = desc.startswith("Aperio")
+        levels: list[Level] = []
+        for i, page in enumerate(pages):
+            if not page.is_tiled:
+                if aperio:
+                    continue  # an SVS thumbnail is stripped
+                if i == 0:
+                    raise Unsupported("not tiled")
+                continue
+            if (
+                aperio
+                and i > 0
+                and (page.description or "").startswith("Aperio")
+                and ("label" in page.description or "macro" in page.description)
+            ):
+                continue
+            if (
+                page.samplesperpixel != 3
+                or page.bitspersample != 8
+                or page.planarconfig != 1
+                or int(page.photometric) not in (2, 6)
+                or page.imagedepth != 1
+            ):
+                raise Unsupported(
+                    f"page {i}: {page.samplesperpixel}×{page.bitspersample}-bit, photometric {int(page.photometric)}"
+                )
+            if levels and (page.imagewidth >= levels[-1].width or page.imagelength >= levels[-1].height):
+                continue  # not a smaller pyramid level (OpenSlide would not list it either)
+            levels.append(
+                Level(
+                    page.imagewidth,
+                    page.imagelength,
+                    page.tilewidth,
+                    page.tilelength,
+                    np.asarray(page.dataoffsets, np.int64),
+                    np.asarray(page.databytecounts, np.int64),
+                    page.decode,
+                    page.jpegtables,
+                    int(page.compression) == 7,
+                )
+            )
+        if not levels:
+            raise Unsupported("no tiled level")
+        _check_chain_ends(tif, pages, self.uri)
+        return levels, _properties(tif, first)
 
 
 def _check_chain_ends(tif, pages: list, uri: str) -> None:
