@@ -51,11 +51,6 @@ class TileCodec:
     colorspace: int | None = None
     outcolorspace: int | str | None = 2
 
-    @property
-    def standard_colours(self) -> bool:
-        """YCbCr (or the JPEG's own markers) to RGB: what GPU and other JPEG decoders assume."""
-        return self.name == "jpeg" and self.colorspace is None
-
 
 def jpeg_stream(tile: bytes, tables: bytes | None) -> bytes:
     """A tile's JPEG as a whole stream: TIFF's shared JPEGTables (SOI, DQT/DHT…, EOI) put in
