@@ -122,19 +122,22 @@ class EmbedSummary(SlideCounts):
         )
 
     def transfer_line(self) -> str:
-        """What a region moved through the object store to the model actors, beside the
-        compressed bytes of its tiles (≈ 1×: tiles travel; ≈ 16× at 20×: pixels travel), and
-        where its tiles were decoded (``gpu→cpu``: on the CPU after the GPU could not)."""
+        """What a region moved through the object store to the model actors, and for the
+        regions sent as compressed tiles that beside their tiles' bytes (≈ 1×; pixels are ≈ 16×
+        the tiles at 20×); where regions were decoded (``reader``: by the read tasks, ``gpu→cpu``:
+        on the actor's CPU after its GPU could not) and the decode time a packed region took."""
         n = sum(self.decoded.values())
-        moved, tiles = self.moved.get("transfer_bytes", 0.0), self.moved.get("tile_bytes", 0.0)
-        packed = n - self.decoded.get("reader", 0)
+        m = self.moved
+        pixels = self.decoded.get("reader", 0)
+        packed = n - pixels
+        parts = [f"transfer: {m.get('transfer_bytes', 0) / max(n, 1) / 1e6:.2f} MB a region through the object store"]
+        if packed and m.get("tile_bytes"):
+            parts[0] += f", {m['packed_bytes'] / m['tile_bytes']:.2f}× its compressed tiles"
+        if pixels:
+            parts.append(f"{pixels} of {n} regions moved as pixels")
         where = ", ".join(f"{k} {v}" for k, v in sorted(self.decoded.items()))
-        ratio = f", {moved / tiles:.2f}× its compressed tiles" if tiles and not self.decoded.get("reader") else ""
-        decode = f"; {1e3 * self.moved.get('decode_seconds', 0.0) / packed:.0f} ms a region" if packed else ""
-        return (
-            f"transfer: {moved / max(n, 1) / 1e6:.2f} MB a region through the object store{ratio} "
-            f"({tiles / max(packed, 1) / 1e6:.2f} MB of tiles a packed region); decoded: {where}{decode}"
-        )
+        decode = f", {1e3 * m.get('decode_seconds', 0.0) / packed:.0f} ms a packed region" if packed else ""
+        return "; ".join(parts) + f"; decoded: {where}{decode}"
 
 
 def run(cfg: Config) -> EmbedSummary:

@@ -156,7 +156,9 @@ class RegionCommitter(SlideCommitter):
         self.stage_seconds = {"read": 0.0, "model": 0.0}  # summed over the regions that came back
         self.returned = 0  # regions that came back once (ok or failed)
         self.decoded: dict[str, int] = defaultdict(int)  # where regions were decoded → regions
-        self.moved = {"transfer_bytes": 0, "tile_bytes": 0, "decode_seconds": 0.0}  # summed over regions
+        # summed over regions: bytes moved to the model (all, and those of packed regions), their
+        # compressed tile bytes, and the seconds spent decoding them there
+        self.moved = {"transfer_bytes": 0, "packed_bytes": 0, "tile_bytes": 0, "decode_seconds": 0.0}
 
     def add(self, meta: pa.Table) -> None:
         """One batch of :data:`META_SCHEMA` rows."""
@@ -184,8 +186,10 @@ class RegionCommitter(SlideCommitter):
                 self.stage_seconds[kind] += r[f"{kind}_seconds"] or 0.0
             if r["decoded"]:
                 self.decoded[r["decoded"]] += 1
-            for k in self.moved:
+            for k in ("transfer_bytes", "tile_bytes", "decode_seconds"):
                 self.moved[k] += r[k] or 0
+            if r["tile_bytes"]:
+                self.moved["packed_bytes"] += r["transfer_bytes"] or 0
         for sid in touched:
             if sid not in self.done and len(self.got[sid]) >= self.expected.get(sid, 0):
                 self._done(sid, "failed" if sid in self.error else "ok", self.error.get(sid, ""))
