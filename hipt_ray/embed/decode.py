@@ -131,12 +131,14 @@ class RegionDecoder:
                 out.where[i] = "reader"
                 out._ready[i] = torch.from_numpy(np.ascontiguousarray(batch["image"][i])).to(self.device)
         on_gpu = {i: r for i, r in packed.items() if self.gpu and r.tiles.scale == 1 and r.tiles.codec is not None}
-        if on_gpu:
-            self._decode_batched(on_gpu, out)
-        for i, region in packed.items():
-            if i not in out._ready:
-                out.where[i] = "gpu→cpu" if i in on_gpu else "cpu"
+        for i, region in packed.items():  # the CPU's share first: it decodes while the GPU does
+            if i not in on_gpu:
+                out.where[i] = "cpu"
                 out._pending[i] = self.pool.submit(_timed_cpu_decode, region)
+        if on_gpu:
+            for i in self._decode_batched(on_gpu, out):
+                out.where[i] = "gpu→cpu"
+                out._pending[i] = self.pool.submit(_timed_cpu_decode, on_gpu[i])
         return out
 
     def _decode_batched(self, regions: dict[int, PackedRegion], out: DecodedBatch) -> list[int]:
