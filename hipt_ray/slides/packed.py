@@ -85,7 +85,7 @@ class PackedTiles:
 
     def decode_tile(self, k: int, decode: Callable[[bytes, int], Any] | None = None) -> np.ndarray:
         """Tile part ``k``'s decoded tile, RGB ``[h, w, 3]`` at the packed scale; ``decode``
-        (bytes, tile column and row → pixels) replaces the codec for containers without one.
+        (tile bytes, ``k`` → pixels) replaces the codec for containers without one.
 
         Raises:
             TileError: the tile does not decode (the message names it)."""
