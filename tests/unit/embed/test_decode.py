@@ -182,3 +182,17 @@ def test_the_route_setting(slide_set, tmp_path, route, where):
     decoder.jpeg_device = CPU
     row = _reader(tmp_path)(_row(slide_set["small"], (0, 0), (256, 256), 0.5))
     assert decoder(_batch([row])).where == [where]
+
+
+def test_the_summary_line_counts_bytes_and_where_regions_were_decoded():
+    from hipt_ray.embed.job import EmbedSummary
+
+    tiles = 8 * 3_100_000  # 8 packed regions of 3.1 MB of tiles, 1 region of pixels
+    moved = dict(transfer_bytes=tiles * 1.04 + 50_331_648, packed_bytes=tiles * 1.04, tile_bytes=tiles)
+    line = EmbedSummary(
+        decoded={"gpu": 6, "gpu→cpu": 2, "reader": 1}, moved={**moved, "decode_seconds": 0.16}
+    ).transfer_line()
+    assert line == (
+        "transfer: 8.46 MB a region through the object store, 1.04× its compressed tiles; 1 of 9 regions moved "
+        "as pixels; decoded: gpu 6, gpu→cpu 2, reader 1, 20 ms a packed region"
+    )
