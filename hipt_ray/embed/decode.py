@@ -146,7 +146,7 @@ class RegionDecoder:
         the CPU after a GPU failure or colour mismatch (logged)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        usable = {i: r for i, r in regions.items() if r.tiles.codec.name == "jpeg"}  # type: ignore[union-attr]
+        usable = {i: r for i, r in regions.items() if getattr(r.tiles.codec, "jpeg", False)}  # JPEG 2000: CPU
         t0 = time.perf_counter()
         streams = [
             torch.frombuffer(bytearray(jpeg_stream(r.tiles.tile_bytes(k), r.tiles.tables or None)), dtype=torch.uint8)

@@ -14,7 +14,9 @@ a few Arrow columns, not a Python object per tile. No Ray, no torch here.
 
 from __future__ import annotations
 
+import base64
 import json
+import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,15 +43,33 @@ def region_error(exc: TileError) -> str:
 
 @dataclass(frozen=True)
 class TileCodec:
-    """How a level's tiles decode, as plain data (it travels with packed regions).
+    """A tiled TIFF level's JPEG decode as plain data, with ``TiffPage.decode``'s signature
+    (it travels, pickled, with packed regions; ``TiffPage.decode`` cannot).
 
-    ``jpeg``: ``imagecodecs.jpeg_decode`` with the colour spaces tifffile derives from the
-    TIFF tags (``colorspace`` 2: RGB components stored without the YCbCr transform, as Aperio
-    writes them; ``None``: the JPEG's own), so decoding here equals ``TiffPage.decode``."""
+    ``imagecodecs.jpeg_decode`` with the colour spaces tifffile derives from the TIFF tags
+    (``colorspace`` 2: RGB components stored without the YCbCr transform, as Aperio writes
+    them; ``None``: the JPEG's own) and the tile ``shape``, so it decodes as tifffile does.
 
-    name: str = "jpeg"
+    Another container's codec is any picklable callable with this signature and a ``jpeg``
+    attribute (whether its tiles are JPEG streams a GPU JPEG decoder may read)."""
+
     colorspace: int | None = None
     outcolorspace: int | str | None = 2
+    shape: tuple[int, int] | None = None  # (h, w) of a tile
+    jpeg = True
+
+    def __call__(self, data: bytes, index: int, jpegtables: bytes | None = None) -> tuple[np.ndarray, None, None]:
+        import imagecodecs
+
+        pixels = imagecodecs.jpeg_decode(
+            data,
+            bitspersample=8,
+            tables=jpegtables,
+            colorspace=self.colorspace,
+            outcolorspace=self.outcolorspace,
+            shape=self.shape,
+        )
+        return pixels, None, None
 
 
 def jpeg_stream(tile: bytes, tables: bytes | None) -> bytes:
@@ -68,7 +88,7 @@ class PackedTiles:
     canvas: tuple[int, int]
     tile: tuple[int, int]  # a stored tile's (w, h)
     scale: int
-    codec: TileCodec | None  # None: the container's own decoder (not packable)
+    codec: Callable[..., Any] | None  # a TileCodec or another picklable decoder; None: not packable
     tables: bytes
     data: bytes
     layout: np.ndarray  # int32 [n, 10], see _LAYOUT
@@ -100,8 +120,10 @@ class PackedTiles:
                 )
             elif decode is not None:
                 tile = decode(data, k)
+            elif self.codec is not None:
+                tile = self.codec(data, k, jpegtables=self.tables or None)[0]
             else:
-                tile = _decode(self.codec, data, self.tables or None, (th, tw))
+                raise ValueError("no decoder for this level")
         except Exception as exc:
             raise TileError(
                 f"{self.name(k)} failed to decode ({type(exc).__name__}: {exc}): the file is corrupt"
@@ -132,21 +154,6 @@ class PackedTiles:
         return out
 
 
-def _decode(codec: TileCodec | None, data: bytes, tables: bytes | None, shape: tuple[int, int]) -> np.ndarray:
-    import imagecodecs
-
-    if codec is None or codec.name != "jpeg":
-        raise ValueError(f"no decoder for codec {codec!r}")
-    return imagecodecs.jpeg_decode(
-        data,
-        bitspersample=8,
-        tables=tables,
-        colorspace=codec.colorspace,
-        outcolorspace=codec.outcolorspace,
-        shape=shape,
-    )
-
-
 @dataclass
 class PackedRegion:
     """A region of ``size`` (w, h) pixels: its tiles, and the resampling that turns their
@@ -164,7 +171,7 @@ class PackedRegion:
     def to_columns(self) -> dict[str, Any]:
         """The region as row columns (:data:`COLUMNS`): tile bytes, layout, tables, the rest as JSON."""
         t = self.tiles
-        codec = None if t.codec is None else [t.codec.name, t.codec.colorspace, t.codec.outcolorspace]
+        codec = None if t.codec is None else base64.b64encode(pickle.dumps(t.codec)).decode()
         packing = dict(
             uri=t.uri, level=t.level, canvas=t.canvas, tile=t.tile, scale=t.scale, codec=codec,
             resample=self.resample, factor=self.factor, size=self.size,
@@ -179,7 +186,7 @@ class PackedRegion:
     @classmethod
     def from_columns(cls, tiles: bytes, layout: bytes, tables: bytes, packing: str) -> PackedRegion:
         p = json.loads(packing)
-        codec = None if p["codec"] is None else TileCodec(*p["codec"])
+        codec = None if p["codec"] is None else pickle.loads(base64.b64decode(p["codec"]))
         packed = PackedTiles(
             uri=p["uri"], level=p["level"], canvas=tuple(p["canvas"]), tile=tuple(p["tile"]), scale=p["scale"],
             codec=codec, tables=bytes(tables), data=bytes(tiles),

@@ -44,7 +44,7 @@ class Level:
     jpeg: bool  # JPEG-compressed tiles (what scaled decoding needs)
     # how tiles decode as plain data (packed regions carry it to the model); None: only
     # ``decode`` can, so regions of this level are decoded by the read tasks
-    codec: TileCodec | None = None
+    codec: Callable[..., Any] | None = None  # picklable, with decode's signature (e.g. TileCodec)
 
     @property
     def cols(self) -> int:
@@ -201,7 +201,7 @@ class TileSource:
             out[box] = pixels
         return out
 
-    def codec(self, level: int) -> TileCodec | None:
+    def codec(self, level: int) -> Callable[..., Any] | None:
         """How ``level``'s tiles decode as plain data (``None``: only here, by the container)."""
         return self._levels[level].codec
 
@@ -403,7 +403,7 @@ def _jpeg_codec(page) -> TileCodec | None:
     if int(page.compression) != 7:
         return None
     colorspace, out = jpeg_decode_colorspace(int(page.photometric), page.planarconfig, page.extrasamples, page.is_jfif)
-    return TileCodec("jpeg", colorspace, out)
+    return TileCodec(colorspace, out, (page.tilelength, page.tilewidth))
 
 
 def _check_chain_ends(tif, pages: list, uri: str) -> None:

@@ -76,3 +76,30 @@ def test_a_corrupt_tile_fails_with_the_read_paths_reason(tmp_path):
         decode_region(region)
     assert region_error(decoded.value) == str(read.value)
     assert "failed to decode" in str(read.value) and str(path) in str(read.value)
+
+
+class _OwnDecoder:
+    """Another container's picklable tile decoder (as the DICOM backend's frame decoder is)."""
+
+    jpeg = True
+
+    def __call__(self, data: bytes, index: int, jpegtables: bytes | None = None) -> tuple:
+        import imagecodecs
+
+        return imagecodecs.jpeg8_decode(data, tables=jpegtables, colorspace="YCBCR", outcolorspace="RGB"), None, None
+
+
+def test_another_containers_picklable_decoder_travels_with_the_region(slide_set):
+    path = str(slide_set["good"])
+    source = TiledTiff(path)
+    with Slide(path, source=TiledTiff(path)) as ref:
+        want = ref.read_region((256, 256), (1024, 512), 0.5)[0]
+    source._levels[0].codec = _OwnDecoder()
+    with Slide(path, source=source) as slide:
+        region = _through_columns(slide.pack_region((256, 256), (1024, 512), 0.5))
+    assert isinstance(region.tiles.codec, _OwnDecoder) and np.array_equal(decode_region(region), want)
+    source = TiledTiff(path)
+    source._levels[0].codec = None  # a level whose decoder cannot travel: read as pixels
+    with Slide(path, source=source) as slide:
+        assert slide.pack_region((256, 256), (1024, 512), 0.5) is None
+        assert np.array_equal(slide.read_region((256, 256), (1024, 512), 0.5)[0], want)
