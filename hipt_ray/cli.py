@@ -374,10 +374,11 @@ COMMANDS = {
 
 def _run(command: Command, args: argparse.Namespace) -> int:
     cfg = command.config(args)
-    if cfg is not None:  # before Ray starts: its workers inherit the budget through the environment
-        from hipt_ray.storage import set_retry_budget
+    if cfg is not None:  # before Ray starts: its workers inherit these through the environment
+        from hipt_ray.storage import set_anonymous_buckets, set_retry_budget
 
         set_retry_budget(cfg.storage.retries, cfg.storage.retry_seconds)
+        set_anonymous_buckets(cfg.storage.anonymous_buckets)
     result = command.run(args, cfg)
     for line in result.lines():
         print(line)
