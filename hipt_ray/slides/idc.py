@@ -29,7 +29,7 @@ import difflib
 import functools
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
@@ -291,7 +291,8 @@ class IdcListing:
     def of(cls, source: str) -> IdcListing:
         return cls(source, tuple(list_series(source)))
 
-    def lines(self) -> list[str]:
+    def lines(self, anonymous_buckets: Collection[str] = ()) -> list[str]:
+        """The counts, and how the objects will be read (``anonymous_buckets``: storage.anonymous_buckets)."""
         n = len(self.series)
         size = sum(s.size_bytes for s in self.series)
         codecs: dict[str, int] = {}
@@ -304,5 +305,11 @@ class IdcListing:
             f"(IDC index, idc-index-data {index_version()})",
             f"bytes: {size / 1e9:,.1f} GB in all (series sizes from the index: every level, label and overview)",
             f"JPEG 2000: {j2k:,} slides ({j2k / n:.1%}); by codec: {by_codec}",
-            f"objects: {self.series[0].uri}… read anonymously (storage.anonymous_buckets)",
+            f"objects: {self.series[0].uri} …, " + self._access(anonymous_buckets),
         ]
+
+    def _access(self, anonymous_buckets: Collection[str]) -> str:
+        buckets = sorted({s.uri.split("/")[2] for s in self.series})
+        if set(buckets) <= set(anonymous_buckets):
+            return "read anonymously (storage.anonymous_buckets)"
+        return f"read with your AWS credentials: {', '.join(buckets)} not in storage.anonymous_buckets"

@@ -116,6 +116,21 @@ def _idc_slides(source: str) -> list[SlideSpec]:
     return [SlideSpec(s.slide_id, s.uri, case_id=s.case_id) for s in list_series(source)]
 
 
+def write_manifest(specs: list[SlideSpec], uri: str, *, endpoint_url: str | None = None) -> None:
+    """``specs`` as a manifest CSV (``uri,slide_id,case_id,mpp``) that ``--slides`` reads back
+    as the same slides, and whose ``slide_id``/``case_id`` columns a case-level labels table
+    (TCGA clinical data, say) joins to (slides refused as listed are left out)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["uri", "slide_id", "case_id", "mpp"])
+    for s in specs:
+        if not s.error:
+            writer.writerow([s.uri, s.slide_id, s.case_id, "" if s.mpp is None else repr(s.mpp)])
+    fs, path = filesystem(uri, endpoint_url)
+    with fs.open(path, "wb") as fh:
+        fh.write(buf.getvalue().encode())
+
+
 def list_slides(source: str, *, endpoint_url: str | None = None) -> list[SlideSpec]:
     """Resolve a slide source to slide specs, sorted by slide id.
 

@@ -151,3 +151,29 @@ def test_parse_source_normalises_the_collection_and_splits_lists():
     q = parse_source("idc:TCGA-LUAD?cases=A, B&sections=FFPE,frozen&limit=3")
     assert q == idc.IdcQuery(collection="tcga_luad", sections=("ffpe", "frozen"), cases=("A", "B"), limit=3)
     assert list_series("idc:tcga_luad?limit=1")[0].case_id.startswith("TCGA-")
+
+
+def test_the_slides_command_prints_the_listing_and_writes_a_manifest_that_reads_back(tmp_path, capsys):
+    from hipt_ray.cli import main
+
+    csv = tmp_path / "brca.csv"
+    assert main(["slides", "idc:tcga_brca?cases=TCGA-3C-AALI,TCGA-3C-AALJ", "--write", str(csv)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("idc:tcga_brca?cases=TCGA-3C-AALI,TCGA-3C-AALJ: 4 slides of 2 cases")
+    assert out[2].startswith("JPEG 2000: ") and "read anonymously (storage.anonymous_buckets)" in out[3]
+    assert out[-1] == f"manifest: {csv}"
+    listed = list_slides("idc:tcga_brca?cases=TCGA-3C-AALI,TCGA-3C-AALJ")
+    assert csv.read_text().splitlines()[:2] == [
+        "uri,slide_id,case_id,mpp",
+        f"{listed[0].uri},TCGA-3C-AALI-TP-DX1,TCGA-3C-AALI,",
+    ]
+    assert list_slides(str(csv)) == listed  # the same slides, ids and cases
+    assert main(["slides", str(csv)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{csv}: 4 slides of 2 cases"]
+
+
+def test_the_slides_command_says_why_a_source_cannot_be_listed(capsys):
+    from hipt_ray.cli import main
+
+    assert main(["slides", "idc:tcga_brac"]) == 2
+    assert capsys.readouterr().err.startswith("hipt-ray slides: idc:tcga_brac: no such collection")
