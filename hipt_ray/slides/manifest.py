@@ -48,7 +48,7 @@ class SlideSpec:
         """The reference of this slide as listed, before any tiling: its MPP override is the
         manifest's ``mpp``, else its entry in ``overrides`` (``tiling.mpp_overrides``)."""
         mpp = self.mpp if self.mpp is not None else (overrides or {}).get(self.slide_id)
-        return SlideRef(slide_id=self.slide_id, uri=self.uri, mpp_override=mpp)
+        return SlideRef(slide_id=self.slide_id, uri=self.uri, mpp_override=mpp, case_id=self.case_id or None)
 
 
 def checked_slide(slide_id: str, uri: str, mpp: float | None = None) -> SlideSpec:
