@@ -54,9 +54,10 @@ COLUMNS = [
     "crdc_series_uuid",
     "series_size_MB",
 ]
-# The pixel codecs of slide-microscopy series, by transfer syntax UID. Explicit VR Little Endian
-# (uncompressed) sits beside the codec in most TCGA series (a small image of the series is stored
-# uncompressed), so a series' codec is the compressed syntax it holds.
+# The pixel codecs of slide-microscopy series, by transfer syntax UID. The index lists every syntax
+# a series' instances use; Explicit VR Little Endian (uncompressed) sits beside the codec in most
+# TCGA series (one of their instances is stored uncompressed), so a series' codec is the
+# compressed syntax it holds.
 UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 CODECS = {
     "1.2.840.10008.1.2.4.50": "JPEG baseline",
@@ -113,10 +114,10 @@ def is_idc_source(source: str) -> bool:
     return source[: len(SCHEME)].lower() == SCHEME
 
 
-def _values(key: str, text: str) -> tuple[str, ...]:
+def _values(source: str, key: str, text: str) -> tuple[str, ...]:
     values = tuple(v.strip() for v in text.split(",") if v.strip())
     if not values:
-        raise IdcError(f"idc query key {key!r} has no value; e.g. {key}=a,b")
+        raise IdcError(f"slide source {source!r}: {key!r} has no value; e.g. {key}=a,b")
     return values
 
 
@@ -140,7 +141,7 @@ def parse_source(source: str) -> IdcQuery:
                 raise IdcError(f"slide source {source!r}: limit={text!r} is not a whole number of slides ≥ 1")
             fields[key] = int(text)
             continue
-        values = _values(key, text)
+        values = _values(source, key, text)
         if key == "sections":
             known = (*SECTIONS, "all")
             values = tuple(v.lower() for v in values)
@@ -153,7 +154,8 @@ def parse_source(source: str) -> IdcQuery:
 @functools.cache
 def index_table() -> pa.Table:
     """The slide-microscopy (``Modality`` SM) rows of the IDC index shipped in idc-index-data,
-    read once per process (≈ 0.3 s for 76,300 of its 1,044,191 rows in release 25.0.5).
+    read once per process: 76,300 of its 1,044,191 rows in release 25.0.5, ≈ 0.3 s with the
+    75 MB file in the page cache, ≈ 1 s from disk (2-core AMD EPYC).
 
     Raises:
         IdcError: idc-index-data is not installed.
