@@ -154,8 +154,8 @@ def parse_source(source: str) -> IdcQuery:
 @functools.cache
 def index_table() -> pa.Table:
     """The slide-microscopy (``Modality`` SM) rows of the IDC index shipped in idc-index-data,
-    read once per process: 76,300 of its 1,044,191 rows in release 25.0.5, ≈ 0.3 s with the
-    75 MB file in the page cache, ≈ 1 s from disk (2-core AMD EPYC).
+    read once per process: 76,300 of its 1,044,191 rows in release 25.0.5, 0.3-0.6 s on a
+    2-core AMD EPYC with the 75 MB file in the page cache (up to 3 s with both cores busy).
 
     Raises:
         IdcError: idc-index-data is not installed.
