@@ -108,6 +108,11 @@ class StorageConfig(_Section):
         "error (Lance's client retries and request timeout get one try's share). "
         "Also read by Ray workers as HIPT_RAY_STORAGE_RETRY_SECONDS.",
     )
+    anonymous_buckets: list[str] = Field(
+        default=["idc-open-data"],
+        description="Buckets read without credentials (unsigned requests): public data such as the Imaging Data "
+        "Commons' idc-open-data. Also read by Ray workers as HIPT_RAY_ANONYMOUS_BUCKETS (comma-separated).",
+    )
     lease_seconds: float = Field(
         default=120.0,
         ge=10.0,
@@ -120,6 +125,17 @@ class StorageConfig(_Section):
         ge=0.0,
         description="Table versions older than this are deleted after each embed run (time travel within it).",
     )
+
+    @field_validator("anonymous_buckets")
+    @classmethod
+    def _bucket_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", name):
+                raise ValueError(
+                    f"{name!r} is not a bucket name (3-63 lower-case letters, digits, '.' or '-'); "
+                    "give the bare name, e.g. idc-open-data, not s3://idc-open-data/…"
+                )
+        return v
 
 
 class TilingConfig(_Section):

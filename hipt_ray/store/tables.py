@@ -55,6 +55,7 @@ SLIDES_SCHEMA = pa.schema(
         ("backend", pa.string()),  # what read the pixels: tiles | openslide
         ("seconds", pa.float64()),
         ("time", pa.timestamp("us", tz="UTC")),
+        ("case_id", pa.string()),  # the patient, when the slide source says (idc:, a manifest); null before it
     ]
 )
 
@@ -100,7 +101,11 @@ def slide_ref(row: dict) -> SlideRef:
     """The reference of the slide a ``slides.lance`` row describes: every later reader opens it
     with the MPP override its tiling used and refuses a file that is no longer that version."""
     return SlideRef(
-        slide_id=row["slide_id"], uri=row["uri"], mpp_override=recorded_override(row), version=row_version(row)
+        slide_id=row["slide_id"],
+        uri=row["uri"],
+        mpp_override=recorded_override(row),
+        version=row_version(row),
+        case_id=row.get("case_id"),
     )
 
 
