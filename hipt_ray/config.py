@@ -357,6 +357,11 @@ class PretrainConfig(_Section):
         default="auto", description="auto: when the cluster has GPU nodes or its autoscaler can add them"
     )
     cpus_per_worker: float = Field(default=0.5, gt=0, description="< 1 leaves CPUs for Ray Data on small nodes")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each training worker asks for, to place workers on the nodes meant "
+        "for them (e.g. {model: 1}: one worker per node of a type that declares model: 1)",
+    )
     checkpoint_every_steps: int = Field(default=200, gt=0)
     num_to_keep: int = Field(default=2, gt=0)
     max_failures: int = Field(default=3, ge=-1)
