@@ -297,7 +297,7 @@ class EmbedConfig(_Section):
     read_resources: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources each read/write task and each model actor asks for, to place them on "
-        "the nodes meant for them (cluster.yaml: {decode: 1} on cpu_decode nodes).",
+        "the nodes meant for them (e.g. {decode: 1} with a node type that declares decode: N).",
     )
     actor_resources: dict[str, float] = Field(default_factory=dict)
 
