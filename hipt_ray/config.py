@@ -313,7 +313,7 @@ class EmbedConfig(_Section):
     read_resources: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources each read/write task and each model actor asks for, to place them on "
-        "the nodes meant for them (cluster.yaml: {decode: 1} on cpu_decode nodes).",
+        "the nodes meant for them (e.g. {decode: 1} with a node type that declares decode: N).",
     )
     actor_resources: dict[str, float] = Field(default_factory=dict)
 
@@ -373,6 +373,11 @@ class PretrainConfig(_Section):
         default="auto", description="auto: when the cluster has GPU nodes or its autoscaler can add them"
     )
     cpus_per_worker: float = Field(default=0.5, gt=0, description="< 1 leaves CPUs for Ray Data on small nodes")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each training worker asks for, to place workers on the nodes meant "
+        "for them (e.g. {model: 1}: one worker per node of a type that declares model: 1)",
+    )
     checkpoint_every_steps: int = Field(default=200, gt=0)
     num_to_keep: int = Field(default=2, gt=0)
     max_failures: int = Field(default=3, ge=-1)

@@ -155,7 +155,7 @@ def run(cfg: Config) -> PretrainSummary:
         {"steps_per_epoch": spe, "items_per_epoch_estimate": n_items, "arch": stage_arch(cfg), "use_gpu": use_gpu}
     )
     run_id = _mlflow_run(cfg, params)
-    resources = {"CPU": p.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+    resources = {"CPU": p.cpus_per_worker, **p.worker_resources} | ({"GPU": 1} if use_gpu else {})
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
