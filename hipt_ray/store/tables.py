@@ -119,15 +119,23 @@ def _in(column: str, values: Iterable[str]) -> str:
     return f"{column} IN ({', '.join(sql_string(v) for v in values)})"
 
 
-def embedding_fields(dim4k: int, dim256: int) -> list[pa.Field]:
+MEAN = "mean256"
+
+
+def embedding_fields(dim4k: int, dim256: int, mean_column: str = MEAN) -> list[pa.Field]:
     """Columns the embedding job adds to ``regions``: fixed-size vectors (what vector indexes
     need) and the per-patch tokens, row-major, flattened (``read_h/256 · read_w/256 · dim256``
-    values; a full region has 256·384)."""
+    values; a full region has 256·384). The mean of the patch embeddings goes to ``mean_column``
+    (see :meth:`Store.mean_column`: patch encoders of other widths side by side in one table)."""
     return [
         pa.field("emb4k", pa.list_(pa.float32(), dim4k)),
-        pa.field("mean256", pa.list_(pa.float32(), dim256)),
+        pa.field(mean_column, pa.list_(pa.float32(), dim256)),
         pa.field("tokens256", pa.list_(pa.float16())),
     ]
+
+
+def _mean_columns(schema: pa.Schema) -> list[str]:
+    return [n for n in schema.names if n == MEAN or n.startswith(f"{MEAN}_")]
 
 
 def lance_storage_options(out: str, endpoint_url: str | None = None) -> dict[str, str] | None:
@@ -227,6 +235,27 @@ class Store:
                     "(a model of another size?): write to a new --out"
                 )
         return ds
+
+    def mean_column(self, dim256: int) -> str:
+        """Where a patch encoder of width ``dim256`` keeps ``mean256`` in this output's regions
+        table: ``mean256`` when the table has none yet or has it at that width, else
+        ``mean256_<dim256>`` (so UNI's 1024-d means sit beside HIPT's 384-d ones; ``emb4k``,
+        192-d for every ViT-4K XS, and the variable-length ``tokens256`` are shared)."""
+        ds = self.dataset(REGIONS)
+        if ds is None or MEAN not in ds.schema.names or ds.schema.field(MEAN).type.list_size == dim256:
+            return MEAN
+        return f"{MEAN}_{dim256}"
+
+    def mean_column_of(self, model_id: str) -> str:
+        """The column holding ``mean256`` for the rows of ``model_id`` (see :meth:`mean_column`)."""
+        ds = self.dataset(REGIONS)
+        names = _mean_columns(ds.schema) if ds is not None else []
+        if ds is None or len(names) <= 1:
+            return MEAN
+        row = self._io(
+            REGIONS, lambda: ds.to_table(columns=names, filter=f"model_id = {sql_string(model_id)}", limit=1)
+        )
+        return next((n for n in names if row.num_rows and row[n][0].is_valid), MEAN)
 
     def prepare_regions(self, schema: pa.Schema) -> pa.Schema:
         """Make ``regions.lance`` hold every column of ``schema`` (creating it empty if need
@@ -509,8 +538,9 @@ def read_embeddings(
     """
     store = Store(out, endpoint_url=endpoint_url)
     model_id, spec_hash = resolve_embedding(store, model_id, spec_hash)
+    mean = store.mean_column_of(model_id)
     rows = store.regions(
-        spec_hash, slide_ids, model_id=model_id, columns=["slide_id", "region_index", "x", "y", "emb4k", "mean256"]
+        spec_hash, slide_ids, model_id=model_id, columns=["slide_id", "region_index", "x", "y", "emb4k", mean]
     )
     out_dict: dict[str, dict] = {}
     if rows.num_rows == 0:
@@ -527,7 +557,7 @@ def read_embeddings(
             return np.stack(col.to_numpy(zero_copy_only=False)).astype(np.float32)
         return np.asarray(col.flatten(), np.float32).reshape(len(ids), -1)
 
-    emb_all, m256_all = matrix("emb4k"), matrix("mean256")
+    emb_all, m256_all = matrix("emb4k"), matrix(mean)
     xs, ys = rows["x"].to_numpy(), rows["y"].to_numpy()
     for a, b in zip(starts, ends):
         emb = emb_all[a:b]
