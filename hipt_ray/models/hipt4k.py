@@ -140,8 +140,12 @@ class HIPT4K(nn.Module):
     @property
     def tokens_per_side(self) -> int:
         """Patch tokens per side of one encoder input (16 for HIPT's 256 px at patch 16)."""
-        size = getattr(self.vit256.patch_embed, "patch_size", 16)  # a timm PatchEmbed: (h, w)
-        return self.input_px // int(size[0] if isinstance(size, tuple) else size)
+        vit256 = self.vit256
+        # a PatchEncoder knows its patch size; HIPT's ViT-256 has timm's PatchEmbed: (h, w)
+        if isinstance(vit256, PatchEncoder):
+            return self.input_px // vit256.patch_size
+        size = getattr(vit256.patch_embed, "patch_size", (16, 16))
+        return self.input_px // int(size[0])
 
     def grid(self, tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         """``[B, N, D]`` → ``[B, D, rows, cols]`` (the ViT-4K input)."""

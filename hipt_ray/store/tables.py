@@ -15,6 +15,7 @@ of that status row, and the old rows are deleted right after. Readers also retur
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 
@@ -256,6 +257,10 @@ class Store:
             REGIONS, lambda: ds.to_table(columns=names, filter=f"model_id = {sql_string(model_id)}", limit=1)
         )
         return next((n for n in names if row.num_rows and row[n][0].is_valid), MEAN)
+
+    def token_width(self, model_id: str) -> int:
+        """The width of ``model_id``'s patch embeddings (its ``tokens256`` and ``mean256``)."""
+        return int(self.existing(REGIONS).schema.field(self.mean_column_of(model_id)).type.list_size)
 
     def prepare_regions(self, schema: pa.Schema) -> pa.Schema:
         """Make ``regions.lance`` hold every column of ``schema`` (creating it empty if need
@@ -506,20 +511,36 @@ def current_regions(rows: pa.Table, versions: dict[str, str]) -> pa.Table:
     return rows.take(pa.array(keep[first]))
 
 
-def resolve_embedding(store: Store, model_id: str | None = None, spec_hash: str | None = None) -> tuple[str, str]:
+def resolve_embedding(
+    store: Store, model_id: str | None = None, spec_hash: str | None = None, *, key: str = "model_id"
+) -> tuple[str, str]:
     """The (model id, tiling spec) of the embeddings under ``store``; each may be left out when
-    the output holds only one."""
-    latest = store.read(SLIDES, columns=["model_id", "spec_hash", "status"])
+    the output holds only one. ``key`` is the setting that chooses the model (``heads.model_id``):
+    an output holding several models' embeddings (patch encoders side by side) and no choice is
+    an error that lists them with their slide counts."""
+    latest = store.read(SLIDES, columns=["slide_id", "model_id", "spec_hash", "status"])
     ok = latest.filter(pc.and_(pc.equal(latest["status"], "ok"), pc.not_equal(latest["model_id"], "")))
-    found = {}
-    for name, value in (("model_id", model_id), ("spec_hash", spec_hash)):
-        if value is None:
-            values = sorted(set(ok[name].to_pylist()))
-            if len(values) != 1:
-                raise InputError(f"{store.out} holds embeddings for {name} in {values or 'none'}; pass {name}=…")
-            value = values[0]
-        found[name] = value
-    return found["model_id"], found["spec_hash"]
+    if model_id is None:
+        counts = Counter(m for _, m in set(zip(ok["slide_id"].to_pylist(), ok["model_id"].to_pylist())))
+        if len(counts) > 1:
+            listed = ", ".join(f"{m} ({n} slides)" for m, n in sorted(counts.items()))
+            raise InputError(
+                f"{store.out} holds the embeddings of {len(counts)} models: {listed}; choose one with {key}=<id>"
+            )
+        model_id = next(iter(counts), None)
+    if model_id is None:
+        raise InputError(f"{store.out} holds no embeddings; run `hipt-ray embed` with this --out first")
+    if spec_hash is None:  # the tilings this model embedded (a patch encoder's own, or HIPT's)
+        specs = sorted(set(ok.filter(pc.equal(ok["model_id"], model_id))["spec_hash"].to_pylist()))
+        if not specs:
+            models = sorted(set(ok["model_id"].to_pylist()))
+            raise InputError(f"{store.out} holds no embeddings of {key}={model_id}; it holds {models or 'none'}")
+        if len(specs) != 1:
+            raise InputError(
+                f"{store.out} holds embeddings of {model_id} for spec_hash in {specs or 'none'}; pass spec_hash=…"
+            )
+        spec_hash = specs[0]
+    return model_id, spec_hash
 
 
 def read_embeddings(
