@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hipt_ray.config import Config
+from hipt_ray.config import Config, ConfigError
 from hipt_ray.console import Progress
 from hipt_ray.data.pretrain import build_grid_dataset, build_patch_dataset
 from hipt_ray.models import create_model, export_checkpoint
@@ -135,6 +135,11 @@ def run(cfg: Config) -> PretrainSummary:
     shape = cluster_shape()  # GPU nodes an autoscaler keeps at zero count: the workers ask for them
     use_gpu = cluster_wants_gpu(p.use_gpu, gpus=shape.most({"GPU": 1}), key="pretrain.use_gpu", source=shape.source)
     token_dim = None
+    if p.stage == "vit256" and cfg.model.patch_encoder not in (None, "vit256_s16"):
+        raise ConfigError(
+            f"pretrain --stage vit256 trains HIPT's ViT-256; model.patch_encoder={cfg.model.patch_encoder} comes "
+            "pretrained: embed with it, then run stage 2 (--stage vit4k) over its token grids"
+        )
     if p.stage == "vit256":
         specs = list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)
         tile_run(cfg, specs)  # reuses tiling already under --out
