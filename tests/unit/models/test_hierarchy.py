@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hipt_ray.config import ConfigError, load_config
+from hipt_ray.config import ConfigError, HeadsConfig, load_config
+from hipt_ray.heads.cohort import Cohort
+from hipt_ray.heads.fit import build_head
 from hipt_ray.models import create_model
 from hipt_ray.models.encoders import PatchEncoder, create_encoder, list_encoders
 from hipt_ray.models.geometry import apply_geometry, resolve_geometry
@@ -138,3 +140,13 @@ def test_encoder_attention_leaves_out_the_registers():
     assert model.prefix_tokens == 5 and model.tokens_per_side == 16
     assert a256.shape == (4, 2, 5 + 256, 5 + 256) and a4k.shape == (1, 2, 5, 5)
     torch.testing.assert_close(a256.sum(-1), torch.ones(4, 2, 261))
+
+
+def test_a_heads_local_vit4k_takes_the_width_of_the_stored_tokens():
+    grids = [torch.randn(96, 16, 16), torch.randn(96, 8, 16)]  # virchow2_tiny's width, a full and an edge region
+    cohort = Cohort(["c0"], [torch.zeros(2, 32)], classes=["a", "b"], token_bags=[grids])
+    head = build_head(HeadsConfig(head="hipt_lgp", local_vit="vit4k_tiny"), cohort).eval()
+    assert head.local_vit.in_dim == 96
+    with torch.no_grad():
+        logits, attn = head(grids)
+    assert logits.shape == (1, 2) and attn.shape[-1] == 2
