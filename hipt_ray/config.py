@@ -249,7 +249,23 @@ class ModelConfig(_Section):
     """Which HIPT model embeds, and with which weights."""
 
     name: str = Field(default="hipt4k", description="hipt4k (ViT-S/16 + ViT-4K XS) or hipt4k_tiny (tests, demo)")
-    checkpoint_256: str | None = Field(default=None, description="official vit256_small_dino.pth layout, path or s3://")
+    patch_encoder: str | None = Field(
+        default=None,
+        description="The patch level: None keeps the model's own ViT-256 (vit256_s16 for hipt4k, vit256_tiny for "
+        "hipt4k_tiny); a registered patch encoder (uni, uni2_h, virchow2, h_optimus_0, gigapath, …; "
+        "vit256_s16 is HIPT's) runs under a ViT-4K whose input is that encoder's embedding width.",
+    )
+    patch_geometry: Literal["auto", "native", "resize", "tiling"] = Field(
+        default="auto",
+        description="With patch_encoder: native (= auto) cuts patches of the encoder's own input size (16 × 224 "
+        "px = a 3584 px region for UNI); resize cuts tiling.patch_px (256) and resizes each patch to "
+        "the encoder's input (as TRIDENT/UNI do); tiling feeds tiling.patch_px as it is (encoders whose "
+        "patch size divides it). Part of the tiling spec (what is cut) and of the model id.",
+    )
+    checkpoint_256: str | None = Field(
+        default=None,
+        description="official vit256_small_dino.pth layout, or the patch encoder's published weight file; path or s3://",
+    )
     checkpoint_4k: str | None = Field(default=None, description="vit4k_xs_dino.pth")
     allow_random_weights: bool = Field(
         default=False,
