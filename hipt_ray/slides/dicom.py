@@ -28,7 +28,7 @@ from pydicom.uid import UID
 
 from hipt_ray.slides import dicom_frames as frames
 from hipt_ray.slides.tiles import Level, TileError, TileSource
-from hipt_ray.storage import ObjectInfo, is_remote, local_path, stat
+from hipt_ray.storage import ObjectInfo, filesystem, is_remote, local_path, stat
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,16 @@ def series_version(instances: list[Instance], versions: list[str]) -> str:
     for inst, version in zip(instances, versions):
         h.update(f"{inst.uri.rsplit('/', 1)[-1]}\0{inst.size}\0{version}\n".encode())
     return "series-" + h.hexdigest()
+
+
+def series_info(uri: str) -> tuple[ObjectInfo, str]:
+    """A local series' identity (as :class:`DicomSlide` records it) and its first instance's path
+    (what OpenSlide opens), without reading any instance."""
+    folder = series_folder(uri) or uri
+    fs, _ = filesystem(folder)
+    instances = list_instances(fs, folder)
+    version = series_version(instances, [stat(i.uri).version for i in instances])
+    return ObjectInfo(folder, sum(i.size for i in instances), version), local_path(instances[0].uri)
 
 
 def _flavor(ds: Dataset) -> str:

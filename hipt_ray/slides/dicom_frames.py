@@ -183,10 +183,10 @@ def walk(first_item: int, read: Reader, size: int, name: str) -> FrameIndex:
     offsets, counts = [], []
     pos, block_at, block = first_item, first_item, b""
     while True:
+        if pos + 8 > size:
+            raise FrameIndexError(f"{name}: the encapsulated PixelData ends without its delimiter (truncated)")
         if pos + 8 > block_at + len(block):
             block_at, block = pos, read(pos, min(WALK_BLOCK, size - pos))
-            if len(block) < 8:
-                raise FrameIndexError(f"{name}: the encapsulated PixelData ends without its delimiter (truncated)")
         tag, length = struct.unpack_from("<II", block, pos - block_at)
         if tag == SEQUENCE_END:
             break
