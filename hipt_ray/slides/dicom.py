@@ -134,7 +134,7 @@ def _check_volume(h: _Header) -> None:
         raise DicomError(f"{name}: a level split over concatenated instances is not read")
 
 
-def _properties(ds: Dataset, levels: list[_Header], methods: list[str]) -> dict[str, str]:
+def _properties(ds: Dataset, methods: list[str]) -> dict[str, str]:
     """OpenSlide's DICOM properties ``resolve_mpp`` reads (PixelSpacing is mm, row then column),
     plus what this backend records about the series."""
     props = {
@@ -175,27 +175,31 @@ class DicomSlide(TileSource):
         self.instances = list_instances(self.fs, folder)
         with ThreadPoolExecutor(max_workers=min(8, len(self.instances)) if self.remote else 1) as pool:
             opened = list(pool.map(lambda inst: self._open_instance(inst, kw), self.instances))
-        self._parts = [part for part, _ in opened]
+        self._parts = [part for part, _, _ in opened]
+        self.requests += sum(reads[0] for _, _, reads in opened)  # the header reads
+        self.bytes_read += sum(reads[1] for _, _, reads in opened)
         versions = (
             [part.etag or "" for part in self._parts] if self.remote else [stat(i.uri).version for i in self.instances]
         )
         self.info = ObjectInfo(folder, sum(i.size for i in self.instances), series_version(self.instances, versions))
-        volume, self.associated = self._pyramid([h for _, h in opened])
+        volume, self.associated = self._pyramid([h for _, h, _ in opened])
         built = [self._level(h) for h in volume]
-        self._set_levels([lv for lv, _ in built], _properties(volume[0].ds, volume, [m for _, m in built]))
+        self._set_levels([lv for lv, _ in built], _properties(volume[0].ds, [m for _, m in built]))
 
     # ------------------------------------------------------------------ opening
-    def _open_instance(self, inst: Instance, kw: dict) -> tuple[TileSource, _Header]:
+    def _open_instance(self, inst: Instance, kw: dict) -> tuple[TileSource, _Header, tuple[int, int]]:
         try:
             part = TileSource(inst.uri, **kw)
-            return part, self._header(inst, part)
+            return part, *self._header(inst, part)
         except FileNotFoundError:
             raise DicomError(f"{inst.uri}: the instance was listed but cannot be read (removed?)") from None
 
-    def _header(self, inst: Instance, part: TileSource) -> _Header:
-        """The instance's header up to PixelData, and the Basic Offset Table, in one pass."""
+    def _header(self, inst: Instance, part: TileSource) -> tuple[_Header, tuple[int, int]]:
+        """The instance's header up to PixelData, and the Basic Offset Table, in one pass; and
+        the (requests, bytes) it took."""
+        reads = (0, 0)
         fh = (
-            part.fs.open(part.path, "rb", block_size=_HEADER_BLOCK, cache_type="readahead")
+            part.fs.open(part.path, "rb", block_size=_HEADER_BLOCK, cache_type="readahead", size=inst.size)
             if self.remote
             else open(local_path(inst.uri), "rb")
         )
@@ -214,10 +218,9 @@ class DicomSlide(TileSource):
         finally:
             if self.remote:
                 cache = getattr(fh, "cache", None)
-                self.bytes_read += getattr(cache, "total_requested_bytes", 0)
-                self.requests += getattr(cache, "miss_count", 0)
+                reads = (getattr(cache, "miss_count", 0), getattr(cache, "total_requested_bytes", 0))
             fh.close()
-        return _Header(inst, ds, bytes(getattr(ds, "preamble", None) or b""), at + 20 + len(bot), bot)
+        return _Header(inst, ds, bytes(getattr(ds, "preamble", None) or b""), at + 20 + len(bot), bot), reads
 
     def _pyramid(self, headers: list[_Header]) -> tuple[list[_Header], list[str]]:
         """The volume instances of the one series, largest first, and the associated images."""

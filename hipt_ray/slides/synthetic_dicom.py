@@ -27,7 +27,7 @@ import tifffile
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, encapsulate_extended
 from pydicom.filereader import dcmread
-from pydicom.uid import UID, JPEG2000Lossless, JPEGBaseline8Bit, generate_uid
+from pydicom.uid import JPEG2000, UID, JPEG2000Lossless, JPEGBaseline8Bit, generate_uid
 
 VL_WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 OffsetTable = Literal["extended", "basic", "none"]
@@ -50,14 +50,23 @@ def _jpeg_frame(tile: bytes, tables: bytes | None) -> bytes:
     return tables[:-2] + tile[2:] if tables else tile
 
 
-def tiff_levels(path: str | Path, *, codec: Literal["jpeg", "jpeg2k"] = "jpeg") -> list[FrameLevel]:
+Codec = Literal["jpeg", "jpeg2k", "jpeg2k-lossy"]
+# JPEG 2000 as written: (transfer syntax, PhotometricInterpretation, encoder level, reversible)
+_J2K = {
+    "jpeg2k": (JPEG2000Lossless, "YBR_RCT", 0, True),
+    "jpeg2k-lossy": (JPEG2000, "YBR_ICT", 40, False),  # ≈ 40 dB PSNR, about JPEG q85's size
+}
+
+
+def tiff_levels(path: str | Path, *, codec: Codec = "jpeg") -> list[FrameLevel]:
     """The levels of a tiled JPEG TIFF as DICOM frames: its JPEG tiles as they are (``jpeg``), or
-    its decoded tiles re-encoded as lossless JPEG 2000 (``jpeg2k``, reversible colour transform)."""
+    its decoded tiles re-encoded as JPEG 2000: lossless (``jpeg2k``, reversible colour
+    transform: the same pixels) or lossy (``jpeg2k-lossy``, as TCGA's JPEG 2000 slides are)."""
     with tifffile.TiffFile(str(path)) as tif:
         return [_page_level(p, tif.filehandle, codec) for p in tif.pages if p.is_tiled and p.tilewidth == p.tilelength]  # type: ignore[union-attr]
 
 
-def _page_level(page: Any, fh: Any, codec: str) -> FrameLevel:
+def _page_level(page: Any, fh: Any, codec: Codec) -> FrameLevel:
     """One TIFF page's tiles as DICOM frames (see :func:`tiff_levels`)."""
     frames: list[bytes] = []
     for i, (off, n) in enumerate(zip(page.dataoffsets, page.databytecounts)):
@@ -68,16 +77,13 @@ def _page_level(page: Any, fh: Any, codec: str) -> FrameLevel:
         else:
             pixels = page.decode(data, i, jpegtables=page.jpegtables)[0]
             tile = np.ascontiguousarray(np.asarray(pixels).reshape(page.tilelength, page.tilewidth, -1)[..., :3])
-            frames.append(bytes(imagecodecs.jpeg2k_encode(tile, level=0, reversible=True, codecformat="J2K")))
-    ycbcr = int(page.photometric) == 6
-    return FrameLevel(
-        page.imagewidth,
-        page.imagelength,
-        page.tilewidth,
-        frames,
-        JPEGBaseline8Bit if codec == "jpeg" else JPEG2000Lossless,
-        ("YBR_FULL_422" if ycbcr else "RGB") if codec == "jpeg" else "YBR_RCT",
-    )
+            _, _, level, reversible = _J2K[codec]
+            frames.append(bytes(imagecodecs.jpeg2k_encode(tile, level=level, reversible=reversible, codecformat="J2K")))
+    if codec == "jpeg":
+        syntax, photometric = JPEGBaseline8Bit, "YBR_FULL_422" if int(page.photometric) == 6 else "RGB"
+    else:
+        syntax, photometric = _J2K[codec][:2]
+    return FrameLevel(page.imagewidth, page.imagelength, page.tilewidth, frames, syntax, photometric)
 
 
 def _dataset(
@@ -101,7 +107,7 @@ def _dataset(
     ds.TotalPixelMatrixFocalPlanes = 1
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, level.photometric, 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.LossyImageCompression = "01" if level.syntax == JPEGBaseline8Bit else "00"
+    ds.LossyImageCompression = "00" if level.syntax == JPEG2000Lossless else "01"
     if mpp is not None:
         measures = Dataset()
         measures.PixelSpacing = [f"{mpp / 1000:.10g}", f"{mpp / 1000:.10g}"]  # mm, row then column
@@ -271,7 +277,7 @@ def write_dicom_twin(
     folder: str | Path,
     *,
     mpp: float | None,
-    codec: Literal["jpeg", "jpeg2k"] = "jpeg",
+    codec: Codec = "jpeg",
     offset_table: OffsetTable = "none",
     tiff: bool = False,
     objective: float | None = None,

@@ -29,6 +29,7 @@ VARIANTS = {  # name → (writer arguments, the frame index the reader should us
     "basic": (dict(offset_table="basic"), "basic"),
     "walk": ({}, "walk"),
     "jpeg2k": (dict(codec="jpeg2k", tiff=True), "tiff"),
+    "jpeg2k-lossy": (dict(codec="jpeg2k-lossy", offset_table="basic"), "basic"),  # as TCGA's JPEG 2000 slides
 }
 
 
@@ -254,6 +255,14 @@ def test_an_instance_of_another_series_in_the_folder(series, tmp_path):
     shutil.copy(series["basic"] / "level-2.dcm", folder / "stray.dcm")
     message = _fails(folder, tmp_path, "instances of 2 series in one folder")
     assert "stray.dcm" in message
+
+
+def test_two_series_folders_claiming_one_slide_id(series, tmp_path):
+    for site in ("site-a", "site-b"):
+        shutil.copytree(series["tiff"], tmp_path / site / "TCGA-XX-0001")
+    specs = list_slides(str(tmp_path))
+    assert [s.uri for s in specs] == [f"{tmp_path}/site-a/TCGA-XX-0001/", f"{tmp_path}/site-b/TCGA-XX-0001/"]
+    assert all("slide id 'TCGA-XX-0001' is shared by 2 files" in s.error for s in specs)
 
 
 def test_a_bad_series_fails_alone_in_the_tile_stage(series, slide_set, tmp_path):
