@@ -6,7 +6,7 @@ The 20× synthetic slide of ``bench/read.py`` (8800² px, JPEG q85 tiles) writte
 series: its JPEG tiles as they are (IDC's layout: a TIFF personality, no offset table), and
 its tiles re-encoded as JPEG 2000, lossy (≈ 40 dB PSNR, as TCGA's JPEG 2000 slides are lossy)
 and lossless. Per 4096² region at 0.5 µm/px on one thread, medians of ``--repeats``
-(measured in turns):
+(measured in rotating turns):
   tiff        the TIFF through the tile backend
   dicom       the JPEG series through DicomSlide (the same tiles: target within 1.1× of tiff)
   openslide   the JPEG series through OpenSlide 4's DICOM reader, from the local folder
@@ -56,16 +56,17 @@ def make_series(tiff: Path) -> dict[str, Path]:
 
 
 def paired_times(fns: list, repeats: int) -> list[float]:
-    """Medians of each function's time, measured in turns (A, B, C, A, B, C, …) so that a noisy
-    shared machine slows each of them alike."""
+    """Medians of each function's time, measured in turns whose order rotates (A B C, B C A,
+    C A B, …) so that a noisy shared machine slows each of them alike."""
     for fn in fns:
         fn()  # warm-up
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
+    for r in range(repeats):
+        for k in range(len(fns)):
+            i = (k + r) % len(fns)
             t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
+            fns[i]()
+            times[i].append(time.perf_counter() - t0)
     return [float(np.median(ts)) for ts in times]
 
 
