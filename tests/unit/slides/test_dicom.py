@@ -5,6 +5,7 @@ alone with a reason."""
 
 from __future__ import annotations
 
+import pickle
 import shutil
 import struct
 from pathlib import Path
@@ -98,6 +99,10 @@ def test_pixels_equal_the_tiff_the_series_was_made_from(series, slide_set, name)
     for level, (lw, lh) in enumerate(tif.level_dimensions):
         assert np.array_equal(tif.read_rgb((0, 0), level, (lw, lh)), dcm.read_rgb((0, 0), level, (lw, lh)))
     assert dcm.can_scale(0, 2) is (name != "jpeg2k")  # DCT-scaled decoding is JPEG's alone
+    lv = dcm._levels[0]
+    decode = pickle.loads(pickle.dumps(lv.decode))  # a level's decode travels to other processes
+    (frame,) = dcm._fetch([(int(lv.offsets[5]), int(lv.counts[5]))])
+    assert np.array_equal(decode(frame, 5)[0], lv.decode(frame, 5)[0])
     if name != "jpeg2k":
         assert np.array_equal(
             tif.read_rgb((0, 0), 0, (512, 512), scale=2), dcm.read_rgb((0, 0), 0, (512, 512), scale=2)
@@ -255,6 +260,17 @@ def test_an_instance_of_another_series_in_the_folder(series, tmp_path):
     shutil.copy(series["basic"] / "level-2.dcm", folder / "stray.dcm")
     message = _fails(folder, tmp_path, "instances of 2 series in one folder")
     assert "stray.dcm" in message
+
+
+def test_an_icc_profile_is_recorded_and_frames_read_as_stored(series, tmp_path):
+    folder = _broken(series, tmp_path)
+    ds = dcmread(folder / "level-0.dcm")
+    ds.OpticalPathSequence[0].ICCProfile = b"\0" * 3144  # the size of sRGB's v2 profile
+    ds.save_as(folder / "level-0.dcm", enforce_file_format=True)
+    profiled, plain = DicomSlide(f"{folder}/"), DicomSlide(f"{series['extended']}/")
+    assert profiled.properties["hipt-ray.icc-profile-bytes"] == "3144"
+    assert "hipt-ray.icc-profile-bytes" not in plain.properties
+    assert np.array_equal(profiled.read_rgb((0, 0), 0, (600, 600)), plain.read_rgb((0, 0), 0, (600, 600)))
 
 
 def test_two_series_folders_claiming_one_slide_id(series, tmp_path):
