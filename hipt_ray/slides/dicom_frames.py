@@ -85,19 +85,22 @@ class FrameDecoder:
         return imagecodecs.jpeg2k_decode(data), None, None
 
 
-def _check(index: FrameIndex, geometry: Geometry, size: int, name: str) -> FrameIndex:
+def _check(index: FrameIndex, geometry: Geometry, size: int, first_data: int, name: str) -> FrameIndex:
+    """Every frame inside the PixelData's items: after the first item's header, before the
+    object's end, not empty."""
     n = len(index.offsets)
     if n != geometry.n_frames or len(index.counts) != n:
         raise FrameIndexError(
             f"{name}: its {index.method} frame index lists {n} frames, the header {geometry.n_frames}"
         )
     ends = index.offsets + index.counts
-    bad = np.flatnonzero((index.offsets <= 0) | (index.counts <= 0) | (ends > size))
+    bad = np.flatnonzero((index.offsets < first_data) | (index.counts <= 0) | (ends > size))
     if len(bad):
         i = int(bad[0])
         raise FrameIndexError(
             f"{name}: frame {i} of its {index.method} frame index lies at bytes {int(index.offsets[i])}–"
-            f"{int(ends[i])}, past the end of the object ({size} bytes) or empty: the file is truncated or corrupt"
+            f"{int(ends[i])}, outside the PixelData (bytes {first_data}–{size}, the end of the object) "
+            "or empty: the file is truncated or corrupt"
         )
     return index
 
@@ -222,4 +225,4 @@ def locate(
                 f"{name}: {len(index.offsets)} fragments for {geometry.n_frames} frames and no offset "
                 "table to tell the frames apart (frames split over several fragments are not read)"
             )
-    return _check(index, geometry, size, name)
+    return _check(index, geometry, size, first_item + 8, name)

@@ -205,7 +205,7 @@ def test_frame_index_past_the_end_of_the_object(series, tmp_path):
     eot = np.frombuffer(ds.ExtendedOffsetTable, "<u8").copy()
     eot[-1] += 10**9
     _rewrite(folder / "level-1.dcm", ExtendedOffsetTable=eot.tobytes())
-    _fails(folder, tmp_path, r"frame 8 of its extended frame index lies at bytes .* past the end of the object")
+    _fails(folder, tmp_path, r"frame 8 of its extended frame index lies at bytes .*the end of the object")
 
 
 def test_truncated_and_corrupt_frames(series, tmp_path):
@@ -235,6 +235,16 @@ def test_tiff_personality_that_disagrees_with_the_header(series, tmp_path):
             struct.pack_into("<I", data, at + 8, 2999)
     path.write_bytes(bytes(data))
     _fails(folder, tmp_path, r"TIFF personality disagrees with its DICOM header \(TIFF 2999×2200")
+    struct.pack_into("<I", data, ifd_at + 2 + 12 * 1 + 8, 3000)  # ImageWidth right again (entry 1) …
+    path.write_bytes(bytes(data))
+    DicomSlide(f"{folder}/")
+    for k in range(n):
+        at = ifd_at + 2 + 12 * k
+        if struct.unpack_from("<H", data, at)[0] == 324:  # … and TileOffsets[3] into the header
+            offsets_at = struct.unpack_from("<I", data, at + 8)[0]
+            struct.pack_into("<I", data, offsets_at + 4 * 3, 200)
+    path.write_bytes(bytes(data))
+    _fails(folder, tmp_path, r"frame 3 of its tiff frame index lies at bytes 200–.*outside the PixelData")
 
 
 @pytest.mark.parametrize(
