@@ -83,6 +83,16 @@ def _with_protocol(source: str, path: str) -> str:
     return path
 
 
+def series_as_slides(paths: list[str]) -> list[str]:
+    """``paths`` with each DICOM instance (``.dcm``) replaced by its folder, once, with a
+    trailing slash: a DICOM slide is a series, the instances in one folder (an IDC series
+    folder), read by :class:`hipt_ray.slides.dicom.DicomSlide`."""
+    out: dict[str, None] = {}
+    for p in paths:
+        out[p.rsplit("/", 1)[0] + "/" if p.lower().endswith(".dcm") else p] = None
+    return list(out)
+
+
 def _read_manifest(source: str, endpoint_url: str | None) -> list[SlideSpec]:
     fs, path = filesystem(source, endpoint_url)
     with fs.open(path, "rb") as fh:
@@ -167,7 +177,8 @@ def list_slides(source: str, *, endpoint_url: str | None = None) -> list[SlideSp
             raise
         except Exception as exc:
             raise ManifestError(f"cannot list slides at {source}: {type(exc).__name__}: {exc}") from None
-        specs = [checked_slide(slide_id_from_uri(p), _with_protocol(source, p)) for p in sorted(paths)]
+        paths = series_as_slides(sorted(paths))
+        specs = [checked_slide(slide_id_from_uri(p), _with_protocol(source, p)) for p in paths]
     if not specs:
         raise ManifestError(f"no slides found at {source} (extensions: {', '.join(SLIDE_EXTENSIONS)})")
     uris: dict[str, list[str]] = {}
