@@ -343,6 +343,54 @@ _add(
 )
 
 
+def _adapt_hf_dinov2(state: dict[str, torch.Tensor], *, source: str) -> dict[str, torch.Tensor]:
+    # Imported here: encoder_checkpoints imports this module (PatchEncoder).
+    from hipt_ray.models.encoder_checkpoints import adapt_hf_dinov2_state
+
+    return adapt_hf_dinov2_state(state, source=source)
+
+
+class _HFDinov2ViT(VisionTransformer):
+    """timm's ViT that resamples its position embedding for other input sizes as transformers'
+    ``Dinov2Embeddings`` does (bicubic to the new grid, no antialiasing). timm antialiases, which
+    changes upsampled embeddings (224 → 256 px: up to 2e-2 on the output), so a model published
+    for transformers would embed differently here than with its own code."""
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.dynamic_img_size or self.cls_token is None or self.reg_token is not None:
+            return super()._pos_embed(x)
+        b, h, w, c = x.shape
+        pos = timm.layers.resample_abs_pos_embed(
+            self.pos_embed, new_size=[h, w], old_size=list(self.patch_embed.grid_size), antialias=False
+        )
+        return self.pos_drop(torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, -1, c)], dim=1) + pos)
+
+
+def _hf_dinov2_vit_l16(**overrides: Any) -> nn.Module:
+    """timm's ``vit_large_patch16_224`` recipe (1024-d, depth 24, 16 heads, GELU MLP ×4, qkv bias,
+    LayerNorm eps 1e-6) with LayerScale, built as :class:`_HFDinov2ViT`."""
+    args = {"img_size": 224, "patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16}
+    return _HFDinov2ViT(**{**args, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": True, **overrides})
+
+
+# Phikon-v2: DINOv2 ViT-L/16 at 224 in transformers' Dinov2Model layout (model.safetensors; q/k/v
+# fused on load), no registers, LayerScale, final LayerNorm, CLS of last_hidden_state 1024-d,
+# ImageNet norm (TRIDENT Phikonv2InferenceEncoder; slide2vec phikon.py: patch 16, 0.5 µm/px).
+_add(
+    EncoderSpec(
+        "phikon_v2",
+        1024,
+        224,
+        0.5,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "cls",
+        _hf_dinov2_vit_l16,
+        "owkin/phikon-v2 model.safetensors",
+        _adapt_hf_dinov2,
+    )
+)
+
 # CONCH v1.5: ViT-L/16 trunk fed 448 px, attentional pooler + LayerNorm → 768-d, ImageNet norm
 # (TRIDENT model_zoo/conchv1_5/conchv1_5.py; slide2vec conch.py: 448 px, patch 16, 0.5 µm/px).
 _add(
