@@ -77,12 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _slide_commands(sub)
+    _listing_command(sub)
     _head_commands(sub)
     _look_commands(sub)
     return parser
 
 
-_SLIDES_HELP = "a directory, a glob, an s3:// prefix or a manifest .csv (uri[,slide_id,mpp])"
+_SLIDES_HELP = (
+    "a directory, a glob, an s3:// prefix, a manifest .csv (uri[,slide_id,case_id,mpp]) or an IDC collection: "
+    "idc:tcga_brca[?sections=ffpe|frozen|all&cases=…&series=…&limit=N] (hipt_ray/slides/idc.py)"
+)
 _LABELS_HELP = "CSV/Parquet: slide_id, case_id, label | survival_months, event"
 
 
@@ -106,6 +110,23 @@ def _slide_commands(sub) -> None:
     pre.add_argument("--regions-from", help="stage 2: an embed output with tokens256 (default: --out)")
     pre.add_argument("--run-name", help="Ray Train run name; rerunning the same name resumes it")
     _common(pre)
+
+
+def _listing_command(sub) -> None:
+    """slides: what a --slides source holds, before anything runs."""
+    sl = sub.add_parser(
+        "slides",
+        help="list a slide source without running anything: slides and cases; for idc:<collection> "
+        "also bytes and the JPEG 2000 share, from the shipped IDC index (no network)",
+    )
+    sl.add_argument("source", help=_SLIDES_HELP)
+    sl.add_argument(
+        "--write",
+        metavar="CSV",
+        help="also write the listing as a manifest CSV (uri, slide_id, case_id, mpp): --slides reads it back, "
+        "and case-level labels join its case_id",
+    )
+    _common(sl, uses_ray=False)
 
 
 def _head_commands(sub) -> None:
@@ -313,6 +334,25 @@ def _search(args: argparse.Namespace, cfg: Config):
     )
 
 
+def _slides(args: argparse.Namespace, cfg: Config):
+    from hipt_ray.slides.idc import IdcListing, is_idc_source
+    from hipt_ray.slides.manifest import list_slides, write_manifest
+
+    assert cfg.slides
+    specs = list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)
+    if is_idc_source(cfg.slides):
+        lines = IdcListing.of(cfg.slides).lines(cfg.storage.anonymous_buckets)
+    else:
+        refused = [s for s in specs if s.error]
+        cases = {s.case_id for s in specs if s.case_id}
+        lines = [f"{cfg.slides}: {len(specs):,} slides" + (f" of {len(cases):,} cases" if cases else "")]
+        lines += [f"refused as listed: {len(refused):,}, e.g. {refused[0].error}"] if refused else []
+    if args.write:
+        write_manifest(specs, args.write, endpoint_url=cfg.storage.s3_endpoint_url)
+        lines.append(f"manifest: {args.write}")
+    return _Lines(lines)
+
+
 def _size(n: float) -> str:
     return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
 
@@ -366,6 +406,7 @@ COMMANDS = {
     "pretrain": Command(_pretrain, ("pretrain/{pretrain.stage}",), _pretrain_values),
     "train-head": Command(_train_head, ("heads/{heads.task}",), _head_values),
     "sweep": Command(_sweep, ("heads/{heads.task}",), _head_values),
+    "slides": Command(_slides, (), lambda args: {"slides": args.source}),
     "heatmap": Command(_heatmap, ("embed",), _model_values),  # it runs embed's model on a region
     "search": Command(_search, (), lambda args: {"out": args.out}),
     "make-demo-data": Command(_make_demo_data, configured=False),
@@ -374,10 +415,11 @@ COMMANDS = {
 
 def _run(command: Command, args: argparse.Namespace) -> int:
     cfg = command.config(args)
-    if cfg is not None:  # before Ray starts: its workers inherit the budget through the environment
-        from hipt_ray.storage import set_retry_budget
+    if cfg is not None:  # before Ray starts: its workers inherit these through the environment
+        from hipt_ray.storage import set_anonymous_buckets, set_retry_budget
 
         set_retry_budget(cfg.storage.retries, cfg.storage.retry_seconds)
+        set_anonymous_buckets(cfg.storage.anonymous_buckets)
     result = command.run(args, cfg)
     for line in result.lines():
         print(line)

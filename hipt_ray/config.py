@@ -108,6 +108,11 @@ class StorageConfig(_Section):
         "error (Lance's client retries and request timeout get one try's share). "
         "Also read by Ray workers as HIPT_RAY_STORAGE_RETRY_SECONDS.",
     )
+    anonymous_buckets: list[str] = Field(
+        default=["idc-open-data"],
+        description="Buckets read without credentials (unsigned requests): public data such as the Imaging Data "
+        "Commons' idc-open-data. Also read by Ray workers as HIPT_RAY_ANONYMOUS_BUCKETS (comma-separated).",
+    )
     lease_seconds: float = Field(
         default=120.0,
         ge=10.0,
@@ -120,6 +125,17 @@ class StorageConfig(_Section):
         ge=0.0,
         description="Table versions older than this are deleted after each embed run (time travel within it).",
     )
+
+    @field_validator("anonymous_buckets")
+    @classmethod
+    def _bucket_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", name):
+                raise ValueError(
+                    f"{name!r} is not a bucket name (3-63 lower-case letters, digits, '.' or '-'); "
+                    "give the bare name, e.g. idc-open-data, not s3://idc-open-data/…"
+                )
+        return v
 
 
 class TilingConfig(_Section):
@@ -233,7 +249,23 @@ class ModelConfig(_Section):
     """Which HIPT model embeds, and with which weights."""
 
     name: str = Field(default="hipt4k", description="hipt4k (ViT-S/16 + ViT-4K XS) or hipt4k_tiny (tests, demo)")
-    checkpoint_256: str | None = Field(default=None, description="official vit256_small_dino.pth layout, path or s3://")
+    patch_encoder: str | None = Field(
+        default=None,
+        description="The patch level: None keeps the model's own ViT-256 (vit256_s16 for hipt4k, vit256_tiny for "
+        "hipt4k_tiny); a registered patch encoder (uni, uni2_h, virchow2, h_optimus_0, gigapath, …; "
+        "vit256_s16 is HIPT's) runs under a ViT-4K whose input is that encoder's embedding width.",
+    )
+    patch_geometry: Literal["auto", "native", "resize", "tiling"] = Field(
+        default="auto",
+        description="With patch_encoder: native (= auto) cuts patches of the encoder's own input size (16 × 224 "
+        "px = a 3584 px region for UNI); resize cuts tiling.patch_px (256) and resizes each patch to "
+        "the encoder's input (as TRIDENT/UNI do); tiling feeds tiling.patch_px as it is (encoders whose "
+        "patch size divides it). Part of the tiling spec (what is cut) and of the model id.",
+    )
+    checkpoint_256: str | None = Field(
+        default=None,
+        description="official vit256_small_dino.pth layout, or the patch encoder's published weight file; path or s3://",
+    )
     checkpoint_4k: str | None = Field(default=None, description="vit4k_xs_dino.pth")
     allow_random_weights: bool = Field(
         default=False,
@@ -308,7 +340,7 @@ class EmbedConfig(_Section):
     read_resources: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources each read/write task and each model actor asks for, to place them on "
-        "the nodes meant for them (cluster.yaml: {decode: 1} on cpu_decode nodes).",
+        "the nodes meant for them (e.g. {decode: 1} with a node type that declares decode: N).",
     )
     actor_resources: dict[str, float] = Field(default_factory=dict)
 
@@ -368,6 +400,11 @@ class PretrainConfig(_Section):
         default="auto", description="auto: when the cluster has GPU nodes or its autoscaler can add them"
     )
     cpus_per_worker: float = Field(default=0.5, gt=0, description="< 1 leaves CPUs for Ray Data on small nodes")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each training worker asks for, to place workers on the nodes meant "
+        "for them (e.g. {model: 1}: one worker per node of a type that declares model: 1)",
+    )
     checkpoint_every_steps: int = Field(default=200, gt=0)
     num_to_keep: int = Field(default=2, gt=0)
     max_failures: int = Field(default=3, ge=-1)

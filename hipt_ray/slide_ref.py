@@ -42,12 +42,15 @@ class SlideRef:
             ``tiling.mpp_overrides``, or what its tiling recorded); ``None``: its metadata.
         version: :func:`slide_version` of the file its rows were cut from; ``None`` for a slide
             not tiled yet. A file whose version differs now is refused when opened.
+        case_id: the patient the slide comes from, when its source says (IDC's ``PatientID``, a
+            manifest's ``case_id``); recorded in ``slides.lance`` so labels can join by case.
     """
 
     slide_id: str
     uri: str
     mpp_override: float | None = None
     version: str | None = None
+    case_id: str | None = None
 
     # The columns a region row to be read carries the reference in (see :meth:`of_region`).
     COLUMNS = ("slide_id", "uri", "mpp_override", "slide_version")

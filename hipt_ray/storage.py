@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,45 @@ def local_path(uri: str) -> str:
     return os.path.expanduser(uri)
 
 
+# Public buckets read without credentials: storage.anonymous_buckets. Like the retry budget, the
+# CLI sets it for its process through this variable, which the Ray workers it starts inherit.
+ANONYMOUS_ENV = "HIPT_RAY_ANONYMOUS_BUCKETS"
+DEFAULT_ANONYMOUS_BUCKETS = ("idc-open-data",)
+
+
+def set_anonymous_buckets(buckets: Sequence[str]) -> None:
+    """Read ``buckets`` without credentials, here and in the Ray workers started after this call."""
+    os.environ[ANONYMOUS_ENV] = ",".join(buckets)
+
+
+def anonymous_buckets() -> frozenset[str]:
+    """The buckets this process reads anonymously (unset: :data:`DEFAULT_ANONYMOUS_BUCKETS`)."""
+    text = os.environ.get(ANONYMOUS_ENV)
+    names = DEFAULT_ANONYMOUS_BUCKETS if text is None else text.split(",")
+    return frozenset(n.strip() for n in names if n.strip())
+
+
+def bucket_of(uri: str) -> str:
+    """The bucket of an ``s3://`` URI ('' for any other)."""
+    return uri[len("s3://") :].split("/", 1)[0] if uri.startswith("s3://") else ""
+
+
+def is_anonymous(uri: str) -> bool:
+    """Whether ``uri`` is in a bucket read without credentials (storage.anonymous_buckets)."""
+    return bucket_of(uri) in anonymous_buckets()
+
+
 def storage_options(uri: str, endpoint_url: str | None = None) -> dict[str, Any]:
-    """fsspec options for ``uri``; S3 endpoints also come from the standard AWS variables."""
+    """fsspec options for ``uri``; S3 endpoints also come from the standard AWS variables. A
+    bucket of storage.anonymous_buckets is read with unsigned requests (``anon``): public data
+    needs no credentials, and credentials meant for the output are not sent to it."""
     if not uri.startswith("s3://"):
         return {}
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+    options: dict[str, Any] = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+    if is_anonymous(uri):
+        options["anon"] = True
+    return options
 
 
 def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -90,6 +124,11 @@ def describe_error(uri: str, exc: BaseException) -> str:
     if isinstance(exc, PermissionError) or any(
         s in low for s in ("accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden")
     ):
+        if is_anonymous(uri):
+            return (
+                f"{uri}: the bucket {bucket_of(uri)} refuses anonymous reads ({text}); it is listed in "
+                "storage.anonymous_buckets: take it out of that list to read it with your AWS credentials"
+            )
         return f"{uri}: access denied ({text}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the bucket policy"
     if is_transient(exc):
         return (

@@ -71,12 +71,13 @@ def _grid_row(row: dict, *, patch_px: int) -> dict:
     return {"grid": tokens_to_grid(np.asarray(row["tokens256"], dtype=np.float32), rows, cols)}
 
 
-def build_grid_dataset(cfg: Config) -> tuple[ray.data.Dataset, int, str]:
+def build_grid_dataset(cfg: Config) -> tuple[ray.data.Dataset, int, str, int]:
     """Stage 2: ``[D, 16, 16]`` token grids of full regions from an ``embed`` output; the number
-    of grids and the embedding model id they come from."""
+    of grids, the embedding model id they come from and their width D (the patch encoder's).
+    ``cfg.tiling`` is the one the regions were cut with (a patch encoder's: apply_geometry)."""
     src = cfg.pretrain.regions_from or cfg.out
     store = Store(src, endpoint_url=cfg.storage.s3_endpoint_url)
-    model_id, _ = resolve_embedding(store, cfg.pretrain.model_id, cfg.tiling_spec_hash())
+    model_id, _ = resolve_embedding(store, cfg.pretrain.model_id, cfg.tiling_spec_hash(), key="pretrain.model_id")
     full = cfg.tiling.region_px
     # Only completed slides' regions, and only full regions (the 14×14 global crops need 16×16).
     done = sorted(store.completed(cfg.tiling_spec_hash(), model_id))
@@ -87,8 +88,21 @@ def build_grid_dataset(cfg: Config) -> tuple[ray.data.Dataset, int, str]:
     n = store.dataset(REGIONS).count_rows(filter=where)
     if n == 0:
         raise InputError(f"{src} has no full {full}² regions embedded by {model_id}")
+    dim = _token_dim(store, where, cells=(full // cfg.tiling.patch_px) ** 2)
     ds = lance_ray.read_lance(
         store.uri(REGIONS), columns=["tokens256", "read_w", "read_h"], filter=where, storage_options=store.options
     )
     ds = ds.map(_grid_row, fn_kwargs={"patch_px": cfg.tiling.patch_px})
-    return ds.randomize_block_order(seed=cfg.pretrain.seed), n, model_id
+    return ds.randomize_block_order(seed=cfg.pretrain.seed), n, model_id, dim
+
+
+def _token_dim(store: Store, where: str, *, cells: int) -> int:
+    """The width of the stored tokens: one row's ``tokens256`` holds ``cells`` of them."""
+    row = store.existing(REGIONS).to_table(columns=["tokens256"], filter=where, limit=1)
+    tokens = row["tokens256"][0]
+    if not tokens.is_valid:
+        raise InputError(
+            f"{store.out}: the regions were embedded without tokens256 (embed.store_tokens=false); "
+            "stage-2 pretraining needs them: re-embed with embed.store_tokens=true"
+        )
+    return len(tokens) // cells

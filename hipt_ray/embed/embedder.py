@@ -17,9 +17,9 @@ import torch
 
 from hipt_ray.data.regions import worker_node
 from hipt_ray.embed.decode import decoder_for
-from hipt_ray.models import create_model
 from hipt_ray.models.hipt4k import default_micro_batch
 from hipt_ray.models.inference import fast_dtype, inference_device, prepare_for_inference
+from hipt_ray.models.registry import create_hipt4k
 from hipt_ray.store import REGIONS_SCHEMA, embedding_fields
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,10 @@ def output_schema(dim4k: int, dim256: int) -> pa.Schema:
     )
 
 
-def regions_schema(dim4k: int, dim256: int) -> pa.Schema:
-    """The columns an embedding adds to ``regions.lance`` (see :func:`plan_run`)."""
-    return pa.schema(list(REGIONS_SCHEMA) + embedding_fields(dim4k, dim256))
+def regions_schema(dim4k: int, dim256: int, mean_column: str = "mean256") -> pa.Schema:
+    """The columns an embedding adds to ``regions.lance`` (see :func:`plan_run`); the mean of the
+    patch embeddings in ``mean_column`` (``Store.mean_column``)."""
+    return pa.schema(list(REGIONS_SCHEMA) + embedding_fields(dim4k, dim256, mean_column))
 
 
 class RegionEmbedder:
@@ -63,6 +64,7 @@ class RegionEmbedder:
         store_tokens: bool,
         schema: pa.Schema,
         threads: int = 1,
+        architecture: dict | None = None,
         decode: str = "auto",
         decode_threads: int = 0,
     ) -> None:
@@ -73,7 +75,10 @@ class RegionEmbedder:
         self.device = inference_device(use_gpu, where=f"Ray node {self.node}" if self.node else "this process")
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, threads))
-        model = create_model(model_name, micro_batch=default_micro_batch(self.device, micro_batch))
+        # ``architecture`` (models.loading.architecture): a patch encoder under ViT-4K; else the name
+        model = create_hipt4k(
+            architecture or {"name": model_name}, micro_batch=default_micro_batch(self.device, micro_batch)
+        )
         model.load_state_dict(state_dict)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision) or fast_dtype(self.device)
         self.model = prepare_for_inference(model, device=self.device, dtype=dtype, compile=compile)

@@ -22,6 +22,7 @@ from hipt_ray.console import Progress
 from hipt_ray.data.regions import read_region, reader_kwargs
 from hipt_ray.embed.actors import ActorPlan, plan_actors
 from hipt_ray.embed.embedder import READ_COLUMNS, RegionEmbedder, output_schema, regions_schema
+from hipt_ray.models.geometry import apply_geometry
 from hipt_ray.models.loading import build_model
 from hipt_ray.runtime import cluster_shape
 from hipt_ray.slides.manifest import list_slides
@@ -153,6 +154,7 @@ def run(cfg: Config) -> EmbedSummary:
 
 def _run(cfg: Config) -> EmbedSummary:
     t0 = time.perf_counter()
+    cfg = apply_geometry(cfg)  # a patch encoder's regions: its patches × 16 (models.geometry)
     actors = plan_actors(cfg.embed, cluster_shape())  # a setting no node can meet fails here, first
     if cfg.embed.decode == "gpu" and not actors.use_gpu:
         raise ConfigError(
@@ -165,12 +167,13 @@ def _run(cfg: Config) -> EmbedSummary:
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
     model, mid = build_model(cfg)
     dims = model.vit4k.embed_dim, model.vit256.embed_dim
+    mean_column = store.mean_column(dims[1])  # encoders of other widths side by side
     plan = plan_run(
         store,
         [s.to_ref() for s in listed],
         spec_hash=cfg.tiling_spec_hash(),
         model_id=mid,
-        regions_schema=regions_schema(*dims),
+        regions_schema=regions_schema(*dims, mean_column),
         keep_versions_days=cfg.storage.keep_versions_days,
     )
     summary = EmbedSummary(tiling=tiling, model_id=mid, out=cfg.out, skipped=plan.skipped)
@@ -191,7 +194,7 @@ def _run(cfg: Config) -> EmbedSummary:
     for row in plan.carried:
         committer.add_slide(row)
     if plan.todo:
-        ds, progress.total = _pipeline(cfg, store, plan, model, dims, actors)
+        ds, progress.total = _pipeline(cfg, store, plan, model, dims, actors, mean_column)
         summary.model_actors = actors.max_size or actors.min_size
         cpu0, wall0 = time.process_time(), time.perf_counter()  # all the driver's threads
         try:
@@ -213,7 +216,9 @@ def _run(cfg: Config) -> EmbedSummary:
     return summary
 
 
-def _pipeline(cfg: Config, store: Store, plan: RunPlan, model, dims: tuple[int, int], actors: ActorPlan):
+def _pipeline(
+    cfg: Config, store: Store, plan: RunPlan, model, dims: tuple[int, int], actors: ActorPlan, mean_column: str
+):
     """One streaming pipeline for the whole run: read tasks of ``embed.regions_per_task``
     regions, the model actors, fragment writes. The driver holds only the region coordinates
     (≈ 200 bytes a region) and the metadata that comes back. Returns the dataset and its number
@@ -228,6 +233,7 @@ def _pipeline(cfg: Config, store: Store, plan: RunPlan, model, dims: tuple[int, 
         RegionEmbedder,
         fn_constructor_kwargs=dict(
             model_name=cfg.model.name,
+            architecture=model.architecture,
             state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
             micro_batch=cfg.model.micro_batch,
             precision=cfg.embed.precision,
@@ -253,7 +259,11 @@ def _pipeline(cfg: Config, store: Store, plan: RunPlan, model, dims: tuple[int, 
     ds = ds.map_batches(  # the rows with embeddings go to the table from here, not the driver
         write_region_fragments,
         fn_kwargs=dict(
-            uri=store.uri(REGIONS), schema=plan.regions_schema, model_id=plan.model_id, storage_options=store.options
+            uri=store.uri(REGIONS),
+            schema=plan.regions_schema,
+            model_id=plan.model_id,
+            storage_options=store.options,
+            columns={"mean256": mean_column} if mean_column != "mean256" else None,
         ),
         batch_size=cfg.embed.write_regions,
         batch_format="pyarrow",

@@ -15,6 +15,7 @@ from hipt_ray.config import Config, InputError, validate_config
 from hipt_ray.heads.cohort import load_cohort
 from hipt_ray.heads.fit import load_head
 from hipt_ray.heads.saved import HEADS_FILE, load_folds
+from hipt_ray.models.geometry import apply_geometry
 from hipt_ray.models.hipt4k import default_micro_batch
 from hipt_ray.models.inference import inference_device
 from hipt_ray.models.loading import build_model
@@ -23,7 +24,7 @@ from hipt_ray.slides.reader import make_cache, open_slide
 from hipt_ray.store import Store
 from hipt_ray.store.tables import resolve_embedding
 from hipt_ray.tracking import tracking_uri
-from hipt_ray.viz.attention import percentile_map, smoothed_attention, upsample, window_offsets
+from hipt_ray.viz.attention import cell_px, percentile_map, smoothed_attention, upsample, window_offsets
 from hipt_ray.viz.heatmaps import (
     blend,
     content_cells,
@@ -57,13 +58,14 @@ def region_heatmaps(
 ) -> dict[str, str]:
     """Attention figures of the region at level-0 ``xy`` of ``slide_uri`` (``tiling.region_px``
     at ``tiling.mpp``), smoothed over ``shifts``² shifted windows. Returns name → file path."""
+    cfg = apply_geometry(cfg)  # a patch encoder's region: its patches × 16 (models.geometry)
     model, mid = build_model(cfg)
     device = inference_device(cfg.embed.use_gpu)
     if device.type == "cuda":
         model = model.to(device)
         model.micro_batch = default_micro_batch(device, cfg.model.micro_batch)
     size = cfg.tiling.region_px
-    offsets = window_offsets(cfg.tiling.patch_px, shifts)
+    offsets = window_offsets(cfg.tiling.patch_px, shifts, cell_px(model))
     margin = max(offsets)
     x, y = xy
     canvas, valid_w, valid_h = _read_canvas(cfg, slide_uri, xy, margin)
@@ -92,7 +94,8 @@ def region_heatmaps(
             image,
             v256,
             base + "_vit256.png",
-            f"{stem}: ViT-256 CLS attention inside each 256 px patch ({smooth}, model {mid})",
+            f"{stem}: {cfg.model.patch_encoder or 'ViT-256'} CLS attention inside each {cfg.tiling.patch_px} px "
+            f"patch ({smooth}, model {mid})",
         ),
         "vit4k": region_figure(
             image, v4k, base + "_vit4k.png", f"{stem}: ViT-4K CLS attention over the patch grid ({smooth}, model {mid})"

@@ -43,7 +43,7 @@ def search_similar(
     sc = cfg.search
     k = k or sc.k
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
-    mid, spec = resolve_embedding(store, sc.model_id)
+    mid, spec = resolve_embedding(store, sc.model_id, key="search.model_id")
     refs = store.slide_refs(spec, mid)
     slide_id = next((s for s, r in refs.items() if r.uri == slide), slide)
     index_note = refresh_index(store, sc, rebuild=rebuild_index)

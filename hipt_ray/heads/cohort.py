@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,10 +42,20 @@ class Cohort:
         return self.token_bags if self.token_bags is not None else self.bags
 
 
+def grid_shape(cells: int, read_w: int, read_h: int) -> tuple[int, int]:
+    """(rows, cols) of a region of ``read_w`` × ``read_h`` pixels cut into ``cells`` square
+    patches."""
+    patch = round(math.sqrt(read_w * read_h / cells))
+    return read_h // patch, read_w // patch
+
+
 def read_token_grids(
-    store: Store, spec_hash: str, model_id: str, slide_ids: list[str], patch_px: int
+    store: Store, spec_hash: str, model_id: str, slide_ids: list[str]
 ) -> dict[str, list[torch.Tensor]]:
-    """Per slide, each region's ViT-256 tokens as a float32 grid ``[D256, rows, cols]``."""
+    """Per slide, each region's patch tokens as a float32 grid ``[D, rows, cols]``: D is the
+    width of the model's patch encoder, the grid follows from the number of tokens and the
+    region's aspect (a patch encoder's geometry cuts patches of other sizes than HIPT's 256 px)."""
+    dim = store.token_width(model_id)
     rows = store.regions(
         spec_hash, slide_ids, model_id=model_id, columns=["slide_id", "region_index", "read_w", "read_h", "tokens256"]
     )
@@ -60,7 +71,7 @@ def read_token_grids(
                 f"{store.out}: slide {sid} was embedded without tokens256 (embed.store_tokens="
                 "false); re-embed with embed.store_tokens=true or drop heads.local_vit"
             )
-        r, c = h // patch_px, w // patch_px
+        r, c = grid_shape(len(flat) // dim, w, h)
         grid = torch.from_numpy(tokens_to_grid(np.asarray(flat, dtype=np.float32), r, c))
         out.setdefault(sid, []).append(grid.contiguous())
     return out
@@ -74,7 +85,7 @@ def load_cohort(cfg: Config) -> Cohort:
     task = task_for(h)
     df, excluded = check_labels(read_labels(h.labels, cfg.storage.s3_endpoint_url), task=task)
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
-    model_id, spec_hash = resolve_embedding(store, h.model_id)
+    model_id, spec_hash = resolve_embedding(store, h.model_id, key="heads.model_id")
     emb = read_embeddings(cfg.out, model_id=model_id, spec_hash=spec_hash, endpoint_url=cfg.storage.s3_endpoint_url)
     labelled = set(df["slide_id"])
     cohort = Cohort(
@@ -94,11 +105,7 @@ def load_cohort(cfg: Config) -> Cohort:
     df = df[df["slide_id"].isin(emb)]
     check_cohort(df, task=task)
     per_case = df.groupby("case_id", sort=True)
-    tokens = (
-        read_token_grids(store, spec_hash, model_id, sorted(set(df["slide_id"])), cfg.tiling.patch_px)
-        if h.local_vit
-        else None
-    )
+    tokens = read_token_grids(store, spec_hash, model_id, sorted(set(df["slide_id"]))) if h.local_vit else None
     if tokens is not None:
         cohort.token_bags = []
     for case_id, rows in per_case:

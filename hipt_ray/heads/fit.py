@@ -100,7 +100,13 @@ def build_head(h: HeadsConfig, cohort: Cohort, transform: torch.nn.Module | None
     if h.head == "hipt_lgp":  # 3 heads as published (192-d); fewer for small test models
         kwargs["n_heads"] = 3 if dim % 3 == 0 else (2 if dim % 2 == 0 else 1)
         if h.local_vit:
-            kwargs.update(local_vit=h.local_vit, freeze_local=h.freeze_local, seed=h.seed)
+            grids = cohort.token_bags[0] if cohort.token_bags else []
+            kwargs.update(
+                local_vit=h.local_vit,
+                local_in_dim=grids[0].shape[0] if grids else None,  # the patch encoder's width
+                freeze_local=h.freeze_local,
+                seed=h.seed,
+            )
     else:
         kwargs["hidden"] = h.hidden
     head = create_head(h.head, **kwargs)

@@ -45,6 +45,7 @@ class HIPTLGP(nn.Module):
         n_classes: int,
         dim: int = 192,
         local_vit: str | None = None,
+        local_in_dim: int | None = None,
         freeze_local: bool = True,
         dropout: float = 0.25,
         n_heads: int = 3,
@@ -56,7 +57,8 @@ class HIPTLGP(nn.Module):
         if local_vit:  # random weights: the builder (heads.fit.build_head) loads a checkpoint into it
             with torch.random.fork_rng():  # the same random ViT-4K in every fold when no weights are given
                 torch.manual_seed(seed)
-                self.local_vit = create_model(local_vit)
+                # its input: the width of the patch encoder that wrote the tokens (HIPT's 384 by default)
+                self.local_vit = create_model(local_vit, **({"in_dim": local_in_dim} if local_in_dim else {}))
         self.freeze_local = freeze_local
         if self.local_vit is not None and freeze_local:
             self.local_vit.requires_grad_(False)

@@ -99,3 +99,93 @@ def load_encoder_checkpoint(model: nn.Module, uri: str, *, allow_unsafe_pickle: 
         state = model.adapt_state(state, source=uri)
     load_state_dict_strict(target, state, source=uri)
     return model
+
+
+# Hugging Face transformers' Dinov2Model layout (Phikon-v2's model.safetensors) → timm's ViT. Files
+# saved by transformers < 5 name the attention ``attention.attention.{query,key,value}`` and
+# ``attention.output.dense``; transformers 5 names them ``attention.{q,k,v,o}_proj``; both load.
+_HF_BLOCK = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
+_HF_QKV = re.compile(r"^attention\.(?:attention\.(query|key|value)|(q|k|v)_proj)\.(weight|bias)$")
+_HF_GLOBAL = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+_HF_IN_BLOCK = {
+    "attention.output.dense": "attn.proj",
+    "attention.o_proj": "attn.proj",
+    "layer_scale1": "ls1",
+    "layer_scale2": "ls2",
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+_HF_PARAM = {"weight": "weight", "bias": "bias", "lambda1": "gamma"}
+_HF_TRAINING_ONLY = ("embeddings.mask_token",)  # iBOT's masked-patch token; inference never uses it
+_QKV_PART = {"query": "q", "key": "k", "value": "v"}
+
+
+def _is_hf_dinov2(state: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("embeddings.", "encoder.layer.")) for k in state)
+
+
+def _hf_block_key(rest: str) -> str | None:
+    module, _, param = rest.rpartition(".")
+    if module in _HF_IN_BLOCK and param in _HF_PARAM:
+        return f"{_HF_IN_BLOCK[module]}.{_HF_PARAM[param]}"
+    return None
+
+
+def adapt_hf_dinov2_state(state: dict[str, torch.Tensor], *, source: str) -> dict[str, torch.Tensor]:
+    """Rename a transformers ``Dinov2Model`` state dict to timm's ViT keys, fusing each block's
+    separate q/k/v projections into timm's ``attn.qkv`` (rows q, then k, then v). A state that is
+    not in that layout is returned as it is (the strict check judges it). Any key this mapping does
+    not know, and any block missing one of q/k/v, is an error naming the keys."""
+    if not _is_hf_dinov2(state):
+        return state
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    unmapped: list[str] = []
+    for key, value in state.items():
+        if key in _HF_TRAINING_ONLY:
+            log.info("%s: ignored the training-only entry %s", source, key)
+            continue
+        if key in _HF_GLOBAL:
+            out[_HF_GLOBAL[key]] = value
+            continue
+        block = _HF_BLOCK.match(key)
+        qkv_part = _HF_QKV.match(block.group(2)) if block else None
+        if block and qkv_part:
+            part = _QKV_PART.get(qkv_part.group(1) or "", qkv_part.group(2))
+            qkv.setdefault((int(block.group(1)), qkv_part.group(3)), {})[part] = value
+            continue
+        timm_key = _hf_block_key(block.group(2)) if block else None
+        if block is None or timm_key is None:
+            unmapped.append(key)
+            continue
+        out[f"blocks.{block.group(1)}.{timm_key}"] = value
+    if unmapped:
+        raise CheckpointError(
+            f"{source}: keys not in the transformers Dinov2Model layout (no timm name for them): "
+            + ", ".join(sorted(unmapped))
+        )
+    out.update(_fuse_qkv(qkv, source=source))
+    return out
+
+
+def _fuse_qkv(parts: dict[tuple[int, str], dict[str, torch.Tensor]], *, source: str) -> dict[str, torch.Tensor]:
+    fused: dict[str, torch.Tensor] = {}
+    incomplete = []
+    for (block, kind), by_part in sorted(parts.items()):
+        missing = [p for p in "qkv" if p not in by_part]
+        if missing:
+            incomplete.append(f"encoder.layer.{block}.attention {kind} of {'/'.join(missing)}")
+            continue
+        fused[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([by_part["q"], by_part["k"], by_part["v"]], dim=0)
+    if incomplete:
+        raise CheckpointError(f"{source}: attention projections missing: {'; '.join(incomplete)}")
+    return fused

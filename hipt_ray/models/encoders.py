@@ -24,9 +24,11 @@ import timm
 import timm.layers
 import torch
 import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
 
 from hipt_ray.config import ConfigError
 from hipt_ray.models.conch import ConchV15Tower, adapt_conch_state
+from hipt_ray.models.vit import last_block_attention
 
 Pooling = Literal["cls", "cls_mean", "module"]  # "module": the network's own head (CONCH's pooler)
 
@@ -60,6 +62,7 @@ class EncoderSpec:
     source: str = ""
     # A published-layout fix-up applied before the strict check (CONCH v1.5's pos_embed resample).
     adapt_state: Callable[..., dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+    tiny: bool = False  # a test twin: registered beside the real ones, left out of list_encoders()
 
 
 class PatchEncoder(nn.Module):
@@ -78,6 +81,21 @@ class PatchEncoder(nn.Module):
         self.adapt_state = spec.adapt_state
         self.num_prefix_tokens = int(getattr(trunk, "num_prefix_tokens", 1))
         self.patch_size = _patch_size(trunk)
+
+    @property
+    def vit(self) -> VisionTransformer:
+        """The timm ViT inside (CONCH v1.5's tower keeps it as ``.trunk``)."""
+        vit = self.trunk if isinstance(self.trunk, VisionTransformer) else getattr(self.trunk, "trunk", None)
+        if not isinstance(vit, VisionTransformer):
+            raise TypeError(f"encoder {self.name} holds no timm ViT ({type(self.trunk).__name__})")
+        return vit
+
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, heads, T, T]`` softmax attention of the last block (T = prefix + patch tokens:
+        CLS first, then the registers, then the patches row-major), as the forward computes it."""
+        vit = self.vit
+        tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        return last_block_attention(vit.blocks, tokens)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """All output tokens ``[B, prefix + patches, D]`` (after the final norm)."""
@@ -325,6 +343,54 @@ _add(
 )
 
 
+def _adapt_hf_dinov2(state: dict[str, torch.Tensor], *, source: str) -> dict[str, torch.Tensor]:
+    # Imported here: encoder_checkpoints imports this module (PatchEncoder).
+    from hipt_ray.models.encoder_checkpoints import adapt_hf_dinov2_state
+
+    return adapt_hf_dinov2_state(state, source=source)
+
+
+class _HFDinov2ViT(VisionTransformer):
+    """timm's ViT that resamples its position embedding for other input sizes as transformers'
+    ``Dinov2Embeddings`` does (bicubic to the new grid, no antialiasing). timm antialiases, which
+    changes upsampled embeddings (224 → 256 px: up to 2e-2 on the output), so a model published
+    for transformers would embed differently here than with its own code."""
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.dynamic_img_size or self.cls_token is None or self.reg_token is not None:
+            return super()._pos_embed(x)
+        b, h, w, c = x.shape
+        pos = timm.layers.resample_abs_pos_embed(
+            self.pos_embed, new_size=[h, w], old_size=list(self.patch_embed.grid_size), antialias=False
+        )
+        return self.pos_drop(torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, -1, c)], dim=1) + pos)
+
+
+def _hf_dinov2_vit_l16(**overrides: Any) -> nn.Module:
+    """timm's ``vit_large_patch16_224`` recipe (1024-d, depth 24, 16 heads, GELU MLP ×4, qkv bias,
+    LayerNorm eps 1e-6) with LayerScale, built as :class:`_HFDinov2ViT`."""
+    args = {"img_size": 224, "patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16}
+    return _HFDinov2ViT(**{**args, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": True, **overrides})
+
+
+# Phikon-v2: DINOv2 ViT-L/16 at 224 in transformers' Dinov2Model layout (model.safetensors; q/k/v
+# fused on load), no registers, LayerScale, final LayerNorm, CLS of last_hidden_state 1024-d,
+# ImageNet norm (TRIDENT Phikonv2InferenceEncoder; slide2vec phikon.py: patch 16, 0.5 µm/px).
+_add(
+    EncoderSpec(
+        "phikon_v2",
+        1024,
+        224,
+        0.5,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "cls",
+        _hf_dinov2_vit_l16,
+        "owkin/phikon-v2 model.safetensors",
+        _adapt_hf_dinov2,
+    )
+)
+
 # CONCH v1.5: ViT-L/16 trunk fed 448 px, attentional pooler + LayerNorm → 768-d, ImageNet norm
 # (TRIDENT model_zoo/conchv1_5/conchv1_5.py; slide2vec conch.py: 448 px, patch 16, 0.5 µm/px).
 _add(
@@ -343,13 +409,56 @@ _add(
 )
 
 
-def list_encoders() -> list[str]:
-    return sorted(_SPECS)
+# Tiny twins for tests: the token layout and pooling of a CLS-only encoder with patch 16 (UNI)
+# and of a CLS ⊕ mean encoder with patch 14 and 4 registers (Virchow2), 48-d and 2 blocks deep.
+_add(
+    EncoderSpec(
+        "uni_tiny",
+        48,
+        224,
+        0.5,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "cls",
+        _timm("vit_small_patch16_224", img_size=224, embed_dim=48, depth=2, num_heads=2, init_values=1e-5),
+        "test twin of uni",
+        tiny=True,
+    )
+)
+_add(
+    EncoderSpec(
+        "virchow2_tiny",
+        96,
+        224,
+        0.5,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "cls_mean",
+        _timm(
+            "vit_huge_patch14_224",
+            img_size=224,
+            embed_dim=48,
+            depth=2,
+            num_heads=2,
+            init_values=1e-5,
+            mlp_ratio=5.3375,
+            reg_tokens=4,
+            **_SWIGLU,
+        ),
+        "test twin of virchow2",
+        tiny=True,
+    )
+)
+
+
+def list_encoders(*, tiny: bool = False) -> list[str]:
+    """The registered encoders; with ``tiny``, their test twins too."""
+    return sorted(n for n, s in _SPECS.items() if tiny or not s.tiny)
 
 
 def encoder_spec(name: str) -> EncoderSpec:
     if name not in _SPECS:
-        raise ConfigError(f"unknown patch encoder {name!r}; known encoders: {', '.join(list_encoders())}")
+        raise ConfigError(f"unknown patch encoder {name!r}; known encoders: {', '.join(list_encoders(tiny=True))}")
     return _SPECS[name]
 
 

@@ -1,4 +1,5 @@
-"""Which slides a job works on: a directory, a glob, an ``s3://`` prefix or a manifest CSV."""
+"""Which slides a job works on: a directory, a glob, an ``s3://`` prefix, a manifest CSV, or an
+Imaging Data Commons collection (``idc:<collection>``, :mod:`hipt_ray.slides.idc`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import PurePosixPath
 
 from hipt_ray.config import NAME_RULE, InputError, name_problem
 from hipt_ray.slide_ref import SlideRef
+from hipt_ray.slides.idc import is_idc_source, list_series
 from hipt_ray.storage import filesystem, is_remote
 
 # Extensions of the single- and multi-file formats OpenSlide 4 reads.
@@ -40,12 +42,13 @@ class SlideSpec:
     uri: str
     mpp: float | None = None  # a per-slide override for files without usable MPP metadata
     error: str = ""  # set when the slide cannot be processed as listed (an id two files share)
+    case_id: str = ""  # the patient (TCGA case) when the source says: IDC's PatientID, a manifest's case_id
 
     def to_ref(self, overrides: Mapping[str, float] | None = None) -> SlideRef:
         """The reference of this slide as listed, before any tiling: its MPP override is the
         manifest's ``mpp``, else its entry in ``overrides`` (``tiling.mpp_overrides``)."""
         mpp = self.mpp if self.mpp is not None else (overrides or {}).get(self.slide_id)
-        return SlideRef(slide_id=self.slide_id, uri=self.uri, mpp_override=mpp)
+        return SlideRef(slide_id=self.slide_id, uri=self.uri, mpp_override=mpp, case_id=self.case_id or None)
 
 
 def checked_slide(slide_id: str, uri: str, mpp: float | None = None) -> SlideSpec:
@@ -80,13 +83,23 @@ def _with_protocol(source: str, path: str) -> str:
     return path
 
 
+def series_as_slides(paths: list[str]) -> list[str]:
+    """``paths`` with each DICOM instance (``.dcm``) replaced by its folder, once, with a
+    trailing slash: a DICOM slide is a series, the instances in one folder (an IDC series
+    folder), read by :class:`hipt_ray.slides.dicom.DicomSlide`."""
+    out: dict[str, None] = {}
+    for p in paths:
+        out[p.rsplit("/", 1)[0] + "/" if p.lower().endswith(".dcm") else p] = None
+    return list(out)
+
+
 def _read_manifest(source: str, endpoint_url: str | None) -> list[SlideSpec]:
     fs, path = filesystem(source, endpoint_url)
     with fs.open(path, "rb") as fh:
         text = fh.read().decode("utf-8-sig")
     rows = list(csv.DictReader(io.StringIO(text)))
     if not rows or "uri" not in rows[0]:
-        raise ManifestError(f"manifest {source} needs a header with a 'uri' column (optional: slide_id, mpp)")
+        raise ManifestError(f"manifest {source} needs a header with a 'uri' column (optional: slide_id, case_id, mpp)")
     specs = []
     base = source.rsplit("/", 1)[0]
     for i, row in enumerate(rows, start=2):
@@ -103,8 +116,29 @@ def _read_manifest(source: str, endpoint_url: str | None) -> list[SlideSpec]:
         given = (row.get("slide_id") or "").strip()
         if given and (problem := name_problem(given)) is not None:
             raise ManifestError(f"manifest {source}, line {i}: slide_id {given[:80]!r} {problem} ({NAME_RULE})")
-        specs.append(SlideSpec(given, uri, mpp) if given else checked_slide(slide_id_from_uri(uri), uri, mpp))
+        spec = SlideSpec(given, uri, mpp) if given else checked_slide(slide_id_from_uri(uri), uri, mpp)
+        specs.append(replace(spec, case_id=(row.get("case_id") or "").strip()))
     return specs
+
+
+def _idc_slides(source: str) -> list[SlideSpec]:
+    """The slides of an ``idc:<collection>[?…]`` source, from the IDC index (no network)."""
+    return [SlideSpec(s.slide_id, s.uri, case_id=s.case_id) for s in list_series(source)]
+
+
+def write_manifest(specs: list[SlideSpec], uri: str, *, endpoint_url: str | None = None) -> None:
+    """``specs`` as a manifest CSV (``uri,slide_id,case_id,mpp``) that ``--slides`` reads back
+    as the same slides, and whose ``slide_id``/``case_id`` columns a case-level labels table
+    (TCGA clinical data, say) joins to (slides refused as listed are left out)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["uri", "slide_id", "case_id", "mpp"])
+    for s in specs:
+        if not s.error:
+            writer.writerow([s.uri, s.slide_id, s.case_id, "" if s.mpp is None else repr(s.mpp)])
+    fs, path = filesystem(uri, endpoint_url)
+    with fs.open(path, "wb") as fh:
+        fh.write(buf.getvalue().encode())
 
 
 def list_slides(source: str, *, endpoint_url: str | None = None) -> list[SlideSpec]:
@@ -117,7 +151,11 @@ def list_slides(source: str, *, endpoint_url: str | None = None) -> list[SlideSp
     Raises:
         ManifestError: nothing matched, the listing failed, or a manifest's slide_id is unusable
             as a file name.
+        IdcError: an ``idc:`` source names an unknown collection, key, case or series, or
+            idc-index-data is not installed.
     """
+    if is_idc_source(source):  # ids unique and name-safe by construction
+        return _idc_slides(source)
     if source.lower().endswith(".csv"):
         specs = _read_manifest(source, endpoint_url)
     else:
@@ -139,7 +177,8 @@ def list_slides(source: str, *, endpoint_url: str | None = None) -> list[SlideSp
             raise
         except Exception as exc:
             raise ManifestError(f"cannot list slides at {source}: {type(exc).__name__}: {exc}") from None
-        specs = [checked_slide(slide_id_from_uri(p), _with_protocol(source, p)) for p in sorted(paths)]
+        paths = series_as_slides(sorted(paths))
+        specs = [checked_slide(slide_id_from_uri(p), _with_protocol(source, p)) for p in paths]
     if not specs:
         raise ManifestError(f"no slides found at {source} (extensions: {', '.join(SLIDE_EXTENSIONS)})")
     uris: dict[str, list[str]] = {}

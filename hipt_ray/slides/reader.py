@@ -18,10 +18,11 @@ import openslide
 from PIL import Image
 
 from hipt_ray.slide_ref import SlideRef, same_version, slide_version
+from hipt_ray.slides.dicom import DicomSlide, series_folder, series_info
 from hipt_ray.slides.manifest import slide_id_from_uri
 from hipt_ray.slides.packed import PackedRegion, TileError, decode_region, region_error, resample
 from hipt_ray.slides.tiles import TileSource, open_tiled
-from hipt_ray.storage import ObjectInfo, StagingCache, stat, with_retries
+from hipt_ray.storage import ObjectInfo, StagingCache, is_remote, stat, with_retries
 
 # A level whose downsample is within this factor of the wanted one counts as exact
 # (odd level sizes make stored downsamples like 4.0007).
@@ -321,6 +322,8 @@ def open_slide(ref: SlideRef, cfg, *, cache: StagingCache) -> tuple[Slide, Objec
 def _open(ref: SlideRef, cfg, cache: StagingCache) -> tuple[Slide, ObjectInfo]:
     s, uri = cfg.storage, ref.uri
     kwargs = dict(name=uri, mpp_override=ref.mpp_override, mpp_range=cfg.tiling.mpp_range, slide_id=ref.slide_id)
+    if series_folder(uri) is not None:
+        return _open_dicom(uri, cfg, kwargs)
     if cfg.reader.backend != "openslide":
         info = with_retries(lambda: stat(uri, s.s3_endpoint_url), what=uri, retries=s.retries)
         if info.size == 0:
@@ -340,3 +343,30 @@ def _open(ref: SlideRef, cfg, cache: StagingCache) -> tuple[Slide, ObjectInfo]:
             )
     path, info = cache.fetch(uri)
     return Slide(path, **kwargs), info
+
+
+def _open_dicom(uri: str, cfg, kwargs: dict) -> tuple[Slide, ObjectInfo]:
+    """A DICOM series (a folder, or one of its instances): read by byte range; OpenSlide reads
+    it only from a local folder (it opens one instance and finds the rest beside it)."""
+    s = cfg.storage
+    if cfg.reader.backend == "openslide":
+        if is_remote(uri):
+            raise SlideError(
+                f"{uri}: OpenSlide reads DICOM series from a local folder only; set reader.backend=auto "
+                "to read the series by byte range"
+            )
+        info, first = series_info(uri)
+        return Slide(first, **kwargs), info
+
+    def attempt() -> DicomSlide | TileError:
+        try:
+            return DicomSlide(
+                uri, endpoint_url=s.s3_endpoint_url, range_gap=cfg.reader.range_gap_bytes, retries=s.retries
+            )
+        except TileError as exc:  # a series that is not one readable slide: no retry
+            return exc
+
+    source = with_retries(attempt, what=uri, retries=s.retries)  # a listing or read that may pass
+    if isinstance(source, TileError):
+        raise SlideError(str(source))
+    return Slide(uri, source=source, scaled_decode=cfg.reader.scaled_decode, **kwargs), source.info

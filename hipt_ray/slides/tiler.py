@@ -126,6 +126,7 @@ def tile_slide(spec: SlideSpec | SlideRef, cfg: Config, *, cache: StagingCache, 
     row: dict[str, object] = {
         "slide_id": ref.slide_id,
         "uri": ref.uri,
+        "case_id": ref.case_id,
         "spec_hash": spec_hash,
         "etag": "",
         "vendor": "",

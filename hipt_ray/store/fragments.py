@@ -48,12 +48,20 @@ _PASSED = META_SCHEMA.names[META_SCHEMA.names.index("read_node") :]  # passed on
 
 
 def write_region_fragments(
-    batch: pa.Table, *, uri: str, schema: pa.Schema, model_id: str, storage_options: dict | None = None
+    batch: pa.Table,
+    *,
+    uri: str,
+    schema: pa.Schema,
+    model_id: str,
+    storage_options: dict | None = None,
+    columns: dict[str, str] | None = None,
 ) -> pa.Table:
     """Write the rows of ``batch`` without an error as fragments of the table at ``uri``
     (whose schema is ``schema``), one per slide, and return :data:`META_SCHEMA` rows, one per
-    input row. A write that fails after retries marks its rows with the error instead of
-    raising: the driver fails that slide and the run goes on."""
+    input row. ``columns`` renames the batch's columns to the table's (``mean256`` →
+    ``mean256_1024``, see :meth:`Store.mean_column <hipt_ray.store.tables.Store.mean_column>`).
+    A write that fails after retries marks its rows with the error instead of raising: the
+    driver fails that slide and the run goes on."""
     from lance.fragment import write_fragments
 
     n = batch.num_rows
@@ -63,6 +71,8 @@ def write_region_fragments(
     good = batch.filter(ok)
     if good.num_rows:
         good = good.append_column("model_id", pa.array([model_id] * good.num_rows, pa.string()))
+        if columns:
+            good = good.rename_columns([columns.get(n, n) for n in good.column_names])
         data = pa.table(
             {
                 f.name: (good[f.name].cast(f.type) if f.name in good.column_names else pa.nulls(good.num_rows, f.type))

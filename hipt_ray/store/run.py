@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 
@@ -103,15 +103,12 @@ def plan_run(
         current = _as_tiled(store, plan, slides, done)
     else:
         current = {r.slide_id: r for r in slides}
-        plan.base = {r.slide_id: {"slide_id": r.slide_id, "uri": r.uri, "spec_hash": spec_hash} for r in slides}
-        plan.carried = [
-            status_row({"slide_id": r.slide_id, "uri": r.uri, "spec_hash": spec_hash}, status="failed", error=error)
-            for r, error in refused
-        ]
+        plan.base = {r.slide_id: _listed(r, spec_hash) for r in slides}
+        plan.carried = [status_row(_listed(r, spec_hash), status="failed", error=error) for r, error in refused]
         now = file_versions(
             [r for r in slides if r.slide_id in done and done[r.slide_id]["uri"] == r.uri], endpoint_url
         )
-        current = {sid: SlideRef(r.slide_id, r.uri, r.mpp_override, now.get(sid)) for sid, r in current.items()}
+        current = {sid: replace(r, version=now.get(sid)) for sid, r in current.items()}
     for sid, ref in current.items():
         earlier = done.get(sid)
         if earlier is not None and earlier["uri"] == ref.uri:  # listed before: skip unless its file changed
@@ -119,7 +116,7 @@ def plan_run(
                 plan.skipped += 1
                 continue
             plan.changed += 1
-        plan.todo.append(ref if model_id else SlideRef(ref.slide_id, ref.uri, ref.mpp_override))
+        plan.todo.append(ref if model_id else replace(ref, version=None))
     if plan.changed:
         log.info(
             "%d slides changed since they were %s (size, ETag/mtime or content): doing them again",
@@ -134,6 +131,11 @@ def plan_run(
             log.info("removed %.1f MB of region files an earlier run wrote but never committed", removed / 1e6)
         plan.regions_schema = store.prepare_regions(regions_schema)
     return plan
+
+
+def _listed(ref: SlideRef, spec_hash: str) -> dict:
+    """The fields of a slide's ``slides`` row known from its listing, before it is opened."""
+    return {"slide_id": ref.slide_id, "uri": ref.uri, "spec_hash": spec_hash, "case_id": ref.case_id}
 
 
 def _as_tiled(store: Store, plan: RunPlan, slides: Sequence[SlideRef], done: dict[str, dict]) -> dict[str, SlideRef]:

@@ -15,6 +15,7 @@ of that status row, and the old rows are deleted right after. Readers also retur
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 
@@ -55,6 +56,7 @@ SLIDES_SCHEMA = pa.schema(
         ("backend", pa.string()),  # what read the pixels: tiles | openslide
         ("seconds", pa.float64()),
         ("time", pa.timestamp("us", tz="UTC")),
+        ("case_id", pa.string()),  # the patient, when the slide source says (idc:, a manifest); null before it
     ]
 )
 
@@ -100,7 +102,11 @@ def slide_ref(row: dict) -> SlideRef:
     """The reference of the slide a ``slides.lance`` row describes: every later reader opens it
     with the MPP override its tiling used and refuses a file that is no longer that version."""
     return SlideRef(
-        slide_id=row["slide_id"], uri=row["uri"], mpp_override=recorded_override(row), version=row_version(row)
+        slide_id=row["slide_id"],
+        uri=row["uri"],
+        mpp_override=recorded_override(row),
+        version=row_version(row),
+        case_id=row.get("case_id"),
     )
 
 
@@ -119,15 +125,23 @@ def _in(column: str, values: Iterable[str]) -> str:
     return f"{column} IN ({', '.join(sql_string(v) for v in values)})"
 
 
-def embedding_fields(dim4k: int, dim256: int) -> list[pa.Field]:
+MEAN = "mean256"
+
+
+def embedding_fields(dim4k: int, dim256: int, mean_column: str = MEAN) -> list[pa.Field]:
     """Columns the embedding job adds to ``regions``: fixed-size vectors (what vector indexes
     need) and the per-patch tokens, row-major, flattened (``read_h/256 · read_w/256 · dim256``
-    values; a full region has 256·384)."""
+    values; a full region has 256·384). The mean of the patch embeddings goes to ``mean_column``
+    (see :meth:`Store.mean_column`: patch encoders of other widths side by side in one table)."""
     return [
         pa.field("emb4k", pa.list_(pa.float32(), dim4k)),
-        pa.field("mean256", pa.list_(pa.float32(), dim256)),
+        pa.field(mean_column, pa.list_(pa.float32(), dim256)),
         pa.field("tokens256", pa.list_(pa.float16())),
     ]
+
+
+def _mean_columns(schema: pa.Schema) -> list[str]:
+    return [n for n in schema.names if n == MEAN or n.startswith(f"{MEAN}_")]
 
 
 def lance_storage_options(out: str, endpoint_url: str | None = None) -> dict[str, str] | None:
@@ -227,6 +241,31 @@ class Store:
                     "(a model of another size?): write to a new --out"
                 )
         return ds
+
+    def mean_column(self, dim256: int) -> str:
+        """Where a patch encoder of width ``dim256`` keeps ``mean256`` in this output's regions
+        table: ``mean256`` when the table has none yet or has it at that width, else
+        ``mean256_<dim256>`` (so UNI's 1024-d means sit beside HIPT's 384-d ones; ``emb4k``,
+        192-d for every ViT-4K XS, and the variable-length ``tokens256`` are shared)."""
+        ds = self.dataset(REGIONS)
+        if ds is None or MEAN not in ds.schema.names or ds.schema.field(MEAN).type.list_size == dim256:
+            return MEAN
+        return f"{MEAN}_{dim256}"
+
+    def mean_column_of(self, model_id: str) -> str:
+        """The column holding ``mean256`` for the rows of ``model_id`` (see :meth:`mean_column`)."""
+        ds = self.dataset(REGIONS)
+        names = _mean_columns(ds.schema) if ds is not None else []
+        if ds is None or len(names) <= 1:
+            return MEAN
+        row = self._io(
+            REGIONS, lambda: ds.to_table(columns=names, filter=f"model_id = {sql_string(model_id)}", limit=1)
+        )
+        return next((n for n in names if row.num_rows and row[n][0].is_valid), MEAN)
+
+    def token_width(self, model_id: str) -> int:
+        """The width of ``model_id``'s patch embeddings (its ``tokens256`` and ``mean256``)."""
+        return int(self.existing(REGIONS).schema.field(self.mean_column_of(model_id)).type.list_size)
 
     def prepare_regions(self, schema: pa.Schema) -> pa.Schema:
         """Make ``regions.lance`` hold every column of ``schema`` (creating it empty if need
@@ -477,20 +516,36 @@ def current_regions(rows: pa.Table, versions: dict[str, str]) -> pa.Table:
     return rows.take(pa.array(keep[first]))
 
 
-def resolve_embedding(store: Store, model_id: str | None = None, spec_hash: str | None = None) -> tuple[str, str]:
+def resolve_embedding(
+    store: Store, model_id: str | None = None, spec_hash: str | None = None, *, key: str = "model_id"
+) -> tuple[str, str]:
     """The (model id, tiling spec) of the embeddings under ``store``; each may be left out when
-    the output holds only one."""
-    latest = store.read(SLIDES, columns=["model_id", "spec_hash", "status"])
+    the output holds only one. ``key`` is the setting that chooses the model (``heads.model_id``):
+    an output holding several models' embeddings (patch encoders side by side) and no choice is
+    an error that lists them with their slide counts."""
+    latest = store.read(SLIDES, columns=["slide_id", "model_id", "spec_hash", "status"])
     ok = latest.filter(pc.and_(pc.equal(latest["status"], "ok"), pc.not_equal(latest["model_id"], "")))
-    found = {}
-    for name, value in (("model_id", model_id), ("spec_hash", spec_hash)):
-        if value is None:
-            values = sorted(set(ok[name].to_pylist()))
-            if len(values) != 1:
-                raise InputError(f"{store.out} holds embeddings for {name} in {values or 'none'}; pass {name}=…")
-            value = values[0]
-        found[name] = value
-    return found["model_id"], found["spec_hash"]
+    if model_id is None:
+        counts = Counter(m for _, m in set(zip(ok["slide_id"].to_pylist(), ok["model_id"].to_pylist())))
+        if len(counts) > 1:
+            listed = ", ".join(f"{m} ({n} slides)" for m, n in sorted(counts.items()))
+            raise InputError(
+                f"{store.out} holds the embeddings of {len(counts)} models: {listed}; choose one with {key}=<id>"
+            )
+        model_id = next(iter(counts), None)
+    if model_id is None:
+        raise InputError(f"{store.out} holds no embeddings; run `hipt-ray embed` with this --out first")
+    if spec_hash is None:  # the tilings this model embedded (a patch encoder's own, or HIPT's)
+        specs = sorted(set(ok.filter(pc.equal(ok["model_id"], model_id))["spec_hash"].to_pylist()))
+        if not specs:
+            models = sorted(set(ok["model_id"].to_pylist()))
+            raise InputError(f"{store.out} holds no embeddings of {key}={model_id}; it holds {models or 'none'}")
+        if len(specs) != 1:
+            raise InputError(
+                f"{store.out} holds embeddings of {model_id} for spec_hash in {specs or 'none'}; pass spec_hash=…"
+            )
+        spec_hash = specs[0]
+    return model_id, spec_hash
 
 
 def read_embeddings(
@@ -509,8 +564,9 @@ def read_embeddings(
     """
     store = Store(out, endpoint_url=endpoint_url)
     model_id, spec_hash = resolve_embedding(store, model_id, spec_hash)
+    mean = store.mean_column_of(model_id)
     rows = store.regions(
-        spec_hash, slide_ids, model_id=model_id, columns=["slide_id", "region_index", "x", "y", "emb4k", "mean256"]
+        spec_hash, slide_ids, model_id=model_id, columns=["slide_id", "region_index", "x", "y", "emb4k", mean]
     )
     out_dict: dict[str, dict] = {}
     if rows.num_rows == 0:
@@ -527,7 +583,7 @@ def read_embeddings(
             return np.stack(col.to_numpy(zero_copy_only=False)).astype(np.float32)
         return np.asarray(col.flatten(), np.float32).reshape(len(ids), -1)
 
-    emb_all, m256_all = matrix("emb4k"), matrix("mean256")
+    emb_all, m256_all = matrix("emb4k"), matrix(mean)
     xs, ys = rows["x"].to_numpy(), rows["y"].to_numpy()
     for a, b in zip(starts, ends):
         emb = emb_all[a:b]

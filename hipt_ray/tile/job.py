@@ -101,6 +101,11 @@ def run(cfg: Config, specs: list[SlideSpec] | None = None) -> TileSummary:
         OutputInUse: another run is writing ``cfg.out``.
     """
     assert cfg.slides and cfg.out, "tile needs slides and out"
+    if cfg.model.patch_encoder is not None:
+        # imported here: the tile tasks' workers unpickle this module and need no torch or timm
+        from hipt_ray.models.geometry import apply_geometry
+
+        cfg = apply_geometry(cfg)  # the encoder's patches × 16 (models.geometry)
     with writer_lease(cfg.out, "tile", endpoint_url=cfg.storage.s3_endpoint_url, ttl=cfg.storage.lease_seconds):
         return _run(cfg, specs)
 

@@ -70,11 +70,18 @@ def stage_spec(cfg: Config) -> StageSpec:
     return StageSpec(stage_arch(cfg), "grid", False, GridCrops(n_local=p.n_local_crops, rotate=p.rotate_grids))
 
 
-def build_student_teacher(cfg: Config) -> tuple[MultiCrop, MultiCrop]:
+def backbone_kwargs(cfg: Config, token_dim: int | None = None) -> dict:
+    """Constructor arguments of the stage's backbone beyond the registry's: stage 2's ViT-4K
+    takes ``token_dim``-d tokens, the width of the patch encoder that wrote them (384 for HIPT's
+    ViT-256, 1024 for UNI, …); None keeps the registered width."""
+    return {"in_dim": token_dim} if cfg.pretrain.stage == "vit4k" and token_dim else {}
+
+
+def build_student_teacher(cfg: Config, token_dim: int | None = None) -> tuple[MultiCrop, MultiCrop]:
     p = cfg.pretrain
-    arch = stage_arch(cfg)
-    student_bb = create_model(arch, drop_path_rate=p.drop_path)
-    teacher_bb = create_model(arch)
+    arch, kw = stage_arch(cfg), backbone_kwargs(cfg, token_dim)
+    student_bb = create_model(arch, drop_path_rate=p.drop_path, **kw)
+    teacher_bb = create_model(arch, **kw)
     dim = student_bb.embed_dim
     student = MultiCrop(student_bb, DINOHead(in_dim=dim, out_dim=p.out_dim, norm_last_layer=p.norm_last_layer))
     teacher = MultiCrop(teacher_bb, DINOHead(in_dim=dim, out_dim=p.out_dim))
@@ -207,7 +214,8 @@ def _set_rng_state(state: dict) -> None:
 
 def train_loop(config: dict) -> None:
     """Ray Train worker entry point: ``config = {"cfg": Config dict, "steps_per_epoch": int,
-    "tracking_uri": str | None, "run_dir": str}``."""
+    "tracking_uri": str | None, "run_dir": str, "token_dim": int | None}`` (stage 2: the width
+    of the token grids)."""
     import ray.train
     from ray.train.torch import get_device
 
@@ -220,7 +228,7 @@ def train_loop(config: dict) -> None:
     np.random.seed(p.seed + rank)
     random.seed(p.seed + rank)
     torch.set_num_threads(max(1, int(os.cpu_count() or 1) // max(world, 1)))
-    state = _build_state(cfg, device)
+    state = _build_state(cfg, device, config.get("token_dim"))
     _resume(state, cfg, rank)
     use_amp = device.type == "cuda"
     spe = int(config["steps_per_epoch"])
@@ -280,13 +288,13 @@ def train_loop(config: dict) -> None:
         tracker.close()
 
 
-def _build_state(cfg: Config, device: torch.device) -> DinoState:
+def _build_state(cfg: Config, device: torch.device, token_dim: int | None = None) -> DinoState:
     """Student (wrapped for DDP: gloo on CPU, NCCL on GPU, when world > 1), teacher, AdamW and the
     DINO loss on ``device``."""
     from ray.train.torch import prepare_model
 
     p = cfg.pretrain
-    student, teacher = build_student_teacher(cfg)
+    student, teacher = build_student_teacher(cfg, token_dim)
     teacher.to(device)
     loss_fn = DINOLoss(
         out_dim=p.out_dim, n_global=2, student_temp=p.student_temp, center_momentum=p.center_momentum

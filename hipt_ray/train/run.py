@@ -11,18 +11,19 @@ from dataclasses import dataclass
 
 import torch
 
-from hipt_ray.config import Config
+from hipt_ray.config import Config, ConfigError
 from hipt_ray.console import Progress
 from hipt_ray.data.pretrain import build_grid_dataset, build_patch_dataset
 from hipt_ray.models import create_model, export_checkpoint
 from hipt_ray.models.checkpoints import load_state_dict_strict, load_trusted
+from hipt_ray.models.geometry import apply_geometry
 from hipt_ray.models.inference import cluster_wants_gpu
 from hipt_ray.runtime import cluster_shape
 from hipt_ray.slides.manifest import list_slides
 from hipt_ray.storage import is_remote, join, local_path
 from hipt_ray.tile.job import run as tile_run
 from hipt_ray.tracking import setup_tracking, tracking_uri
-from hipt_ray.train.dino import CKPT_FILE, STEP_LOG, stage_arch, train_loop
+from hipt_ray.train.dino import CKPT_FILE, STEP_LOG, backbone_kwargs, stage_arch, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,10 @@ def _mlflow_run(cfg: Config, params: dict) -> str:
         return run.info.run_id
 
 
-def export_teacher(cfg: Config, checkpoint_dir: str, uri: str) -> torch.nn.Module:
+def export_teacher(cfg: Config, checkpoint_dir: str, uri: str, token_dim: int | None = None) -> torch.nn.Module:
     state = load_trusted(os.path.join(checkpoint_dir, CKPT_FILE), allow_unsafe_pickle=cfg.model.allow_unsafe_pickle)
     backbone = {k[len("backbone.") :]: v for k, v in state["teacher"].items() if k.startswith("backbone.")}
-    model = create_model(stage_arch(cfg))
+    model = create_model(stage_arch(cfg), **backbone_kwargs(cfg, token_dim))
     load_state_dict_strict(model, backbone, source=checkpoint_dir)
     export_checkpoint(
         model,
@@ -76,6 +77,7 @@ def export_teacher(cfg: Config, checkpoint_dir: str, uri: str) -> torch.nn.Modul
             "stage": cfg.pretrain.stage,
             "step": int(state["step"]),
             "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3},
+            **({"token_dim": token_dim} if token_dim else {}),
         },
     )
     return model
@@ -132,12 +134,20 @@ def run(cfg: Config) -> PretrainSummary:
     t0 = time.perf_counter()
     shape = cluster_shape()  # GPU nodes an autoscaler keeps at zero count: the workers ask for them
     use_gpu = cluster_wants_gpu(p.use_gpu, gpus=shape.most({"GPU": 1}), key="pretrain.use_gpu", source=shape.source)
+    token_dim = None
+    if p.stage == "vit256" and cfg.model.patch_encoder not in (None, "vit256_s16"):
+        raise ConfigError(
+            f"pretrain --stage vit256 trains HIPT's ViT-256; model.patch_encoder={cfg.model.patch_encoder} comes "
+            "pretrained: embed with it, then run stage 2 (--stage vit4k) over its token grids"
+        )
     if p.stage == "vit256":
         specs = list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)
         tile_run(cfg, specs)  # reuses tiling already under --out
         ds, n_items = build_patch_dataset(cfg, specs)
     else:
-        ds, n_items, _ = build_grid_dataset(cfg)
+        cfg = apply_geometry(cfg)  # a patch encoder's regions (the same model.* settings as embed's)
+        ds, n_items, mid, token_dim = build_grid_dataset(cfg)
+        log.info("stage 2 over %d-d token grids of model %s", token_dim, mid)
     if p.cache_dataset:
         ds = ds.materialize()
     spe = p.steps_per_epoch or max(1, n_items // (p.batch_size_per_worker * p.num_workers))
@@ -155,7 +165,7 @@ def run(cfg: Config) -> PretrainSummary:
         {"steps_per_epoch": spe, "items_per_epoch_estimate": n_items, "arch": stage_arch(cfg), "use_gpu": use_gpu}
     )
     run_id = _mlflow_run(cfg, params)
-    resources = {"CPU": p.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+    resources = {"CPU": p.cpus_per_worker, **p.worker_resources} | ({"GPU": 1} if use_gpu else {})
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -164,6 +174,7 @@ def run(cfg: Config) -> PretrainSummary:
             "tracking_uri": uri,
             "mlflow_run_id": run_id,
             "run_dir": run_dir,
+            "token_dim": token_dim,
         },
         scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -180,7 +191,7 @@ def run(cfg: Config) -> PretrainSummary:
         raise RuntimeError(f"pretraining run {p.run_name} ended without a checkpoint")
     export = join(cfg.out, "pretrain", p.run_name, f"teacher_{p.stage}.pth")
     with result.checkpoint.as_directory() as d:
-        export_teacher(cfg, d, export)
+        export_teacher(cfg, d, export, token_dim)
     return PretrainSummary(
         stage=p.stage,
         steps=int(result.metrics.get("step", 0)),

@@ -1,6 +1,7 @@
 """Region attention heatmaps of HIPT-4K: ViT-256 CLS attention inside every 256 px patch (at the
-16 px token resolution), ViT-4K CLS attention over the patch grid, and their hierarchical
-combination, smoothed by averaging over shifted windows.
+16 px token resolution; a patch encoder's own last-block attention at its token resolution),
+ViT-4K CLS attention over the patch grid, and their hierarchical combination, smoothed by
+averaging over shifted windows.
 
 Shifted windows, done correctly: the region is read with a margin from the slide, and each window
 is a *different* crop of that canvas (offset by a fraction of a patch), so the patch and token
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hipt_ray.models.hipt4k import HIPT4K, normalize_uint8
+from hipt_ray.models.hipt4k import HIPT4K
 
 
 @dataclass
@@ -47,18 +48,29 @@ class RegionAttention:
         return combined / combined.sum()
 
 
+def cell_px(model: HIPT4K) -> int:
+    """Region pixels per attention cell: one patch token's share of a cut patch (16 px for HIPT,
+    14 px for a patch-14 encoder fed its native 224 px); where tokens do not tile the cut patch in
+    whole pixels (256 px resized to 224 at patch 16), 16 px cells the token maps are resampled to."""
+    p, k = model.patch_px, model.tokens_per_side
+    return p // k if p % k == 0 else 16
+
+
 def region_attention(model: HIPT4K, image: np.ndarray) -> RegionAttention:
-    """Attention maps of one region ``image`` (uint8 ``[H, W, 3]``, multiples of the patch size)."""
-    p = model.patch_px
-    t = model.vit256.patch_embed.patch_size[0]
+    """Attention maps of one region ``image`` (uint8 ``[H, W, 3]``, multiples of the patch size).
+    The patch level's map is its CLS attention over the patch tokens (registers left out)."""
+    p, t, k_in = model.patch_px, cell_px(model), model.tokens_per_side
     h, w = image.shape[:2]
     rows, cols, k = h // p, w // p, p // t
-    x = normalize_uint8(torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0))
+    x = model.normalize_uint8(torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0))
     with torch.no_grad():
         a256, a4k = model.get_attention(x.to(next(model.parameters()).device))
-    cls256 = a256[:, :, 0, 1:].float()  # (rows·cols, heads, k·k)
-    cls256 = cls256 / cls256.sum(-1, keepdim=True)
+    cls256 = a256[:, :, 0, model.prefix_tokens :].float()  # (rows·cols, heads, k_in·k_in)
     heads = cls256.shape[1]
+    if k != k_in:  # tokens that straddle cells: their map resampled onto the cells
+        grid = cls256.reshape(rows * cols, heads, k_in, k_in)
+        cls256 = F.interpolate(grid, size=(k, k), mode="bilinear", align_corners=False).flatten(2)
+    cls256 = cls256 / cls256.sum(-1, keepdim=True)
     m256 = cls256.reshape(rows, cols, heads, k, k).permute(2, 0, 3, 1, 4).reshape(heads, rows * k, cols * k)
     cls4k = a4k[0, :, 0, 1:].float()
     cls4k = cls4k / cls4k.sum(-1, keepdim=True)
@@ -83,7 +95,7 @@ def smoothed_attention(
     averaged maps in region coordinates and the number of windows.
     """
     h, w = size
-    t = model.vit256.patch_embed.patch_size[0]
+    t = cell_px(model)
     cells = ((margin + h) // t, (margin + w) // t)
     acc = {name: None for name in ("vit256", "vit4k")}
     count = np.zeros(cells, np.float32)

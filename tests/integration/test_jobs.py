@@ -23,7 +23,7 @@ def test_cluster_yaml_passes_ray_validation():
     raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     validate_config(prepare_config(raw))
     types = raw["available_node_types"]
-    assert raw["head_node_type"] == "head" and {"cpu_decode", "gpu"} <= set(types)
+    assert raw["head_node_type"] == "head" and {"cpu", "gpu"} <= set(types)
     assert any("requirements.txt" in c for c in raw["setup_commands"])
     from jsonschema.exceptions import ValidationError
 

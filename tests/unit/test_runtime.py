@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 import yaml
 
+from hipt_ray.config import EmbedConfig
+from hipt_ray.embed.actors import plan_actors
 from hipt_ray.runtime import (
     ClusterShape,
     NodeType,
@@ -17,13 +19,15 @@ from hipt_ray.runtime import (
 GiB = 2**30
 
 
-def test_the_shipped_cluster_yaml_can_grow_to_16_model_nodes():
+def test_the_shipped_cluster_yaml_needs_no_settings_for_16_gpu_model_actors():
     cfg = yaml.safe_load((Path(__file__).parents[2] / "cluster.yaml").read_text())
     shape = shape_from_autoscaling_config(cfg, source="cluster.yaml")
-    assert {t.name: t.max_count for t in shape.node_types} == {"head": 1, "cpu_decode": 24, "gpu": 16}
-    assert shape.most({"model": 1}) == 16 and shape.most({"decode": 1}) == 24 * 32
-    # the launcher fills in each instance type's CPUs and GPUs; a type that lists none has none
-    assert shape.most({"GPU": 1}) == 0
+    assert {t.name: t.max_count for t in shape.node_types} == {"head": 1, "cpu": 8, "gpu": 16}
+    assert shape.most({"GPU": 1}) == 16 and shape.most({"CPU": 1}) == 8 * 16 + 16 * 16  # reads: any CPU
+    # the defaults on it: GPU actors, a pool that grows to one a GPU node, no custom resources
+    plan = plan_actors(EmbedConfig(), shape)
+    assert plan.use_gpu and (plan.min_size, plan.max_size) == (1, 16)
+    assert {k: v for k, v in plan.demand.items() if k != "memory"} == {"CPU": 1.0, "GPU": 1}
 
 
 def test_worker_types_are_capped_by_the_clusters_max_workers():

@@ -30,6 +30,7 @@ PUBLISHED = {
     "lunit_vits8": (21.7, 384, 1, 8),
     "gpfm": (303, 1024, 1, 14),
     "conch_v1_5": (306, 1024, 1, 16),  # ViT-L/16 trunk + attentional pooler (768-d)
+    "phikon_v2": (303, 1024, 1, 16),  # DINOv2 ViT-L/16 (tests/unit/models/test_phikon.py)
 }
 SMALL = ["vit256_s16", "kaiko_vits16", "kaiko_vitb16", "lunit_vits8"]  # real size on 2 cores
 
