@@ -282,7 +282,18 @@ class DicomSlide(TileSource):
             raise DicomError(str(exc)) from None
         syntax = str(ds.file_meta.TransferSyntaxUID)
         decoder = frames.FrameDecoder(syntax, str(ds.PhotometricInterpretation))
-        level = Level(width, height, tile_w, tile_h, index.offsets + base, index.counts, decoder, None, decoder.jpeg)
+        level = Level(
+            width,
+            height,
+            tile_w,
+            tile_h,
+            index.offsets + base,
+            index.counts,
+            decoder,
+            None,
+            decoder.jpeg,
+            codec=decoder,
+        )  # the frame decoder pickles: regions travel to the model as their compressed frames
         return level, index.method
 
     # ------------------------------------------------------------------ bytes

@@ -69,6 +69,10 @@ def _embed(out: Path, src: Path, address: str, tmp_path: Path) -> subprocess.Pop
         "ray.write_batch_slides=1",
         "embed.write_regions=2",
         "embed.regions_per_task=1",
+        # pixels from the decode node, as this test's three faults were timed for: with compressed
+        # tiles (decode=auto, tested end to end in test_embed and test_jobs) 12 slides finish
+        # before the third fault lands
+        "embed.decode=reader",
         f"storage.cache_dir={tmp_path / 'cache'}",
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
