@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/embed.py [--slides 8] [--model tiny|real] [--storage local|s3] [--compile false]
     .venv/bin/python bench/embed.py --rss        # driver peak RSS, 4 vs 16 slides
+    .venv/bin/python bench/embed.py --routes [--repeats 3]   # pixels vs compressed tiles to the model
 
 For N synthetic slides (each a few 4096² regions at 0.5 µm/px) it measures, on the same local Ray:
   read-only   regions/s of the Ray Data read stage alone (OpenSlide read + resample);
@@ -9,7 +10,10 @@ For N synthetic slides (each a few 4096² regions at 0.5 µm/px) it measures, on
   end-to-end  regions/s of `hipt-ray embed` (tiling done beforehand, so only embedding counts);
 and prints efficiency = end-to-end / min(read-only, model-only). The tiny model makes the job
 read-bound, the real model model-bound. With --rss it runs the job in subprocesses on 4 and 16
-slides and compares the driver's peak RSS.
+slides and compares the driver's peak RSS. With --routes it runs `hipt-ray embed` on the same
+tiled slides with embed.decode=reader (read tasks decode, pixels cross the object store) and
+embed.decode=auto (compressed tiles cross, the model actor decodes), alternating, and prints
+each route's regions/s and object-store bytes per region (medians of --repeats runs) and the ratios.
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ def efficiency(args: argparse.Namespace) -> None:
     from hipt_ray.embed.embedder import RegionEmbedder
     from hipt_ray.embed.job import build_model
     from hipt_ray.embed.job import run as embed_run
+    from hipt_ray.slides.packed import COLUMNS as PACKED
     from hipt_ray.store import Store
     from hipt_ray.tile.job import run as tile_run
 
@@ -154,7 +159,7 @@ def efficiency(args: argparse.Namespace) -> None:
         schema=schema,
     )
     sample = [read_region(dict(r), **read_kwargs) for r in regions[: min(n, args.model_regions)]]
-    batch = lambda r: {k: [r[k]] for k in ("slide_id", "region_index", "uri", "error")} | {"image": [r["image"]]}  # noqa: E731
+    batch = lambda r: {k: [r[k]] for k in ("slide_id", "region_index", "uri", "error", "image", *PACKED)}  # noqa: E731
     embedder(batch(sample[0]))  # warm-up (and compilation)
     t_warm = time.perf_counter() - t_warm
     t0 = time.perf_counter()
@@ -201,6 +206,113 @@ def efficiency(args: argparse.Namespace) -> None:
     if moto:
         moto.kill()
     shutil.rmtree(work, ignore_errors=True)
+
+
+def routes(args: argparse.Namespace) -> None:
+    """embed.decode=reader vs auto on the same tiled slides, side by side (see the docstring)."""
+    import statistics
+
+    import ray
+
+    from hipt_ray.config import load_config
+    from hipt_ray.embed.job import run as embed_run
+    from hipt_ray.tile.job import run as tile_run
+
+    slides = make_slides(args.slides)
+    work = Path(tempfile.mkdtemp(prefix="embed-routes-"))
+    files = [ROOT / "hipt_ray" / "configs" / "tiny.yaml"] if args.model == "tiny" else []
+    base = [f"storage.cache_dir={work / 'cache'}", "embed.store_tokens=true"]
+    if args.model == "real":
+        base += ["model.name=hipt4k", "model.allow_random_weights=true", f"embed.compile={args.compile}"]
+
+    def cfg_for(out: Path, route: str):
+        overrides = [*base, f"embed.decode={route}"]
+        return load_config("embed", files=files, overrides=overrides, values={"slides": str(slides), "out": str(out)})
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    tile_run(cfg_for(work / "tiled", "auto"))  # every run starts from this tiling: only embedding counts
+    actor_overlap(cfg_for(work / "tiled", "auto"), slides, args.repeats)
+    figures: dict[str, dict[str, list[float]]] = {r: {"rate": [], "pipeline": [], "bytes": []} for r in ROUTES}
+    for rep in range(args.repeats):
+        for route in ROUTES if rep % 2 == 0 else ROUTES[::-1]:  # alternate who goes first
+            out = work / f"{route}-{rep}"
+            shutil.copytree(work / "tiled", out)
+            summary = embed_run(cfg_for(out, route))
+            n = summary.regions
+            figures[route]["rate"].append(n / summary.seconds)
+            figures[route]["pipeline"].append(n / summary.pipeline_seconds)
+            figures[route]["bytes"].append(summary.moved["transfer_bytes"] / n)
+            print(f"  run {rep} {route:6}: {n} regions, {n / summary.seconds:.3f} regions/s; {summary.transfer_line()}")
+            shutil.rmtree(out, ignore_errors=True)
+    med = {r: {k: statistics.median(v) for k, v in f.items()} for r, f in figures.items()}
+    print(f"{args.slides} slides, {n} regions of 4096² at 20×, model {args.model}, medians of {args.repeats} runs:")
+    for r, label in zip(ROUTES, ("pixels (decode=reader)", "tiles (decode=auto)")):
+        m = med[r]
+        print(
+            f"  {label:24} end-to-end {m['rate']:.3f} regions/s (pipeline alone {m['pipeline']:.3f}), "
+            f"{m['bytes'] / 1e6:.2f} MB a region through the object store"
+        )
+    a, b = med[ROUTES[0]], med[ROUTES[1]]
+    print(
+        f"  tiles / pixels: end-to-end {b['rate'] / a['rate']:.2f}× (target ≥ 1), "
+        f"pipeline {b['pipeline'] / a['pipeline']:.2f}×, "
+        f"object-store bytes {b['bytes'] / a['bytes']:.3f}× ({a['bytes'] / b['bytes']:.1f}× fewer)"
+    )
+    ray.shutdown()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+ROUTES = ("reader", "auto")
+
+
+def actor_overlap(cfg, slides: Path, repeats: int) -> None:
+    """In one process, one model actor's batch of packed regions: decoded then embedded one
+    after the other, against RegionEmbedder's decode on a thread overlapped with the model."""
+    import statistics
+
+    import numpy as np
+
+    from hipt_ray.data.regions import RegionReader
+    from hipt_ray.embed.embedder import RegionEmbedder, output_schema
+    from hipt_ray.models.loading import build_model
+    from hipt_ray.slides.packed import COLUMNS, PackedRegion, decode_region
+    from hipt_ray.store import Store
+
+    rows = Store(cfg.out).regions(cfg.tiling_spec_hash()).to_pylist()[: cfg.embed.actor_batch_regions]
+    for r in rows:
+        r.update(uri=str(slides / f"{r['slide_id']}.tiff"), mpp_override=None)
+    read = [RegionReader(cfg_dict=cfg.to_dict())(dict(r)) for r in rows]
+    batch = {k: np.empty(len(read), object) for k in read[0]}
+    for i, r in enumerate(read):
+        for k, v in r.items():
+            batch[k][i] = v
+    model, _ = build_model(cfg)
+    embedder = RegionEmbedder(
+        model_name=cfg.model.name, state_dict=model.state_dict(), micro_batch=cfg.model.micro_batch,
+        precision=cfg.embed.precision, compile=cfg.embed.compile, use_gpu=False, store_tokens=True,
+        schema=output_schema(model.vit4k.embed_dim, model.vit256.embed_dim), decode="cpu", decode_threads=1,
+    )  # fmt: skip
+    regions = [PackedRegion.from_columns(*(r[c] for c in COLUMNS)) for r in read]
+    pixels = {**batch, "image": np.empty(len(read), object), "packing": np.array([""] * len(read), object)}
+    embedder(batch)  # warm-up
+    serial, overlapped = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i, region in enumerate(regions):
+            pixels["image"][i] = decode_region(region)
+        t1 = time.perf_counter()
+        embedder(pixels)
+        serial.append((t1 - t0, time.perf_counter() - t1))
+        t0 = time.perf_counter()
+        embedder(batch)
+        overlapped.append(time.perf_counter() - t0)
+    dec, mod = (statistics.median(x[k] for x in serial) for k in (0, 1))
+    ovl = statistics.median(overlapped)
+    print(
+        f"  one actor batch of {len(read)} packed regions (median of {repeats}): decode {dec:.2f} s then model "
+        f"{mod:.2f} s = {dec + mod:.2f} s; decode on a thread overlapped with the model {ovl:.2f} s "
+        f"({(dec + mod) / ovl:.2f}× faster)"
+    )
 
 
 def rss(args: argparse.Namespace) -> None:
@@ -253,10 +365,15 @@ def main() -> None:
         help="embed.compile for --model real (on an AVX2-only CPU it gains nothing: false)",
     )
     ap.add_argument("--rss", action="store_true")
+    ap.add_argument("--routes", action="store_true", help="pixels vs compressed tiles to the model actors")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each route for --routes")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # figures appear as they are measured, even in a log
     if args.rss:
         rss(args)
+        return
+    if args.routes:
+        routes(args)
         return
     for backend in ("openslide", "tiles") if args.backend == "both" else (args.backend,):
         efficiency(argparse.Namespace(**{**vars(args), "backend": backend}))

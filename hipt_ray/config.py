@@ -299,6 +299,17 @@ class EmbedConfig(_Section):
         "that do not declare memory, e.g. Ray's fake autoscaling nodes, can then scale up for it)",
     )
     read_cpus: float = Field(default=1.0, gt=0)
+    decode: Literal["auto", "reader", "cpu", "gpu"] = Field(
+        default="auto",
+        description="where a tile-backend region's JPEG tiles are decoded. auto: next to the model (read tasks "
+        "send the compressed tiles, ≈ 1/16 of the pixels' bytes), on the actor's GPU when it has one, else on "
+        "its CPUs in threads overlapped with the model; cpu / gpu: next to the model, on that; reader: in the "
+        "read tasks, pixels sent (for model nodes without spare CPUs). OpenSlide slides always decode in the "
+        "read tasks",
+    )
+    decode_threads: int = Field(
+        default=0, ge=0, description="threads a model actor decodes on its CPUs with; 0: embed.actor_cpus, at least 1"
+    )
     store_tokens: bool = Field(
         default=True,
         description="tokens256 column: needed by stage-2 pretraining and ViT-4K heads",

@@ -1,9 +1,14 @@
-"""Region reads for Ray Data: one region row → its RGB uint8 pixels, as CPU tasks.
+"""Region reads for Ray Data: one region row → its compressed tiles or its RGB uint8 pixels, as
+CPU tasks.
 
-Reads return the region's pixels (no copies, no normalisation: that happens on the model's
-device). A read that fails (undecodable tiles, a vanished object, a file that changed after it
-was tiled) returns the row with an ``error`` instead of raising, so one bad slide never stops
-the dataset.
+A region of a slide the tile backend reads leaves as its compressed tiles
+(:mod:`hipt_ray.slides.packed`: ≈ 3 MB for a 4096² region at 20×, against 50 MB of pixels),
+decoded next to the model (:mod:`hipt_ray.embed.decode`); with ``embed.decode=reader``, and for
+slides read through OpenSlide, the read decodes and the row carries the pixels (no copies, no
+normalisation: that happens on the model's device). Every row has both kinds of columns, one
+kind empty, so that Ray Data's blocks keep one schema. A read that fails (undecodable tiles, a
+vanished object, a file that changed after it was tiled) returns the row with an ``error``
+instead of raising, so one bad slide never stops the dataset.
 
 Reads stay Ray *tasks* (a function, not an actor pool): a task lost with its node is retried
 elsewhere and reads scale with the cluster's CPUs as it autoscales, while the per-worker state
@@ -25,6 +30,7 @@ import ray
 
 from hipt_ray.config import Config, validate_config
 from hipt_ray.slide_ref import SlideRef
+from hipt_ray.slides.packed import COLUMNS as PACKED_COLUMNS
 from hipt_ray.slides.reader import Slide, SlideError, make_cache, open_slide
 from hipt_ray.storage import describe_error
 
@@ -39,13 +45,16 @@ class RegionReader:
     once, and an LRU of ``max_open`` open slides (opening a slide reads its tile directory).
 
     Called with a region row (the tiling's columns and :attr:`SlideRef.COLUMNS`), it returns the
-    same row plus ``image`` (uint8 [h, w, 3]), ``error``, ``read_node`` and ``read_seconds``.
+    same row plus ``image`` (uint8 [h, w, 3], or [0, 0, 3] when packed), the packed region's
+    columns (:data:`hipt_ray.slides.packed.COLUMNS`, empty when it carries pixels), ``error``,
+    ``read_node`` and ``read_seconds``.
     """
 
     def __init__(self, *, cfg_dict: dict, max_open: int = 4) -> None:
         self.cfg = validate_config(cfg_dict)
         self.cache = make_cache(self.cfg)
         self.max_open = max_open
+        self.pack = self.cfg.embed.decode != "reader"
         self.node = worker_node()
         self._open: OrderedDict[SlideRef, Slide] = OrderedDict()
 
@@ -65,18 +74,27 @@ class RegionReader:
         t0 = time.perf_counter()
         ref = SlideRef.of_region(row)
         row["read_node"] = self.node
+        row["image"], row["error"] = _NO_PIXELS, ""
+        row.update(_NOT_PACKED)
         try:
-            image, _ = self.slide(ref).read_region((row["x"], row["y"]), (row["read_w"], row["read_h"]), row["mpp"])
-            row["image"], row["error"] = image, ""
+            slide = self.slide(ref)
+            xy, size = (row["x"], row["y"]), (row["read_w"], row["read_h"])
+            packed = slide.pack_region(xy, size, row["mpp"]) if self.pack else None
+            if packed is not None:
+                row.update(packed.to_columns())
+            else:
+                row["image"], _ = slide.read_region(xy, size, row["mpp"])
         except Exception as exc:
             if (slide := self._open.pop(ref, None)) is not None:
                 slide.close()
-            row["image"] = np.zeros((0, 0, 3), np.uint8)
+            row.update(_NOT_PACKED)
             row["error"] = str(exc) if isinstance(exc, SlideError) else describe_error(ref.uri, exc)
         row["read_seconds"] = time.perf_counter() - t0
         return row
 
 
+_NO_PIXELS = np.zeros((0, 0, 3), np.uint8)
+_NOT_PACKED = {c: "" if c == "packing" else b"" for c in PACKED_COLUMNS}  # binary, and the JSON a string
 _READERS: dict[str, RegionReader] = {}  # this worker's reader per configuration
 
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 
 from hipt_ray.data.regions import worker_node
+from hipt_ray.embed.decode import decoder_for
 from hipt_ray.models import create_model
 from hipt_ray.models.hipt4k import default_micro_batch
 from hipt_ray.models.inference import fast_dtype, inference_device, prepare_for_inference
@@ -33,8 +34,9 @@ def output_schema(dim4k: int, dim256: int) -> pa.Schema:
         [REGIONS_SCHEMA.field(n) for n in READ_COLUMNS]
         + [pa.field("uri", pa.string())]
         + embedding_fields(dim4k, dim256)
-        + [pa.field(n, pa.string()) for n in ("error", "read_node", "model_node")]
-        + [pa.field(n, pa.float32()) for n in ("read_seconds", "model_seconds")]
+        + [pa.field(n, pa.string()) for n in ("error", "read_node", "model_node", "decoded")]
+        + [pa.field(n, pa.float32()) for n in ("read_seconds", "model_seconds", "decode_seconds")]
+        + [pa.field(n, pa.int64()) for n in ("transfer_bytes", "tile_bytes")]
     )
 
 
@@ -61,6 +63,8 @@ class RegionEmbedder:
         store_tokens: bool,
         schema: pa.Schema,
         threads: int = 1,
+        decode: str = "auto",
+        decode_threads: int = 0,
     ) -> None:
         self.torch = torch
         self.node = worker_node()
@@ -74,20 +78,24 @@ class RegionEmbedder:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision) or fast_dtype(self.device)
         self.model = prepare_for_inference(model, device=self.device, dtype=dtype, compile=compile)
         self.store_tokens, self.schema = store_tokens, schema
+        # packed regions (compressed tiles) are decoded here, next to the model
+        self.decoder = decoder_for(decode, self.device, decode_threads or max(1, int(threads)))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["slide_id"])
         emb4k, mean256, tokens, seconds = [], [], [], [0.0] * n
         errors = [str(e) for e in batch["error"]]
+        with warnings.catch_warnings():  # Ray's buffers are read-only; the model only reads
+            warnings.simplefilter("ignore", UserWarning)
+            decoded = self.decoder(batch)  # packed regions decode (on threads) while the model runs
         for i in range(n):
-            if errors[i]:
+            img = decoded.pixels(i) if not errors[i] else ""
+            if isinstance(img, str):  # a failed read, or a tile that failed to decode
+                errors[i] = errors[i] or img
                 emb4k.append(None), mean256.append(None), tokens.append(None)
                 continue
             t0 = time.perf_counter()
             try:
-                with warnings.catch_warnings():  # Ray's buffers are read-only; the model only reads
-                    warnings.simplefilter("ignore", UserWarning)
-                    img = self.torch.from_numpy(np.ascontiguousarray(batch["image"][i])).to(self.device)
                 with self.torch.inference_mode():
                     out = self.model.forward_uint8(img[None])
                 emb4k.append(out["emb4k"][0].cpu().numpy())
@@ -108,5 +116,9 @@ class RegionEmbedder:
             error=errors,
             model_node=[self.node] * n,
             model_seconds=seconds,
+            decoded=decoded.where,
+            decode_seconds=decoded.seconds,
+            transfer_bytes=decoded.transfer_bytes,
+            tile_bytes=decoded.tile_bytes,
         )
         return pa.Table.from_pydict({f.name: columns[f.name] for f in self.schema}, schema=self.schema)

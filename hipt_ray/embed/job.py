@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from hipt_ray.config import Config
+from hipt_ray.config import Config, ConfigError
 from hipt_ray.console import Progress
 from hipt_ray.data.regions import read_region, reader_kwargs
 from hipt_ray.embed.actors import ActorPlan, plan_actors
@@ -53,6 +53,8 @@ class EmbedSummary(SlideCounts):
     nodes: dict[str, dict[str, int]] = field(default_factory=dict)  # read|model → node id → regions
     stage_seconds: dict[str, float] = field(default_factory=dict)  # read|model → seconds, summed
     returned: int = 0  # regions that came back from the pipeline (ok or not): stage_seconds' count
+    decoded: dict[str, int] = field(default_factory=dict)  # reader|cpu|gpu|gpu→cpu → regions
+    moved: dict[str, float] = field(default_factory=dict)  # transfer_bytes, tile_bytes, decode_seconds: sums
     model_actors: int = 0
     tables: str = ""  # fragments and versions left after tidying
 
@@ -69,6 +71,7 @@ class EmbedSummary(SlideCounts):
         self.nodes = {k: dict(v) for k, v in committer.nodes.items()}
         if self.model_actors:  # a pipeline ran
             self.stage_seconds, self.returned = dict(committer.stage_seconds), committer.returned
+            self.decoded, self.moved = dict(committer.decoded), dict(committer.moved)
 
     def lines(self) -> list[str]:
         rate = self.regions / self.seconds if self.seconds else 0.0
@@ -96,6 +99,7 @@ class EmbedSummary(SlideCounts):
                 else []
             )
             + ([self.stages_line()] if self.stage_seconds else [])
+            + ([self.transfer_line()] if self.decoded else [])
             + ([f"tables: {self.tables}"] if self.tables else [])
             + [
                 f"model: {self.model_id}",
@@ -117,6 +121,24 @@ class EmbedSummary(SlideCounts):
             f"{actors} model actor{'s' if actors > 1 else ''} busy {100 * busy:.0f} % of the pipeline"
         )
 
+    def transfer_line(self) -> str:
+        """What a region moved through the object store to the model actors, and for the
+        regions sent as compressed tiles that beside their tiles' bytes (≈ 1×; pixels are ≈ 16×
+        the tiles at 20×); where regions were decoded (``reader``: by the read tasks, ``gpu→cpu``:
+        on the actor's CPU after its GPU could not) and the decode time a packed region took."""
+        n = sum(self.decoded.values())
+        m = self.moved
+        pixels = self.decoded.get("reader", 0)
+        packed = n - pixels
+        parts = [f"transfer: {m.get('transfer_bytes', 0) / max(n, 1) / 1e6:.2f} MB a region through the object store"]
+        if packed and m.get("tile_bytes"):
+            parts[0] += f", {m['packed_bytes'] / m['tile_bytes']:.2f}× its compressed tiles"
+        if pixels:
+            parts.append(f"{pixels} of {n} regions moved as pixels")
+        where = ", ".join(f"{k} {v}" for k, v in sorted(self.decoded.items()))
+        decode = f", {1e3 * m.get('decode_seconds', 0.0) / packed:.0f} ms a packed region" if packed else ""
+        return "; ".join(parts) + f"; decoded: {where}{decode}"
+
 
 def run(cfg: Config) -> EmbedSummary:
     """Embed every slide of ``cfg.slides`` into the tables under ``cfg.out``, holding the
@@ -132,6 +154,11 @@ def run(cfg: Config) -> EmbedSummary:
 def _run(cfg: Config) -> EmbedSummary:
     t0 = time.perf_counter()
     actors = plan_actors(cfg.embed, cluster_shape())  # a setting no node can meet fails here, first
+    if cfg.embed.decode == "gpu" and not actors.use_gpu:
+        raise ConfigError(
+            f"embed.decode=gpu but the model actors run on CPUs (embed.use_gpu={cfg.embed.use_gpu}, and the "
+            "cluster's GPUs decide auto); set embed.decode=auto or cpu, or give the actors GPUs"
+        )
     log.info("model actors: %s", actors)
     listed = list_slides(cfg.slides, endpoint_url=cfg.storage.s3_endpoint_url)
     tiling = tile_run(cfg, listed)  # skips slides already tiled with the same spec
@@ -209,6 +236,8 @@ def _pipeline(cfg: Config, store: Store, plan: RunPlan, model, dims: tuple[int, 
             store_tokens=cfg.embed.store_tokens,
             schema=output_schema(*dims),
             threads=max(1, int(cfg.embed.actor_cpus)),
+            decode=cfg.embed.decode,
+            decode_threads=cfg.embed.decode_threads,
         ),
         batch_size=cfg.embed.actor_batch_regions,
         batch_format="numpy",

@@ -19,7 +19,8 @@ from PIL import Image
 
 from hipt_ray.slide_ref import SlideRef, same_version, slide_version
 from hipt_ray.slides.manifest import slide_id_from_uri
-from hipt_ray.slides.tiles import TileError, TileSource, open_tiled
+from hipt_ray.slides.packed import PackedRegion, TileError, decode_region, region_error, resample
+from hipt_ray.slides.tiles import TileSource, open_tiled
 from hipt_ray.storage import ObjectInfo, StagingCache, stat, with_retries
 
 # A level whose downsample is within this factor of the wanted one counts as exact
@@ -29,6 +30,15 @@ _LEVEL_TOLERANCE = 1e-3
 
 class SlideError(RuntimeError):
     """A per-slide problem: the slide is recorded as failed with this message; the job goes on."""
+
+
+@dataclass(frozen=True)
+class _ReadPlan:
+    level: int
+    read_size: tuple[int, int]  # pixels of the level (shrunk ``scale`` times) read
+    scale: int  # DCT scaling of JPEG tiles (1: none)
+    resample: str  # none | reduce | lanczos (see hipt_ray.slides.packed.resample)
+    factor: int  # the reduce factor
 
 
 @dataclass(frozen=True)
@@ -200,7 +210,7 @@ class Slide:
                 return self._osr.read_rgb(level0_xy, level, size, scale=scale)
             img = self._osr.read_region(level0_xy, level, size)
         except TileError as exc:
-            raise SlideError(f"{exc}; re-export or re-upload it") from None
+            raise SlideError(region_error(exc)) from None
         except openslide.OpenSlideError as exc:
             raise SlideError(
                 f"{self.name}: tiles failed to decode at level {level}, {level0_xy} ({exc}); "
@@ -208,12 +218,8 @@ class Slide:
             ) from None
         return composite_on_white(np.asarray(img))
 
-    def read_region(self, level0_xy: tuple[int, int], size_px: tuple[int, int], mpp: float) -> tuple[np.ndarray, int]:
-        """``size_px`` (w, h) pixels at ``mpp`` µm/px with top-left corner ``level0_xy``.
-
-        Returns:
-            RGB uint8 ``[h, w, 3]`` on white, and the pyramid level read.
-        """
+    def _plan(self, level0_xy: tuple[int, int], size_px: tuple[int, int], mpp: float) -> _ReadPlan:
+        """Which level a region reads, how many of its pixels, and how they become the region."""
         w, h = size_px
         scale = mpp / self.mpp  # level-0 pixels per output pixel
         level = self.best_level(scale)
@@ -230,16 +236,44 @@ class Slide:
             and self._osr.can_scale(level, factor)
             and all(round(v / self._osr.level_downsamples[level]) % factor == 0 for v in level0_xy)
         ):
-            return self._read(level0_xy, level, (w, h), scale=factor), level
-        rgb = self._read(level0_xy, level, (lw, lh))
-        if (lw, lh) == (w, h):
-            return rgb, level
-        img = Image.fromarray(rgb)
-        if exact_factor:
-            img = img.reduce(factor)  # exact integer box average (e.g. 40× slide → 20× region)
-        else:
-            img = img.resize((w, h), Image.Resampling.LANCZOS)
-        return np.asarray(img), level
+            return _ReadPlan(level, (w, h), factor, "none", 1)
+        how = "none" if (lw, lh) == (w, h) else "reduce" if exact_factor else "lanczos"
+        return _ReadPlan(level, (lw, lh), 1, how, factor if exact_factor else 1)
+
+    def pack_region(self, level0_xy: tuple[int, int], size_px: tuple[int, int], mpp: float) -> PackedRegion | None:
+        """The region :meth:`read_region` reads, as its compressed tiles (:mod:`hipt_ray.slides.packed`),
+        or ``None`` when its pixels cannot travel compressed (OpenSlide, tiles without a codec).
+
+        Raises:
+            SlideError: a tile the region needs is missing, empty or cut short."""
+        return self._pack(level0_xy, self._plan(level0_xy, size_px, mpp), size_px)
+
+    def _pack(self, level0_xy: tuple[int, int], plan: _ReadPlan, size_px: tuple[int, int]) -> PackedRegion | None:
+        if not isinstance(self._osr, TileSource) or self._osr.codec(plan.level) is None:
+            return None
+        try:
+            tiles = self._osr.pack(level0_xy, plan.level, plan.read_size, plan.scale)
+        except TileError as exc:
+            raise SlideError(region_error(exc)) from None
+        return PackedRegion(tiles, plan.resample, plan.factor, (size_px[0], size_px[1]))
+
+    def read_region(self, level0_xy: tuple[int, int], size_px: tuple[int, int], mpp: float) -> tuple[np.ndarray, int]:
+        """``size_px`` (w, h) pixels at ``mpp`` µm/px with top-left corner ``level0_xy``; from
+        the tile backend, the region packed and then decoded (the same pixels wherever the
+        packed region is decoded).
+
+        Returns:
+            RGB uint8 ``[h, w, 3]`` on white, and the pyramid level read.
+        """
+        plan = self._plan(level0_xy, size_px, mpp)
+        packed = self._pack(level0_xy, plan, size_px)
+        if packed is not None:
+            try:
+                return decode_region(packed), plan.level
+            except TileError as exc:
+                raise SlideError(region_error(exc)) from None
+        rgb = self._read(level0_xy, plan.level, plan.read_size, plan.scale)
+        return resample(rgb, plan.resample, plan.factor, (size_px[0], size_px[1])), plan.level
 
     def read_lowres(self, mpp: float) -> tuple[np.ndarray, float]:
         """The whole slide at about ``mpp`` µm/px (for tissue detection and thumbnails).

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from hipt_ray.slides.packed import PackedTiles, TileCodec, TileError, jpeg_stream
 from hipt_ray.storage import filesystem, is_remote, local_path, with_retries
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,6 @@ log = logging.getLogger(__name__)
 
 class Unsupported(Exception):
     """The file is not a tiled TIFF pyramid this backend reads (OpenSlide reads it instead)."""
-
-
-class TileError(RuntimeError):
-    """A tile could not be fetched or decoded; the message names the file, level and tile."""
 
 
 @dataclass
@@ -45,6 +42,9 @@ class Level:
     decode: Callable[..., Any]  # (tile bytes, tile index, jpegtables=…) → (pixels, …), as TiffPage.decode
     jpegtables: bytes | None
     jpeg: bool  # JPEG-compressed tiles (what scaled decoding needs)
+    # how tiles decode as plain data (packed regions carry it to the model); None: only
+    # ``decode`` can, so regions of this level are decoded by the read tasks
+    codec: TileCodec | None = None
 
     @property
     def cols(self) -> int:
@@ -201,6 +201,10 @@ class TileSource:
             out[box] = pixels
         return out
 
+    def codec(self, level: int) -> TileCodec | None:
+        """How ``level``'s tiles decode as plain data (``None``: only here, by the container)."""
+        return self._levels[level].codec
+
     def can_scale(self, level: int, scale: int) -> bool:
         """Whether ``level`` can be decoded at 1/``scale`` (2, 4 or 8) in the DCT domain: JPEG
         tiles whose size ``scale`` divides, and libjpeg-turbo reading this slide's JPEG colours
@@ -222,7 +226,7 @@ class TileSource:
         (data,) = self._fetch([(int(lv.offsets[i]), int(lv.counts[i]))])
         try:
             exact = np.asarray(lv.decode(data, i, jpegtables=lv.jpegtables)[0]).reshape(lv.tile_h, lv.tile_w, -1)
-            ours = simplejpeg.decode_jpeg(_jpeg_stream(data, lv.jpegtables), colorspace="RGB")
+            ours = simplejpeg.decode_jpeg(jpeg_stream(data, lv.jpegtables), colorspace="RGB")
         except Exception as exc:  # noqa: BLE001 - the exact path reports a bad tile in its own words
             log.debug("%s: scaled decoding not used (%s)", self.uri, exc)
             return False
@@ -236,9 +240,13 @@ class TileSource:
             )
         return same
 
-    def _tiles(self, level0_xy: tuple[int, int], level: int, size: tuple[int, int], scale: int = 1):
-        """``((rows, cols) slices into the output, pixels)`` for each tile part the box needs, in
-        pixels of ``level`` shrunk ``scale`` times."""
+    def pack(self, level0_xy: tuple[int, int], level: int, size: tuple[int, int], scale: int = 1) -> PackedTiles:
+        """The tiles a box needs, fetched, with where each part goes: ``size`` pixels of
+        ``level`` shrunk ``scale`` times at level-0 ``level0_xy`` (see :meth:`read_rgb`),
+        not decoded. A box wholly outside the image has no tiles (it is all white).
+
+        Raises:
+            TileError: the level lacks a tile the box needs, or a tile is empty or cut short."""
         lv = self._levels[level]
         ds = self.level_downsamples[level] * scale
         tile_w, tile_h = lv.tile_w // scale, lv.tile_h // scale
@@ -246,53 +254,56 @@ class TileSource:
         x, y = round(level0_xy[0] / ds), round(level0_xy[1] / ds)
         w, h = size
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
-        if x1 <= x0 or y1 <= y0:
-            return
-        tiles = [
-            (r, c)
-            for r in range(y0 // tile_h, (y1 - 1) // tile_h + 1)
-            for c in range(x0 // tile_w, (x1 - 1) // tile_w + 1)
-        ]
+        tiles = (
+            [
+                (r, c)
+                for r in range(y0 // tile_h, (y1 - 1) // tile_h + 1)
+                for c in range(x0 // tile_w, (x1 - 1) // tile_w + 1)
+            ]
+            if x1 > x0 and y1 > y0
+            else []
+        )
         index = [r * lv.cols + c for r, c in tiles]
-        if max(index) >= len(lv.offsets):
+        if index and max(index) >= len(lv.offsets):
             raise TileError(
                 f"{self.uri}: level {level} lists {len(lv.offsets)} tiles, the region needs tile {max(index)}"
             )
         spans = [(int(lv.offsets[i]), int(lv.counts[i])) for i in index]
-        if scale > 1:
-            import simplejpeg
         for (r, c), (off, n) in zip(tiles, spans):
             if n <= 0 or off <= 0:
                 raise TileError(f"{self.uri}: tile ({c}, {r}) of level {level} is empty (offset {off}, {n} bytes)")
-        for (r, c), i, data in zip(tiles, index, self._fetch(spans)):
+        layout = np.zeros((len(tiles), 10), np.int32)
+        blobs, start = [], 0
+        for k, ((r, c), i, data) in enumerate(zip(tiles, index, self._fetch(spans) if spans else [])):
             if len(data) != lv.counts[i]:
                 raise TileError(
                     f"{self.uri}: tile ({c}, {r}) of level {level} is cut short ({len(data)} of "
                     f"{lv.counts[i]} bytes): the file is corrupt or truncated"
                 )
-            try:
-                if scale > 1:
-                    tile = simplejpeg.decode_jpeg(
-                        _jpeg_stream(data, lv.jpegtables), colorspace="RGB", min_width=tile_w, min_height=tile_h
-                    )
-                else:
-                    tile = lv.decode(data, int(i), jpegtables=lv.jpegtables)[0]
-            except Exception as exc:
-                raise TileError(
-                    f"{self.uri}: tile ({c}, {r}) of level {level} failed to decode "
-                    f"({type(exc).__name__}: {exc}): the file is corrupt"
-                ) from None
-            if tile is None:
-                raise TileError(f"{self.uri}: tile ({c}, {r}) of level {level} failed to decode: the file is corrupt")
-            tile = np.asarray(tile).reshape(tile_h, tile_w, -1)
             tx, ty = c * tile_w, r * tile_h
             # the part of this tile inside both the image and the requested box
-            ax0, ay0 = max(tx, x0), max(ty, y0)
-            ax1, ay1 = min(tx + tile_w, x1), min(ty + tile_h, y1)
-            yield (
-                (slice(ay0 - y, ay1 - y), slice(ax0 - x, ax1 - x)),
-                tile[ay0 - ty : ay1 - ty, ax0 - tx : ax1 - tx, :3],
-            )
+            ax0, ay0, ax1, ay1 = max(tx, x0), max(ty, y0), min(tx + tile_w, x1), min(ty + tile_h, y1)
+            layout[k] = (start, len(data), c, r, ay0 - y, ay1 - y, ax0 - x, ax1 - x, ay0 - ty, ax0 - tx)
+            blobs.append(data)
+            start += len(data)
+        return PackedTiles(
+            uri=self.uri, level=level, canvas=(w, h), tile=(lv.tile_w, lv.tile_h), scale=scale,
+            codec=lv.codec, tables=lv.jpegtables or b"", data=b"".join(blobs), layout=layout,
+        )  # fmt: skip
+
+    def _tiles(self, level0_xy: tuple[int, int], level: int, size: tuple[int, int], scale: int = 1):
+        """``((rows, cols) slices into the output, pixels)`` for each tile part the box needs, in
+        pixels of ``level`` shrunk ``scale`` times, decoded here."""
+        packed = self.pack(level0_xy, level, size, scale)
+        lv = self._levels[level]
+        own = None
+        if lv.codec is None:  # the container's own decoder (not packable for the network)
+
+            def own(data: bytes, k: int):
+                c, r = int(packed.layout[k, 2]), int(packed.layout[k, 3])
+                return lv.decode(data, r * lv.cols + c, jpegtables=lv.jpegtables)[0]
+
+        yield from packed.parts(own)
 
 
 class TiledTiff(TileSource):
@@ -375,12 +386,24 @@ class TiledTiff(TileSource):
                     page.decode,
                     page.jpegtables,
                     int(page.compression) == 7,
+                    _jpeg_codec(page),
                 )
             )
         if not levels:
             raise Unsupported("no tiled level")
         _check_chain_ends(tif, pages, self.uri)
         return levels, _properties(tif, first)
+
+
+def _jpeg_codec(page) -> TileCodec | None:
+    """The JPEG decode ``page.decode`` runs, as plain data (the colour spaces as tifffile
+    derives them: Aperio's RGB-stored components are read without the YCbCr transform)."""
+    from tifffile.tifffile import jpeg_decode_colorspace
+
+    if int(page.compression) != 7:
+        return None
+    colorspace, out = jpeg_decode_colorspace(int(page.photometric), page.planarconfig, page.extrasamples, page.is_jfif)
+    return TileCodec("jpeg", colorspace, out)
 
 
 def _check_chain_ends(tif, pages: list, uri: str) -> None:
@@ -413,12 +436,6 @@ def _check_chain_ends(tif, pages: list, uri: str) -> None:
         offset = struct.unpack(fmt.offsetformat, raw)[0] if len(raw) == fmt.offsetsize else 0
 
 
-def _jpeg_stream(tile: bytes, tables: bytes | None) -> bytes:
-    """A tile's JPEG as a whole stream: TIFF's shared JPEGTables (SOI, DQT/DHT…, EOI) put in
-    front of an abbreviated tile (SOI, frame, scan, EOI)."""
-    return tables[:-2] + tile[2:] if tables else tile
-
-
 def open_tiled(
     uri: str, *, endpoint_url: str | None = None, range_gap: int = 64 * 1024, retries: int = 3
 ) -> TiledTiff | None:
@@ -428,3 +445,6 @@ def open_tiled(
     except Unsupported as exc:
         log.debug("%s: tile backend not used (%s)", uri, exc)
         return None
+
+
+_jpeg_stream = jpeg_stream  # its name before it moved to packed.py

@@ -38,8 +38,13 @@ META_SCHEMA = pa.schema(
         ("model_node", pa.string()),
         ("read_seconds", pa.float32()),  # how long the region's read and its model call took
         ("model_seconds", pa.float32()),
+        ("decoded", pa.string()),  # where its tiles were decoded: reader | cpu | gpu | gpu→cpu
+        ("decode_seconds", pa.float32()),  # decoding next to the model
+        ("transfer_bytes", pa.int64()),  # what its row moved through the object store to the model
+        ("tile_bytes", pa.int64()),  # of which compressed tiles (0: it moved pixels)
     ]
 )
+_PASSED = META_SCHEMA.names[META_SCHEMA.names.index("read_node") :]  # passed on from the model's rows
 
 
 def write_region_fragments(
@@ -91,7 +96,7 @@ def write_region_fragments(
         c: batch[c].cast(META_SCHEMA.field(c).type)
         if c in batch.column_names
         else pa.nulls(n, META_SCHEMA.field(c).type)
-        for c in ("read_node", "model_node", "read_seconds", "model_seconds")
+        for c in _PASSED
     }
     return pa.table(
         {
@@ -150,6 +155,10 @@ class RegionCommitter(SlideCommitter):
         self.nodes: dict[str, dict[str, int]] = {"read": defaultdict(int), "model": defaultdict(int)}
         self.stage_seconds = {"read": 0.0, "model": 0.0}  # summed over the regions that came back
         self.returned = 0  # regions that came back once (ok or failed)
+        self.decoded: dict[str, int] = defaultdict(int)  # where regions were decoded → regions
+        # summed over regions: bytes moved to the model (all, and those of packed regions), their
+        # compressed tile bytes, and the seconds spent decoding them there
+        self.moved = {"transfer_bytes": 0, "packed_bytes": 0, "tile_bytes": 0, "decode_seconds": 0.0}
 
     def add(self, meta: pa.Table) -> None:
         """One batch of :data:`META_SCHEMA` rows."""
@@ -175,6 +184,12 @@ class RegionCommitter(SlideCommitter):
                 if r[f"{kind}_node"]:
                     self.nodes[kind][r[f"{kind}_node"]] += 1
                 self.stage_seconds[kind] += r[f"{kind}_seconds"] or 0.0
+            if r["decoded"]:
+                self.decoded[r["decoded"]] += 1
+            for k in ("transfer_bytes", "tile_bytes", "decode_seconds"):
+                self.moved[k] += r[k] or 0
+            if r["tile_bytes"]:
+                self.moved["packed_bytes"] += r["transfer_bytes"] or 0
         for sid in touched:
             if sid not in self.done and len(self.got[sid]) >= self.expected.get(sid, 0):
                 self._done(sid, "failed" if sid in self.error else "ok", self.error.get(sid, ""))

@@ -143,6 +143,46 @@ def test_embeddings_equal_the_in_process_model(ray_local, slide_set, tmp_path, c
             )
 
 
+def test_compressed_tiles_cross_to_the_model_and_embed_as_pixels_do(ray_local, slide_set, tmp_path, capsys):
+    """embed.decode=auto sends tile-backend regions as their compressed tiles (≤ 1.2× their
+    bytes) and decodes them in the model actor: the same embeddings as the pixel route; a slide
+    read through OpenSlide in the same run still moves pixels (mixed rows in one pipeline)."""
+    import re
+
+    import tifffile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("good", "forty"):
+        os.symlink(slide_set[name], src / slide_set[name].name)
+    rgb, _ = synthetic.render(2048, 1024, mpp=0.5, seed=12)  # grey: only OpenSlide reads it
+    gray = (rgb.mean(axis=2)).astype(np.uint8)
+    tifffile.imwrite(src / "gray.tiff", gray, tile=(256, 256), compression="jpeg", photometric="minisblack")
+    common = ["--config", TINY, f"storage.cache_dir={tmp_path / 'c'}", "tiling.mpp_overrides={gray: 0.5}"]
+    embedded, lines = {}, {}
+    for route in ("reader", "auto"):
+        out = str(tmp_path / route)
+        assert main(["embed", "--slides", str(src), "--out", out, *common, f"embed.decode={route}"]) == 0
+        lines[route] = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("transfer:"))
+        cfg = load_config("embed", files=[TINY], values={"slides": str(src), "out": out})
+        rows = Store(out).regions(cfg.tiling_spec_hash(), model_id=build_model(cfg)[1]).to_pylist()
+        embedded[route] = {(r["slide_id"], r["region_index"]): r for r in rows}
+    print(lines)
+    assert embedded["auto"].keys() == embedded["reader"].keys() and len(embedded["auto"]) > 3
+    assert {k[0] for k in embedded["auto"]} == {"good", "forty", "gray"}
+    for key, r in embedded["auto"].items():
+        assert np.allclose(r["emb4k"], embedded["reader"][key]["emb4k"], atol=1e-6), key
+        assert np.allclose(r["tokens256"], embedded["reader"][key]["tokens256"], atol=1e-3), key
+    n_gray = sum(k[0] == "gray" for k in embedded["auto"])
+    ratio = float(re.search(r"region through the object store, ([\d.]+)× its compressed tiles", lines["auto"])[1])
+    assert ratio <= 1.2, lines["auto"]
+    assert f"{n_gray} of {len(embedded['auto'])} regions moved as pixels" in lines["auto"]
+    assert f"decoded: cpu {len(embedded['auto']) - n_gray}, reader {n_gray}" in lines["auto"]
+    assert "compressed tiles" not in lines["reader"] and "decoded: reader" in lines["reader"]
+    per_region = [float(re.search(r"transfer: ([\d.]+) MB", lines[k])[1]) for k in ("reader", "auto")]
+    assert per_region[0] > 3 * per_region[1], per_region
+
+
 def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
     import ray
 

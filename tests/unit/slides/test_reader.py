@@ -102,6 +102,8 @@ def test_region_reader_opens_each_slide_once_and_refuses_a_changed_file(slide_se
     from hipt_ray.data import regions
     from hipt_ray.data.regions import RegionReader, read_region, reader_kwargs
     from hipt_ray.slide_ref import SlideRef, slide_version
+    from hipt_ray.slides.packed import COLUMNS as PACKED_COLUMNS
+    from hipt_ray.slides.packed import PackedRegion, decode_region
     from hipt_ray.storage import stat
 
     cfg = load_config(
@@ -112,13 +114,18 @@ def test_region_reader_opens_each_slide_once_and_refuses_a_changed_file(slide_se
     info = stat(str(slide_set["good"]))
     ref = SlideRef("good", str(slide_set["good"]), version=slide_version(info.size, info.version))
     reader = RegionReader(cfg_dict=cfg.to_dict(), max_open=1)
-    first = reader(_region_row(ref))
-    assert first["error"] == "" and first["image"].shape == (256, 512, 3) and first["read_seconds"] > 0
+    first = reader(_region_row(ref))  # packed: the compressed tiles leave, not the pixels
+    assert first["error"] == "" and first["image"].size == 0 and first["read_seconds"] > 0
+    region = PackedRegion.from_columns(**{c: first[c] for c in PACKED_COLUMNS})
+    pixels = RegionReader(cfg_dict={**cfg.to_dict(), "embed": {**cfg.to_dict()["embed"], "decode": "reader"}})
+    as_pixels = pixels(_region_row(ref))
+    assert as_pixels["image"].shape == (256, 512, 3) and as_pixels["tiles"] == b"" and as_pixels["packing"] == ""
+    assert np.array_equal(decode_region(region), as_pixels["image"])
     handle = reader.slide(ref)
     assert reader(_region_row(ref, x=512))["error"] == "" and reader.slide(ref) is handle  # kept open
     stale = SlideRef("good", ref.uri, version="1:not-this-file")
     bad = reader(_region_row(stale))
-    assert "changed after it was tiled" in bad["error"] and bad["image"].size == 0
+    assert "changed after it was tiled" in bad["error"] and bad["image"].size == 0 and bad["tiles"] == b""
     assert list(reader._open) == [ref]  # the failed open left nothing behind
     nompp = SlideRef("nompp", str(slide_set["nompp"]), mpp_override=0.5)
     assert reader(_region_row(nompp))["error"] == "" and list(reader._open) == [nompp]  # LRU of one

@@ -30,6 +30,9 @@ def _embedded(rows: list[tuple[str, int, str]]) -> pa.Table:
             "read_node": ["nodeA"] * n,
             "model_node": ["nodeB"] * n,
             "model_seconds": [0.5] * n,  # float64 here, as the actors return it (no read_seconds)
+            "decoded": ["gpu→cpu" if r[1] % 2 else "reader" for r in rows],  # odd regions came packed
+            "transfer_bytes": [1100 if r[1] % 2 else 5000 for r in rows],
+            "tile_bytes": [1000 if r[1] % 2 else 0 for r in rows],
         }
     )
 
@@ -94,6 +97,9 @@ def test_rows_become_visible_with_their_slide_and_failed_slides_leave_nothing(st
     assert store.remove_orphans(SPEC, MID) == []
     assert committer.fragments == 4 and committer.nodes["read"] == {"nodeA": 6}
     assert committer.stage_seconds == {"read": 0.0, "model": 3.0} and committer.returned == 6  # not the duplicate
+    assert committer.decoded == {"reader": 4, "gpu→cpu": 2}  # (a0 a1 b0 c0 b1 a2; not the duplicate a1)
+    assert committer.moved == {"transfer_bytes": 4 * 5000 + 2 * 1100, "packed_bytes": 2200, "tile_bytes": 2000,
+                               "decode_seconds": 0.0}  # fmt: skip
     assert committer.bytes_in / 6 < 2048  # what reached the driver per region
 
 
