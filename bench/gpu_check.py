@@ -93,8 +93,8 @@ GPU = Mode(
     name="gpu",
     device="cuda",
     jpeg_device="cuda",
-    # ≈ 200 regions, ≈ 5 GB of pixels to render (≈ 40 s on 4 threads): a few seconds of steady
-    # embedding at 50+ regions/s after the actor's compile, which takes longer
+    # ≈ 200 regions from ≈ 5,600 megapixels to render (≈ 1 min on make-demo-data's 4 threads): a
+    # few seconds of steady embedding at 50+ regions/s after the actor's compile, which takes longer
     n_slides=16,
     size_um=(8000.0, 10000.0),
     # actor_cpus 4: the actor's decode threads for the regions the GPU cannot decode (the Aperio
@@ -115,7 +115,7 @@ CPU = Mode(
     device="cpu",
     jpeg_device="cpu",
     n_slides=2,  # demo-000.tiff (20×) and demo-001.svs (Aperio, RGB-stored JPEG: the CPU fallback)
-    size_um=(2500.0, 3000.0),
+    size_um=(2000.0, 2400.0),
     overrides=("embed.use_gpu=false",),  # tiny.yaml: hipt4k_tiny, fp32, no compile
     decode_regions=4,
     model_reps=2,
@@ -232,11 +232,14 @@ def end_to_end(cfg: Config) -> dict:
 
 def packed_batch(cfg: Config, slides: Path, n: int) -> dict[str, np.ndarray]:
     """Up to ``n`` regions of the tiled slides, read as the job's read tasks read them (packed
-    compressed tiles), as one actor batch (numpy object columns); every slide contributes."""
+    compressed tiles), as one actor batch (numpy object columns); every slide contributes. Whole
+    regions where there are any: one input shape, so the compiled model compiles once here."""
     from hipt_ray.store import Store
 
     uris = {p.stem: str(p) for p in slides.iterdir()}
     rows = Store(cfg.out).regions(cfg.tiling_spec_hash()).to_pylist()
+    px = cfg.tiling.region_px
+    rows = [r for r in rows if (r["read_w"], r["read_h"]) == (px, px)] or rows
     by_slide: dict[str, list[dict]] = {}
     for r in rows:
         by_slide.setdefault(r["slide_id"], []).append(r)
@@ -363,6 +366,10 @@ def full_region(pixels: list[torch.Tensor], batch: dict[str, np.ndarray], device
     return best.to(device)
 
 
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
 def report(r: dict) -> list[str]:
     """The figures as lines (what the JSON holds, readable)."""
     e, d, m, u = r["end_to_end"], r["decode"], r["model"], r["mfu"]
@@ -393,8 +400,8 @@ def report(r: dict) -> list[str]:
         lines.append(f"decode: no region of {d['regions']} decoded on the GPU route ({where})")
     if "model_only" in u:
         lines.append(
-            f"MFU: model-only {100 * u['model_only']:.1f} %, end-to-end {100 * (u['end_to_end_steady'] or 0):.1f} % "
-            f"steady, {100 * (u['end_to_end'] or 0):.1f} % over the whole job ({u['gflop_per_region']:.0f} GFLOP "
+            f"MFU: model-only {_pct(u['model_only'])}, end-to-end {_pct(u['end_to_end_steady'])} steady, "
+            f"{_pct(u['end_to_end'])} over the whole job ({u['gflop_per_region']:.0f} GFLOP "
             f"a region, peak {u['peak_bf16_dense_tflops']:.0f} TFLOP/s bf16 dense: {u['peak_source']})"
         )
     else:

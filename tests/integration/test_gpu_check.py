@@ -54,7 +54,7 @@ def test_cpu_mode_embeds_every_region_and_reports_each_figure(cpu_check):
     assert 0 < e["transfer_bytes_per_region"] <= 1.2 * e["tile_bytes_per_region"]
     assert e["end_to_end_regions_per_s"] > 0 and e["in_pipeline_model_s_per_region"] > 0
     d = r["decode"]
-    assert d["regions"] == min(4, e["regions"]) and d["where"] == {"gpu": d["gpu_regions"]}
+    assert 1 <= d["regions"] <= 4 and d["where"] == {"gpu": d["gpu_regions"]}
     assert d["gpu_ms_per_region"] > 0 and d["cpu_ms_per_region"] > 0
     # torchvision's CPU decoder and the tile decoder are both libjpeg-turbo: the same pixels
     assert d["pixels_max_abs_diff"] == 0
