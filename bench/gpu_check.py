@@ -54,7 +54,6 @@ from gpu import GFLOP_REGION  # noqa: E402  (bench/gpu.py: ViT-256 on 256 patche
 
 from hipt_ray.config import Config, load_config  # noqa: E402
 from hipt_ray.console import Progress  # noqa: E402
-from hipt_ray.data.regions import RegionReader  # noqa: E402
 from hipt_ray.embed.decode import RegionDecoder  # noqa: E402
 from hipt_ray.models import create_model  # noqa: E402
 from hipt_ray.models.hipt4k import default_micro_batch  # noqa: E402
@@ -234,6 +233,7 @@ def packed_batch(cfg: Config, slides: Path, n: int) -> dict[str, np.ndarray]:
     """Up to ``n`` regions of the tiled slides, read as the job's read tasks read them (packed
     compressed tiles), as one actor batch (numpy object columns); every slide contributes. Whole
     regions where there are any: one input shape, so the compiled model compiles once here."""
+    from hipt_ray.data.regions import RegionReader  # imports Ray: not on the --no-ray path
     from hipt_ray.store import Store
 
     uris = {p.stem: str(p) for p in slides.iterdir()}
@@ -466,6 +466,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu", action="store_true", help="small, on the CPU: the tiny model, two slides (a test)")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_check.json (default: $OUT)")
+    ap.add_argument(
+        "--no-ray",
+        action="store_true",
+        help="without Ray or Lance (a machine that has neither): no embed job, the rest on regions packed here",
+    )
     ap.add_argument("--work", help="working folder for slides and tables (default: a temporary one, removed)")
     args = ap.parse_args(argv)
     mode = CPU if args.cpu else GPU
@@ -474,13 +479,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.no_ray:
+        import gpu_check_noray as checks  # bench/: the same figures without Ray
+    else:
+        checks = sys.modules[__name__]
     try:
-        results = run(mode, work)
+        results = checks.run(mode, work)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     print("== results")
-    for line in report(results):
+    for line in checks.report(results):
         print("   " + line)
     out = Path(args.out or work)
     out.mkdir(parents=True, exist_ok=True)
