@@ -72,3 +72,18 @@ def test_no_ray_figures_on_real_packed_regions(no_ray_check):
     assert r["mfu"]["end_to_end"] == "not measured in --no-ray mode" and "model_only" not in r["mfu"]
     for text in ("model-only:", "end-to-end: not measured in --no-ray mode", "a packed region row", "cosine"):
         assert text in proc.stdout, proc.stdout[-3000:]
+
+
+def test_no_ray_report_prints_model_only_mfu_of_a_named_gpu(no_ray_check, monkeypatch):
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_check_noray as noray
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H100 80GB HBM3")
+    u = noray.base.mfu(noray.base.GPU, {"model_only": 73.5}) | {"end_to_end": noray.NOT_MEASURED}
+    assert u["model_only"] == pytest.approx(73.5 * 3145.39e9 / 989e12, abs=1e-4)  # bench/gpu.py's FLOPs
+    _, r, _ = no_ray_check
+    lines = noray.report({**r, "mfu": u})
+    assert "MFU model-only: 23.4 %; end-to-end: not measured in --no-ray mode" in lines, lines
+    assert noray.verdict({**r, "model": {**r["model"], "cosine_fp32_min": 0.99}}).startswith("embedding cosine 0.99")
