@@ -7,7 +7,7 @@
 # new enough for them) for hipt_ray.config; imagecodecs for JPEG tiles (tifffile writing the
 # demo slides, the CPU decoder); openslide-python + openslide-bin because hipt_ray.slides.reader
 # imports openslide; simplejpeg for DCT-scaled reads (reader.scaled_decode). On the device:
-#     pip install --no-index --no-deps --target /tmp/w build/gpu-wheels/*.whl
+#     python3 -m pip install --no-index --no-deps --target /tmp/w build/gpu-wheels/*.whl
 #     PYTHONPATH=/tmp/w:. python3 bench/gpu_check.py --no-ray --out $OUT
 set -euo pipefail
 cd "$(dirname "$0")/.."
