@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast lint demo venv lock clean
+.PHONY: test test-fast lint demo venv lock clean gpu-wheels
 
 venv: $(STAMP)
 
@@ -46,6 +46,11 @@ lock:
 	rm -rf /tmp/hipt-ray-lock && $(PYTHON) -m venv /tmp/hipt-ray-lock
 	/tmp/hipt-ray-lock/bin/pip install --quiet -r requirements.in
 	/tmp/hipt-ray-lock/bin/pip freeze --exclude-editable | grep -v '^hipt-ray' > requirements.txt
+
+# The wheels bench/gpu_check.py --no-ray needs on a machine with torch but no network (the
+# device machines' image), into build/gpu-wheels (bench/gpu_wheels.sh says which and why).
+gpu-wheels: $(STAMP)
+	PIP=$(BIN)/pip bash bench/gpu_wheels.sh
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)
