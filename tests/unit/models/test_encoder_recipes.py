@@ -22,7 +22,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from hipt_ray.models.checkpoints import CheckpointError
-from hipt_ray.models.encoder_checkpoints import load_encoder_checkpoint
+from hipt_ray.models.encoder_checkpoints import check_fits, load_encoder_checkpoint
 from hipt_ray.models.encoders import create_encoder, list_encoders
 
 SWIGLU = {"mlp_layer": timm.layers.SwiGLUPacked, "act_layer": nn.SiLU}
@@ -346,3 +346,14 @@ def test_the_opt_in_loads_a_trusted_file_with_more_than_tensors(tmp_path):
         load_encoder_checkpoint(dst, str(tmp_path / "trusted.bin"))
     load_encoder_checkpoint(dst, str(tmp_path / "trusted.bin"), allow_unsafe_pickle=True)
     assert torch.equal(dst.trunk.cls_token, src.trunk.cls_token)
+
+
+def test_a_registered_encoders_layout_is_named():
+    """At real size (meta tensors: no file of 1.2 GB written), UNI's weights offered to GPFM."""
+    with torch.device("meta"):
+        uni, gpfm = create_encoder("uni"), create_encoder("gpfm")
+    with pytest.raises(
+        CheckpointError, match=r"has the keys and shapes of encoder 'uni': set model\.patch_encoder=uni"
+    ):
+        check_fits(gpfm.trunk, uni.trunk.state_dict(), source="w.bin", name="gpfm")
+    check_fits(gpfm.trunk, gpfm.trunk.state_dict(), source="w.bin", name="gpfm")  # fits: no error
