@@ -131,16 +131,20 @@ def check_fits(target: nn.Module, state: Mapping[str, torch.Tensor], *, source: 
             more = f" … ({len(keys) - _LISTED} more)" if len(keys) > _LISTED else ""
             problems.append(f"{what} keys: {sep.join(keys[:_LISTED])}{more}")
     what = f"encoder {name!r}" if name else type(target).__name__
-    hint = _layout_of(state, exclude=name)
-    hint = f"; the file has the keys and shapes of encoder {hint!r}: set model.patch_encoder={hint}" if hint else ""
+    others = _layouts_of(state, exclude=name)
+    hint = (
+        f"; the file has the keys and shapes of {' and '.join(map(repr, others))}: set model.patch_encoder={others[0]}"
+        if others
+        else ""
+    )
     raise CheckpointError(f"{source} does not fit {what}: " + " | ".join(problems) + hint)
 
 
-def _layout_of(state: Mapping[str, torch.Tensor], *, exclude: str | None) -> str | None:
-    """The registered encoder (built at real size on the meta device) whose keys and shapes are
-    exactly those of ``state``, if any."""
+def _layouts_of(state: Mapping[str, torch.Tensor], *, exclude: str | None) -> list[str]:
+    """The registered encoders (built at real size on the meta device) whose keys and shapes are
+    exactly those of ``state`` (H-optimus-0 and -1 share theirs)."""
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    return next((n for n, own in _registered_layouts().items() if n != exclude and own == shapes), None)
+    return [n for n, own in _registered_layouts().items() if n != exclude and own == shapes]
 
 
 @functools.cache

@@ -352,8 +352,12 @@ def test_a_registered_encoders_layout_is_named():
     """At real size (meta tensors: no file of 1.2 GB written), UNI's weights offered to GPFM."""
     with torch.device("meta"):
         uni, gpfm = create_encoder("uni"), create_encoder("gpfm")
-    with pytest.raises(
-        CheckpointError, match=r"has the keys and shapes of encoder 'uni': set model\.patch_encoder=uni"
-    ):
+    with pytest.raises(CheckpointError, match=r"has the keys and shapes of 'uni': set model\.patch_encoder=uni"):
         check_fits(gpfm.trunk, uni.trunk.state_dict(), source="w.bin", name="gpfm")
     check_fits(gpfm.trunk, gpfm.trunk.state_dict(), source="w.bin", name="gpfm")  # fits: no error
+    with torch.device("meta"):
+        h0 = create_encoder("h_optimus_0")
+    with pytest.raises(
+        CheckpointError, match=r"of 'h_optimus_0' and 'h_optimus_1': set model\.patch_encoder=h_optimus_0"
+    ):
+        check_fits(gpfm.trunk, h0.trunk.state_dict(), source="w.bin", name="gpfm")
