@@ -219,14 +219,18 @@ def main(argv: list[str] | None = None) -> dict:
     proj = project(rows)
     print(f"\nTCGA at HIPT's scale: {TCGA_REGIONS:,} regions × {PATCHES_PER_REGION} patches on {GPUS} GPUs")
     print(
-        f"{'encoder':14} {'params M':>9} {'GFLOP/patch':>12} {'CPU patch/s':>12} {'GPU patch/s':>12} {'GPU hours':>10}"
+        f"{'encoder':14} {'params M':>9} {'GFLOP/patch':>12} {'CPU patch/s':>12} {'CPU GFLOP/s':>12} "
+        f"{'GPU patch/s':>12} {'GPU hours':>10}"
     )
     for r, p in zip(rows, proj, strict=True):
         print(
             f"{r['encoder']:14} {r['params_m']:9.1f} {r['gflop_per_patch']:12.2f} {r['cpu_patches_per_s']:12.3f} "
-            f"{p['gpu_patches_per_s']:12.1f} {p['hours']:10.2f}"
+            f"{r['cpu_patches_per_s'] * r['gflop_per_patch']:12.1f} {p['gpu_patches_per_s']:12.1f} {p['hours']:10.2f}"
         )
     print("GPU patch/s and hours: " + "; ".join(sorted({p["how"] for p in proj})))
+    print(
+        f"load average at the end {os.getloadavg()[0]:.2f} (CPU GFLOP/s apart for one architecture: a shared machine)"
+    )
     result = {"cpu": cpu_name(), "load_avg_1m": load, "tiny": args.tiny, "encoders": rows, "projection": proj}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
