@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -326,7 +325,7 @@ def test_a_file_with_code_is_refused_and_its_code_never_runs(tmp_path):
     state = enc.trunk.state_dict()
     marker = tmp_path / "ran"
     buf = io.BytesIO()
-    torch.save({"model": state, "payload": _RunsCode(marker)}, buf, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    torch.save({"model": state, "payload": _RunsCode(marker)}, buf)
     (tmp_path / "pytorch_model.bin").write_bytes(buf.getvalue())
     with pytest.raises(
         CheckpointError, match=r"pytorch_model\.bin: refused to unpickle.*model\.allow_unsafe_pickle=true"
