@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from hipt_ray.config import Config, ConfigError, InputError
-from hipt_ray.heads.labels import check_cohort, check_labels, read_labels
+from hipt_ray.heads.labels import check_cohort, check_labels, join_cases, read_labels
 from hipt_ray.heads.tasks import task_for
 from hipt_ray.store import REGIONS, Store, read_embeddings
 from hipt_ray.store.tables import resolve_embedding, tokens_to_grid
@@ -87,11 +87,13 @@ def load_cohort(cfg: Config) -> Cohort:
     store = Store(cfg.out, endpoint_url=cfg.storage.s3_endpoint_url)
     model_id, spec_hash = resolve_embedding(store, h.model_id, key="heads.model_id")
     emb = read_embeddings(cfg.out, model_id=model_id, spec_hash=spec_hash, endpoint_url=cfg.storage.s3_endpoint_url)
+    # labels per case (no slide_id): one row per slide that slides.lance records under the case
+    df, no_slides = join_cases(df, lambda: {s: ref.case_id for s, ref in store.slide_refs(spec_hash, model_id).items()})
     labelled = set(df["slide_id"])
     cohort = Cohort(
         [],
         [],
-        missing_embeddings=sorted(labelled - set(emb)),
+        missing_embeddings=sorted(labelled - set(emb)) + [f"case {c} (no slide)" for c in no_slides],
         unlabelled=sorted(set(emb) - labelled),
         model_id=model_id,
         excluded=excluded,

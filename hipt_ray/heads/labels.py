@@ -3,11 +3,16 @@
 Ids are read as text (``000`` stays ``000``). Every problem is either one :class:`LabelError`
 (exit code 2) naming the file, the column, the rows and the fix, or a counted exclusion that the
 command prints (an exact duplicate row is dropped; nothing else is guessed).
+
+A table with ``case_id`` but no ``slide_id`` column holds one row per case (the usual shape of
+TCGA subtyping and survival labels): it is checked in that shape, so errors name its own rows,
+and then joined to the slides that ``slides.lance`` records under each case (:func:`join_cases`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,7 +60,8 @@ def read_labels(uri: str, endpoint_url: str | None = None) -> pd.DataFrame:
 
 
 def where_rows(df: pd.DataFrame, mask) -> str:
-    rows = (np.flatnonzero(np.asarray(mask)) + df.attrs.get("first_line", 2)).tolist()
+    # the index is the row's position in the file (check_labels resets it before dropping rows)
+    rows = (df.index.to_numpy()[np.asarray(mask, dtype=bool)] + df.attrs.get("first_line", 2)).tolist()
     kind = "row" if df.attrs.get("first_line") == 1 else "line"
     shown = ", ".join(map(str, rows[:8])) + (" …" if len(rows) > 8 else "")
     return f"{kind}{'s' if len(rows) > 1 else ''} {shown}"
@@ -79,12 +85,14 @@ def check_labels(df: pd.DataFrame, *, task: Task) -> tuple[pd.DataFrame, list[st
     """
     src = df.attrs.get("source", "labels")
     fields = task.label_fields()
-    need = list(ID_COLUMNS) + fields
+    per_case = "slide_id" not in df.columns and "case_id" in df.columns
+    ids = ["case_id"] if per_case else list(ID_COLUMNS)
+    need = ids + fields
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise LabelError(
             f"labels {src} lacks column(s) {missing} (has {list(df.columns)}); the {task.name} task "
-            f"needs {need}{task.label_hint}"
+            f"needs {need} (or case_id without slide_id: one row per case){task.label_hint}"
         )
     if df.empty:
         raise LabelError(f"labels {src} has no rows")
@@ -95,27 +103,23 @@ def check_labels(df: pd.DataFrame, *, task: Task) -> tuple[pd.DataFrame, list[st
             raise LabelError(
                 f"labels {src}: column {col} is empty at {where_rows(df, bad)}; fill it in or drop those rows"
             )
-    for col in ID_COLUMNS:
+    for col in ids:
         df[col] = df[col].map(lambda v: str(v).strip())
     df = task.parse_labels(df, src)
     excluded = []
     dup = df.duplicated(subset=need, keep="first")
     if dup.any():
-        excluded.append(
-            f"{int(dup.sum())} duplicate row(s) dropped ({where_rows(df, dup)}: same slide, case and label)"
-        )
+        same = "case and label" if per_case else "slide, case and label"
+        excluded.append(f"{int(dup.sum())} duplicate row(s) dropped ({where_rows(df, dup)}: same {same})")
         df = df[~dup]
-    clash = df["slide_id"].duplicated(keep=False)
-    if clash.any():
-        first = df[clash].iloc[0]["slide_id"]
-        raise LabelError(
-            f"labels {src}: slide {first!r} has more than one row with different values "
-            f"({where_rows(df, (df['slide_id'] == first).to_numpy())}), e.g. under two cases (a slide in "
-            "train and validation at once); keep one row per slide_id"
-        )
-    per_case = df.groupby("case_id", sort=True)
+    if per_case:
+        _one_row_per(df, "case_id", src, "e.g. two labels for one patient")
+        df.attrs["per_case"] = True
+        return df, excluded
+    _one_row_per(df, "slide_id", src, "e.g. under two cases (a slide in train and validation at once)")
+    cases = df.groupby("case_id", sort=True)
     for col in fields:
-        n = per_case[col].nunique()
+        n = cases[col].nunique()
         if (n > 1).any():
             case = n[n > 1].index[0]
             raise LabelError(
@@ -124,6 +128,42 @@ def check_labels(df: pd.DataFrame, *, task: Task) -> tuple[pd.DataFrame, list[st
                 f"a case has one {col}: correct those rows"
             )
     return df, excluded
+
+
+def _one_row_per(df: pd.DataFrame, col: str, src: str, example: str) -> None:
+    clash = df[col].duplicated(keep=False)
+    if clash.any():
+        first = df[clash].iloc[0][col]
+        raise LabelError(
+            f"labels {src}: {col.removesuffix('_id')} {first!r} has more than one row with different values "
+            f"({where_rows(df, (df[col] == first).to_numpy())}), {example}; keep one row per {col}"
+        )
+
+
+def join_cases(df: pd.DataFrame, slide_cases: Callable[[], Mapping[str, str | None]]) -> tuple[pd.DataFrame, list[str]]:
+    """A per-case table (``df.attrs["per_case"]``, from :func:`check_labels`) as one row per
+    slide, through ``slide_cases()`` (slide_id → case_id, as ``slides.lance`` records it:
+    :meth:`~hipt_ray.store.Store.slide_refs`; read only for a per-case table); also the labelled
+    cases that have no slide there. A slide-level table comes back unchanged.
+
+    Raises:
+        LabelError: no slide records a case, so nothing can be joined.
+    """
+    if not df.attrs.get("per_case"):
+        return df, []
+    src = df.attrs.get("source", "labels")
+    every = slide_cases()
+    known = {sid: case for sid, case in every.items() if case}
+    if not known:
+        raise LabelError(
+            f"labels {src} has one row per case (case_id, no slide_id column), but none of the "
+            f"{len(every)} slides in slides.lance records its case (case_id comes from idc: sources "
+            "and from a manifest's case_id column); add a slide_id column or re-tile from such a source"
+        )
+    slides = pd.DataFrame(sorted(known.items()), columns=["slide_id", "case_id"])
+    out = slides.merge(df, on="case_id", how="inner", validate="many_to_one")
+    out.attrs = {k: v for k, v in df.attrs.items() if k != "per_case"}
+    return out, sorted(set(df["case_id"]) - set(out["case_id"]))
 
 
 def check_cohort(df: pd.DataFrame, *, task: Task) -> None:

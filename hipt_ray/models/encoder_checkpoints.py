@@ -11,6 +11,7 @@ weights), and nothing is unpickled beyond tensors and plain containers unless th
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import re
@@ -19,8 +20,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from hipt_ray.models.checkpoints import CheckpointError, _open, load_state_dict_strict, load_trusted
-from hipt_ray.models.encoders import PatchEncoder
+from hipt_ray.models.checkpoints import CheckpointError, _open, load_trusted
+from hipt_ray.models.encoders import PatchEncoder, create_encoder, list_encoders
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ _WRAPPERS = ("teacher", "model", "state_dict", "student")  # teacher first: DINO
 _PREFIXES = ("module.", "backbone.", "_orig_mod.")
 _TRAINING_ONLY = re.compile(r"^(mask_token$|dino_head\.|ibot_head\.|head\.)")
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
+_LISTED = 10  # keys shown per kind of problem; the rest are counted
 
 
 def read_weights(uri: str, *, allow_unsafe_pickle: bool = False) -> object:
@@ -46,6 +48,12 @@ def read_weights(uri: str, *, allow_unsafe_pickle: bool = False) -> object:
         except Exception as exc:
             first = (str(exc).splitlines() or [""])[0]
             raise CheckpointError(f"{uri}: not a readable safetensors file ({type(exc).__name__}: {first})") from None
+    if not data.startswith((b"PK\x03\x04", b"\x80")):
+        # torch.save writes a zip archive (or, before torch 1.6, a pickle: protocol byte 0x80)
+        raise CheckpointError(
+            f"{uri}: not a readable PyTorch checkpoint (neither a torch.save zip/pickle nor a safetensors "
+            f"file: {len(data)} bytes starting {data[:8]!r}); give the encoder's weight file"
+        )
     return load_trusted(io.BytesIO(data), name=uri, allow_unsafe_pickle=allow_unsafe_pickle)
 
 
@@ -97,7 +105,8 @@ def load_encoder_checkpoint(model: nn.Module, uri: str, *, allow_unsafe_pickle: 
     state = encoder_state_dict(read_weights(uri, allow_unsafe_pickle=allow_unsafe_pickle), own, source=uri)
     if isinstance(model, PatchEncoder) and model.adapt_state is not None:
         state = model.adapt_state(state, source=uri)
-    load_state_dict_strict(target, state, source=uri)
+    check_fits(target, state, source=uri, name=getattr(model, "name", None))
+    target.load_state_dict(state, strict=True)
     return model
 
 
@@ -189,3 +198,51 @@ def _fuse_qkv(parts: dict[tuple[int, str], dict[str, torch.Tensor]], *, source: 
     if incomplete:
         raise CheckpointError(f"{source}: attention projections missing: {'; '.join(incomplete)}")
     return fused
+
+
+def check_fits(target: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, name: str | None = None) -> None:
+    """Raise unless ``state`` has exactly ``target``'s keys and shapes. The message leads with the
+    first mis-shaped key in the model's order and both shapes (what tells a wrong encoder's file
+    apart), lists at most ten keys of each kind and counts the rest, and names the registered
+    encoder whose layout the file has, if one does."""
+    own = target.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    problems = [f"first mis-shaped key {shapes[0]}"] if shapes else []
+    for what, keys, sep in (("missing", missing, ", "), ("unexpected", unexpected, ", "), ("mis-shaped", shapes, "; ")):
+        if keys:
+            more = f" … ({len(keys) - _LISTED} more)" if len(keys) > _LISTED else ""
+            problems.append(f"{what} keys: {sep.join(keys[:_LISTED])}{more}")
+    what = f"encoder {name!r}" if name else type(target).__name__
+    others = _layouts_of(state, exclude=name)
+    # several encoders share one layout (H-optimus-0 and -1; UNI and Phikon-v2 once renamed)
+    choice = f"={others[0]}" if len(others) == 1 else " to the one it is"
+    hint = f"; the file has the keys and shapes of {' and '.join(map(repr, others))}: set model.patch_encoder{choice}"
+    hint = hint if others else ""
+    raise CheckpointError(f"{source} does not fit {what}: " + " | ".join(problems) + hint)
+
+
+def _layouts_of(state: Mapping[str, torch.Tensor], *, exclude: str | None) -> list[str]:
+    """The registered encoders (built at real size on the meta device) whose keys and shapes are
+    exactly those of ``state`` (H-optimus-0 and -1 share theirs)."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    return [n for n, own in _registered_layouts().items() if n != exclude and own == shapes]
+
+
+@functools.cache
+def _registered_layouts() -> dict[str, dict[str, tuple[int, ...]]]:
+    """Every registered encoder's keys and shapes at real size (built once, on the meta device:
+    about 3 s on 2 cores, paid only when a file does not fit)."""
+    out = {}
+    for name in list_encoders():
+        with torch.device("meta"):
+            trunk = create_encoder(name).trunk
+        out[name] = {k: tuple(v.shape) for k, v in trunk.state_dict().items()}
+    return out

@@ -244,7 +244,7 @@ for _name in ("h_optimus_0", "h_optimus_1"):
         )
     )
 # Prov-GigaPath tile encoder: timm's vit_giant_patch14_dinov2 architecture but patch size 16 at
-# 224 (1536-d, depth 40, 24 heads, mlp_ratio 5.33334, plain GELU MLP, LayerScale), CLS 1536-d,
+# 224 (1536-d, depth 40, 24 heads, mlp_ratio 5.33334 of the architecture's packed SwiGLU, LayerScale), CLS 1536-d,
 # ImageNet norm (TRIDENT GigaPathInferenceEncoder; eva gigapath.py).
 _add(
     EncoderSpec(
