@@ -52,7 +52,7 @@ def build_patch_dataset(cfg: Config, specs: list[SlideSpec]) -> tuple[ray.data.D
         n = (r["read_w"] // cfg.tiling.patch_px) * (r["read_h"] // cfg.tiling.patch_px)
         estimate += min(cfg.pretrain.patches_per_region, int(n * r["tissue_fraction"]))
     ds = ray.data.from_items(regions, override_num_blocks=len(regions))
-    ds = ds.map(read_region, fn_kwargs=reader_kwargs(cfg), num_cpus=cfg.embed.read_cpus)
+    ds = ds.map(read_region, fn_kwargs=reader_kwargs(cfg, pixels=True), num_cpus=cfg.embed.read_cpus)
     ds = ds.flat_map(
         _patch_rows,
         fn_kwargs=dict(

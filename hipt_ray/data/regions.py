@@ -98,9 +98,13 @@ _NOT_PACKED = {c: "" if c == "packing" else b"" for c in PACKED_COLUMNS}  # bina
 _READERS: dict[str, RegionReader] = {}  # this worker's reader per configuration
 
 
-def reader_kwargs(cfg: Config) -> dict:
-    """``fn_kwargs`` for :func:`read_region`: the config, and a key that names it cheaply."""
+def reader_kwargs(cfg: Config, *, pixels: bool = False) -> dict:
+    """``fn_kwargs`` for :func:`read_region`: the config, and a key that names it cheaply.
+    ``pixels``: every read returns decoded pixels whatever ``embed.decode`` says (stage-1
+    pretraining cuts patches from them right after the read, so there is no model to decode next to)."""
     cfg_dict = cfg.to_dict()
+    if pixels:
+        cfg_dict["embed"]["decode"] = "reader"
     key = hashlib.sha256(json.dumps(cfg_dict, sort_keys=True, default=str).encode()).hexdigest()
     return {"cfg_dict": cfg_dict, "key": key}
 

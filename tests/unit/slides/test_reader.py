@@ -135,6 +135,9 @@ def test_region_reader_opens_each_slide_once_and_refuses_a_changed_file(slide_se
     kept = regions._READERS[kwargs["key"]]
     read_region(_region_row(ref), **kwargs)
     assert regions._READERS[kwargs["key"]] is kept and reader_kwargs(cfg)["key"] == kwargs["key"]
+    # stage-1 pretraining cuts patches right after the read: pixels whatever embed.decode says
+    as_read = read_region(_region_row(ref), **reader_kwargs(cfg, pixels=True))
+    assert as_read["tiles"] == b"" and np.array_equal(as_read["image"], as_pixels["image"])
 
 
 def test_one_gpu_decision():
