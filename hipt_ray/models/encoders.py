@@ -16,6 +16,8 @@ Sources of the facts, by peer file (read at their newest stored commits):
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
@@ -29,6 +31,8 @@ from timm.models.vision_transformer import VisionTransformer
 from hipt_ray.config import ConfigError
 from hipt_ray.models.conch import ConchV15Tower, adapt_conch_state
 from hipt_ray.models.vit import last_block_attention
+
+log = logging.getLogger(__name__)
 
 Pooling = Literal["cls", "cls_mean", "module"]  # "module": the network's own head (CONCH's pooler)
 
@@ -268,9 +272,53 @@ _add(
         "prov-gigapath/prov-gigapath pytorch_model.bin",
     )
 )
+KAIKO_VITL14_GRID = 37  # 518 px / patch 14
+
+
+def adapt_kaiko_vitl14_state(state: dict[str, torch.Tensor], *, source: str) -> dict[str, torch.Tensor]:
+    """Bring a kaiko ViT-L/14 file to the layout it is built in, as timm's ``checkpoint_filter_fn``
+    does when ``torch.hub.load("kaiko-ai/towards_large_pathology_fms", "vitl14")`` loads kaiko's
+    release file into the 518 px build: a DINOv2-layout file (``register_tokens``, the CLS's position
+    at ``pos_embed[:, 0]``) is converted first, then a ``pos_embed`` of another square grid (e.g.
+    16×16, from a 224 px build) is resampled to 37×37 (bicubic, antialiased, patch positions only:
+    ``no_embed_class``). Anything else is left for the strict check, which names it."""
+    if "register_tokens" in state and "pos_embed" in state and "cls_token" in state:
+        state = _from_dinov2_registers(state, source=source)
+    pos = state.get("pos_embed")
+    if pos is None or pos.ndim != 3 or pos.shape[1] == KAIKO_VITL14_GRID**2:
+        return state
+    side = math.isqrt(pos.shape[1])
+    if side * side != pos.shape[1]:
+        return state  # not a square grid of patch positions: the strict check names the shape
+    log.info("%s: resampling pos_embed from %d×%d to %d×%d", source, side, side, KAIKO_VITL14_GRID, KAIKO_VITL14_GRID)
+    resized = timm.layers.resample_abs_pos_embed(
+        pos, new_size=[KAIKO_VITL14_GRID] * 2, num_prefix_tokens=0, interpolation="bicubic", antialias=True
+    )
+    return {**state, "pos_embed": resized}
+
+
+def _from_dinov2_registers(state: dict[str, torch.Tensor], *, source: str) -> dict[str, torch.Tensor]:
+    """DINOv2's own layout with registers → timm's ``no_embed_class`` one (timm's
+    ``_convert_dinov2``): ``register_tokens`` is ``reg_token``; the CLS's position embedding is
+    added into ``cls_token`` and dropped from ``pos_embed``."""
+    log.info("%s: converting DINOv2's register layout (register_tokens, CLS position) to timm's", source)
+    out = {k: v for k, v in state.items() if k not in ("register_tokens", "cls_token", "pos_embed")}
+    out["reg_token"] = state["register_tokens"]
+    out["cls_token"] = state["cls_token"] + state["pos_embed"][:, 0]
+    out["pos_embed"] = state["pos_embed"][:, 1:]
+    return out
+
+
 # kaiko.ai ViT-S/16, ViT-B/16 (timm vit_small/base_patch16_224) at 224 and ViT-L/14 (timm
-# vit_large_patch14_reg4_dinov2, built at 518 as published, fed 224 with its position embedding
-# resampled), CLS; mean = std = 0.5 (TRIDENT KaikoInferenceEncoder and KAIKO_MEAN/STD; eva kaiko.py).
+# vit_large_patch14_reg4_dinov2), CLS; mean = std = 0.5, fed 224 px (TRIDENT KaikoInferenceEncoder
+# and KAIKO_MEAN/STD; eva kaiko.py; the timm ports' cards: Resize/CenterCrop 224). The ViT-L/14 is
+# built at 518 (a 37×37 grid) as both of its distributions build it: kaiko's hubconf.py vitl14
+# (timm's architecture default) and the port 1aurent/vit_large_patch14_reg4_224.kaiko_ai_… despite
+# its name (config.json: that architecture, no model_args, pretrained_cfg input_size [3, 518, 518]
+# with fixed_input_size, so timm builds img_size 518; its 1.22 GB model.safetensors is the 304.37 M
+# float32 parameters of that grid, not the 303.23 M of a 16×16 one). no_embed_class: pos_embed is
+# [1, 1369, 1024], patch positions only (the CLS and 4 registers carry none); 224 px inputs are
+# resampled at run time (dynamic_img_size).
 _add(
     EncoderSpec(
         "kaiko_vits16",
@@ -308,6 +356,7 @@ _add(
         "cls",
         _timm("vit_large_patch14_reg4_dinov2", img_size=518),
         "kaiko-ai/towards_large_pathology_fms vitl14",
+        adapt_kaiko_vitl14_state,
     )
 )
 # Lunit DINO ViT-S/8 (timm vit_small_patch8_224) at 224, CLS 384-d, Lunit's statistics

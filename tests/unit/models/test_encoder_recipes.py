@@ -19,6 +19,7 @@ import timm.layers
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
+from timm.models.vision_transformer import checkpoint_filter_fn
 
 from hipt_ray.models.checkpoints import CheckpointError
 from hipt_ray.models.encoder_checkpoints import check_fits, load_encoder_checkpoint
@@ -74,7 +75,10 @@ RECIPES: dict[str, tuple[str, dict]] = {
     # kaiko-ai towards_large_pathology_fms (timm ports 1aurent/*.kaiko_ai_towards_large_pathology_fms)
     "kaiko_vits16": ("vit_small_patch16_224", {"img_size": 224}),
     "kaiko_vitb16": ("vit_base_patch16_224", {"img_size": 224}),
-    "kaiko_vitl14": ("vit_large_patch14_reg4_dinov2", {}),
+    # 1aurent/vit_large_patch14_reg4_224.kaiko_ai_towards_large_pathology_fms config.json: no
+    # model_args, pretrained_cfg input_size [3, 518, 518] + fixed_input_size → timm builds 518
+    # (the "224" of its name is the input the card feeds it); kaiko's hubconf.py vitl14 too
+    "kaiko_vitl14": ("vit_large_patch14_reg4_dinov2", {"img_size": 518}),
     # lunit-io/benchmark-ssl-pathology DINO ViT-S/8
     "lunit_vits8": ("vit_small_patch8_224", {"img_size": 224}),
     # GPFM: DINOv2 ViT-L/14 at 224
@@ -259,6 +263,58 @@ def test_published_file_loads_strictly_and_a_renamed_key_is_named(name, tmp_path
     msg = str(err.value)
     assert f"missing keys: {key}" in msg and f"unexpected keys: {key.replace('norm1', 'norm_1')}" in msg
     assert "renamed_" + fname in msg
+
+
+def test_kaiko_vitl14_loads_both_position_grids_as_timm_would(tmp_path, caplog):
+    """The port's model.safetensors has the 37×37 grid it is built at (the published-file test
+    above); a file with a 16×16 grid (a model built at 224) loads too, its pos_embed resampled
+    exactly as timm's checkpoint_filter_fn does when torch.hub builds kaiko's vitl14 at 518."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        at_224 = _timm_recipe("kaiko_vitl14", depth=1, img_size=224)
+    state = {k: torch.randn(v.shape) for k, v in at_224.state_dict().items()}
+    assert state["pos_embed"].shape == (1, 256, 1024)  # no_embed_class: patch positions only
+    torch.save(state, tmp_path / "vitl14.pth")
+    dst = create_encoder("kaiko_vitl14", depth=1)
+    with caplog.at_level("INFO", logger="hipt_ray.models.encoders"):
+        load_encoder_checkpoint(dst, str(tmp_path / "vitl14.pth"))
+    assert "vitl14.pth: resampling pos_embed from 16×16 to 37×37" in caplog.text
+
+    ref = _timm_recipe("kaiko_vitl14", depth=1)
+    want = checkpoint_filter_fn(dict(state), ref)
+    assert want["pos_embed"].shape == (1, 1369, 1024)
+    got = dst.trunk.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_kaiko_vitl14_loads_dinov2s_register_layout_as_timm_would(tmp_path, caplog):
+    """A file in DINOv2's own layout (register_tokens, mask_token, the CLS's position in front of a
+    16×16 grid), as a DINOv2 training run saves it: converted and resampled as timm does."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        at_224 = _timm_recipe("kaiko_vitl14", depth=1, img_size=224)
+    state = {k: torch.randn(v.shape) for k, v in at_224.state_dict().items() if k != "reg_token"}
+    state["register_tokens"] = torch.randn(1, 4, 1024)
+    state["pos_embed"] = torch.randn(1, 1 + 256, 1024)
+    state["mask_token"] = torch.randn(1, 1024)
+    torch.save({"teacher": _prefixed(state, "backbone.")}, tmp_path / "teacher_checkpoint.pth")
+    dst = create_encoder("kaiko_vitl14", depth=1)
+    with caplog.at_level("INFO", logger="hipt_ray.models.encoders"):
+        load_encoder_checkpoint(dst, str(tmp_path / "teacher_checkpoint.pth"))
+    assert "converting DINOv2's register layout" in caplog.text and "from 16×16 to 37×37" in caplog.text
+
+    want = checkpoint_filter_fn(dict(state), _timm_recipe("kaiko_vitl14", depth=1))
+    got = dst.trunk.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
+    assert not torch.equal(got["cls_token"], state["cls_token"])  # the CLS's position folded in
+
+
+def test_kaiko_vitl14_refuses_a_grid_that_is_not_square(tmp_path):
+    state = {k: v.clone() for k, v in create_encoder("kaiko_vitl14", depth=1).trunk.state_dict().items()}
+    state["pos_embed"] = torch.zeros(1, 1370, 1024)  # the CLS's position in front: not this layout
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"pos_embed: checkpoint \(1, 1370, 1024\) vs model \(1, 1369, 1024\)"):
+        load_encoder_checkpoint(create_encoder("kaiko_vitl14", depth=1), str(tmp_path / "model.safetensors"))
 
 
 # --- bad input -------------------------------------------------------------------------------
