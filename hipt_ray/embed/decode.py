@@ -15,7 +15,9 @@ the model actor decodes them here, so compressed bytes, not pixels, cross the ne
   (``gpu→cpu``): a decode call that raises, or a slide level whose first tile's GPU colours
   differ from the CPU's (checked once per slide and level: Aperio stores RGB components without
   the YCbCr transform and without a marker that says so, which only a decoder told by the TIFF
-  tags, as tifffile tells libjpeg-turbo, reads right). DCT-scaled
+  tags, as tifffile tells libjpeg-turbo, reads right; so is a DICOM level declared RGB whose
+  frames carry no Adobe segment). DICOM frames arrive without the byte that pads an item to
+  even length (:func:`~hipt_ray.slides.packed.unpadded`). DCT-scaled
   regions (``reader.scaled_decode``) decode on the CPU: nvJPEG has no DCT scaling.
 
 Rows that arrive with pixels (``embed.decode=reader``, OpenSlide slides) pass through. A tile

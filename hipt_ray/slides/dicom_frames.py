@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import imagecodecs
 import numpy as np
 
+from hipt_ray.slides.packed import unpadded
+
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 JPEG2000 = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")  # lossless only; lossless or lossy
 # Names pydicom 3.0 does not know, for the unsupported-syntax message.
@@ -46,7 +48,9 @@ class FrameIndexError(RuntimeError):
 @dataclass(frozen=True)
 class FrameIndex:
     offsets: np.ndarray  # int64, where each frame's data starts in the file
-    counts: np.ndarray  # int64, its length in bytes (a BOT's may include the even-length pad byte)
+    # int64, its length in bytes: an item's (basic, walk; extended as pydicom writes it) includes
+    # the even-length pad byte, which packing drops (hipt_ray.slides.packed.unpadded)
+    counts: np.ndarray
     method: str  # "tiff" | "extended" | "basic" | "walk"
 
 
@@ -74,8 +78,7 @@ class FrameDecoder:
         self.colorspace = "RGB" if photometric == "RGB" else "YCBCR"
 
     def __call__(self, data: bytes, index: int, jpegtables: bytes | None = None) -> tuple:
-        if data.endswith(b"\xff\xd9\x00"):
-            data = data[:-1]  # the even-length pad byte a Basic Offset Table's lengths include
+        data = unpadded(data)  # packed tiles come without it; a tile read for a check may not
         if self.jpeg:
             return (
                 imagecodecs.jpeg8_decode(data, tables=jpegtables, colorspace=self.colorspace, outcolorspace="RGB"),

@@ -72,6 +72,13 @@ class TileCodec:
         return pixels, None, None
 
 
+def unpadded(tile: bytes) -> bytes:
+    """A tile without the byte that pads a DICOM item to even length after its codestream's end
+    marker (JPEG's EOI and JPEG 2000's EOC are both ``FF D9``; neither codestream can hold
+    ``FF D9`` before its end): nvJPEG may reject bytes after EOI, libjpeg-turbo ignores them."""
+    return tile[:-1] if tile.endswith(b"\xff\xd9\x00") else tile
+
+
 def jpeg_stream(tile: bytes, tables: bytes | None) -> bytes:
     """A tile's JPEG as a whole stream: TIFF's shared JPEGTables (SOI, DQT/DHT…, EOI) put in
     front of an abbreviated tile (SOI, frame, scan, EOI)."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from hipt_ray.slides.packed import PackedTiles, TileCodec, TileError, jpeg_stream
+from hipt_ray.slides.packed import PackedTiles, TileCodec, TileError, jpeg_stream, unpadded
 from hipt_ray.storage import filesystem, is_remote, local_path, with_retries
 
 log = logging.getLogger(__name__)
@@ -280,6 +280,7 @@ class TileSource:
                     f"{self.uri}: tile ({c}, {r}) of level {level} is cut short ({len(data)} of "
                     f"{lv.counts[i]} bytes): the file is corrupt or truncated"
                 )
+            data = unpadded(data)  # what travels and decodes is the codestream alone
             tx, ty = c * tile_w, r * tile_h
             # the part of this tile inside both the image and the requested box
             ax0, ay0, ax1, ay1 = max(tx, x0), max(ty, y0), min(tx + tile_w, x1), min(ty + tile_h, y1)

@@ -17,7 +17,9 @@ from hipt_ray.data.regions import RegionReader
 from hipt_ray.embed.decode import RegionDecoder
 from hipt_ray.models import create_model
 from hipt_ray.slide_ref import SlideRef
-from hipt_ray.slides import synthetic
+from hipt_ray.slides import synthetic, synthetic_dicom
+from hipt_ray.slides.dicom import DicomSlide
+from hipt_ray.slides.packed import COLUMNS, PackedRegion
 from hipt_ray.slides.reader import Slide
 from hipt_ray.slides.tiles import TiledTiff
 
@@ -160,6 +162,90 @@ def test_gpu_colours_that_differ_and_gpu_failures_fall_back_to_the_cpu(tmp_path,
     assert got.where == ["gpu→cpu"]
     with Slide(str(tmp_path / "ycbcr.tiff")) as ref:
         assert np.array_equal(got.pixels(0).numpy(), ref.read_region((0, 0), (512, 512), 0.5)[0])
+
+
+def _strict_decode_jpeg(monkeypatch) -> list[bytes]:
+    """torchvision's decoder made to reject a stream with bytes after its EOI (as nvJPEG may; the
+    CPU twin ignores them); returns the list of streams it was given."""
+    import torchvision.io
+
+    real, seen = torchvision.io.decode_jpeg, []
+
+    def strict(streams, *args, **kwargs):
+        for s in streams:
+            seen.append(bytes(s.numpy()))
+            if not seen[-1].endswith(b"\xff\xd9"):
+                raise RuntimeError("nvjpegJpegStreamParse failed: NVJPEG_STATUS_BAD_JPEG")
+        return real(streams, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", strict)
+    return seen
+
+
+DICOM_REGIONS = [((0, 0), (1024, 1024), 0.5), ((700, 300), (1024, 1024), 0.5), ((0, 0), (768, 512), 0.7)]
+
+
+def test_dicom_jpeg_frames_reach_the_gpu_decoder_without_their_pad_byte(slide_set, tmp_path, monkeypatch):
+    folder = tmp_path / "series"
+    synthetic_dicom.write_dicom_twin(slide_set["small"], folder, mpp=0.5, offset_table="basic")
+    padded = (folder / "level-0.dcm").read_bytes().count(b"\xff\xd9\x00\xfe\xff\x00\xe0")  # EOI, pad, next item
+    assert padded > 0  # the Basic Offset Table's frame lengths include the pad byte
+    reader = _reader(tmp_path)
+    rows = [reader(_row(folder, xy, size, mpp)) for xy, size, mpp in DICOM_REGIONS]
+    assert all(r["packing"] and not r["error"] for r in rows)
+    for row in rows:  # what travels: the frames alone, their lengths in the layout
+        packed = PackedRegion.from_columns(*(row[c] for c in COLUMNS)).tiles
+        assert all(packed.tile_bytes(k).endswith(b"\xff\xd9") for k in range(len(packed)))
+        assert int(packed.layout[:, 1].sum()) == len(packed.data)
+    seen = _strict_decode_jpeg(monkeypatch)
+    gpu = RegionDecoder(device=CPU, gpu=True, threads=1, jpeg_device="cpu")(_batch(rows))
+    cpu = RegionDecoder(device=CPU, gpu=False, threads=1)(_batch(rows))
+    assert gpu.where == ["gpu"] * 3 and len(seen) > 3  # no fallback: every frame a clean JPEG stream
+    assert sum(gpu.tile_bytes) == sum(len(t) for t in _batch(rows)["tiles"])
+    for i, (xy, size, mpp) in enumerate(DICOM_REGIONS):
+        a, b = gpu.pixels(i).numpy(), cpu.pixels(i).numpy()
+        assert a.shape == b.shape and int(np.abs(a.astype(int) - b).max()) <= MAX_DIFF, i
+        with Slide(f"{folder}/", source=DicomSlide(f"{folder}/")) as ref:  # the read path's pixels
+            assert np.array_equal(b, ref.read_region(xy, size, mpp)[0]), i
+
+
+@pytest.mark.parametrize("marked", [True, False])
+def test_dicom_rgb_frames_decode_on_the_gpu_only_when_it_reads_their_colours(tmp_path, monkeypatch, marked):
+    """PhotometricInterpretation RGB: JPEG frames of RGB components without the YCbCr transform.
+    torchvision cannot be told the header's colour space: a frame that says so itself (an Adobe
+    segment, as libjpeg writes it) decodes on the GPU; one that does not (as Aperio's tiles, copied
+    into DICOM) is caught by the first tile's colour check and decoded on the CPU, as declared."""
+    rgb, _ = synthetic.render(1024, 1024, mpp=0.5, seed=3)
+    tiff = tmp_path / "rgb.tiff"
+    if marked:
+        tifffile.imwrite(
+            tiff, rgb, tile=(256, 256), compression="jpeg", photometric="rgb",
+            compressionargs={"outcolorspace": "RGB"}, resolution=(2e4, 2e4), resolutionunit="CENTIMETER",
+        )  # fmt: skip
+    else:
+        _aperio_rgb_jpeg(tiff, rgb)
+    folder = tmp_path / "series"
+    synthetic_dicom.write_dicom_twin(tiff, folder, mpp=0.5)
+    assert dcmread_photometric(folder / "level-0.dcm") == "RGB"
+    reader = _reader(tmp_path)
+    rows = [reader(_row(folder, (x, 0), (512, 512), 0.5)) for x in (0, 512)]
+    _strict_decode_jpeg(monkeypatch)
+    decoder = RegionDecoder(device=CPU, gpu=True, threads=1, jpeg_device="cpu")
+    got = decoder(_batch(rows))
+    assert got.where == (["gpu"] * 2 if marked else ["gpu→cpu"] * 2)
+    assert list(decoder.same_colours.values()) == [marked]  # one check for the level
+    for i, x in enumerate((0, 512)):
+        pixels = got.pixels(i).numpy()
+        assert np.abs(pixels.astype(int) - rgb[:512, x : x + 512]).mean() < 3, i  # the colours are right
+        with Slide(f"{folder}/", source=DicomSlide(f"{folder}/")) as ref:
+            want = ref.read_region((x, 0), (512, 512), 0.5)[0]
+        assert int(np.abs(pixels.astype(int) - want).max()) <= (MAX_DIFF if marked else 0), i
+
+
+def dcmread_photometric(path) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(path, stop_before_pixels=True).PhotometricInterpretation)
 
 
 def test_a_corrupt_tile_fails_with_the_read_paths_reason(tmp_path):
