@@ -228,7 +228,9 @@ def _assemble(region: PackedRegion, tiles: list[torch.Tensor], device: torch.dev
     elif region.resample == "lanczos":
         from hipt_ray.slides.packed import resample
 
-        canvas = torch.from_numpy(resample(canvas.cpu().numpy(), "lanczos", 1, region.size))
+        canvas = torch.from_numpy(
+            np.array(resample(canvas.cpu().numpy(), "lanczos", 1, region.size))
+        )  # PIL's array is read-only
     return canvas.to(device)
 
 
