@@ -62,6 +62,30 @@ def plan_actors(embed: EmbedConfig, shape: ClusterShape) -> ActorPlan:
     return ActorPlan(use_gpu, 1, max_size, demand)
 
 
+def waiting_line(plan: ActorPlan, seconds: float) -> str:
+    """What the job waits for while no model actor has started (logged once a minute)."""
+    n = plan.min_size
+    return (
+        f"waiting {seconds:.0f} s for {n} model actor{'s' if n > 1 else ''} ({_show(plan.demand)} each) to start: "
+        "nodes that can hold one are being added (`ray status` shows the autoscaler's pending nodes)"
+    )
+
+
+def never_started(plan: ActorPlan, shape: ClusterShape, seconds: float, *, timeout_s: float) -> str:
+    """The one-line reason a job ends when no model actor started within ``timeout_s``: the
+    actor's demand, the node types that could hold it and the fixes."""
+    fits = [t for t in shape.node_types if ClusterShape((t,), shape.source).most(plan.demand) != 0]
+    types = "; ".join(f"{t.name}: {_show(t.resources)}" for t in fits)
+    return (
+        f"no model actor started in {seconds:.0f} s (embed.actor_start_timeout_s={timeout_s:g}): a model actor "
+        f"asks for {_show(plan.demand)} and the node types that could hold one ({types}, read from "
+        f"{shape.source}) were never added; check the cloud's capacity and quota for them (`ray status` "
+        "shows the autoscaler's pending and failed nodes), ask for less (embed.actor_cpus, "
+        "embed.actor_memory_gb, embed.actor_resources) or run the model on CPUs (embed.use_gpu=false); "
+        "the tiling is committed and a rerun with the same --out resumes"
+    )
+
+
 def _show(resources: dict[str, float]) -> str:
     return (
         "{"

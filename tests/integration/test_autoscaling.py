@@ -36,6 +36,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 N_SLIDES = 4
 HEAD_CPUS = 2
 MODEL_NODE = {"CPU": 1, "GPU": 1, "model": 1}  # a fake GPU: Ray places on it, torch cannot use it
+SCARCE_NODE = {"CPU": 1, "scarce": 1}
 
 
 def _autoscaling_config(gcs_address: str) -> dict:
@@ -55,6 +56,8 @@ def _autoscaling_config(gcs_address: str) -> dict:
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": HEAD_CPUS}, "node_config": {}, "max_workers": 0},
             "model": {"resources": MODEL_NODE, "node_config": {}, "min_workers": 0, "max_workers": 2},
+            # a node type the provider never launches (a cloud without capacity or quota for it)
+            "scarce": {"resources": SCARCE_NODE, "node_config": {"unavailable": True}, "max_workers": 1},
         },
         "head_node_type": "ray.head.default",
         "auth": {},
@@ -151,6 +154,36 @@ def test_an_actor_no_node_type_can_hold_ends_the_job_before_any_work(cluster, sl
     )
     assert "the autoscaling config" in never.stderr and "model: {CPU: 1, GPU: 1, model: 1}" in never.stderr
     assert time.time() - t0 < 60
+
+
+def test_a_model_node_the_autoscaler_never_delivers_ends_the_job_after_the_wait_keeping_the_tiling(
+    cluster, slides, tmp_path
+):
+    """The actor fits the `scarce` node type, which the provider refuses to launch every time:
+    the job ends after embed.actor_start_timeout_s with one line and exit 1; the tiling stays."""
+    out, t0 = tmp_path / "out", time.time()
+    run = _embed(
+        cluster,
+        slides,
+        out,
+        "embed.actor_resources={scarce: 1}",
+        "embed.use_gpu=false",
+        "embed.actor_start_timeout_s=8",
+    )
+    seconds = time.time() - t0
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    (line,) = [x for x in run.stderr.splitlines() if x.startswith("hipt-ray embed: ")]
+    assert re.match(r"hipt-ray embed: no model actor started in \d+ s \(embed.actor_start_timeout_s=8\)", line), line
+    assert (
+        "a model actor asks for {CPU: 1, scarce: 1} and the node types that could hold one (scarce: {CPU: 1, " in line
+    )
+    assert "embed.use_gpu=false" in line and "quota" in line
+    tiled = Store(str(out)).latest_slides(model_id=None).to_pylist()
+    assert sorted(r["slide_id"] for r in tiled if r["model_id"] == "") == [f"s{i}" for i in range(N_SLIDES)]
+    assert not [r for r in tiled if r["model_id"]]  # nothing embedded, nothing half-committed
+    assert seconds < 60, seconds
+    print(f"never-delivered model node: ended after {seconds:.0f} s")
 
 
 def _model_actor_nodes(cluster) -> list[str]:
