@@ -66,8 +66,8 @@ def waiting_line(plan: ActorPlan, seconds: float) -> str:
     """What the job waits for while no model actor has started (logged once a minute)."""
     n = plan.min_size
     return (
-        f"waiting {seconds:.0f} s for {n} model actor{'s' if n > 1 else ''} ({_show(plan.demand)} each) to start: "
-        "nodes that can hold one are being added (`ray status` shows the autoscaler's pending nodes)"
+        f"waiting {seconds:.0f} s for {n} model actor{'s' if n > 1 else ''} ({_show(plan.demand)} each) to start, on a "
+        "node the autoscaler adds or one with room freed (`ray status` shows the autoscaler's pending nodes)"
     )
 
 
@@ -79,7 +79,8 @@ def never_started(plan: ActorPlan, shape: ClusterShape, seconds: float, *, timeo
     return (
         f"no model actor started in {seconds:.0f} s (embed.actor_start_timeout_s={timeout_s:g}): a model actor "
         f"asks for {_show(plan.demand)} and the node types that could hold one ({types}, read from "
-        f"{shape.source}) were never added; check the cloud's capacity and quota for them (`ray status` "
+        f"{shape.source}) gave it none: no such node was added or had room; "
+        "check the cloud's capacity and quota for them (`ray status` "
         "shows the autoscaler's pending and failed nodes), ask for less (embed.actor_cpus, "
         "embed.actor_memory_gb, embed.actor_resources) or run the model on CPUs (embed.use_gpu=false); "
         "the tiling is committed and a rerun with the same --out resumes"
