@@ -20,7 +20,7 @@ import ray
 from hipt_ray.config import Config, ConfigError
 from hipt_ray.console import Progress
 from hipt_ray.data.regions import read_region, reader_kwargs
-from hipt_ray.embed.actors import ActorPlan, never_started, plan_actors, waiting_line
+from hipt_ray.embed.actors import ActorPlan, autoscaler_report, never_started, plan_actors, waiting_line
 from hipt_ray.embed.embedder import READ_COLUMNS, RegionEmbedder, output_schema, regions_schema
 from hipt_ray.embed.watchdog import ModelActorsNeverStarted, first_within
 from hipt_ray.models.geometry import apply_geometry
@@ -226,8 +226,10 @@ def _consume(
     batches = first_within(  # an autoscaler that never delivers a model node: a message, not a hang
         ds.iter_batches(batch_size=None, batch_format="pyarrow"),
         timeout_s=limit,
-        waiting=lambda s: waiting_line(actors, s),
-        timed_out=lambda s: ModelActorsNeverStarted(never_started(actors, shape, s, timeout_s=limit)),
+        waiting=lambda s: waiting_line(actors, s, autoscaler_report()),
+        timed_out=lambda s: ModelActorsNeverStarted(
+            never_started(actors, shape, s, timeout_s=limit, autoscaler=autoscaler_report())
+        ),
     )
     try:
         for batch in batches:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ray._private import ray_constants
 from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+from ray.autoscaler.node_launch_exception import NodeLaunchException
 from ray.autoscaler.tags import TAG_RAY_USER_NODE_TYPE
 
 
@@ -31,8 +32,9 @@ class SpotProvider(FakeMultiNodeProvider):
             return super().non_terminated_nodes(tag_filters)
 
     def create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
-        if node_config.get("unavailable"):  # what a cloud API answers; the autoscaler retries
-            raise RuntimeError(f"InsufficientInstanceCapacity: no capacity for {tags.get(TAG_RAY_USER_NODE_TYPE)}")
+        if node_config.get("unavailable"):  # as the AWS provider raises it; the autoscaler retries
+            node_type = tags.get(TAG_RAY_USER_NODE_TYPE)
+            raise NodeLaunchException("InsufficientInstanceCapacity", f"no capacity for {node_type}", None)
         return super().create_node_with_resources_and_labels(node_config, tags, count, resources, labels)
 
 
