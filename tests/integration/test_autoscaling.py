@@ -174,7 +174,7 @@ def test_a_model_node_the_autoscaler_never_delivers_ends_the_job_after_the_wait_
     assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
     (line,) = [x for x in run.stderr.splitlines() if x.startswith("hipt-ray embed: ")]
-    assert re.match(r"hipt-ray embed: no model actor started in \d+ s \(embed.actor_start_timeout_s=8\)", line), line
+    assert re.match(r"hipt-ray embed: no model actor started in \d+ s \(embed.actor_start_timeout_s=12\)", line), line
     assert (
         "a model actor asks for {CPU: 1, scarce: 1} and the node types that could hold one (scarce: {CPU: 1, " in line
     )
