@@ -479,6 +479,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, CheckpointError):
             print(f"hipt-ray {args.command}: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        from hipt_ray.embed.watchdog import ModelActorsNeverStarted
+
+        if isinstance(exc, ModelActorsNeverStarted):  # the cluster never grew: one line, a runtime failure
+            print(f"hipt-ray {args.command}: {exc}", file=sys.stderr)
+            return EXIT_ERROR
         # a read-only or full disk under the output, wherever it was met: one line, not a traceback
         if getattr(args, "out", None) and (disk := disk_write_error(args.out, exc)) is not None:
             print(f"hipt-ray {args.command}: {disk}", file=sys.stderr)

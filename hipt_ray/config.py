@@ -343,6 +343,14 @@ class EmbedConfig(_Section):
         "the nodes meant for them (e.g. {decode: 1} with a node type that declares decode: N).",
     )
     actor_resources: dict[str, float] = Field(default_factory=dict)
+    actor_start_timeout_s: float = Field(
+        default=900.0,
+        ge=0,
+        description="how long the job waits for its first model actor to start and embed (a node to be added, "
+        "booted and set up, the model loaded) before it ends with exit 1 naming the actor's resources and the "
+        "node types that could hold it (an autoscaler that never delivers: capacity, quota, failed launches); "
+        "0: wait for ever",
+    )
 
 
 class PretrainConfig(_Section):

@@ -20,11 +20,12 @@ import ray
 from hipt_ray.config import Config, ConfigError
 from hipt_ray.console import Progress
 from hipt_ray.data.regions import read_region, reader_kwargs
-from hipt_ray.embed.actors import ActorPlan, plan_actors
+from hipt_ray.embed.actors import ActorPlan, autoscaler_report, never_started, plan_actors, waiting_line
 from hipt_ray.embed.embedder import READ_COLUMNS, RegionEmbedder, output_schema, regions_schema
+from hipt_ray.embed.watchdog import ModelActorsNeverStarted, first_within
 from hipt_ray.models.geometry import apply_geometry
 from hipt_ray.models.loading import build_model
-from hipt_ray.runtime import cluster_shape
+from hipt_ray.runtime import ClusterShape, cluster_shape
 from hipt_ray.slides.manifest import list_slides
 from hipt_ray.store import Store
 from hipt_ray.store.fragments import RegionCommitter, write_region_fragments
@@ -155,7 +156,8 @@ def run(cfg: Config) -> EmbedSummary:
 def _run(cfg: Config) -> EmbedSummary:
     t0 = time.perf_counter()
     cfg = apply_geometry(cfg)  # a patch encoder's regions: its patches × 16 (models.geometry)
-    actors = plan_actors(cfg.embed, cluster_shape())  # a setting no node can meet fails here, first
+    shape = cluster_shape()
+    actors = plan_actors(cfg.embed, shape)  # a setting no node can meet fails here, first
     if cfg.embed.decode == "gpu" and not actors.use_gpu:
         raise ConfigError(
             f"embed.decode=gpu but the model actors run on CPUs (embed.use_gpu={cfg.embed.use_gpu}, and the "
@@ -196,15 +198,7 @@ def _run(cfg: Config) -> EmbedSummary:
     if plan.todo:
         ds, progress.total = _pipeline(cfg, store, plan, model, dims, actors, mean_column)
         summary.model_actors = actors.max_size or actors.min_size
-        cpu0, wall0 = time.process_time(), time.perf_counter()  # all the driver's threads
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                progress.update(advance=batch.num_rows)
-                committer.add(batch)
-        except BaseException:
-            committer.flush()  # what finished stays committed; a rerun does the rest
-            raise
-        summary.driver_cpu, summary.pipeline_seconds = time.process_time() - cpu0, time.perf_counter() - wall0
+        _consume(ds, cfg, actors, shape, progress, committer, summary)
     committer.close()
     progress.close()
     summary.take(committer)
@@ -214,6 +208,37 @@ def _run(cfg: Config) -> EmbedSummary:
         )
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _consume(
+    ds,
+    cfg: Config,
+    actors: ActorPlan,
+    shape: ClusterShape,
+    progress: Progress,
+    committer: RegionCommitter,
+    summary: EmbedSummary,
+) -> None:
+    """The pipeline's rows into ``committer``, timing the driver's share; the first of them due
+    within ``embed.actor_start_timeout_s`` (a model actor that never starts ends the job)."""
+    cpu0, wall0 = time.process_time(), time.perf_counter()  # all the driver's threads
+    limit = cfg.embed.actor_start_timeout_s
+    batches = first_within(  # an autoscaler that never delivers a model node: a message, not a hang
+        ds.iter_batches(batch_size=None, batch_format="pyarrow"),
+        timeout_s=limit,
+        waiting=lambda s: waiting_line(actors, s, autoscaler_report()),
+        timed_out=lambda s: ModelActorsNeverStarted(
+            never_started(actors, shape, s, timeout_s=limit, autoscaler=autoscaler_report())
+        ),
+    )
+    try:
+        for batch in batches:
+            progress.update(advance=batch.num_rows)
+            committer.add(batch)
+    except BaseException:
+        committer.flush()  # what finished stays committed; a rerun does the rest
+        raise
+    summary.driver_cpu, summary.pipeline_seconds = time.process_time() - cpu0, time.perf_counter() - wall0
 
 
 def _pipeline(

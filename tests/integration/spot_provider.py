@@ -1,5 +1,7 @@
 """A node provider for the autoscaling tests: Ray's fake provider, except that a node whose
-raylet has died stops being listed, as a cloud API stops listing a spot instance it took back.
+raylet has died stops being listed, as a cloud API stops listing a spot instance it took back,
+and that a node type whose ``node_config`` says ``unavailable: true`` is never launched, as a
+cloud without capacity or quota for an instance type refuses every launch.
 
 Ray's own fake provider keeps listing such a node until the autoscaler terminates it, and its
 autoscaler never does (the node shows as "pending, uninitialized" for good): a lost node would
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 from ray._private import ray_constants
 from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+from ray.autoscaler.node_launch_exception import NodeLaunchException
+from ray.autoscaler.tags import TAG_RAY_USER_NODE_TYPE
 
 
 class SpotProvider(FakeMultiNodeProvider):
@@ -26,6 +30,12 @@ class SpotProvider(FakeMultiNodeProvider):
                     self._nodes.pop(node_id)
                     node.kill_all_processes(check_alive=False, allow_graceful=False)
             return super().non_terminated_nodes(tag_filters)
+
+    def create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
+        if node_config.get("unavailable"):  # as the AWS provider raises it; the autoscaler retries
+            node_type = tags.get(TAG_RAY_USER_NODE_TYPE)
+            raise NodeLaunchException("InsufficientInstanceCapacity", f"no capacity for {node_type}", None)
+        return super().create_node_with_resources_and_labels(node_config, tags, count, resources, labels)
 
 
 def _raylet_runs(node) -> bool:

@@ -36,6 +36,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 N_SLIDES = 4
 HEAD_CPUS = 2
 MODEL_NODE = {"CPU": 1, "GPU": 1, "model": 1}  # a fake GPU: Ray places on it, torch cannot use it
+SCARCE_NODE = {"CPU": 1, "scarce": 1}
 
 
 def _autoscaling_config(gcs_address: str) -> dict:
@@ -55,6 +56,8 @@ def _autoscaling_config(gcs_address: str) -> dict:
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": HEAD_CPUS}, "node_config": {}, "max_workers": 0},
             "model": {"resources": MODEL_NODE, "node_config": {}, "min_workers": 0, "max_workers": 2},
+            # a node type the provider never launches (a cloud without capacity or quota for it)
+            "scarce": {"resources": SCARCE_NODE, "node_config": {"unavailable": True}, "max_workers": 1},
         },
         "head_node_type": "ray.head.default",
         "auth": {},
@@ -134,9 +137,12 @@ def slides(tmp_path_factory) -> Path:
     return src
 
 
-def _embed(cluster, src: Path, out: Path, *overrides: str, timeout: float = 420) -> subprocess.CompletedProcess:
+def _embed(
+    cluster, src: Path, out: Path, *overrides: str, timeout: float = 420, place: str = "{model: 1}"
+) -> subprocess.CompletedProcess:
+    """``hipt-ray embed`` on ``cluster``, its model actors placed by ``place`` (their resources)."""
     cmd = [sys.executable, "-m", "hipt_ray.cli", "embed", "--slides", str(src), "--out", str(out)]
-    cmd += ["--address", cluster.address, "--config", TINY, "embed.actor_resources={model: 1}"]
+    cmd += ["--address", cluster.address, "--config", TINY, f"embed.actor_resources={place}"]
     cmd += ["embed.actor_memory_gb=0", "embed.regions_per_task=1", "embed.actor_batch_regions=1", *overrides]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -369,3 +375,36 @@ def test_pretraining_on_added_nodes_resumes_from_its_checkpoint_when_one_is_take
     # the restarted group: two added nodes, not the one taken away
     assert len(later) == 2 and victim not in later and head not in later and len(set(later)) == 2, every
     print(f"node {victim[-5:]} taken away; resumed at step {at[1]} of 12 on nodes {sorted(n[-5:] for n in later)}")
+
+
+def test_a_model_node_the_autoscaler_never_delivers_ends_the_job_after_the_wait_keeping_the_tiling(
+    cluster, slides, tmp_path
+):
+    """The actor fits the `scarce` node type, which the provider refuses to launch every time:
+    the job ends after embed.actor_start_timeout_s with one line and exit 1; the tiling stays."""
+    out, t0 = tmp_path / "out", time.time()
+    run = _embed(
+        cluster,
+        slides,
+        out,
+        "embed.use_gpu=false",
+        "embed.actor_start_timeout_s=12",
+        place="{scarce: 1}",
+    )
+    seconds = time.time() - t0
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    (line,) = [x for x in run.stderr.splitlines() if x.startswith("hipt-ray embed: ")]
+    assert re.match(r"hipt-ray embed: no model actor started in \d+ s \(embed.actor_start_timeout_s=12\)", line), line
+    assert (
+        "a model actor asks for {CPU: 1, scarce: 1} and the node types that could hold one (scarce: {CPU: 1, " in line
+    )
+    assert "embed.use_gpu=false" in line and "quota" in line
+    # what the autoscaler reported, the cloud's answer included
+    said = line[line.index("(autoscaler: ") :]
+    assert "scarce failed to launch: InsufficientInstanceCapacity: no capacity for scarce); check" in said, line
+    tiled = Store(str(out)).latest_slides(model_id=None).to_pylist()
+    assert sorted(r["slide_id"] for r in tiled if r["model_id"] == "") == [f"s{i}" for i in range(N_SLIDES)]
+    assert not [r for r in tiled if r["model_id"]]  # nothing embedded, nothing half-committed
+    assert seconds < 60, seconds
+    print(f"never-delivered model node: ended after {seconds:.0f} s")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hipt_ray.config import ConfigError, EmbedConfig
-from hipt_ray.embed.actors import plan_actors
+from hipt_ray.embed.actors import never_started, plan_actors, summarize_autoscaler, waiting_line
 from hipt_ray.models.inference import cluster_wants_gpu, inference_device
 from hipt_ray.runtime import ClusterShape, NodeType
 
@@ -69,3 +69,47 @@ def test_a_gpu_actor_whose_torch_cannot_use_the_gpu_fails_naming_the_cause():
     assert RegionEmbedder(use_gpu="auto", **kwargs).device.type == "cpu"  # auto falls back
     with pytest.raises(RuntimeError, match=r"on Ray node 0a1b but torch cannot use it: (this torch|CUDA)"):
         inference_device(True, where="Ray node 0a1b")
+
+
+def test_the_message_when_no_model_actor_starts_names_the_demand_the_node_types_and_the_fixes():
+    shape = ClusterShape((HEAD, GPU_NODES, MODEL_NODES), "the autoscaling config")
+    plan = plan_actors(EmbedConfig(actor_memory_gb=0), shape)  # a GPU actor: only `gpu` nodes hold it
+    line = never_started(plan, shape, 901.4, timeout_s=900)
+    assert "\n" not in line
+    assert line.startswith("no model actor started in 901 s (embed.actor_start_timeout_s=900): a model actor asks ")
+    assert "asks for {CPU: 1, GPU: 1} and the node types that could hold one (gpu: {CPU: 8, GPU: 1, model: 1}, " in line
+    assert "model: {CPU: 1" not in line and "head:" not in line  # neither can hold a GPU actor
+    assert "embed.use_gpu=false" in line and "quota" in line and "resumes" in line
+    assert waiting_line(plan, 60.2).startswith("waiting 60 s for 1 model actor ({CPU: 1, GPU: 1} each) to start")
+
+
+def test_what_the_autoscaler_reports_is_summarized_on_one_line_and_joins_the_messages():
+    status = {  # the shape of the JSON the autoscaler writes for `ray status`
+        "autoscaler_report": {
+            "pending_launches": {"gpu": 2, "cpu": 0},
+            "node_availability_summary": {
+                "node_availabilities": {
+                    "gpu": {
+                        "node_type": "gpu",
+                        "is_available": False,
+                        "last_checked_timestamp": 1.0,
+                        "unavailable_node_information": {
+                            "category": "InsufficientInstanceCapacity",
+                            "description": "We currently do not have\nsufficient p4d capacity",
+                        },
+                    },
+                    "cpu": {"node_type": "cpu", "is_available": True, "last_checked_timestamp": 1.0},
+                }
+            },
+        }
+    }
+    said = summarize_autoscaler(status)
+    assert said == (
+        "launching gpu×2; gpu failed to launch: InsufficientInstanceCapacity: We currently do not have sufficient "
+        "p4d capacity"
+    )
+    assert summarize_autoscaler({}) == "" and summarize_autoscaler({"autoscaler_report": {}}) == ""
+    shape = ClusterShape((HEAD, GPU_NODES), "the autoscaling config")
+    plan = plan_actors(EmbedConfig(actor_memory_gb=0), shape)
+    assert f"had room (autoscaler: {said}); check" in never_started(plan, shape, 900, timeout_s=900, autoscaler=said)
+    assert waiting_line(plan, 60, said).endswith(f"; autoscaler: {said}")
