@@ -370,9 +370,30 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
 
+def decode_lines(r: dict) -> list[str]:
+    """The report's GPU-vs-CPU decode lines (the embed job's and the no-Ray mode's alike)."""
+    d, m = r["decode"], r["model"]
+    out: list[str] = []
+    where = ", ".join(f"{k} {v}" for k, v in d["where"].items())
+    if d["gpu_regions"]:
+        out.append(
+            f"decode on the same {d['gpu_regions']} packed regions: GPU route ({r['jpeg_device']}, batches of "
+            f"{d['gpu_batch_regions']}) {d['gpu_ms_per_region']:.1f} ms a region, CPU {d['cpu_ms_per_region']:.1f} "
+            f"ms a region on one core; pixels max |Δ| {d['pixels_max_abs_diff']} (mean {d['pixels_mean_abs_diff']}); "
+            f"of {d['regions']} regions: {where}"
+        )
+        out.append(
+            f"embedding cosine GPU vs CPU decode (min over regions): fp32 {m['cosine_fp32_min']:.6f} "
+            f"(needs ≥ {COSINE_MIN}), as the job runs the model {m['cosine_job_min']:.6f}"
+        )
+    else:
+        out.append(f"decode: no region of {d['regions']} decoded on the GPU route ({where})")
+    return out
+
+
 def report(r: dict) -> list[str]:
     """The figures as lines (what the JSON holds, readable)."""
-    e, d, m, u = r["end_to_end"], r["decode"], r["model"], r["mfu"]
+    e, m, u = r["end_to_end"], r["model"], r["mfu"]
     lines = [
         f"device: {r['device']} ({u['gpu'] or 'no GPU'}), torch {r['torch']}, {r['cpus']} CPUs; "
         f"{e['slides']} slides, {e['regions']} regions embedded ({e['slides_failed']} slides failed)",
@@ -384,20 +405,7 @@ def report(r: dict) -> list[str]:
         f"decoded in the job: {', '.join(f'{k} {v}' for k, v in sorted(e['decoded'].items())) or 'none'}",
         f"object store: {e['transfer_bytes_per_region'] / 1e6:.2f} MB a region ({e['transfer_line']})",
     ]
-    where = ", ".join(f"{k} {v}" for k, v in d["where"].items())
-    if d["gpu_regions"]:
-        lines.append(
-            f"decode on the same {d['gpu_regions']} packed regions: GPU route ({r['jpeg_device']}, batches of "
-            f"{d['gpu_batch_regions']}) {d['gpu_ms_per_region']:.1f} ms a region, CPU {d['cpu_ms_per_region']:.1f} "
-            f"ms a region on one core; pixels max |Δ| {d['pixels_max_abs_diff']} (mean {d['pixels_mean_abs_diff']}); "
-            f"of {d['regions']} regions: {where}"
-        )
-        lines.append(
-            f"embedding cosine GPU vs CPU decode (min over regions): fp32 {m['cosine_fp32_min']:.6f} "
-            f"(needs ≥ {COSINE_MIN}), as the job runs the model {m['cosine_job_min']:.6f}"
-        )
-    else:
-        lines.append(f"decode: no region of {d['regions']} decoded on the GPU route ({where})")
+    lines += decode_lines(r)
     if "model_only" in u:
         lines.append(
             f"MFU: model-only {_pct(u['model_only'])}, end-to-end {_pct(u['end_to_end_steady'])} steady, "

@@ -165,7 +165,7 @@ def verdict(r: dict) -> str:
 
 def report(r: dict) -> list[str]:
     """The figures as lines (what the JSON holds, readable)."""
-    e, d, m, u = r["end_to_end"], r["decode"], r["model"], r["mfu"]
+    e, m, u = r["end_to_end"], r["model"], r["mfu"]
     lines = [
         f"device: {r['device']} ({u['gpu'] or 'no GPU'}), torch {r['torch']}, {r['cpus']} CPUs; no Ray: "
         f"{e['slides']} slides tiled here ({e['slides_failed']} failed), {e['regions_tiled']} regions, "
@@ -176,19 +176,7 @@ def report(r: dict) -> list[str]:
         f"{e['tile_bytes_per_region'] / 1e6:.2f} MB ({e['transfer_over_tile_bytes']}×), its pixels "
         f"{e['pixel_bytes_per_region'] / 1e6:.2f} MB",
     ]
-    where = ", ".join(f"{k} {v}" for k, v in d["where"].items())
-    if d["gpu_regions"]:
-        lines.append(
-            f"decode on the same {d['gpu_regions']} packed regions: GPU route ({r['jpeg_device']}) "
-            f"{d['gpu_ms_per_region']:.1f} ms a region, CPU {d['cpu_ms_per_region']:.1f} ms a region on one "
-            f"core; pixels max |Δ| {d['pixels_max_abs_diff']} (mean {d['pixels_mean_abs_diff']}); {where}"
-        )
-        lines.append(
-            f"embedding cosine GPU vs CPU decode (min): fp32 {m['cosine_fp32_min']:.6f} (needs ≥ "
-            f"{base.COSINE_MIN}), as the job runs the model {m['cosine_job_min']:.6f}"
-        )
-    else:
-        lines.append(f"decode: no region of {d['regions']} decoded on the GPU route ({where})")
+    lines += base.decode_lines(r)
     mfu = base._pct(u.get("model_only")) if "peak_bf16_dense_tflops" in u else f"n/a ({u['peak_source']})"
     lines.append(f"MFU model-only: {mfu}; end-to-end: {NOT_MEASURED}")
     lines.append(f"steps (s): {json.dumps(r['seconds'])}; status: {r['status']}")
