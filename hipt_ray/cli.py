@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hipt_ray.config import Config, ConfigError, InputError, load_config
-from hipt_ray.storage import OutputStoreError, disk_write_error
+from hipt_ray.storage import OutputStoreError, disk_write_error, spill_disk_error
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SLIDES_FAILED = 0, 1, 2, 3
 log = logging.getLogger("hipt_ray")
@@ -487,6 +487,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a read-only or full disk under the output, wherever it was met: one line, not a traceback
         if getattr(args, "out", None) and (disk := disk_write_error(args.out, exc)) is not None:
             print(f"hipt-ray {args.command}: {disk}", file=sys.stderr)
+            return EXIT_ERROR
+        if (spill := spill_disk_error(exc)) is not None:  # Ray's own disk, not the output's
+            print(f"hipt-ray {args.command}: {spill}", file=sys.stderr)
             return EXIT_ERROR
         traceback.print_exc()
         print(f"hipt-ray {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)

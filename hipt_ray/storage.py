@@ -195,6 +195,29 @@ def disk_write_error(out: str, exc: BaseException) -> OutputStoreError | None:
     return None
 
 
+def spill_disk_error(exc: BaseException) -> str | None:
+    """One line for Ray's ``OutOfDiskError`` found anywhere in ``exc``'s chain (a node's object
+    store was full and the disk it spills to was over Ray's limit, 95 % full by default); else None.
+    The node is named where the task's error carries it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if any(c.__name__ == "OutOfDiskError" for c in type(seen).__mro__):
+            # the task's own error keeps `ip`; the copy Ray raises (an instance of both classes)
+            # keeps it only in its text: "ray::Map(read_region)() (pid=…, ip=192.0.2.2)"
+            found = re.search(r"\bip=([0-9A-Fa-f.:]+)\)", str(seen))
+            ip = getattr(seen, "ip", None) or (found.group(1) if found else None)
+            node = f"node {ip}" if ip else "a node"
+            return (
+                f"Ray ran out of room on {node}: its object store was full and the disk it spills to "
+                "(under Ray's temp dir, /tmp/ray by default) is over Ray's limit (95 % full by default); "
+                "free disk there, or start that node with `ray start --object-spilling-directory=<a larger "
+                "disk>`, or raise the limit with RAY_local_fs_capacity_threshold=0.99 in the nodes' "
+                "environment; nothing committed is lost: rerun to resume"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _cause(uri: str, exc: BaseException, *, at_start: bool = False) -> tuple[str, str, bool]:
     """(cause in words, the fix, whether only the person can fix it) of a failed request."""
     text = f"{type(exc).__name__}: {exc}"

@@ -24,6 +24,10 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Ray refuses to spill its object store once the disk under /tmp is 95 % full (OutOfDiskError), a
+# share of the disk, not a size: on a big shared disk that is many GB still free. The tests' Ray
+# instances, clusters and CLI subprocesses inherit this; a disk that is really full still fails.
+os.environ.setdefault("RAY_local_fs_capacity_threshold", "0.99")
 
 from hipt_ray.slides import synthetic  # noqa: E402
 

@@ -8,7 +8,7 @@ import errno
 import pytest
 
 from hipt_ray.cli import main
-from hipt_ray.storage import disk_write_error, output_error
+from hipt_ray.storage import disk_write_error, output_error, spill_disk_error
 
 LANCE_FULL = (
     "LanceError(IO): Generic LocalFileSystem error: Unable to copy data to file: No space left on device "
@@ -117,3 +117,31 @@ def test_one_rule_for_the_local_folder_of_an_output(tmp_path, monkeypatch):
     monkeypatch.setattr("hipt_ray.storage.os.makedirs", read_only)
     with pytest.raises(OutputStoreError, match=r"^output .*/o/heads/r2: the file system is read-only"):
         local_output_dir(str(tmp_path / "o"), "heads", "r2")
+
+
+def test_ray_out_of_disk_is_one_line_naming_the_node_and_the_fixes(monkeypatch, tmp_path, capsys):
+    """Ray Data raises a read task's ``RayTaskError(OutOfDiskError)`` from a ``SystemException``;
+    the CLI turns it into one line naming the node, the limit and three fixes (exit 1)."""
+    from ray.exceptions import OutOfDiskError, RayTaskError
+
+    import hipt_ray.cli
+
+    task = RayTaskError("Map(read_region)", "Traceback …", OutOfDiskError(), pid=1, ip="192.0.2.2")
+    err = task.as_instanceof_cause()
+    line = spill_disk_error(err)
+    assert line is not None and line.startswith("Ray ran out of room on node 192.0.2.2:")
+    assert "--object-spilling-directory" in line and "RAY_local_fs_capacity_threshold" in line
+    assert spill_disk_error(ValueError("local disk")) is None
+
+    class Command:
+        def run(self, args, cfg):
+            try:
+                raise err
+            except Exception as exc:
+                raise RuntimeError("execution failed") from exc
+
+    monkeypatch.setitem(hipt_ray.cli.COMMANDS, "tile", Command())
+    monkeypatch.setattr(hipt_ray.cli, "_run", lambda command, args: command.run(args, None))
+    assert main(["tile", "--slides", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    printed = capsys.readouterr().err.strip().splitlines()
+    assert printed == [f"hipt-ray tile: {line}"]
