@@ -120,6 +120,9 @@ def run(mode: base.Mode, work: Path) -> dict:
     done = base.step("model: cosine of the two decodes, model-only rate")
     m = base.model_figures(cfg, mode, gpu_px, cpu_px, base.full_region(cpu_px, batch, mode.device))
     seconds["model"] = done()
+    done = base.step("Lanczos: GPU route vs Pillow")
+    lz = base.lanczos_figures(mode)
+    seconds["lanczos"] = done()
     seconds["total"] = round(time.perf_counter() - t_all, 1)
     failed = [s for s in slide_rows if s["status"] != "ok"]
     e2e = {
@@ -144,6 +147,7 @@ def run(mode: base.Mode, work: Path) -> dict:
         "decode": dec,
         "model": m,
         "mfu": base.mfu(mode, {"model_only": m["model_only_regions_per_s"]}),
+        "lanczos": lz,
         "seconds": seconds,
     }
     r["mfu"].update(end_to_end=NOT_MEASURED, end_to_end_steady=NOT_MEASURED)
@@ -160,7 +164,7 @@ def verdict(r: dict) -> str:
         return "no region decoded on the GPU route"
     if m["cosine_fp32_min"] < base.COSINE_MIN:
         return f"embedding cosine {m['cosine_fp32_min']} < {base.COSINE_MIN}"
-    return "ok"
+    return base.lanczos_verdict(r)
 
 
 def report(r: dict) -> list[str]:

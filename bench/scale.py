@@ -44,6 +44,10 @@ TCGA_SLIDES, TCGA_REGIONS, GPUS, CORES_PER_GPU, BUSY_TARGET = 10_678, 408_218, 1
 ISSUE_TILE_MB = {"20×": 3.1, "40×": 13.9}
 ISSUE_DECODE_S = 0.11  # the slow end of issue #28's 0.08–0.11 core-s to decode a TCGA 20× region
 GPU_RESULTS = "gpu_h100_2026-11-26.json"
+# TCGA's scans are rarely at 0.5 or 0.25 µm/px exactly (Aperio's 20× is ≈ 0.504, its 40× ≈ 0.2527):
+# a region at exactly 0.5 µm/px is then a Lanczos resize of a 4063² or 8105² read box, which
+# costs the CPU route more than the decode itself (measured here beside the exact ratios).
+TCGA_MPP = {"20× at 0.504 µm/px": 0.504, "40× at 0.2527 µm/px": 0.2527}
 
 
 def make_slides(n: int, region_px: int) -> Path:
@@ -208,15 +212,16 @@ def measure_regions(px: int) -> dict:
     read at 20× as the job reads it): its compressed tile bytes (what the compressed route moves),
     the seconds one core takes to read and decode it exactly (today's reader), with DCT-scaled
     decoding at 40×, and to fetch its compressed bytes only (the reader's part when the GPU
-    decodes). Each time the best of 3."""
+    decodes); and the same at TCGA's usual 0.504 and 0.2527 µm/px (:data:`TCGA_MPP`: a Lanczos
+    resize on top). Each time the best of 3."""
     from hipt_ray.slides import synthetic
     from hipt_ray.slides.reader import Slide
     from hipt_ray.slides.tiles import open_tiled
 
     WORK.mkdir(parents=True, exist_ok=True)
     out = {}
-    for mag, mpp in (("20×", 0.5), ("40×", 0.25)):
-        path = WORK / f"measure-{mag[:2]}x-{px}.tiff"
+    for mag, mpp in (("20×", 0.5), ("40×", 0.25), *TCGA_MPP.items()):
+        path = WORK / f"measure-{mpp}-{px}.tiff"
         if not path.exists():
             synthetic.make_slide(path, width_um=px * 0.5, height_um=px * 0.5, mpp=mpp, seed=7)
         for scaled in (False, True) if mag == "40×" else (False,):
@@ -272,7 +277,7 @@ def _per_region(regions: dict, key: str, field: str) -> float:
 
 
 def _decode_lines(regions: dict, R: float) -> None:
-    for key in ("20×", "40×", "40× DCT-scaled"):
+    for key in ("20×", "40×", "40× DCT-scaled", *TCGA_MPP):
         d = _per_region(regions, key, "decode_s")
         print(
             f"decode on CPUs ({key}): {d:.3f} core-s a region → {TCGA_REGIONS * d / 3600:,.0f} core-hours; "
@@ -324,7 +329,12 @@ def _target_lines(regions: dict, R: float, drv_rate: float, gpu_decode_ms: float
 
     cores = CORES_PER_GPU - EmbedConfig().actor_cpus  # the model actor holds embed.actor_cpus of them
     d, f = _per_region(regions, "20×", "decode_s"), _per_region(regions, "20×", "fetch_s")
-    for name, per in (("synthetic, measured", d), (f"TCGA, issue #28's {ISSUE_DECODE_S} core-s", ISSUE_DECODE_S)):
+    lz = _per_region(regions, "20× at 0.504 µm/px", "decode_s")
+    for name, per in (
+        ("synthetic, measured", d),
+        (f"TCGA, issue #28's {ISSUE_DECODE_S} core-s", ISSUE_DECODE_S),
+        ("synthetic at 0.504 µm/px, Lanczos, measured", lz),
+    ):
         cpu_route = min(R, cores / per, drv_rate / GPUS)
         print(
             f"target, CPU decode at 20× ({name}): {cores:g} cores a GPU decode {cores / per:.1f} regions/s against "
@@ -336,7 +346,8 @@ def _target_lines(regions: dict, R: float, drv_rate: float, gpu_decode_ms: float
         print(
             f"target, GPU decode at 20×: readers need {R * f:.3f} cores a GPU; GPUs stay ≥ {BUSY_TARGET:.0%} busy "
             f"on the model if the GPU decodes a region in ≤ {most_ms:.1f} ms — not measured here (no GPU): "
-            "pass --gpu-decode-ms from bench/gpu_check.sh"
+            "pass --gpu-decode-ms from bench/gpu_check.sh (its decode line, plus its Lanczos line for "
+            "slides not at 0.5 µm/px: the GPU route resizes on the GPU)"
         )
         return
     gpu_route = min(1 / (1 / R + gpu_decode_ms / 1e3), cores / f, drv_rate / GPUS)

@@ -10,7 +10,9 @@ the model actor decodes them here, so compressed bytes, not pixels, cross the ne
 - **GPU** (``gpu``, or ``auto`` on a GPU actor): every tile of the batch in one batched
   ``torchvision.io.decode_jpeg(…, device="cuda")`` call (nvJPEG), the shared JPEG tables put in
   front of each abbreviated tile, the canvas assembled and reduced on the GPU. nvJPEG decodes
-  YCbCr JPEG to RGB as libjpeg-turbo does, up to rounding in its IDCT and chroma upsampling. A
+  YCbCr JPEG to RGB as libjpeg-turbo does, up to rounding in its IDCT and chroma upsampling; a
+  read box that is not the region's size is resampled there too, as the CPU does (integer reduce,
+  or Pillow's Lanczos in :mod:`hipt_ray.embed.lanczos`: most TCGA slides need it). A
   region the GPU cannot decode as the CPU does goes to the CPU threads instead and is counted
   (``gpu→cpu``): a decode call that raises, or a slide level whose first tile's GPU colours
   differ from the CPU's (checked once per slide and level: Aperio stores RGB components without
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from hipt_ray.embed import lanczos
 from hipt_ray.slides.packed import COLUMNS, PackedRegion, TileError, decode_region, jpeg_stream, region_error
 
 log = logging.getLogger(__name__)
@@ -214,7 +217,8 @@ def _each(region: PackedRegion, device: torch.device) -> list[torch.Tensor] | No
 
 def _assemble(region: PackedRegion, tiles: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The region from its decoded ``[3, h, w]`` tiles: placed on a white canvas, then resampled
-    as the CPU does (integer reduce on the device with PIL's rounding; Lanczos through PIL)."""
+    as the CPU does, on the device: the integer reduce with PIL's rounding, Lanczos with PIL's
+    coefficients and fixed-point sums (:mod:`hipt_ray.embed.lanczos`)."""
     t = region.tiles
     w, h = t.canvas
     canvas = torch.full((h, w, 3), 255, dtype=torch.uint8, device=tiles[0].device if tiles else device)
@@ -225,12 +229,8 @@ def _assemble(region: PackedRegion, tiles: list[torch.Tensor], device: torch.dev
         f = region.factor
         s = canvas[: h - h % f, : w - w % f].reshape(h // f, f, w // f, f, 3).sum((1, 3), dtype=torch.int32)
         canvas = ((s + f * f // 2) // (f * f)).to(torch.uint8)
-    elif region.resample == "lanczos":
-        from hipt_ray.slides.packed import resample
-
-        canvas = torch.from_numpy(
-            np.array(resample(canvas.cpu().numpy(), "lanczos", 1, region.size))
-        )  # PIL's array is read-only
+    elif region.resample == "lanczos":  # Pillow's arithmetic, on the canvas's device
+        canvas = lanczos.resize(canvas, region.size)
     return canvas.to(device)
 
 

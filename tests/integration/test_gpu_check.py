@@ -61,6 +61,7 @@ def test_cpu_mode_embeds_every_region_and_reports_each_figure(cpu_check):
     m = r["model"]
     assert m["cosine_fp32_min"] >= 0.9999 and m["cosine_job_min"] >= 0.9999 and m["model_only_regions_per_s"] > 0
     assert "model_only" not in r["mfu"] and r["mfu"]["gpu"] is None
+    assert all(z["max_abs_diff"] == 0 for z in r["lanczos"]["resizes"]) and len(r["lanczos"]["resizes"]) == 2
     for text in ("model-only:", "end-to-end (the embed job)", "transfer:", "embedding cosine", "MFU: not printed"):
         assert text in stdout, stdout[-3000:]
 

@@ -59,6 +59,13 @@ def test_the_small_mode_prints_the_tcga_projection_from_measured_rates(tmp_path)
     cores = _number(r"decode on CPUs \(20×\): [\d.]+ core-s a region → [\d,]+ core-hours; ([\d.]+) cores a GPU", out)
     assert cores == pytest.approx(rate * per_region, abs=0.1)
     targets = re.findall(r"target, CPU decode at 20× \((.+?)\): .*?→ GPUs (\d+)% busy: (holds|does not hold)", out)
-    assert [t[0] for t in targets] == ["synthetic, measured", "TCGA, issue #28's 0.11 core-s"], out
+    assert [t[0] for t in targets] == [
+        "synthetic, measured",
+        "TCGA, issue #28's 0.11 core-s",
+        "synthetic at 0.504 µm/px, Lanczos, measured",
+    ], out
+    lanczos = _number(r"decode on CPUs \(20× at 0.504 µm/px\): ([\d.]+) core-s a region", out)
+    assert lanczos > per_region  # the same decode plus a Lanczos resize
+    assert _number(r"decode on CPUs \(40× at 0.2527 µm/px\): ([\d.]+) core-s a region", out) > 0
     assert all((int(busy) >= 80) == (says == "holds") for _, busy, says in targets), targets
     assert "target, GPU decode at 20×" in out and "not measured here" in out

@@ -70,7 +70,11 @@ def test_no_ray_figures_on_real_packed_regions(no_ray_check):
     assert d["pixels_max_abs_diff"] == 0  # torchvision's CPU decoder and the tile decoder: both libjpeg-turbo
     assert m["cosine_fp32_min"] >= 0.9999 and m["cosine_job_min"] >= 0.9999 and m["model_only_regions_per_s"] > 0
     assert r["mfu"]["end_to_end"] == "not measured in --no-ray mode" and "model_only" not in r["mfu"]
-    for text in ("model-only:", "end-to-end: not measured in --no-ray mode", "a packed region row", "cosine"):
+    lz = r["lanczos"]["resizes"]  # TCGA's 40× and 20× boxes, a quarter size: Pillow's pixels exactly
+    assert [(z["box"], z["region_px"]) for z in lz] == [(2026, 1024), (1016, 1024)]
+    assert all(z["max_abs_diff"] == 0 and z["device_ms"] > 0 and z["pil_cpu_ms"] > 0 for z in lz), lz
+    texts = ("model-only:", "end-to-end: not measured in --no-ray mode", "a packed region row", "cosine", "Lanczos")
+    for text in texts:
         assert text in proc.stdout, proc.stdout[-3000:]
 
 
@@ -87,3 +91,6 @@ def test_no_ray_report_prints_model_only_mfu_of_a_named_gpu(no_ray_check, monkey
     lines = noray.report({**r, "mfu": u})
     assert "MFU model-only: 23.4 %; end-to-end: not measured in --no-ray mode" in lines, lines
     assert noray.verdict({**r, "model": {**r["model"], "cosine_fp32_min": 0.99}}).startswith("embedding cosine 0.99")
+    lz = r["lanczos"]["resizes"]
+    bad = {**r, "lanczos": {"device": "cpu", "resizes": [{**lz[0], "max_abs_diff": 3}]}}
+    assert noray.verdict(bad).startswith("Lanczos pixels differ from Pillow's")
