@@ -151,6 +151,14 @@ class TilingConfig(_Section):
     patch_px: int = Field(default=256, ge=16, le=4096)
     overlap: float = Field(default=0.0, ge=0.0, lt=1.0)
     min_tissue_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+    mpp_tolerance: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=0.05,
+        description="Read a slide whose MPP is within this share of mpp (or of mpp/2, mpp/3 …) as exactly that: at "
+        "0.02, 0.504 µm/px is read as 0.5 (whole) and 0.2527 as 0.25 (reduced by 2), with no Lanczos resize, as HIPT "
+        "read TCGA's 20× levels. 0 (default): every region is exactly mpp µm/px.",
+    )
     mpp_range: tuple[float, float] = Field(
         default=(0.1, 2.0),
         description="A slide MPP outside this range is an error (a broken tag), never a guess.",
@@ -590,6 +598,8 @@ class Config(_Section):
         }
         spec["tiling"].pop("mpp_overrides")  # per-slide facts, not part of the grid rule
         spec["tiling"].pop("max_regions_per_slide")  # a guard: it fails a slide, never changes a grid
+        if not spec["tiling"]["mpp_tolerance"]:  # 0 leaves earlier hashes as they were
+            spec["tiling"].pop("mpp_tolerance")
         if self.reader.scaled_decode:  # other pixels: kept apart (off leaves earlier hashes as they were)
             spec["scaled_decode"] = True
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]

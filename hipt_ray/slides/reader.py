@@ -127,6 +127,15 @@ def resolve_mpp(
     return info
 
 
+def snapped_mpp(mpp: float, target: float, tolerance: float) -> float:
+    """``target / n`` when ``mpp`` is within the relative ``tolerance`` of it for a whole ``n ≥ 1``
+    (level-0 pixels per target pixel), else ``mpp`` unchanged."""
+    n = round(target / mpp)
+    if tolerance > 0 and n >= 1 and abs(mpp * n / target - 1) <= tolerance:
+        return target / n
+    return mpp
+
+
 class Slide:
     """An open slide with its resolved MPP. Use as a context manager."""
 
@@ -140,12 +149,17 @@ class Slide:
         slide_id: str | None = None,
         source: TileSource | None = None,
         scaled_decode: bool = False,
+        snap: tuple[float, float] | None = None,
     ) -> None:
         """``source``: an open pixel source with OpenSlide's interface (the tile backend,
         :class:`hipt_ray.slides.tiles.TileSource`); ``None`` opens ``path`` with OpenSlide.
         ``scaled_decode``: a region read from a level 2, 4 or 8 times finer than wanted is
         decoded at the wanted size in the DCT domain where the source can (JPEG tiles through
-        the tile backend) instead of decoded whole and box-averaged: faster, not identical."""
+        the tile backend) instead of decoded whole and box-averaged: faster, not identical.
+        ``snap``: ``(target µm/px, tolerance)`` (``tiling.mpp`` and ``tiling.mpp_tolerance``): an
+        MPP within ``tolerance`` of the target times 1/n for a whole n (0.504 for 0.5, n = 1;
+        0.2527, n = 2) is read as exactly that (:meth:`mpp`), so regions are read whole or
+        reduced by n instead of Lanczos-resampled; :attr:`measured_mpp` keeps the slide's own."""
         self.path = path
         self.name = name or os.path.basename(path)
         self.scaled_decode = scaled_decode and source is not None
@@ -169,6 +183,7 @@ class Slide:
             name=self.name,
             slide_id=slide_id,
         )
+        self._mpp = snapped_mpp(self.mpp_info.mpp, *snap) if snap else self.mpp_info.mpp
 
     def __enter__(self) -> Slide:
         return self
@@ -181,6 +196,12 @@ class Slide:
 
     @property
     def mpp(self) -> float:
+        """The MPP the slide is read at: its own, or the snapped one (see ``snap``)."""
+        return self._mpp
+
+    @property
+    def measured_mpp(self) -> float:
+        """The slide's own MPP (its tags, objective power or override), before any snapping."""
         return self.mpp_info.mpp
 
     @property
@@ -321,7 +342,13 @@ def open_slide(ref: SlideRef, cfg, *, cache: StagingCache) -> tuple[Slide, Objec
 
 def _open(ref: SlideRef, cfg, cache: StagingCache) -> tuple[Slide, ObjectInfo]:
     s, uri = cfg.storage, ref.uri
-    kwargs = dict(name=uri, mpp_override=ref.mpp_override, mpp_range=cfg.tiling.mpp_range, slide_id=ref.slide_id)
+    kwargs = dict(
+        name=uri,
+        mpp_override=ref.mpp_override,
+        mpp_range=cfg.tiling.mpp_range,
+        slide_id=ref.slide_id,
+        snap=(cfg.tiling.mpp, cfg.tiling.mpp_tolerance),
+    )
     if series_folder(uri) is not None:
         return _open_dicom(uri, cfg, kwargs)
     if cfg.reader.backend != "openslide":

@@ -142,7 +142,7 @@ def tile_slide(spec: SlideSpec | SlideRef, cfg: Config, *, cache: StagingCache, 
             row.update(
                 backend=slide.backend,
                 vendor=slide.vendor,
-                mpp=slide.mpp,
+                mpp=slide.measured_mpp,  # its own: a reopened slide snaps it again the same way
                 mpp_source=slide.mpp_info.source,
                 width=slide.dimensions[0],
                 height=slide.dimensions[1],
@@ -162,7 +162,8 @@ def tile_slide(spec: SlideSpec | SlideRef, cfg: Config, *, cache: StagingCache, 
                     grid,
                     slide.mpp,
                     max_px=cfg.qc.thumb_px,
-                    title=f"{ref.slide_id}  {len(grid)} regions  mpp {slide.mpp:g}",
+                    title=f"{ref.slide_id}  {len(grid)} regions  mpp {slide.measured_mpp:g}"
+                    + (f" read as {slide.mpp:g}" if slide.mpp != slide.measured_mpp else ""),
                 )
                 _write_bytes(qc_uri, png, cfg.storage.s3_endpoint_url)
                 row["qc_uri"] = qc_uri
