@@ -67,5 +67,7 @@ def test_the_small_mode_prints_the_tcga_projection_from_measured_rates(tmp_path)
     lanczos = _number(r"decode on CPUs \(20× at 0.504 µm/px\): ([\d.]+) core-s a region", out)
     assert lanczos > per_region  # the same decode plus a Lanczos resize
     assert _number(r"decode on CPUs \(40× at 0.2527 µm/px\): ([\d.]+) core-s a region", out) > 0
+    tolerant = _number(r"decode on CPUs \(20× at 0.504 µm/px, tiling.mpp_tolerance=0.02\): ([\d.]+) core-s", out)
+    assert tolerant < lanczos  # read whole: no resize
     assert all((int(busy) >= 80) == (says == "holds") for _, busy, says in targets), targets
     assert "target, GPU decode at 20×" in out and "not measured here" in out
