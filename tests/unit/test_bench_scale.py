@@ -63,6 +63,7 @@ def test_the_small_mode_prints_the_tcga_projection_from_measured_rates(tmp_path)
         "synthetic, measured",
         "TCGA, issue #28's 0.11 core-s",
         "synthetic at 0.504 µm/px, Lanczos, measured",
+        "synthetic at 0.504 µm/px, tiling.mpp_tolerance=0.02, measured",
     ], out
     lanczos = _number(r"decode on CPUs \(20× at 0.504 µm/px\): ([\d.]+) core-s a region", out)
     assert lanczos > per_region  # the same decode plus a Lanczos resize
