@@ -293,6 +293,7 @@ class DicomSlide(TileSource):
             None,
             decoder.jpeg,
             codec=decoder,
+            items=index.items,
         )  # the frame decoder pickles: regions travel to the model as their compressed frames
         return level, index.method
 

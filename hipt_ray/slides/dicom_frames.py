@@ -10,7 +10,8 @@ frame's offset and length before it reads any pixels, and finds them, cheapest f
    file's tail;
 2. the Extended Offset Table (7FE0,0001/0002), in the header already read;
 3. the Basic Offset Table (the first item of PixelData, read with the header), plus the last
-   frame's item header (one 8-byte read);
+   frame's item headers up to the sequence delimiter (two 8-byte reads for a frame in one
+   fragment); a frame may span several fragments here, which packing joins;
 4. else a walk over every item header: the slow path, one sequential read of the whole
    PixelData (requests ≈ object size / 8 MiB, bytes ≈ object size).
 
@@ -48,10 +49,13 @@ class FrameIndexError(RuntimeError):
 @dataclass(frozen=True)
 class FrameIndex:
     offsets: np.ndarray  # int64, where each frame's data starts in the file
-    # int64, its length in bytes: an item's (basic, walk; extended as pydicom writes it) includes
-    # the even-length pad byte, which packing drops (hipt_ray.slides.packed.unpadded)
+    # int64, its length in bytes: an item's (walk; extended as pydicom writes it) includes the
+    # even-length pad byte, which packing drops (hipt_ray.slides.packed.unpadded)
     counts: np.ndarray
     method: str  # "tiff" | "extended" | "basic" | "walk"
+    # "basic": each span is the frame's run of items, headers included (a frame may be split over
+    # several fragments; packing joins them: hipt_ray.slides.packed.join_items)
+    items: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,15 +176,22 @@ def from_extended(eot: bytes, lengths: bytes, first_item: int) -> FrameIndex:
 
 
 def from_basic(bot: bytes, first_item: int, read: Reader, size: int, name: str) -> FrameIndex:
-    """Basic Offset Table: where each frame's first item starts; lengths from the next start, the
-    last one from its item header."""
+    """Basic Offset Table: where each frame's first item starts. A frame is the run of items up
+    to the next frame's (one fragment or several: the spans keep the item headers, and packing
+    joins the fragments); the last frame's run ends at the sequence delimiter, found by reading
+    its item headers (two 8-byte reads for a frame in one fragment)."""
     starts = np.frombuffer(bot, "<u4").astype(np.int64) + first_item
-    header = read(int(starts[-1]), 8)
-    tag, length = struct.unpack("<II", header) if len(header) == 8 else (0, 0)
-    if tag != ITEM:
-        raise FrameIndexError(f"{name}: its Basic Offset Table points to no item for the last frame (at {starts[-1]})")
-    counts = np.append(np.diff(starts) - 8, length)
-    return FrameIndex(starts + 8, counts, "basic")
+    pos = int(starts[-1])
+    while True:
+        header = read(pos, 8)
+        tag, length = struct.unpack("<II", header) if len(header) == 8 else (0, 0)
+        if tag == SEQUENCE_END and pos > starts[-1]:
+            break
+        if tag != ITEM:
+            what = "no item for the last frame" if pos == starts[-1] else "no item or delimiter after the last frame's"
+            raise FrameIndexError(f"{name}: its Basic Offset Table points to {what} (at byte {pos})")
+        pos += 8 + length
+    return FrameIndex(starts, np.append(np.diff(starts), pos - starts[-1]), "basic", items=True)
 
 
 def walk(first_item: int, read: Reader, size: int, name: str) -> FrameIndex:
@@ -228,4 +239,4 @@ def locate(
                 f"{name}: {len(index.offsets)} fragments for {geometry.n_frames} frames and no offset "
                 "table to tell the frames apart (frames split over several fragments are not read)"
             )
-    return _check(index, geometry, size, first_item + 8, name)
+    return _check(index, geometry, size, first_item + (0 if index.items else 8), name)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +78,25 @@ def unpadded(tile: bytes) -> bytes:
     marker (JPEG's EOI and JPEG 2000's EOC are both ``FF D9``; neither codestream can hold
     ``FF D9`` before its end): nvJPEG may reject bytes after EOI, libjpeg-turbo ignores them."""
     return tile[:-1] if tile.endswith(b"\xff\xd9\x00") else tile
+
+
+_ITEM = b"\xfe\xff\x00\xe0"  # DICOM's item tag (FFFE,E000), little endian
+
+
+def join_items(run: bytes) -> bytes | None:
+    """The fragments of a run of DICOM items (each an 8-byte header: the item tag, a <u4 length,
+    then that many bytes) joined: one frame's data when it spans several fragments. ``None``
+    when the run is not whole items (a broken file)."""
+    parts, pos = [], 0
+    while pos < len(run):
+        if run[pos : pos + 4] != _ITEM or pos + 8 > len(run):
+            return None
+        (n,) = struct.unpack_from("<I", run, pos + 4)
+        if pos + 8 + n > len(run):
+            return None
+        parts.append(run[pos + 8 : pos + 8 + n])
+        pos += 8 + n
+    return b"".join(parts)
 
 
 def jpeg_stream(tile: bytes, tables: bytes | None) -> bytes:

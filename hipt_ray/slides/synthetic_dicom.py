@@ -207,9 +207,11 @@ def write_instance(
     resampled: bool = False,
     offset_table: OffsetTable = "none",
     tiff: bool = False,
+    fragments: int = 1,
 ) -> Path:
     """Write one level as a VL Whole Slide Microscopy instance (TILED_FULL); ``resampled``: a
-    level made from the full-resolution one (ImageType …\\RESAMPLED, as IDC's levels > 0)."""
+    level made from the full-resolution one (ImageType …\\RESAMPLED, as IDC's levels > 0);
+    ``fragments``: items each frame is split over (allowed with a Basic Offset Table or none)."""
     path = Path(path)
     ds = _dataset(level, mpp=mpp, objective=objective, uids=uids, flavor=flavor, resampled=resampled)
     if offset_table == "extended":
@@ -217,7 +219,7 @@ def write_instance(
         ds.PixelData = pixels
         ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = eot, lengths
     else:
-        ds.PixelData = encapsulate(level.frames, has_bot=offset_table == "basic")
+        ds.PixelData = encapsulate(level.frames, fragments_per_frame=fragments, has_bot=offset_table == "basic")
     ds["PixelData"].VR = "OB"
     ds.save_as(path, enforce_file_format=True)
     if tiff:
@@ -235,6 +237,7 @@ def write_series(
     tiff: bool = False,
     thumbnail: bool = True,
     series_uid: str | None = None,
+    fragments: int = 1,
 ) -> list[Path]:
     """Write ``levels`` as one series in ``folder`` (``level-<i>.dcm``), plus a THUMBNAIL
     instance (the smallest level again, which a reader must keep out of the pyramid)."""
@@ -255,6 +258,7 @@ def write_series(
                 resampled=i > 0,
                 offset_table=offset_table,
                 tiff=tiff,
+                fragments=fragments,
             )
         )
     if thumbnail:
@@ -281,6 +285,7 @@ def write_dicom_twin(
     offset_table: OffsetTable = "none",
     tiff: bool = False,
     objective: float | None = None,
+    fragments: int = 1,
 ) -> list[Path]:
     """The synthetic TIFF at ``tiff_path`` written again as a DICOM series in ``folder``."""
     return write_series(
@@ -290,4 +295,5 @@ def write_dicom_twin(
         objective=objective,
         offset_table=offset_table,
         tiff=tiff,
+        fragments=fragments,
     )

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from hipt_ray.slides.packed import PackedTiles, TileCodec, TileError, jpeg_stream, unpadded
+from hipt_ray.slides.packed import PackedTiles, TileCodec, TileError, join_items, jpeg_stream, unpadded
 from hipt_ray.storage import filesystem, is_remote, local_path, with_retries
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,20 @@ class Level:
     # how tiles decode as plain data (packed regions carry it to the model); None: only
     # ``decode`` can, so regions of this level are decoded by the read tasks
     codec: Callable[..., Any] | None = None  # picklable, with decode's signature (e.g. TileCodec)
+    # each tile's span is a run of DICOM items, headers included (a frame a Basic Offset Table
+    # locates may be split over several fragments), joined by :meth:`codestream`
+    items: bool = False
 
     @property
     def cols(self) -> int:
         return -(-self.width // self.tile_w)
+
+    def codestream(self, data: bytes) -> bytes | None:
+        """A tile's bytes as fetched → its codestream alone: DICOM items joined where the level's
+        spans are runs of items, the byte that pads an item to even length dropped; ``None`` when
+        the items are broken."""
+        joined = join_items(data) if self.items else data
+        return None if joined is None else unpadded(joined)
 
 
 def _properties(tif, page) -> dict[str, str]:
@@ -223,7 +233,10 @@ class TileSource:
         i = next((i for i, n in enumerate(lv.counts) if n > 0 and lv.offsets[i] > 0), None)
         if i is None:
             return False
-        (data,) = self._fetch([(int(lv.offsets[i]), int(lv.counts[i]))])
+        (raw,) = self._fetch([(int(lv.offsets[i]), int(lv.counts[i]))])
+        data = lv.codestream(raw)
+        if data is None:
+            return False  # the exact path reports the broken tile in its own words
         try:
             exact = np.asarray(lv.decode(data, i, jpegtables=lv.jpegtables)[0]).reshape(lv.tile_h, lv.tile_w, -1)
             ours = simplejpeg.decode_jpeg(jpeg_stream(data, lv.jpegtables), colorspace="RGB")
@@ -280,7 +293,12 @@ class TileSource:
                     f"{self.uri}: tile ({c}, {r}) of level {level} is cut short ({len(data)} of "
                     f"{lv.counts[i]} bytes): the file is corrupt or truncated"
                 )
-            data = unpadded(data)  # what travels and decodes is the codestream alone
+            data = lv.codestream(data)  # what travels and decodes is the codestream alone
+            if data is None:
+                raise TileError(
+                    f"{self.uri}: tile ({c}, {r}) of level {level} is not a run of whole DICOM items "
+                    "where its offset table points: the file is corrupt"
+                )
             tx, ty = c * tile_w, r * tile_h
             # the part of this tile inside both the image and the requested box
             ax0, ay0, ax1, ay1 = max(tx, x0), max(ty, y0), min(tx + tile_w, x1), min(ty + tile_h, y1)

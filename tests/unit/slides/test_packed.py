@@ -103,3 +103,19 @@ def test_another_containers_picklable_decoder_travels_with_the_region(slide_set)
     with Slide(path, source=source) as slide:
         assert slide.pack_region((256, 256), (1024, 512), 0.5) is None
         assert np.array_equal(slide.read_region((256, 256), (1024, 512), 0.5)[0], want)
+
+
+def test_dicom_items_are_joined_and_a_broken_run_is_refused():
+    """A frame a Basic Offset Table locates is its run of items; a run that is not whole items
+    (a wrong table, a truncated file) is refused, and the tile read names the file as corrupt."""
+    import struct
+
+    from hipt_ray.slides.packed import join_items
+
+    def item(b: bytes) -> bytes:
+        return b"\xfe\xff\x00\xe0" + struct.pack("<I", len(b)) + b
+
+    assert join_items(item(b"\xff\xd8ab") + item(b"cd\xff\xd9")) == b"\xff\xd8abcd\xff\xd9"
+    assert join_items(b"") == b""
+    assert join_items(item(b"abcd")[:-1]) is None  # cut short
+    assert join_items(b"\xff\xd8" + item(b"ab")) is None  # not an item header where one must be
