@@ -293,8 +293,8 @@ class TileSource:
                     f"{self.uri}: tile ({c}, {r}) of level {level} is cut short ({len(data)} of "
                     f"{lv.counts[i]} bytes): the file is corrupt or truncated"
                 )
-            data = lv.codestream(data)  # what travels and decodes is the codestream alone
-            if data is None:
+            stream = lv.codestream(data)  # what travels and decodes is the codestream alone
+            if stream is None:
                 raise TileError(
                     f"{self.uri}: tile ({c}, {r}) of level {level} is not a run of whole DICOM items "
                     "where its offset table points: the file is corrupt"
@@ -302,9 +302,9 @@ class TileSource:
             tx, ty = c * tile_w, r * tile_h
             # the part of this tile inside both the image and the requested box
             ax0, ay0, ax1, ay1 = max(tx, x0), max(ty, y0), min(tx + tile_w, x1), min(ty + tile_h, y1)
-            layout[k] = (start, len(data), c, r, ay0 - y, ay1 - y, ax0 - x, ax1 - x, ay0 - ty, ax0 - tx)
-            blobs.append(data)
-            start += len(data)
+            layout[k] = (start, len(stream), c, r, ay0 - y, ay1 - y, ax0 - x, ax1 - x, ay0 - ty, ax0 - tx)
+            blobs.append(stream)
+            start += len(stream)
         return PackedTiles(
             uri=self.uri, level=level, canvas=(w, h), tile=(lv.tile_w, lv.tile_h), scale=scale,
             codec=lv.codec, tables=lv.jpegtables or b"", data=b"".join(blobs), layout=layout,
