@@ -416,10 +416,11 @@ COMMANDS = {
 def _run(command: Command, args: argparse.Namespace) -> int:
     cfg = command.config(args)
     if cfg is not None:  # before Ray starts: its workers inherit these through the environment
-        from hipt_ray.storage import set_anonymous_buckets, set_retry_budget
+        from hipt_ray.storage import set_anonymous_buckets, set_bucket_endpoints, set_retry_budget
 
         set_retry_budget(cfg.storage.retries, cfg.storage.retry_seconds)
         set_anonymous_buckets(cfg.storage.anonymous_buckets)
+        set_bucket_endpoints(cfg.storage.bucket_endpoints)
     result = command.run(args, cfg)
     for line in result.lines():
         print(line)

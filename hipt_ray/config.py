@@ -113,6 +113,12 @@ class StorageConfig(_Section):
         description="Buckets read without credentials (unsigned requests): public data such as the Imaging Data "
         "Commons' idc-open-data. Also read by Ray workers as HIPT_RAY_ANONYMOUS_BUCKETS (comma-separated).",
     )
+    bucket_endpoints: dict[str, str] = Field(
+        default_factory=dict,
+        description="The S3 endpoint of a bucket that is not at s3_endpoint_url: {bucket: http(s)://host:port}, or "
+        "{bucket: aws} for AWS's own (e.g. {idc-open-data: aws} while the output is on MinIO). Over s3_endpoint_url "
+        "and AWS_ENDPOINT_URL; also read by Ray workers as HIPT_RAY_BUCKET_ENDPOINTS (JSON).",
+    )
     lease_seconds: float = Field(
         default=120.0,
         ge=10.0,
@@ -125,6 +131,18 @@ class StorageConfig(_Section):
         ge=0.0,
         description="Table versions older than this are deleted after each embed run (time travel within it).",
     )
+
+    @field_validator("bucket_endpoints")
+    @classmethod
+    def _endpoints(cls, v: dict[str, str]) -> dict[str, str]:
+        cls._bucket_names(list(v))
+        for name, url in v.items():
+            if url != "aws" and not re.fullmatch(r"https?://[^\s/]+/?", url):
+                raise ValueError(
+                    f"bucket_endpoints[{name!r}] = {url!r} is not an endpoint: give http(s)://host[:port], or aws "
+                    "for AWS's own S3"
+                )
+        return v
 
     @field_validator("anonymous_buckets")
     @classmethod

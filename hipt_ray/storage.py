@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
@@ -62,6 +63,27 @@ def bucket_of(uri: str) -> str:
     return uri[len("s3://") :].split("/", 1)[0] if uri.startswith("s3://") else ""
 
 
+# Endpoints per bucket: storage.bucket_endpoints, passed to Ray workers the same way (JSON).
+BUCKET_ENDPOINTS_ENV = "HIPT_RAY_BUCKET_ENDPOINTS"
+# "aws" in storage.bucket_endpoints: AWS's own S3 endpoint, whatever s3_endpoint_url or
+# AWS_ENDPOINT_URL say (botocore reads that variable too, so it is named, not left unset).
+AWS_S3_ENDPOINT = "https://s3.amazonaws.com"
+
+
+def set_bucket_endpoints(endpoints: dict[str, str]) -> None:
+    """Send the requests for each bucket of ``endpoints`` to its endpoint, here and in the Ray
+    workers started after this call."""
+    os.environ[BUCKET_ENDPOINTS_ENV] = json.dumps(endpoints, sort_keys=True)
+
+
+def bucket_endpoint(uri: str) -> str | None:
+    """The endpoint storage.bucket_endpoints names for ``uri``'s bucket (``aws``: AWS's own), or
+    ``None`` when it names none."""
+    text = os.environ.get(BUCKET_ENDPOINTS_ENV)
+    mapped = json.loads(text).get(bucket_of(uri)) if text else None
+    return AWS_S3_ENDPOINT if mapped == "aws" else mapped
+
+
 def is_anonymous(uri: str) -> bool:
     """Whether ``uri`` is in a bucket read without credentials (storage.anonymous_buckets)."""
     return bucket_of(uri) in anonymous_buckets()
@@ -73,7 +95,12 @@ def storage_options(uri: str, endpoint_url: str | None = None) -> dict[str, Any]
     needs no credentials, and credentials meant for the output are not sent to it."""
     if not uri.startswith("s3://"):
         return {}
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = (
+        bucket_endpoint(uri)
+        or endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
     options: dict[str, Any] = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
     if is_anonymous(uri):
         options["anon"] = True
@@ -115,12 +142,11 @@ def describe_error(uri: str, exc: BaseException) -> str:
     """A message a person can act on for a failed object access."""
     text = f"{type(exc).__name__}: {exc}"
     low = text.lower()
+    no_bucket = "nosuchbucket" in low or "bucket does not exist" in low
+    if no_bucket:
+        return f"{uri}: the bucket does not exist at {_endpoint_in_words(uri)}; " + _bucket_hint(uri)
     if isinstance(exc, FileNotFoundError) or "nosuchkey" in low or "not found" in low:
-        if "nosuchbucket" in low or "bucket does not exist" in low:
-            return f"{uri}: the bucket does not exist; check the URI and AWS_ENDPOINT_URL"
         return f"{uri}: no such file or object; check the path or S3 key"
-    if "nosuchbucket" in low:
-        return f"{uri}: the bucket does not exist; check the URI and AWS_ENDPOINT_URL"
     if isinstance(exc, PermissionError) or any(
         s in low for s in ("accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden")
     ):
@@ -136,6 +162,22 @@ def describe_error(uri: str, exc: BaseException) -> str:
             "is throttling or unavailable; rerun later to retry this slide (finished slides are kept)"
         )
     return f"{uri}: {text}"
+
+
+def _endpoint_in_words(uri: str) -> str:
+    endpoint = storage_options(uri).get("client_kwargs", {}).get("endpoint_url")
+    return f"the endpoint {endpoint}" if endpoint else "AWS"
+
+
+def _bucket_hint(uri: str) -> str:
+    """What to check for a bucket the endpoint does not have: the name, or — when another endpoint
+    than AWS's answered (a MinIO holding the output) — the bucket's own endpoint."""
+    if bucket_endpoint(uri) is None and storage_options(uri).get("client_kwargs"):
+        return (
+            f"check the URI; if {bucket_of(uri)} lives elsewhere (on AWS, as public data such as "
+            f"idc-open-data does), name its endpoint: storage.bucket_endpoints={{{bucket_of(uri)}: aws}}"
+        )
+    return "check the URI and storage.bucket_endpoints / AWS_ENDPOINT_URL"
 
 
 class OutputStoreError(StorageError):

@@ -145,3 +145,24 @@ def test_ray_out_of_disk_is_one_line_naming_the_node_and_the_fixes(monkeypatch, 
     assert main(["tile", "--slides", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
     printed = capsys.readouterr().err.strip().splitlines()
     assert printed == [f"hipt-ray tile: {line}"]
+
+
+def test_bucket_endpoints_route_a_bucket_over_every_other_endpoint(monkeypatch):
+    from hipt_ray import storage
+    from hipt_ray.config import load_config
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.delenv(storage.BUCKET_ENDPOINTS_ENV, raising=False)  # what the test sets is undone after it
+    cfg = load_config(overrides=["storage.bucket_endpoints={idc-open-data: aws, far: 'http://10.0.0.5:9000'}"])
+    storage.set_bucket_endpoints(cfg.storage.bucket_endpoints)
+
+    def endpoint(uri: str, given: str | None = None) -> str | None:
+        return storage.storage_options(uri, given).get("client_kwargs", {}).get("endpoint_url")
+
+    assert endpoint("s3://idc-open-data/x/y.dcm", "http://minio:9000") == "https://s3.amazonaws.com"
+    assert endpoint("s3://far/a.svs") == "http://10.0.0.5:9000"
+    assert endpoint("s3://mine/out", "http://minio:9000") == endpoint("s3://mine/out") == "http://minio:9000"
+    assert storage.storage_options("/local/path") == {}
+    for bad, why in (("{far: 'minio:9000'}", "is not an endpoint"), ("{'s3://far': aws}", "is not a bucket name")):
+        with pytest.raises(Exception, match=why):
+            load_config(overrides=[f"storage.bucket_endpoints={bad}"])
