@@ -9,6 +9,7 @@ GCS for minutes; a live one silently runs the command on somebody else's cluster
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -20,6 +21,23 @@ def ray_address(configured: str | None = None) -> str | None:
     """The cluster to join: ``configured`` (``--address`` / ``ray.address``), else
     ``RAY_ADDRESS``, else ``None`` (a local Ray of our own)."""
     return configured or os.environ.get("RAY_ADDRESS") or None
+
+
+def worker_env_vars() -> dict[str, str]:
+    """The settings this process hands to Ray workers through their environment (storage retries,
+    anonymous buckets, bucket endpoints: :mod:`hipt_ray.storage`). A local Ray's workers inherit
+    this process's environment; a cluster's are started by their own nodes' raylets, so a driver
+    joining one passes these in its runtime environment. Inside a ``ray job submit`` job, a
+    variable the job's own runtime environment sets is left to it (Ray refuses conflicting
+    values)."""
+    from hipt_ray.storage import WORKER_ENV
+
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    injected = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if injected:
+        job = (json.loads(injected).get("runtime_env") or {}).get("env_vars") or {}
+        env = {k: v for k, v in env.items() if k not in job}
+    return env
 
 
 def start_ray(
@@ -43,7 +61,13 @@ def start_ray(
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, logging_level=logging_level, log_to_driver=verbose())
+        env = worker_env_vars()
+        ray.init(
+            address=address,
+            logging_level=logging_level,
+            log_to_driver=verbose(),
+            runtime_env={"env_vars": env} if env else None,
+        )
         return
     ray.init(
         address="local",

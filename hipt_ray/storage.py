@@ -397,6 +397,9 @@ def is_transient(exc: BaseException) -> bool:
 # CLI sets it for its process through these variables, which the Ray workers it starts inherit
 # (on a cluster started elsewhere, set them in its environment, or the defaults apply).
 RETRIES_ENV, RETRY_SECONDS_ENV = "HIPT_RAY_STORAGE_RETRIES", "HIPT_RAY_STORAGE_RETRY_SECONDS"
+# Every setting handed to Ray workers through their environment (hipt_ray.runtime passes them to
+# a cluster's workers, which do not inherit the driver's environment).
+WORKER_ENV = (RETRIES_ENV, RETRY_SECONDS_ENV, ANONYMOUS_ENV, BUCKET_ENDPOINTS_ENV)
 DEFAULT_RETRIES, DEFAULT_RETRY_SECONDS = 3, 60.0
 
 

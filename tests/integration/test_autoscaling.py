@@ -148,6 +148,39 @@ def _embed(
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+WORKER_ENV_PROBE = """
+import json, os, sys
+import ray
+from hipt_ray import storage
+from hipt_ray.runtime import start_ray
+
+storage.set_bucket_endpoints({"probe-bkt": "aws"})
+storage.set_retry_budget(7, 3.0)
+start_ray(address=sys.argv[1])
+
+
+@ray.remote(num_cpus=0)
+def env():
+    return {k: v for k, v in os.environ.items() if k.startswith("HIPT_RAY_")}
+
+
+print(json.dumps(ray.get(env.remote())))
+"""
+
+
+def test_settings_reach_workers_on_nodes_the_driver_did_not_start(cluster, tmp_path):
+    """A cluster's workers are started by their nodes' raylets, not by the driver: the settings
+    the CLI hands to workers through the environment travel in the driver's runtime env."""
+    run = subprocess.run(
+        [sys.executable, "-c", WORKER_ENV_PROBE, cluster.address],
+        capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("HIPT_RAY_")},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["HIPT_RAY_BUCKET_ENDPOINTS"] == '{"probe-bkt": "aws"}' and seen["HIPT_RAY_STORAGE_RETRIES"] == "7"
+
+
 def test_an_actor_no_node_type_can_hold_ends_the_job_before_any_work(cluster, slides, tmp_path):
     t0 = time.time()
     never = _embed(cluster, slides, tmp_path / "a", "embed.actor_resources={nowhere: 1}", "embed.use_gpu=false")

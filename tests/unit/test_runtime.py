@@ -70,3 +70,25 @@ def test_reported_node_groups_and_nodes_present():
         {"NodeID": "b", "Alive": False, "Resources": {"CPU": 2.0, "GPU": 2.0}},
     ]
     assert shape_from_nodes(nodes, source="present").most({"GPU": 1}) == 2  # the dead node is not counted
+
+
+def test_worker_settings_travel_in_the_runtime_env_unless_the_job_sets_them(monkeypatch):
+    import json
+
+    from hipt_ray import storage
+    from hipt_ray.runtime import worker_env_vars
+
+    for k in storage.WORKER_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert worker_env_vars() == {}  # nothing set: the workers' defaults are the code's
+    storage.set_bucket_endpoints({"far": "aws"})
+    storage.set_retry_budget(7, 3.0)
+    assert worker_env_vars() == {
+        storage.BUCKET_ENDPOINTS_ENV: '{"far": "aws"}',
+        storage.RETRIES_ENV: "7",
+        storage.RETRY_SECONDS_ENV: "3.0",
+    }
+    job = {"runtime_env": {"working_dir": ".", "env_vars": {storage.RETRIES_ENV: "2"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))  # a `ray job submit` driver
+    assert storage.RETRIES_ENV not in worker_env_vars() and storage.BUCKET_ENDPOINTS_ENV in worker_env_vars()
