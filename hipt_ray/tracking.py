@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import math
 import os
+import urllib.parse
 from typing import TYPE_CHECKING
 
-from hipt_ray.config import Config, HeadsConfig
+from hipt_ray.config import Config, HeadsConfig, InputError
 from hipt_ray.storage import local_output_dir
 
 if TYPE_CHECKING:  # for the annotation only: importing the cohort loads torch and Lance
@@ -20,6 +21,46 @@ def tracking_uri(cfg: Config) -> str:
         return cfg.tracking.mlflow_uri
     base = local_output_dir(cfg.out)
     return f"sqlite:///{os.path.abspath(os.path.join(base, 'mlflow.db'))}"
+
+
+def check_store_reaches_workers(cfg: Config, what: str) -> None:
+    """Refuse, before any work, to run ``what``'s workers on a cluster against the default MLflow
+    store: a SQLite file on the driver's disk, which a worker on another node cannot reach (it
+    would write a store of its own on its own disk, or fail to open the path, and the runs would
+    never reach the driver's). Joined to no cluster (a local Ray), or with ``tracking.mlflow_uri``
+    set (a tracking server, or a filesystem every node mounts: the user's word), nothing is checked.
+
+    Raises:
+        InputError: the cluster has or can add other nodes than the one this driver runs on."""
+    from hipt_ray.runtime import cluster_shape, ray_address
+
+    if cfg.tracking.mlflow_uri or ray_address(cfg.ray.address) is None:
+        return
+    shape = cluster_shape()
+    nodes = sum(math.inf if t.max_count is None else t.max_count for t in shape.node_types)
+    if nodes <= 1:
+        return
+    raise InputError(
+        f"{what} on a cluster logs to MLflow from its workers, on other nodes, and the default store "
+        f"{tracking_uri(cfg)} is a file on this machine ({shape.source} can hold "
+        f"{'any number of' if math.isinf(nodes) else int(nodes)} nodes); run an MLflow server every node "
+        "can reach (`mlflow server --host 0.0.0.0 --backend-store-uri sqlite:///mlflow.db`) and pass "
+        "tracking.mlflow_uri=http://<its host>:5000, or a store on a filesystem every node mounts"
+    )
+
+
+def for_workers(uri: str) -> str:
+    """``uri`` as a worker on another node must write to it: a tracking server on this node named
+    ``localhost`` (how the driver on a cluster's head reaches the server beside it) is named by
+    this node's IP address instead; every other URI is returned as it is."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or parts.hostname not in ("localhost", "127.0.0.1", "::1"):
+        return uri
+    import ray
+
+    user = parts.netloc.rpartition("@")[0]
+    host = ray.util.get_node_ip_address() + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}@{host}" if user else host))
 
 
 def setup_tracking(cfg: Config) -> str:

@@ -22,7 +22,7 @@ from hipt_ray.runtime import cluster_shape
 from hipt_ray.slides.manifest import list_slides
 from hipt_ray.storage import is_remote, join, local_path
 from hipt_ray.tile.job import run as tile_run
-from hipt_ray.tracking import setup_tracking, tracking_uri
+from hipt_ray.tracking import check_store_reaches_workers, for_workers, setup_tracking, tracking_uri
 from hipt_ray.train.dino import CKPT_FILE, STEP_LOG, backbone_kwargs, stage_arch, train_loop
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ def run(cfg: Config) -> PretrainSummary:
 
     p = cfg.pretrain
     t0 = time.perf_counter()
+    check_store_reaches_workers(cfg, "pretrain")  # its rank-0 worker logs each epoch to MLflow
     shape = cluster_shape()  # GPU nodes an autoscaler keeps at zero count: the workers ask for them
     use_gpu = cluster_wants_gpu(p.use_gpu, gpus=shape.most({"GPU": 1}), key="pretrain.use_gpu", source=shape.source)
     token_dim = None
@@ -171,7 +172,7 @@ def run(cfg: Config) -> PretrainSummary:
         train_loop_config={
             "cfg": cfg.to_dict(),
             "steps_per_epoch": spe,
-            "tracking_uri": uri,
+            "tracking_uri": for_workers(uri),
             "mlflow_run_id": run_id,
             "run_dir": run_dir,
             "token_dim": token_dim,

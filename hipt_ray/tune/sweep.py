@@ -17,7 +17,7 @@ from hipt_ray.heads.fit import cross_validate, is_final, make_folds
 from hipt_ray.heads.run import run_dir_for, train_head
 from hipt_ray.heads.saved import HEADS_FILE, load_folds, save_folds
 from hipt_ray.heads.tasks import task_for
-from hipt_ray.tracking import CrossValidationLog, setup_tracking
+from hipt_ray.tracking import CrossValidationLog, check_store_reaches_workers, for_workers, setup_tracking
 
 log = logging.getLogger(__name__)
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -212,6 +212,7 @@ def run_sweep(cfg: Config) -> SweepResult:
     # Trials are chosen on the inner validation split of each training fold, never on the test folds.
     metric = s.metric or f"val_{key}"
     space = search_space(s.space)
+    check_store_reaches_workers(cfg, "sweep")  # before the cohort loads: one line, no work lost
     cohort = load_cohort(cfg)
     n_folds = len(make_folds(h, cohort)[0])
     uri = setup_tracking(cfg)  # the experiment is created on the driver, before the trials
@@ -279,7 +280,7 @@ def _tuner(cfg: Config, cohort, space: dict, tracking_uri: str, parent_run_id: s
             _trial,
             base=cfg.to_dict(),
             cohort=cohort,
-            tracking_uri=tracking_uri,
+            tracking_uri=for_workers(tracking_uri),
             experiment=cfg.tracking.experiment,
             sweep_name=s.name,
             parent_run_id=parent_run_id,

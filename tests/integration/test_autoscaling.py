@@ -379,6 +379,16 @@ def test_pretraining_on_added_nodes_resumes_from_its_checkpoint_when_one_is_take
     cmd += ["pretrain.use_gpu=false", "pretrain.worker_resources={model: 1}", "pretrain.cpus_per_worker=1"]
     cmd += ["pretrain.cache_dataset=true", "pretrain.steps_per_epoch=6", "pretrain.epochs=2"]
     cmd += ["pretrain.checkpoint_every_steps=3", "pretrain.max_failures=2", f"storage.cache_dir={tmp_path / 'c'}"]
+    # the default MLflow store is a file on the driver's disk, which workers on other nodes cannot
+    # reach: refused before any work, with the fix named
+    refused = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )  # fmt: skip
+    assert refused.returncode == 2 and "tracking.mlflow_uri=http://" in refused.stderr, refused.stderr[-2000:]
+    assert not (out / "slides.lance").exists()  # nothing ran
+    # every node of this test cluster mounts this disk: the store the user names is trusted
+    cmd += [f"tracking.mlflow_uri=sqlite:///{out / 'mlflow.db'}"]
     log = tmp_path / "pretrain.log"
     proc = _popen(cmd, log)
     head = cluster.head_node.node_id

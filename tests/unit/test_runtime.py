@@ -4,6 +4,7 @@ nodes present (no Ray: fake descriptions of each)."""
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import yaml
 
 from hipt_ray.config import EmbedConfig
@@ -92,3 +93,43 @@ def test_worker_settings_travel_in_the_runtime_env_unless_the_job_sets_them(monk
     job = {"runtime_env": {"working_dir": ".", "env_vars": {storage.RETRIES_ENV: "2"}}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))  # a `ray job submit` driver
     assert storage.RETRIES_ENV not in worker_env_vars() and storage.BUCKET_ENDPOINTS_ENV in worker_env_vars()
+
+
+def test_the_default_mlflow_store_is_refused_only_where_workers_cannot_reach_it(monkeypatch, tmp_path):
+    import hipt_ray.runtime as runtime
+    from hipt_ray.config import InputError, load_config
+    from hipt_ray.runtime import ClusterShape, NodeType
+    from hipt_ray.tracking import check_store_reaches_workers
+
+    def shape(*counts):
+        return ClusterShape(tuple(NodeType(f"t{i}", {"CPU": 4.0}, c) for i, c in enumerate(counts)), "a test")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = str(tmp_path / "o")
+    local = load_config(values={"out": out})
+    joined = load_config(values={"out": out, "ray": {"address": "10.0.0.1:6379"}})
+    named = load_config(
+        values={"out": out, "ray": {"address": "10.0.0.1:6379"}}, overrides=["tracking.mlflow_uri=http://m:5000"]
+    )
+    monkeypatch.setattr(runtime, "cluster_shape", lambda: shape(1, None))  # a head, GPU workers 0–∞
+    check_store_reaches_workers(local, "sweep")  # a local Ray: its workers share this disk
+    check_store_reaches_workers(named, "sweep")  # the user's store: trusted
+    with pytest.raises(InputError, match=r"sweep on a cluster .* any number of nodes.*tracking.mlflow_uri=http://"):
+        check_store_reaches_workers(joined, "sweep")
+    monkeypatch.setattr(runtime, "cluster_shape", lambda: shape(1, 2))
+    with pytest.raises(InputError, match="can hold 3 nodes"):
+        check_store_reaches_workers(joined, "pretrain")
+    monkeypatch.setattr(runtime, "cluster_shape", lambda: shape(1))  # one node, which cannot grow
+    check_store_reaches_workers(joined, "sweep")
+
+
+def test_a_tracking_server_named_localhost_is_named_by_this_nodes_ip_for_workers(monkeypatch):
+    import ray
+
+    from hipt_ray.tracking import for_workers
+
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.3.7")
+    assert for_workers("http://localhost:5000") == "http://10.0.3.7:5000"
+    assert for_workers("https://me:pw@127.0.0.1:5000/mlflow") == "https://me:pw@10.0.3.7:5000/mlflow"
+    for kept in ("http://mlflow.internal:5000", "sqlite:////shared/mlflow.db", "databricks"):
+        assert for_workers(kept) == kept
