@@ -27,13 +27,14 @@ def init_ray(cfg: Config, *, dashboard: bool = False) -> None:
     when ``dashboard``: Ray Train needs the State API it serves). Ray's console chatter is turned
     down unless ``--verbose``."""
     from hipt_ray.console import quiet_ray
-    from hipt_ray.runtime import ray_address, start_ray
+    from hipt_ray.runtime import check_local_output, ray_address, start_ray
     from hipt_ray.storage import check_output
 
     if cfg.out:
         check_output(cfg.out, cfg.storage.s3_endpoint_url)  # OutputStoreError: main prints its line
     quiet_ray()
     start_ray(address=ray_address(cfg.ray.address), num_cpus=cfg.ray.num_cpus, dashboard=dashboard)
+    check_local_output(cfg)  # InputError: a local --out the cluster's other nodes cannot write
 
 
 def _common(p: argparse.ArgumentParser, *, uses_ray: bool = True) -> None:

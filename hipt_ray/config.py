@@ -113,6 +113,12 @@ class StorageConfig(_Section):
         description="Buckets read without credentials (unsigned requests): public data such as the Imaging Data "
         "Commons' idc-open-data. Also read by Ray workers as HIPT_RAY_ANONYMOUS_BUCKETS (comma-separated).",
     )
+    shared_output: bool = Field(
+        default=False,
+        description="A local --out is on a filesystem every node of the cluster mounts (NFS, Lustre, EFS). Without "
+        "it, tile, embed, pretrain and sweep refuse a local --out on a cluster that has or can add other nodes: "
+        "their workers would write to their own disks. Use an s3:// --out there, or set this.",
+    )
     bucket_endpoints: dict[str, str] = Field(
         default_factory=dict,
         description="The S3 endpoint of a bucket that is not at s3_endpoint_url: {bucket: http(s)://host:port}, or "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -114,6 +115,35 @@ class ClusterShape:
                 return None
             total += per_node * (node.max_count or 0)
         return total
+
+
+def most_nodes(shape: ClusterShape) -> float:
+    """How many nodes ``shape`` can hold at once (``inf``: no limit)."""
+    return sum(math.inf if t.max_count is None else t.max_count for t in shape.node_types)
+
+
+def check_local_output(cfg) -> None:
+    """Refuse a local ``--out`` on a cluster that has or can add nodes besides this one, unless
+    ``storage.shared_output`` says every node mounts it: the workers write fragments, QC images
+    and checkpoints there, each to its own node's disk, and the driver would commit a table whose
+    files it cannot see. Joined to no cluster (a local Ray), nothing is checked.
+
+    Raises:
+        InputError: with the two fixes."""
+    from hipt_ray.config import InputError
+    from hipt_ray.storage import is_remote
+
+    if not cfg.out or is_remote(cfg.out) or cfg.storage.shared_output or ray_address(cfg.ray.address) is None:
+        return
+    shape = cluster_shape()
+    nodes = most_nodes(shape)
+    if nodes <= 1:
+        return
+    raise InputError(
+        f"output {cfg.out}: a local folder, on a cluster whose workers run on other nodes ({shape.source} can "
+        f"hold {'any number of' if math.isinf(nodes) else int(nodes)} nodes) and would write into it on their own "
+        "disks; use an s3:// --out, or set storage.shared_output=true if every node mounts this folder (NFS, EFS)"
+    )
 
 
 def shape_from_autoscaling_config(config: dict, *, source: str) -> ClusterShape:

@@ -27,17 +27,21 @@ def check_store_reaches_workers(cfg: Config, what: str) -> None:
     """Refuse, before any work, to run ``what``'s workers on a cluster against the default MLflow
     store: a SQLite file on the driver's disk, which a worker on another node cannot reach (it
     would write a store of its own on its own disk, or fail to open the path, and the runs would
-    never reach the driver's). Joined to no cluster (a local Ray), or with ``tracking.mlflow_uri``
-    set (a tracking server, or a filesystem every node mounts: the user's word), nothing is checked.
+    never reach the driver's). Joined to no cluster (a local Ray), with ``tracking.mlflow_uri`` set
+    (a tracking server, or a filesystem every node mounts: the user's word), or with the default
+    store under a local ``--out`` every node mounts (``storage.shared_output``), nothing is checked.
 
     Raises:
         InputError: the cluster has or can add other nodes than the one this driver runs on."""
-    from hipt_ray.runtime import cluster_shape, ray_address
+    from hipt_ray.runtime import cluster_shape, most_nodes, ray_address
+    from hipt_ray.storage import is_remote
 
     if cfg.tracking.mlflow_uri or ray_address(cfg.ray.address) is None:
         return
+    if cfg.out and not is_remote(cfg.out) and cfg.storage.shared_output:
+        return  # the default store is under --out, which every node mounts
     shape = cluster_shape()
-    nodes = sum(math.inf if t.max_count is None else t.max_count for t in shape.node_types)
+    nodes = most_nodes(shape)
     if nodes <= 1:
         return
     raise InputError(

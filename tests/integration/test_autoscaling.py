@@ -143,6 +143,7 @@ def _embed(
     """``hipt-ray embed`` on ``cluster``, its model actors placed by ``place`` (their resources)."""
     cmd = [sys.executable, "-m", "hipt_ray.cli", "embed", "--slides", str(src), "--out", str(out)]
     cmd += ["--address", cluster.address, "--config", TINY, f"embed.actor_resources={place}"]
+    cmd += ["storage.shared_output=true"]  # every node of this test cluster mounts this disk
     cmd += ["embed.actor_memory_gb=0", "embed.regions_per_task=1", "embed.actor_batch_regions=1", *overrides]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -310,6 +311,7 @@ def test_embed_survives_a_node_the_autoscaler_added_being_taken_away(cluster, mo
     out, n = tmp_path / "out", 2 * N_SLIDES
     cmd = [sys.executable, "-m", "hipt_ray.cli", "embed", "--slides", str(more_slides), "--out", str(out)]
     cmd += ["--address", cluster.address, "--config", TINY, "embed.actor_resources={model: 1}", "embed.use_gpu=false"]
+    cmd += ["storage.shared_output=true"]  # every node of this test cluster mounts this disk
     cmd += ["embed.actor_memory_gb=0", "embed.regions_per_task=1", "embed.actor_batch_regions=1"]
     cmd += ["embed.write_regions=1", "ray.write_batch_slides=1", f"storage.cache_dir={tmp_path / 'cache'}"]
     log = tmp_path / "embed.log"
@@ -379,16 +381,15 @@ def test_pretraining_on_added_nodes_resumes_from_its_checkpoint_when_one_is_take
     cmd += ["pretrain.use_gpu=false", "pretrain.worker_resources={model: 1}", "pretrain.cpus_per_worker=1"]
     cmd += ["pretrain.cache_dataset=true", "pretrain.steps_per_epoch=6", "pretrain.epochs=2"]
     cmd += ["pretrain.checkpoint_every_steps=3", "pretrain.max_failures=2", f"storage.cache_dir={tmp_path / 'c'}"]
-    # the default MLflow store is a file on the driver's disk, which workers on other nodes cannot
-    # reach: refused before any work, with the fix named
+    # a local --out on a cluster whose workers run on other nodes: refused before any work, with
+    # the fixes named (its workers would write checkpoints and the MLflow store to their own disks)
     refused = subprocess.run(
         cmd, capture_output=True, text=True, timeout=120,
         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
     )  # fmt: skip
-    assert refused.returncode == 2 and "tracking.mlflow_uri=http://" in refused.stderr, refused.stderr[-2000:]
+    assert refused.returncode == 2 and "storage.shared_output=true" in refused.stderr, refused.stderr[-2000:]
     assert not (out / "slides.lance").exists()  # nothing ran
-    # every node of this test cluster mounts this disk: the store the user names is trusted
-    cmd += [f"tracking.mlflow_uri=sqlite:///{out / 'mlflow.db'}"]
+    cmd += ["storage.shared_output=true"]  # every node of this test cluster mounts this disk
     log = tmp_path / "pretrain.log"
     proc = _popen(cmd, log)
     head = cluster.head_node.node_id

@@ -120,6 +120,7 @@ def _submit_tile_and_embed(src: Path, out: Path, tmp_path: Path, env: dict, dash
             "--out",
             str(tile_out),
             f"storage.cache_dir={tmp_path / 'cache_tile'}",
+            "storage.shared_output=true",  # both nodes of this test cluster mount this disk
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -148,6 +149,7 @@ def _submit_tile_and_embed(src: Path, out: Path, tmp_path: Path, env: dict, dash
                 "tiny",
                 "embed.read_resources={decode: 1}",
                 "embed.actor_resources={model: 1}",
+                "storage.shared_output=true",
                 f"storage.cache_dir={tmp_path / 'cache'}",
             ],
             env=env,

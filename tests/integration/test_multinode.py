@@ -74,6 +74,7 @@ def _embed(out: Path, src: Path, address: str, tmp_path: Path) -> subprocess.Pop
         # before the third fault lands
         "embed.decode=reader",
         f"storage.cache_dir={tmp_path / 'cache'}",
+        "storage.shared_output=true",  # every node of this test cluster mounts this disk
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.Popen(

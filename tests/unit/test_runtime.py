@@ -133,3 +133,30 @@ def test_a_tracking_server_named_localhost_is_named_by_this_nodes_ip_for_workers
     assert for_workers("https://me:pw@127.0.0.1:5000/mlflow") == "https://me:pw@10.0.3.7:5000/mlflow"
     for kept in ("http://mlflow.internal:5000", "sqlite:////shared/mlflow.db", "databricks"):
         assert for_workers(kept) == kept
+
+
+def test_a_local_output_is_refused_on_a_cluster_unless_every_node_mounts_it(monkeypatch, tmp_path):
+    import hipt_ray.runtime as runtime
+    from hipt_ray.config import InputError, load_config
+    from hipt_ray.runtime import ClusterShape, NodeType, check_local_output
+    from hipt_ray.tracking import check_store_reaches_workers
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cluster = {"ray": {"address": "10.0.0.1:6379"}}
+
+    def cfg(out: str, *overrides: str, **values):
+        return load_config(values={"out": out, **values}, overrides=list(overrides))
+
+    local = str(tmp_path / "o")
+    monkeypatch.setattr(
+        runtime, "cluster_shape", lambda: ClusterShape((NodeType("head", {}, 1), NodeType("gpu", {}, 16)), "a test")
+    )
+    with pytest.raises(InputError, match=r"output .*/o: a local folder.*can hold 17 nodes.*storage.shared_output=true"):
+        check_local_output(cfg(local, **cluster))
+    shared = cfg(local, "storage.shared_output=true", **cluster)
+    check_local_output(shared)  # every node mounts it: the user's word
+    check_store_reaches_workers(shared, "pretrain")  # and so does the default MLflow store under it
+    check_local_output(cfg("s3://b/o", **cluster))  # an object store every node reaches
+    check_local_output(cfg(local))  # a local Ray
+    monkeypatch.setattr(runtime, "cluster_shape", lambda: ClusterShape((NodeType("head", {}, 1),), "a test"))
+    check_local_output(cfg(local, **cluster))  # one node that cannot grow
