@@ -117,9 +117,17 @@ class ClusterShape:
         return total
 
 
-def most_nodes(shape: ClusterShape) -> float:
-    """How many nodes ``shape`` can hold at once (``inf``: no limit)."""
-    return sum(math.inf if t.max_count is None else t.max_count for t in shape.node_types)
+def other_nodes(address: str | None) -> str | None:
+    """Whether work can run on nodes besides this driver's: ``None`` joined to no cluster (a local
+    Ray, ``address`` ``None``) or to one node that cannot grow; else the cluster's size in words,
+    e.g. "the nodes present (no autoscaler seen) can hold 2 nodes"."""
+    if address is None:
+        return None
+    shape = cluster_shape()
+    nodes = sum(math.inf if t.max_count is None else t.max_count for t in shape.node_types)
+    if nodes <= 1:
+        return None
+    return f"{shape.source} can hold {'any number of' if math.isinf(nodes) else int(nodes)} nodes"
 
 
 def check_local_output(cfg) -> None:
@@ -133,17 +141,14 @@ def check_local_output(cfg) -> None:
     from hipt_ray.config import InputError
     from hipt_ray.storage import is_remote
 
-    if not cfg.out or is_remote(cfg.out) or cfg.storage.shared_output or ray_address(cfg.ray.address) is None:
+    if not cfg.out or is_remote(cfg.out) or cfg.storage.shared_output:
         return
-    shape = cluster_shape()
-    nodes = most_nodes(shape)
-    if nodes <= 1:
-        return
-    raise InputError(
-        f"output {cfg.out}: a local folder, on a cluster whose workers run on other nodes ({shape.source} can "
-        f"hold {'any number of' if math.isinf(nodes) else int(nodes)} nodes) and would write into it on their own "
-        "disks; use an s3:// --out, or set storage.shared_output=true if every node mounts this folder (NFS, EFS)"
-    )
+    if (size := other_nodes(ray_address(cfg.ray.address))) is not None:
+        raise InputError(
+            f"output {cfg.out}: a local folder, on a cluster whose workers run on other nodes ({size}) and would "
+            "write into it on their own disks; use an s3:// --out, or set storage.shared_output=true if every node "
+            "mounts this folder (NFS, EFS)"
+        )
 
 
 def shape_from_autoscaling_config(config: dict, *, source: str) -> ClusterShape:

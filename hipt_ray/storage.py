@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,13 +138,13 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base, *parts]) if is_remote(base) else str(Path(local_path(base), *parts))
 
 
-def describe_error(uri: str, exc: BaseException) -> str:
-    """A message a person can act on for a failed object access."""
+def describe_error(uri: str, exc: BaseException, endpoint_url: str | None = None) -> str:
+    """A message a person can act on for a failed object access (``endpoint_url``: the one the
+    access was made with, storage.s3_endpoint_url)."""
     text = f"{type(exc).__name__}: {exc}"
     low = text.lower()
-    no_bucket = "nosuchbucket" in low or "bucket does not exist" in low
-    if no_bucket:
-        return f"{uri}: the bucket does not exist at {_endpoint_in_words(uri)}; " + _bucket_hint(uri)
+    if "nosuchbucket" in low or "bucket does not exist" in low:
+        return _missing_bucket(uri, endpoint_url)
     if isinstance(exc, FileNotFoundError) or "nosuchkey" in low or "not found" in low:
         return f"{uri}: no such file or object; check the path or S3 key"
     if isinstance(exc, PermissionError) or any(
@@ -164,20 +164,19 @@ def describe_error(uri: str, exc: BaseException) -> str:
     return f"{uri}: {text}"
 
 
-def _endpoint_in_words(uri: str) -> str:
-    endpoint = storage_options(uri).get("client_kwargs", {}).get("endpoint_url")
-    return f"the endpoint {endpoint}" if endpoint else "AWS"
-
-
-def _bucket_hint(uri: str) -> str:
-    """What to check for a bucket the endpoint does not have: the name, or — when another endpoint
-    than AWS's answered (a MinIO holding the output) — the bucket's own endpoint."""
-    if bucket_endpoint(uri) is None and storage_options(uri).get("client_kwargs"):
-        return (
-            f"check the URI; if {bucket_of(uri)} lives elsewhere (on AWS, as public data such as "
-            f"idc-open-data does), name its endpoint: storage.bucket_endpoints={{{bucket_of(uri)}: aws}}"
+def _missing_bucket(uri: str, endpoint_url: str | None) -> str:
+    """A bucket the endpoint asked does not have: where it was asked, and what to check — the name,
+    or, when an endpoint other than AWS's answered (a MinIO holding the output), the bucket's own."""
+    endpoint = storage_options(uri, endpoint_url).get("client_kwargs", {}).get("endpoint_url")
+    bucket = bucket_of(uri)
+    if endpoint and bucket_endpoint(uri) is None:
+        fix = (
+            f"check the URI; if {bucket} lives elsewhere (on AWS, as public data such as idc-open-data does), "
+            f"name its endpoint: storage.bucket_endpoints={{{bucket}: aws}}"
         )
-    return "check the URI and storage.bucket_endpoints / AWS_ENDPOINT_URL"
+    else:
+        fix = "check the URI and storage.bucket_endpoints / AWS_ENDPOINT_URL"
+    return f"{uri}: the bucket does not exist at {f'the endpoint {endpoint}' if endpoint else 'AWS'}; {fix}"
 
 
 class OutputStoreError(StorageError):
@@ -226,14 +225,20 @@ def _is(exc: BaseException, kind: tuple[int, tuple[str, ...]]) -> bool:
     return getattr(exc, "errno", None) == code or any(w in low for w in words)
 
 
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions behind it (its cause, else its context), outermost first."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
 def disk_write_error(out: str, exc: BaseException) -> OutputStoreError | None:
     """One line for an output a local disk refuses to write (read-only, full, over quota),
     found anywhere in ``exc``'s chain (a Ray task's error, Lance's ``LanceError(IO)``); else None."""
-    seen: BaseException | None = exc
-    while seen is not None:
+    for seen in _chain(exc):
         if any(_is(seen, kind) for kind in (_READ_ONLY, _FULL, _QUOTA)):
             return output_error(out, seen)
-        seen = seen.__cause__ or seen.__context__
     return None
 
 
@@ -241,8 +246,7 @@ def spill_disk_error(exc: BaseException) -> str | None:
     """One line for Ray's ``OutOfDiskError`` found anywhere in ``exc``'s chain (a node's object
     store was full and the disk it spills to was over Ray's limit, 95 % full by default); else None.
     The node is named where the task's error carries it."""
-    seen: BaseException | None = exc
-    while seen is not None:
+    for seen in _chain(exc):
         if any(c.__name__ == "OutOfDiskError" for c in type(seen).__mro__):
             # the task's own error keeps `ip`; the copy Ray raises (an instance of both classes)
             # keeps it only in its text: "ray::Map(read_region)() (pid=…, ip=192.0.2.2)"
@@ -256,7 +260,6 @@ def spill_disk_error(exc: BaseException) -> str | None:
                 "disk>`, or raise the limit with RAY_local_fs_capacity_threshold=0.99 in the nodes' "
                 "environment; nothing committed is lost: rerun to resume"
             )
-        seen = seen.__cause__ or seen.__context__
     return None
 
 

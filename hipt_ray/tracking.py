@@ -33,24 +33,20 @@ def check_store_reaches_workers(cfg: Config, what: str) -> None:
 
     Raises:
         InputError: the cluster has or can add other nodes than the one this driver runs on."""
-    from hipt_ray.runtime import cluster_shape, most_nodes, ray_address
+    from hipt_ray.runtime import other_nodes, ray_address
     from hipt_ray.storage import is_remote
 
-    if cfg.tracking.mlflow_uri or ray_address(cfg.ray.address) is None:
+    if cfg.tracking.mlflow_uri:
         return
     if cfg.out and not is_remote(cfg.out) and cfg.storage.shared_output:
         return  # the default store is under --out, which every node mounts
-    shape = cluster_shape()
-    nodes = most_nodes(shape)
-    if nodes <= 1:
-        return
-    raise InputError(
-        f"{what} on a cluster logs to MLflow from its workers, on other nodes, and the default store "
-        f"{tracking_uri(cfg)} is a file on this machine ({shape.source} can hold "
-        f"{'any number of' if math.isinf(nodes) else int(nodes)} nodes); run an MLflow server every node "
-        "can reach (`mlflow server --host 0.0.0.0 --backend-store-uri sqlite:///mlflow.db`) and pass "
-        "tracking.mlflow_uri=http://<its host>:5000, or a store on a filesystem every node mounts"
-    )
+    if (size := other_nodes(ray_address(cfg.ray.address))) is not None:
+        raise InputError(
+            f"{what} on a cluster logs to MLflow from its workers, on other nodes, and the default store "
+            f"{tracking_uri(cfg)} is a file on this machine ({size}); run an MLflow server every node "
+            "can reach (`mlflow server --host 0.0.0.0 --backend-store-uri sqlite:///mlflow.db`) and pass "
+            "tracking.mlflow_uri=http://<its host>:5000, or a store on a filesystem every node mounts"
+        )
 
 
 def for_workers(uri: str) -> str:

@@ -77,6 +77,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tile_one(uri: str, tmp_path: Path, endpoint: str, *overrides: str) -> dict:
+    """The ``slides`` row of the slide at ``uri`` (id ``small``) tiled in this process by the tile
+    backend (``tile_slide``, no Ray, no QC image), reading from ``endpoint``, with ``overrides``."""
+    from hipt_ray.config import load_config
+    from hipt_ray.slides.manifest import SlideSpec
+    from hipt_ray.slides.tiler import make_cache, tile_slide
+
+    cfg = load_config(
+        "tile",
+        values={"slides": "x", "out": str(tmp_path / "o")},
+        overrides=[
+            f"storage.s3_endpoint_url={endpoint}",
+            f"storage.cache_dir={tmp_path / 'c'}",
+            "reader.backend=tiles",
+            "qc.enabled=false",
+            *overrides,
+        ],
+    )
+    return tile_slide(SlideSpec("small", uri), cfg, cache=make_cache(cfg), spec_hash="h").slide
+
+
 # ---------------------------------------------------------------- synthetic slides
 
 # name → expected status of `tile` with the default config. Sizes are kept small (a few

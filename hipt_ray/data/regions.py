@@ -88,7 +88,8 @@ class RegionReader:
             if (slide := self._open.pop(ref, None)) is not None:
                 slide.close()
             row.update(_NOT_PACKED)
-            row["error"] = str(exc) if isinstance(exc, SlideError) else describe_error(ref.uri, exc)
+            endpoint = self.cfg.storage.s3_endpoint_url
+            row["error"] = str(exc) if isinstance(exc, SlideError) else describe_error(ref.uri, exc, endpoint)
         row["read_seconds"] = time.perf_counter() - t0
         return row
 

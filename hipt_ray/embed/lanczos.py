@@ -78,18 +78,24 @@ def coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     return index, weight
 
 
+@lru_cache(maxsize=32)
+def _on_device(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`coefficients` on ``device``, one row per tap (``[taps, out_size]``): copied there once
+    per size pair, not once per region."""
+    index, weight = coefficients(in_size, out_size)
+    return torch.from_numpy(index.T.copy()).to(device), torch.from_numpy(weight.T.copy()).to(device)
+
+
 def _pass(img: torch.Tensor, dim: int, out_size: int) -> torch.Tensor:
     """One pass along ``dim`` (0: rows, 1: columns) of a uint8 ``[h, w, c]`` image."""
-    index, weight = coefficients(img.shape[dim], out_size)
-    idx = torch.from_numpy(index).to(img.device)
-    w = torch.from_numpy(weight).to(img.device)
+    idx, w = _on_device(img.shape[dim], out_size, img.device)
     shape = [1, 1, 1]
     shape[dim] = out_size  # the weights broadcast along the other axis and the channels
     out = list(img.shape)
     out[dim] = out_size
     acc = torch.full(out, 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=img.device)
-    for k in range(index.shape[1]):
-        acc += img.index_select(dim, idx[:, k]).to(torch.int32) * w[:, k].view(shape)
+    for tap_idx, tap_w in zip(idx, w):
+        acc += img.index_select(dim, tap_idx).to(torch.int32) * tap_w.view(shape)
     return (acc >> PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
 
 

@@ -177,7 +177,7 @@ def tile_slide(spec: SlideSpec | SlideRef, cfg: Config, *, cache: StagingCache, 
         regions = []
     except Exception as exc:  # one bad slide never stops the job: record why and go on
         log.warning("slide %s failed", ref.uri, exc_info=True)
-        error = describe_error(ref.uri, exc)
+        error = describe_error(ref.uri, exc, cfg.storage.s3_endpoint_url)
         regions = []
     row.update(status=status, error=error, n_regions=len(regions), seconds=round(time.perf_counter() - t0, 3))
     return TileResult(row, regions)

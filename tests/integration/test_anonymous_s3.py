@@ -9,9 +9,8 @@ import pytest
 import s3fs
 
 from hipt_ray import storage
-from hipt_ray.config import load_config
-from hipt_ray.slides.manifest import SlideSpec
-from hipt_ray.slides.tiler import make_cache, tile_slide
+
+from ..conftest import tile_one
 
 
 @pytest.fixture()
@@ -28,18 +27,7 @@ def buckets(s3fs_client, slide_set, monkeypatch):
 
 
 def _tile(uri: str, tmp_path, endpoint: str) -> dict:
-    cfg = load_config(
-        "tile",
-        values={"slides": "x", "out": str(tmp_path / "o")},
-        overrides=[
-            f"storage.s3_endpoint_url={endpoint}",
-            f"storage.cache_dir={tmp_path / 'c'}",
-            "reader.backend=tiles",
-            "qc.enabled=false",
-            "storage.retries=0",
-        ],
-    )
-    return tile_slide(SlideSpec("small", uri), cfg, cache=make_cache(cfg), spec_hash="h").slide
+    return tile_one(uri, tmp_path, endpoint, "storage.retries=0")
 
 
 def test_a_public_bucket_is_read_with_unsigned_requests(buckets, s3_endpoint, tmp_path):

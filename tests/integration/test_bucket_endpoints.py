@@ -4,15 +4,14 @@ stores: the output's (the session's, at storage.s3_endpoint_url) and another hol
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import s3fs
 
 from hipt_ray import storage
-from hipt_ray.config import load_config
-from hipt_ray.slides.manifest import SlideSpec
-from hipt_ray.slides.tiler import make_cache, tile_slide
 
-from ..conftest import _start_moto, free_port
+from ..conftest import _start_moto, free_port, tile_one
 
 pytestmark = pytest.mark.s3
 
@@ -33,33 +32,22 @@ def other_store(slide_set):
         proc.wait()
 
 
-def _tile(tmp_path, s3_endpoint: str, endpoints: str) -> dict:
-    cfg = load_config(
-        "tile",
-        values={"slides": "x", "out": str(tmp_path / "o")},
-        overrides=[
-            f"storage.s3_endpoint_url={s3_endpoint}",
-            f"storage.bucket_endpoints={endpoints}",
-            f"storage.cache_dir={tmp_path / 'c'}",
-            "reader.backend=tiles",
-            "qc.enabled=false",
-            "storage.retries=0",
-        ],
-    )
-    storage.set_bucket_endpoints(cfg.storage.bucket_endpoints)  # what the CLI does before Ray starts
+def _tile(tmp_path, s3_endpoint: str, endpoints: dict[str, str]) -> dict:
+    storage.set_bucket_endpoints(endpoints)  # what the CLI does before Ray starts
     s3fs.S3FileSystem.clear_instance_cache()
-    return tile_slide(SlideSpec("small", "s3://far-slides/small.tiff"), cfg, cache=make_cache(cfg), spec_hash="h").slide
+    setting = f"storage.bucket_endpoints={json.dumps(endpoints)}"  # checked by the config as the CLI's is
+    return tile_one("s3://far-slides/small.tiff", tmp_path, s3_endpoint, setting, "storage.retries=0")
 
 
 def test_a_bucket_is_read_at_its_own_endpoint_and_without_one_the_error_names_the_setting(
     other_store, s3_endpoint, tmp_path, monkeypatch
 ):
     monkeypatch.delenv(storage.BUCKET_ENDPOINTS_ENV, raising=False)
-    row = _tile(tmp_path, s3_endpoint, f"{{far-slides: '{other_store}'}}")
+    row = _tile(tmp_path, s3_endpoint, {"far-slides": other_store})
     assert row["status"] == "ok" and row["n_regions"] > 0, row["error"]
     assert not list((tmp_path / "c").glob("*"))  # read by byte range there, nothing staged
     # the output's endpoint does not hold the bucket: one reason, naming the endpoint and the fix
-    row = _tile(tmp_path, s3_endpoint, "{}")
+    row = _tile(tmp_path, s3_endpoint, {})
     assert row["status"] == "failed"
     assert f"the bucket does not exist at the endpoint {s3_endpoint}" in row["error"], row["error"]
     assert "storage.bucket_endpoints={far-slides: aws}" in row["error"], row["error"]

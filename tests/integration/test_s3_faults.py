@@ -11,12 +11,9 @@ import pytest
 import s3fs
 
 from hipt_ray.cli import main
-from hipt_ray.config import load_config
-from hipt_ray.slides.manifest import SlideSpec
-from hipt_ray.slides.tiler import make_cache, tile_slide
 from hipt_ray.store import REGIONS, Store
 
-from ..conftest import TINY
+from ..conftest import TINY, tile_one
 from ..faults import FaultProxy, Rule
 
 
@@ -37,18 +34,7 @@ def test_throttled_tile_reads_are_retried_then_fail_the_slide_alone(
     uri = "s3://throttle-bkt/small.tiff"
 
     def tile(*overrides: str):
-        cfg = load_config(
-            "tile",
-            values={"slides": "x", "out": str(tmp_path / "o")},
-            overrides=[
-                f"storage.s3_endpoint_url={endpoint}",
-                f"storage.cache_dir={tmp_path / 'c'}",
-                "reader.backend=tiles",
-                "qc.enabled=false",
-                *overrides,
-            ],
-        )
-        return tile_slide(SlideSpec("small", uri), cfg, cache=make_cache(cfg), spec_hash="h").slide
+        return tile_one(uri, tmp_path, endpoint, *overrides)
 
     clean = tile()
     # tile fetches (ranged GETs conditional on the ETag) answered 503 SlowDown twice
